@@ -1,0 +1,369 @@
+"""The ``monoquant`` command line (click).
+
+The command tree is built per Engine, so plugins can add options (``monoquant_add_cli_options``).
+Every user error prints one line ``monoquant: problem: ... fix: ...`` and exits with code 1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import click
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import atomic_write, check_output_path
+from .config import split_key_values
+from .engine import Engine
+from .errors import MonoQuantError, PluginLoadError, PluginLoadWarning, UsageError
+from .qtensor import sqnr_db
+from .report import format_table
+
+__all__ = ["build_cli", "main"]
+
+
+class _OneLineError(click.ClickException):
+    exit_code = 1
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"monoquant: {self.message}", err=True)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MonoQuantError as e:
+            raise _OneLineError(str(e)) from e
+
+
+class PluginOptionGroup:
+    """What ``monoquant_add_cli_options(group)`` receives: ``group.add_option(...)``."""
+
+    def __init__(self, plugin: str):
+        self.plugin = plugin
+        self.options: list[click.Option] = []
+
+    def add_option(self, *param_decls: str, **attrs: Any) -> None:
+        """Add a ``click.Option``; long names must start with ``--<plugin>-``."""
+        prefix = f"--{self.plugin}-"
+        longs = [d for d in param_decls if d.startswith("--")]
+        if not longs or not all(d.startswith(prefix) for d in longs):
+            raise PluginLoadError(
+                f"plugin {self.plugin!r} adds CLI option {param_decls}, which does not start "
+                f"with {prefix!r}",
+                f"name plugin options {prefix}<name>",
+            )
+        self.options.append(click.Option(list(param_decls), **attrs))
+
+
+def plugin_cli_options(engine: Engine) -> list[tuple[str, click.Option]]:
+    """Call each plugin's ``monoquant_add_cli_options`` with a group bound to it."""
+    out = []
+    for impl in engine.pm.hook.monoquant_add_cli_options.get_hookimpls():
+        group = PluginOptionGroup(impl.plugin_name)
+        impl.function(**({"group": group} if impl.argnames else {}))
+        out += [(impl.plugin_name, opt) for opt in group.options]
+    return out
+
+
+# ---------------------------------------------------------------------------- model sources
+
+
+def _import_factory(spec: str) -> Callable[[], nn.Module]:
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise UsageError(
+            f"--model {spec!r} is not 'package.module:factory'",
+            "write e.g. --model mypkg.models:build_model",
+        )
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise UsageError(
+            f"--model: cannot import {mod_name!r} ({e})",
+            "install the package or run from the folder that contains it",
+        ) from e
+    finally:
+        sys.path.pop(0)
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UsageError(
+                f"--model: {mod_name!r} has no attribute {attr!r}",
+                "name a function or class that returns the model",
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UsageError(
+            f"--model: {spec!r} is not callable", "name a function that returns the model"
+        )
+    return obj
+
+
+def _load_weights(model: nn.Module, path: str) -> None:
+    if not os.path.isfile(path):
+        raise UsageError(f"--weights file {path!r} does not exist", "check the path")
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(path)
+        except SafetensorError as e:
+            raise UsageError(
+                f"--weights {path!r} is not a valid safetensors file ({e})", "check the file"
+            ) from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UsageError(
+                f"--weights {path!r} is not a plain state_dict loadable with weights_only=True "
+                f"({type(e).__name__})",
+                "save it with torch.save(model.state_dict(), path) or as .safetensors",
+            ) from None
+    if not isinstance(state, dict):
+        raise UsageError(
+            f"--weights {path!r} holds a {type(state).__name__}, not a state_dict",
+            "save model.state_dict()",
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[:2]
+        raise UsageError(
+            f"--weights {path!r} does not fit the model: {' '.join(first)}",
+            "pass the weights of this --model",
+        ) from None
+
+
+def _model_from_options(
+    demo: bool, model_spec: str | None, weights: str | None
+) -> tuple[nn.Module, torch.Tensor | None, str]:
+    if demo and model_spec:
+        raise UsageError("--demo and --model are exclusive", "pass one of them")
+    if demo:
+        from .demo import demo_inputs, demo_model
+
+        return demo_model(), demo_inputs(), "bundled demo TinyTransformer"
+    if not model_spec:
+        raise UsageError("no model given", "pass --demo, or --model package.module:factory")
+    built = _import_factory(model_spec)()
+    if not isinstance(built, nn.Module):
+        raise UsageError(
+            f"--model {model_spec!r} returned a {type(built).__name__}, not an nn.Module",
+            "return the model from the factory",
+        )
+    if weights:
+        _load_weights(built, weights)
+    return built, None, model_spec
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def _model_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option(
+            "--demo", is_flag=True, help="Use the bundled demo model (a small seeded transformer)."
+        ),
+        click.option(
+            "--model",
+            "model_spec",
+            metavar="PKG.MODULE:FACTORY",
+            help="Import a callable that returns the nn.Module to quantize.",
+        ),
+        click.option(
+            "--weights",
+            type=click.Path(dir_okay=False),
+            help="Float weights for --model (.safetensors, or a .pt state_dict).",
+        ),
+        click.option("--scheme", default="int8", show_default=True, help="Quantization scheme."),
+        click.option("--observer", default=None, help="Observer (default: the scheme's)."),
+        click.option("--backend", default=None, help="Force a backend (default: best per layer)."),
+        click.option(
+            "--only",
+            multiple=True,
+            metavar="GLOB",
+            help="Quantize only modules whose name matches (fnmatch; repeatable).",
+        ),
+        click.option(
+            "--skip",
+            multiple=True,
+            metavar="GLOB",
+            help="Never quantize modules whose name matches (fnmatch; repeatable).",
+        ),
+        click.option("--scheme-opt", multiple=True, metavar="KEY=VALUE", help="Scheme option."),
+        click.option("--observer-opt", multiple=True, metavar="KEY=VALUE", help="Observer option."),
+        click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _configure(engine: Engine, plugin_map: dict[str, tuple[str, str]], kw: dict[str, Any]):
+    plugin_options: dict[str, dict[str, Any]] = {}
+    for param, (plugin, key) in plugin_map.items():
+        if param in kw:
+            plugin_options.setdefault(plugin, {})[key] = kw.pop(param)
+    return engine.configure(
+        scheme=kw.pop("scheme"),
+        observer=kw.pop("observer"),
+        backend=kw.pop("backend"),
+        only=kw.pop("only"),
+        skip=kw.pop("skip"),
+        scheme_options=split_key_values(kw.pop("scheme_opt"), "--scheme-opt"),
+        observer_options=split_key_values(kw.pop("observer_opt"), "--observer-opt"),
+        plugin_options=plugin_options,
+    )
+
+
+def build_cli(engine: Engine) -> click.Group:
+    """The click command tree for ``engine`` (plugin options included)."""
+    plugin_opts = plugin_cli_options(engine)
+    plugin_map = {}
+    for plugin, opt in plugin_opts:
+        plugin_map[opt.name] = (plugin, opt.name[len(plugin.replace("-", "_")) + 1 :])
+
+    def with_plugin_options(cmd: click.Command) -> click.Command:
+        cmd.params.extend(opt for _, opt in plugin_opts)
+        return cmd
+
+    @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+    @click.version_option(__version__, prog_name="monoquant")
+    @click.option(
+        "--strict-plugins",
+        is_flag=True,
+        help="Fail when a plugin cannot be loaded (also MONOQUANT_STRICT_PLUGINS=1).",
+    )
+    def cli(strict_plugins: bool) -> None:
+        """Mono Quant: post-training quantization for any PyTorch model."""
+
+    @cli.command()
+    @_model_options
+    @click.option(
+        "-o",
+        "--output",
+        type=click.Path(dir_okay=False),
+        help="Write the quantized model here (.safetensors).",
+    )
+    @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+    @click.option(
+        "--report",
+        "report_path",
+        type=click.Path(dir_okay=False),
+        help="Also write the report as JSON.",
+    )
+    @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+    def quantize(demo, model_spec, weights, output, overwrite, report_path, quiet, as_json, **kw):
+        """Quantize a model and print the report (size, SQNR per layer)."""
+        config = _configure(engine, plugin_map, kw)
+        if output:
+            check_output_path(output, overwrite)
+        if report_path:
+            check_output_path(report_path, overwrite=True)
+        model, sample, label = _model_from_options(demo, model_spec, weights)
+        with torch.no_grad():
+            ref = model(sample) if sample is not None else None
+            qmodel, report = engine.quantize(model, config=config)
+            if sample is not None:
+                report.extra["output_sqnr_db"] = sqnr_db(ref, qmodel(sample))
+        if output:
+            engine.save(qmodel, output, overwrite=overwrite)
+        if report_path:
+            text = report.to_json()
+            atomic_write(report_path, lambda tmp: _write_text(tmp, text))
+        if quiet:
+            return
+        if as_json:
+            click.echo(report.to_json())
+            return
+        click.echo(f"{label}: {config.scheme} / {config.observer}")
+        click.echo(report.render())
+        if "output_sqnr_db" in report.extra:
+            click.echo(
+                f"model output vs float32 on sample inputs: SQNR "
+                f"{report.extra['output_sqnr_db']:.2f} dB"
+            )
+        click.echo(
+            f"saved to {output}" if output else "not saved (pass -o FILE.safetensors to save)"
+        )
+
+    with_plugin_options(quantize)
+
+    @cli.command()
+    @_model_options
+    def plan(demo, model_spec, weights, as_json, **kw):
+        """Dry run: what would be quantized, with which components, and why not."""
+        config = _configure(engine, plugin_map, kw)
+        model, _, _ = _model_from_options(demo, model_spec, weights)
+        p = engine.plan(model, config)
+        click.echo(json.dumps(p.to_dict(), indent=2) if as_json else p.render())
+
+    with_plugin_options(plan)
+
+    @cli.command()
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    def plugins(as_json):
+        """List installed plugins: name, distribution, version, hooks, components."""
+        data = engine.plugins()
+        failed = [str(f) for f in engine.failures]
+        if as_json:
+            click.echo(json.dumps({"plugins": data, "failed": failed}, indent=2))
+            return
+        rows = []
+        for p in data:
+            comps = "; ".join(f"{k}: {', '.join(v)}" for k, v in p["components"].items())
+            rows.append(
+                [
+                    p["name"],
+                    p["distribution"] or f"({p['source']})",
+                    p["version"] or "",
+                    comps or ", ".join(h.removeprefix("monoquant_") for h in p["hooks"]),
+                ]
+            )
+        click.echo(format_table(["plugin", "distribution", "version", "provides"], rows))
+        for f in failed:
+            click.echo(f"failed to load: {f}")
+
+    return cli
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+
+
+def _one_line_warnings() -> None:
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PluginLoadWarning):
+            click.echo(str(message), err=True)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (``monoquant``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _one_line_warnings()
+    try:
+        engine = Engine(strict=True if "--strict-plugins" in argv else None)
+        cli = build_cli(engine)
+    except MonoQuantError as e:
+        click.echo(f"monoquant: {e}", err=True)
+        sys.exit(1)
+    cli.main(args=argv, prog_name="monoquant")

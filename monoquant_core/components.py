@@ -1,0 +1,285 @@
+"""Component contracts: Observer, Scheme, Replacer, Serializer, Backend.
+
+Plugins subclass these and hand instances (observers: classes, one instance per tensor) to the
+``register`` callable of the matching ``monoquant_register_*`` hook. The core only ever talks to
+components through these methods.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .capabilities import Capabilities
+from .config import ComponentConfig
+from .qtensor import QParams, QTensor, QuantSpec
+
+__all__ = [
+    "Artifact",
+    "Backend",
+    "Observer",
+    "QuantizedModule",
+    "Replacer",
+    "Scheme",
+    "Serializer",
+    "WeightInfo",
+    "minmax_qparams",
+]
+
+
+class Observer(ABC):
+    """Collects statistics of a tensor and turns them into :class:`QParams`.
+
+    One instance observes one tensor (a weight, or a layer's input during calibration).
+    ``spec`` fixes the granularity: statistics are kept per ``[C, G]`` group.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = ComponentConfig
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, spec: QuantSpec, config: Any = None):
+        self.spec = spec
+        self.config = config if config is not None else self.config_class()
+
+    @abstractmethod
+    def update(self, x: torch.Tensor) -> None:
+        """Accumulate statistics of ``x``."""
+
+    @abstractmethod
+    def qparams(self) -> QParams:
+        """Return scale (and zero point) of shape ``[C, G]`` from what was observed."""
+
+
+def minmax_qparams(mn: torch.Tensor, mx: torch.Tensor, spec: QuantSpec) -> QParams:
+    """Scale / zero point covering ``[mn, mx]`` (per group) for ``spec``.
+
+    Symmetric: ``scale = max(|mn|, |mx|) / qmax``, no zero point. Asymmetric with an integer
+    zero: the range is widened to include 0 (so 0 is exact) and the zero point is an integer in
+    ``[qmin, qmax]``. An all-zero group gets ``scale = 1`` so it quantizes exactly to 0.
+    """
+    mn, mx = mn.to(torch.float32), mx.to(torch.float32)
+    if spec.symmetric:
+        amax = torch.maximum(-mn, mx)
+        scale = torch.where(amax > 0, amax / spec.qmax, torch.ones_like(amax))
+        return QParams(scale=scale, zero_point=None)
+    mn, mx = torch.clamp(mn, max=0.0), torch.clamp(mx, min=0.0)
+    span = mx - mn
+    scale = torch.where(span > 0, span / (spec.qmax - spec.qmin), torch.ones_like(span))
+    zero = torch.clamp(spec.qmin - torch.round(mn / scale), spec.qmin, spec.qmax)
+    return QParams(scale=scale, zero_point=zero)
+
+
+@dataclass(frozen=True)
+class WeightInfo:
+    """What a backend needs to decide whether it can run a weight (at plan or load time)."""
+
+    scheme: str
+    spec: QuantSpec
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: str = "cpu"
+
+    @classmethod
+    def of(cls, qt: QTensor, device: str = "cpu") -> WeightInfo:
+        return cls(qt.scheme, qt.spec, qt.shape, qt.dtype, device)
+
+
+class Scheme(ABC):
+    """A quantization scheme: turns a float weight into a :class:`QTensor` and back."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = ComponentConfig
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    default_observer: ClassVar[str] = "minmax"
+
+    @abstractmethod
+    def spec(self, shape: tuple[int, ...], axis: int, config: Any) -> QuantSpec:
+        """The :class:`QuantSpec` for a weight of ``shape`` whose channel axis is ``axis``."""
+
+    def check(self, shape: tuple[int, ...], config: Any) -> str | None:
+        """Plan-time veto: a human-readable reason this weight cannot use the scheme, or None."""
+        return None
+
+    @abstractmethod
+    def quantize(
+        self, weight: torch.Tensor, qparams: QParams, spec: QuantSpec, config: Any
+    ) -> QTensor:
+        """Quantize ``weight`` with the observer's ``qparams``."""
+
+    def dequantize(self, qt: QTensor) -> torch.Tensor:
+        """Float weight back from ``qt`` (default: the canonical affine layout)."""
+        return qt.dequantize()
+
+
+class Backend(ABC):
+    """Runs quantized layers on some hardware. ``reference`` is the ground truth."""
+
+    name: ClassVar[str] = ""
+    device_types: ClassVar[tuple[str, ...]] = ("cpu",)
+    priority: ClassVar[int] = 0
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def available(self) -> bool | str:
+        """True, or a string saying what is missing. Must be cheap and never raise."""
+        return True
+
+    def supports(self, info: WeightInfo) -> str | None:
+        """None if this backend can run ``info``, else the reason it cannot."""
+        return None
+
+    def prepare(self, qt: QTensor, scheme: Scheme) -> Any:
+        """Derive the kernel layout of ``qt`` (never stored on disk).
+
+        Called lazily on the first forward and again after the module moves device. ``scheme``
+        is the registered scheme of ``qt`` (its ``dequantize`` is the ground truth).
+        """
+        return (qt, scheme)
+
+    @abstractmethod
+    def linear(self, x: torch.Tensor, prepared: Any, bias: torch.Tensor | None) -> torch.Tensor:
+        """``y = x @ W^T + bias`` with the prepared weight; output dtype = ``x.dtype``."""
+
+
+class Replacer(ABC):
+    """Swaps a supported module for its quantized counterpart (lookup by type, along the MRO)."""
+
+    name: ClassVar[str] = ""
+    module_types: ClassVar[tuple[type, ...]] = ()
+    #: quantize matching modules by default (False = only when selected with ``only``).
+    default: ClassVar[bool] = True
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The parameters to quantize, by attribute name (default ``{"weight": module.weight}``)."""
+        return {"weight": module.weight}
+
+    def channel_axis(self, module: nn.Module, param: str) -> int:
+        """The output-channel axis of ``param`` (0 for ``nn.Linear.weight``)."""
+        return 0
+
+    def skip_reason(self, name: str, module: nn.Module, model: nn.Module) -> str | None:
+        """Plan-time veto with a reason (e.g. a parent that reads the weight directly)."""
+        return None
+
+    @abstractmethod
+    def replace(
+        self, module: nn.Module, qweights: dict[str, QTensor], backend: Backend, scheme: Scheme
+    ) -> nn.Module:
+        """A new quantized module equivalent to ``module`` with ``qweights``.
+
+        Must not modify ``module``. The new module keeps the original's forward contract
+        (shapes, bias, output dtype = input dtype) and runs on ``backend``.
+        """
+
+
+class QuantizedModule(nn.Module):
+    """Base of the modules replacers create: stores each QTensor as plain buffers.
+
+    Buffers are named ``<param>_<role>`` (``weight_qdata``, ``weight_scale``, ...), so
+    ``.to()``, ``state_dict()`` and ``load_state_dict()`` work as for any module. The backend's
+    prepared (kernel) form is derived lazily and dropped whenever the module moves.
+    """
+
+    def __init__(self, backend: Backend, scheme: Scheme) -> None:
+        super().__init__()
+        self._qmeta: dict[str, dict[str, Any]] = {}
+        self.backend = backend
+        self.scheme = scheme
+        self._prepared: dict[str, Any] = {}
+
+    def prepared(self, param: str = "weight") -> Any:
+        """The backend's kernel form of ``param`` (cached until the module moves)."""
+        p = self._prepared.get(param)
+        if p is None:
+            p = self._prepared[param] = self.backend.prepare(self.qtensor(param), self.scheme)
+        return p
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        self._prepared = {}
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._prepared = {}
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def set_qtensor(self, param: str, qt: QTensor) -> None:
+        roles = list(qt.tensors())
+        for role, t in qt.tensors().items():
+            self.register_buffer(f"{param}_{role}", t)
+        self._qmeta[param] = {
+            "roles": roles,
+            "bits": qt.bits,
+            "group_size": qt.group_size,
+            "axis": qt.axis,
+            "shape": qt.shape,
+            "dtype": qt.dtype,
+            "scheme": qt.scheme,
+            "meta": qt.meta,
+        }
+
+    def qtensor(self, param: str = "weight") -> QTensor:
+        m = self._qmeta[param]
+        t = {role: getattr(self, f"{param}_{role}") for role in m["roles"]}
+        extra = {k: v for k, v in t.items() if k not in ("qdata", "scale", "zero_point")}
+        return QTensor(
+            qdata=t["qdata"],
+            scale=t["scale"],
+            zero_point=t.get("zero_point"),
+            bits=m["bits"],
+            group_size=m["group_size"],
+            axis=m["axis"],
+            shape=m["shape"],
+            dtype=m["dtype"],
+            scheme=m["scheme"],
+            extra=extra,
+            meta=m["meta"],
+        )
+
+    def qtensors(self) -> dict[str, QTensor]:
+        return {p: self.qtensor(p) for p in self._qmeta}
+
+    def qbuffer_names(self) -> list[str]:
+        return [f"{p}_{r}" for p, m in self._qmeta.items() for r in m["roles"]]
+
+
+class Serializer(ABC):
+    """Reads and writes :class:`Artifact` s. The core handles temp files and renames."""
+
+    name: ClassVar[str] = ""
+    suffixes: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def sniff(self, path: str) -> bool:
+        """True if ``path`` looks like this serializer's format (cheap: header only)."""
+
+    @abstractmethod
+    def write(self, artifact: Artifact, path: str) -> None:
+        """Write ``artifact`` to ``path`` (a temporary path the core renames on success)."""
+
+    @abstractmethod
+    def read(self, path: str) -> Artifact:
+        """Read ``path``; raise :class:`~monoquant_core.errors.FormatError` on any bad input."""
+
+
+@dataclass
+class Artifact:
+    """A quantized model as data: plain tensors, QTensors and provenance.
+
+    Attributes:
+        tensors: unquantized tensors by state_dict name.
+        qtensors: quantized weights by state_dict name (e.g. ``"fc.weight"``).
+        producers: plugin name -> ``{"distribution": ..., "version": ...}``.
+        config: the run's :meth:`Config.to_dict`.
+        format_version: on-disk format version.
+    """
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    qtensors: dict[str, QTensor] = field(default_factory=dict)
+    producers: dict[str, dict[str, str]] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    format_version: int = 1

@@ -1,0 +1,283 @@
+"""QTensor: the canonical, device-independent quantized weight.
+
+Layout (see docs/formats.md):
+
+* The weight is viewed as a 2-D matrix ``[C, K]``: ``C`` is the size of the channel axis
+  ``axis`` (moved to the front) and ``K`` the product of the other dimensions. Per-tensor
+  quantization (``axis=None``) uses ``C = 1``.
+* ``group_size=None`` means one group per channel; otherwise the ``K`` dimension is split into
+  groups of ``group_size`` consecutive elements (the last group padded by repeating the last
+  value when ``K`` is not a multiple).
+* ``scale`` and ``zero_point`` have shape ``[C, G]`` (``G`` = number of groups).
+* ``qdata`` holds the codes, ``[C, G * group_size]`` (``[C, K]`` without groups). Symmetric
+  codes are signed (``int8``), asymmetric codes unsigned (``uint8``). 4-bit codes are packed
+  two per ``uint8``, low nibble first, along ``K`` (signed 4-bit codes in two's complement).
+* ``w = (q - zero_point) * scale`` (``w = q * scale`` when ``zero_point`` is None).
+
+Kernel-specific layouts are never stored here: backends derive them when a model is prepared.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+__all__ = [
+    "QParams",
+    "QTensor",
+    "QuantSpec",
+    "from_groups",
+    "pack_int4",
+    "sqnr_db",
+    "to_groups",
+    "unpack_int4",
+]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is to be quantized: code range and granularity.
+
+    Args:
+        bits: code width (4 or 8 for integer schemes).
+        symmetric: signed codes and no zero point when True.
+        axis: the channel axis (None = per-tensor).
+        group_size: group length along the flattened non-channel dims (None = per channel).
+    """
+
+    bits: int
+    symmetric: bool
+    axis: int | None = 0
+    group_size: int | None = None
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def granularity(self) -> str:
+        if self.axis is None:
+            return "per-tensor"
+        return "per-channel" if self.group_size is None else f"group-{self.group_size}"
+
+
+@dataclass
+class QParams:
+    """Quantization parameters an observer produces: ``scale`` and ``zero_point``, ``[C, G]``."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None = None
+
+
+def _as_matrix(w: torch.Tensor, axis: int | None) -> torch.Tensor:
+    if axis is None:
+        return w.reshape(1, -1)
+    return w.movedim(axis, 0).reshape(w.shape[axis], -1)
+
+
+def to_groups(w: torch.Tensor, axis: int | None, group_size: int | None) -> torch.Tensor:
+    """View ``w`` as ``[C, G, group_size]`` (padding the last group by repeating its last value).
+
+    Args:
+        w: any tensor with at least one element.
+        axis: channel axis, or None for per-tensor.
+        group_size: group length, or None for one group per channel.
+
+    Returns:
+        A ``[C, G, S]`` tensor (a view when no padding is needed).
+    """
+    m = _as_matrix(w, axis)
+    if group_size is None:
+        return m.unsqueeze(1)
+    c, k = m.shape
+    pad = (-k) % group_size
+    if pad:
+        m = torch.cat([m, m[:, -1:].expand(c, pad)], dim=1)
+    return m.reshape(c, -1, group_size)
+
+
+def from_groups(g: torch.Tensor, shape: tuple[int, ...], axis: int | None) -> torch.Tensor:
+    """Inverse of :func:`to_groups`: ``[C, G, S]`` back to ``shape`` (dropping padding)."""
+    numel = math.prod(shape)
+    if axis is None:
+        return g.reshape(-1)[:numel].reshape(shape)
+    c = shape[axis]
+    m = g.reshape(c, -1)[:, : numel // c if c else 0]
+    moved = (shape[axis], *shape[:axis], *shape[axis + 1 :])
+    return m.reshape(moved).movedim(0, axis)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes (any integer dtype, values in 0..15 or -8..7) two per byte.
+
+    The last dimension is packed, low nibble first; an odd length is padded with a zero code.
+    """
+    c = codes.to(torch.int16) & 0xF
+    if c.shape[-1] % 2:
+        c = torch.nn.functional.pad(c, (0, 1))
+    return (c[..., 0::2] | (c[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor, length: int, signed: bool) -> torch.Tensor:
+    """Unpack :func:`pack_int4` bytes to ``length`` codes per row (int8 if signed, else uint8)."""
+    p = packed.to(torch.int16)
+    codes = torch.stack([p & 0xF, p >> 4], dim=-1).flatten(-2)[..., :length]
+    if signed:
+        codes = codes - ((codes & 0x8) << 1)
+        return codes.to(torch.int8)
+    return codes.to(torch.uint8)
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(sum ref^2 / sum (ref - approx)^2)`` in dB.
+
+    Returns ``inf`` for an exact match (including an all-zero reference reproduced exactly).
+    """
+    ref = ref.detach().double()
+    err = (ref - approx.detach().double()).pow(2).sum().item()
+    sig = ref.pow(2).sum().item()
+    if err == 0.0:
+        return math.inf
+    if sig == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(sig / err)
+
+
+@dataclass
+class QTensor:
+    """A quantized weight in the canonical layout (see the module docstring).
+
+    Attributes:
+        qdata: codes (``int8``/``uint8``; 4-bit packed two per byte).
+        scale: ``[C, G]`` scales.
+        zero_point: ``[C, G]`` zero points, or None when symmetric.
+        bits: code width.
+        group_size: group length, or None (one group per channel, or per-tensor).
+        axis: channel axis, or None for per-tensor.
+        shape: the original weight shape.
+        dtype: the original floating dtype.
+        scheme: registry name of the scheme that produced it.
+        extra: additional named tensors a scheme stores with the weight.
+        meta: JSON-serialisable provenance (scheme/observer config, producing plugin).
+    """
+
+    qdata: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    bits: int
+    group_size: int | None
+    axis: int | None
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    scheme: str
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(s) for s in self.shape)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_point is None
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.symmetric, self.axis, self.group_size)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.axis is None else self.shape[self.axis]
+
+    @property
+    def row_length(self) -> int:
+        """Number of codes per channel row, including group padding."""
+        k = self.numel // self.channels if self.channels else 0
+        if self.group_size is None:
+            return k
+        return math.ceil(k / self.group_size) * self.group_size
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """All stored tensors by role: ``qdata``, ``scale``, ``zero_point`` (if any), extras."""
+        out = {"qdata": self.qdata, "scale": self.scale}
+        if self.zero_point is not None:
+            out["zero_point"] = self.zero_point
+        out.update(self.extra)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / self.numel if self.numel else 0.0
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes, unpacked, as ``[C, row_length]``."""
+        if self.bits == 4:
+            return unpack_int4(self.qdata, self.row_length, signed=self.symmetric)
+        if self.bits == 8:
+            return self.qdata
+        raise ValueError(f"QTensor.codes: no integer layout for bits={self.bits}")
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rebuild the float tensor ``(q - zero_point) * scale`` in ``dtype`` (default: original).
+
+        Computed in float32 so the result is deterministic and identical on every call.
+        """
+        c = self.channels
+        q = self.codes().to(torch.float32).reshape(c, self.scale.shape[-1], -1)
+        if self.zero_point is not None:
+            q = q - self.zero_point.to(torch.float32).unsqueeze(-1)
+        w = q * self.scale.to(torch.float32).unsqueeze(-1)
+        return from_groups(w, self.shape, self.axis).to(dtype or self.dtype)
+
+    def to(self, device: torch.device | str) -> QTensor:
+        """A copy on ``device`` (dtypes are part of the format and never change)."""
+        d = torch.device(device)
+        return replace(
+            self,
+            qdata=self.qdata.to(d),
+            scale=self.scale.to(d),
+            zero_point=None if self.zero_point is None else self.zero_point.to(d),
+            extra={k: v.to(d) for k, v in self.extra.items()},
+        )
+
+    def validate(self) -> None:
+        """Check internal consistency; raises ``ValueError`` naming the inconsistent field."""
+        c, g = self.channels, self.scale.shape[-1] if self.scale.dim() else 1
+        if self.axis is not None and not 0 <= self.axis < len(self.shape):
+            raise ValueError(f"axis {self.axis} out of range for shape {self.shape}")
+        if tuple(self.scale.shape) != (c, g):
+            raise ValueError(f"scale shape {tuple(self.scale.shape)} != expected {(c, g)}")
+        if self.group_size is not None and g * self.group_size != self.row_length:
+            raise ValueError(
+                f"{g} groups of {self.group_size} do not cover a row of {self.row_length}"
+            )
+        if self.group_size is None and g != 1:
+            raise ValueError(f"scale has {g} groups but group_size is None")
+        if self.zero_point is not None and self.zero_point.shape != self.scale.shape:
+            raise ValueError(
+                f"zero_point shape {tuple(self.zero_point.shape)} != scale shape "
+                f"{tuple(self.scale.shape)}"
+            )
+        if self.bits in (4, 8):
+            per_row = self.row_length if self.bits == 8 else (self.row_length + 1) // 2
+            if tuple(self.qdata.shape) != (c, per_row):
+                raise ValueError(
+                    f"qdata shape {tuple(self.qdata.shape)} != expected {(c, per_row)}"
+                )
+            want = torch.int8 if (self.bits == 8 and self.symmetric) else torch.uint8
+            if self.qdata.dtype != want:
+                raise ValueError(f"qdata dtype {self.qdata.dtype} != expected {want}")

@@ -1,0 +1,154 @@
+"""QuantReport: per-layer metrics and totals, as a terminal table and as JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["LayerReport", "QuantReport", "format_table", "human_bytes"]
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A plain monospace table (no dependencies); right-aligns cells that look numeric."""
+    widths = [len(h) for h in headers]
+    for r in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, r)]
+
+    def fmt(cells: list[str]) -> str:
+        out = []
+        for i, (c, w) in enumerate(zip(cells, widths)):
+            numeric = i > 0 and (
+                c[:1].isdigit() or (c[:1] == "-" and c[1:2].isdigit()) or c == "inf"
+            )
+            out.append(c.rjust(w) if numeric else c.ljust(w))
+        return "  ".join(out).rstrip()
+
+    lines = [fmt(headers), "  ".join("-" * w for w in widths)]
+    lines += [fmt(r) for r in rows]
+    return "\n".join(lines)
+
+
+def human_bytes(n: float) -> str:
+    """``1.50 MiB`` style sizes."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # pragma: no cover
+
+
+def _db(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return "inf" if math.isinf(x) and x > 0 else f"{x:.2f}"
+
+
+@dataclass
+class LayerReport:
+    """Metrics of one quantized weight."""
+
+    name: str
+    module_type: str
+    scheme: str
+    observer: str
+    backend: str
+    shape: tuple[int, ...]
+    numel: int
+    bytes_before: int
+    bytes_after: int
+    bits_per_weight: float
+    sqnr_db: float
+    max_abs_err: float
+    rel_err: float
+    time_s: float
+
+
+@dataclass
+class QuantReport:
+    """The result of a run: quantized layers, skipped layers with reasons, and totals.
+
+    ``model_bytes_before/after`` count every parameter and buffer of the model (what a saved
+    file holds), so the compression ratio is the real file-size ratio, not a per-layer one.
+    """
+
+    layers: list[LayerReport] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    model_bytes_before: int = 0
+    model_bytes_after: int = 0
+    time_s: float = 0.0
+    config: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.model_bytes_before / self.model_bytes_after if self.model_bytes_after else 0.0
+
+    @property
+    def min_sqnr_db(self) -> float | None:
+        return min((layer.sqnr_db for layer in self.layers), default=None)
+
+    def layer(self, name: str) -> LayerReport:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def render(self) -> str:
+        """The terminal table: one row per quantized weight, then skips and totals."""
+        rows = [
+            [
+                r.name,
+                r.module_type,
+                r.scheme,
+                "x".join(map(str, r.shape)),
+                f"{r.bits_per_weight:.2f}",
+                _db(r.sqnr_db),
+                f"{r.max_abs_err:.3g}",
+                human_bytes(r.bytes_before),
+                human_bytes(r.bytes_after),
+            ]
+            for r in self.layers
+        ]
+        head = ["layer", "type", "scheme", "shape", "bits/w", "SQNR dB", "max err"]
+        out = [format_table([*head, "before", "after"], rows)]
+        if self.skipped:
+            out.append("")
+            out.append(f"kept in float ({len(self.skipped)}):")
+            by_reason: dict[str, list[str]] = {}
+            for n, why in self.skipped:
+                by_reason.setdefault(why, []).append(n or "(root)")
+            out += [f"  {', '.join(names)}: {why}" for why, names in by_reason.items()]
+        out.append("")
+        out.append(
+            f"model: {human_bytes(self.model_bytes_before)} -> "
+            f"{human_bytes(self.model_bytes_after)} "
+            f"({self.compression_ratio:.2f}x smaller), {len(self.layers)} weights quantized, "
+            f"min SQNR {_db(self.min_sqnr_db)} dB, {self.time_s:.2f} s"
+        )
+        return "\n".join(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        def clean(x: Any) -> Any:
+            if isinstance(x, float) and math.isinf(x):
+                return "inf" if x > 0 else "-inf"
+            return x
+
+        layers = [{k: clean(v) for k, v in asdict(r).items()} for r in self.layers]
+        for layer in layers:
+            layer["shape"] = list(layer["shape"])
+        return {
+            "layers": layers,
+            "skipped": [{"name": n, "reason": why} for n, why in self.skipped],
+            "model_bytes_before": self.model_bytes_before,
+            "model_bytes_after": self.model_bytes_after,
+            "compression_ratio": self.compression_ratio,
+            "min_sqnr_db": clean(self.min_sqnr_db),
+            "time_s": self.time_s,
+            "config": self.config,
+            "extra": self.extra,
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)

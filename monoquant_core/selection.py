@@ -1,0 +1,212 @@
+"""Module-mode layer selection: the default plan, and its validation after plugins edit it.
+
+Selection rules, in order (the first that applies gives the skip reason):
+
+1. no replacer for the module type -> kept in float (normalisation layers and embeddings say so);
+2. the name matches a ``skip`` pattern;
+3. ``only`` patterns are given and none matches the name;
+4. the replacer is opt-in (``default = False``) and no ``only`` pattern names the module;
+5. the weight is not a floating tensor, is empty, or is not materialised (meta device);
+6. the replacer vetoes it (``skip_reason``), e.g. a parent that reads the weight directly;
+7. the weight is tied to another module's parameter (quantizing it would untie them);
+8. the scheme vetoes the shape (``Scheme.check``).
+
+Patterns are :func:`fnmatch.fnmatchcase` globs on module names as printed by
+``model.named_modules()``: ``*`` also matches dots, so ``*.fc1`` matches ``blocks.0.fc1``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from .components import WeightInfo
+from .config import Config
+from .errors import CapabilityError, UsageError
+from .plan import Plan, PlanEntry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import Engine
+
+__all__ = ["build_module_plan", "matches", "validate_plan"]
+
+_NORMS: tuple[type, ...] = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.modules.batchnorm._NormBase,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def matches(name: str, patterns: tuple[str, ...]) -> str | None:
+    """The first pattern that matches ``name`` (fnmatch, case-sensitive), or None."""
+    for pat in patterns:
+        if fnmatch.fnmatchcase(name, pat):
+            return pat
+    return None
+
+
+def _unsupported_reason(engine: Engine, module: nn.Module) -> str:
+    if isinstance(module, _NORMS) or "norm" in type(module).__name__.lower():
+        return "normalisation layer: kept in float (small and precision-sensitive)"
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return "embedding: kept in float (no installed replacer handles embeddings)"
+    handled = sorted({t.__name__ for r in engine.replacers for t in r.component.module_types})
+    return (
+        f"no replacer for {type(module).__name__} "
+        f"(installed replacers handle: {', '.join(handled) or 'nothing'})"
+    )
+
+
+def build_module_plan(engine: Engine, model: nn.Module, config: Config) -> Plan:
+    """The default plan: every module that owns parameters or has a replacer gets an entry."""
+    owners: dict[int, list[str]] = defaultdict(list)
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)].append(pname)
+    only_hits: dict[str, list[tuple[str, bool, str]]] = {p: [] for p in config.only}
+    entries: list[PlanEntry] = []
+    replaced: list[str] = []
+    for name, module in model.named_modules():
+        own = dict(module.named_parameters(recurse=False))
+        reg = engine.replacers.for_type(type(module))
+        if reg is None and not own:
+            continue
+        entry = PlanEntry(name=name, module_type=type(module).__name__)
+        for pat in config.only:
+            if fnmatch.fnmatchcase(name, pat):
+                only_hits[pat].append((name, reg is not None, type(module).__name__))
+        outer = next((r for r in replaced if r == "" or name.startswith(r + ".")), None)
+        if outer is not None:
+            entry.params = {p: tuple(t.shape) for p, t in own.items()}
+            entry.skip(f"inside {outer or '(root)'!r}, which is replaced as a whole")
+        elif reg is None:
+            entry.params = {p: tuple(t.shape) for p, t in own.items()}
+            entry.skip(_unsupported_reason(engine, module))
+        else:
+            _select(engine, model, config, entry, module, reg.name, owners)
+        entries.append(entry)
+        if entry.selected:
+            replaced.append(name)
+    for pat, hits in only_hits.items():
+        if any(supported for _, supported, _ in hits):
+            continue
+        if hits:
+            name, _, tname = hits[0]
+            handled = sorted(
+                {t.__name__ for r in engine.replacers for t in r.component.module_types}
+            )
+            raise CapabilityError(
+                f"--only {pat!r} selects {name!r} ({tname}), but no installed replacer supports "
+                f"{tname} (supported: {', '.join(handled)})",
+                "change the --only pattern, or install a plugin with a replacer for " + tname,
+            )
+        raise UsageError(
+            f"--only {pat!r} matches no module of the model",
+            "check the names with `monoquant plan` (patterns are fnmatch globs on module names)",
+        )
+    return Plan(entries=entries, config=config)
+
+
+def _select(
+    engine: Engine,
+    model: nn.Module,
+    config: Config,
+    entry: PlanEntry,
+    module: nn.Module,
+    replacer_name: str,
+    owners: dict[int, list[str]],
+) -> None:
+    replacer = engine.replacers.get(replacer_name)
+    entry.replacer = replacer_name
+    weights = replacer.weights(module)
+    entry.params = {p: tuple(w.shape) for p, w in weights.items()}
+    name = entry.name
+    skip_pat = matches(name, config.skip)
+    only_pat = matches(name, config.only)
+    reason = None
+    if skip_pat:
+        reason = f"matched --skip {skip_pat!r}"
+    elif config.only and not only_pat:
+        reason = "not matched by --only"
+    elif not replacer.default and not only_pat:
+        reason = (
+            f"{entry.module_type} layers are opt-in for replacer {replacer_name!r}; "
+            f"select with --only {name!r}"
+        )
+    if reason is None:
+        reason = _weight_reason(weights)
+    if reason is None:
+        reason = replacer.skip_reason(name, module, model)
+    if reason is None:
+        for p, w in weights.items():
+            others = [o for o in owners.get(id(w), []) if o != (f"{name}.{p}" if name else p)]
+            if others:
+                reason = f"{p} is tied to {others[0]!r}; quantizing would untie them"
+                break
+    if reason:
+        entry.skip(reason)
+        return
+    entry.scheme, entry.observer = config.scheme, config.observer
+    _finish(engine, config, entry, module)
+
+
+def _weight_reason(weights: dict) -> str | None:
+    for p, w in weights.items():
+        if not w.is_floating_point():
+            return f"{p} has dtype {str(w.dtype).replace('torch.', '')}, not a float"
+        if w.numel() == 0:
+            return f"{p} is empty"
+        if w.device.type == "meta":
+            return f"{p} is on the meta device (not materialised)"
+    return None
+
+
+def _finish(engine: Engine, config: Config, entry: PlanEntry, module: nn.Module) -> None:
+    """Scheme veto and backend choice for a selected entry."""
+    scheme = engine.schemes.get(entry.scheme)
+    replacer = engine.replacers.get(entry.replacer)
+    scheme_cfg = config.scheme_config
+    if entry.scheme != config.scheme or "scheme_options" in entry.options:
+        from .config import parse_options
+
+        scheme_cfg = parse_options(
+            scheme.config_class, entry.options.get("scheme_options"), f"scheme {entry.scheme!r}"
+        )
+    notes: list[str] = []
+    backend = None
+    for p, w in replacer.weights(module).items():
+        why = scheme.check(tuple(w.shape), scheme_cfg)
+        if why:
+            entry.skip(f"{entry.scheme}: {why}")
+            return
+        spec = scheme.spec(tuple(w.shape), replacer.channel_axis(module, p), scheme_cfg)
+        info = WeightInfo(entry.scheme, spec, tuple(w.shape), w.dtype, w.device.type)
+        backend, notes = engine.choose_backend(info, entry.backend or config.backend)
+    entry.backend = backend
+    entry.notes.extend(notes)
+
+
+def validate_plan(engine: Engine, plan: Plan, model: nn.Module) -> None:
+    """Re-check selected entries after ``monoquant_modify_plan`` (plugins may have edited them)."""
+    for entry in plan.selected:
+        if entry.replacer is None:
+            module = model.get_submodule(entry.name)
+            reg = engine.replacers.for_type(type(module))
+            if reg is None:
+                raise CapabilityError(
+                    f"a plugin selected {entry.name!r} ({entry.module_type}), but no replacer "
+                    f"supports {entry.module_type}",
+                    "skip it in monoquant_modify_plan, or install a replacer for it",
+                )
+            entry.replacer = reg.name
+        entry.scheme = entry.scheme or plan.config.scheme
+        entry.observer = entry.observer or plan.config.observer
+        engine.schemes.get(entry.scheme)
+        engine.observers.get(entry.observer)
+        if entry.backend is None:
+            _finish(engine, plan.config, entry, model.get_submodule(entry.name))
+        else:
+            engine.backends.get(entry.backend)

@@ -1,0 +1,1 @@
+"""Built-in hardware backends (each its own plugin module)."""

@@ -1,0 +1,35 @@
+"""``reference`` backend: dequantize, then ``F.linear``. Pure PyTorch, any device.
+
+It is the ground truth every other backend is tested against: exact dequantization of the
+stored codes in float32, cast to the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from monoquant_core import Backend, Capabilities, hookimpl
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    device_types = ("cpu", "cuda", "mps", "xpu")
+    priority = 0
+    capabilities = Capabilities(
+        numerics="dequantizes the weight in float32 on every call, then F.linear in the "
+        "input dtype (exact; slow)",
+    )
+
+    def prepare(self, qt, scheme):
+        return (qt, scheme)
+
+    def linear(self, x, prepared, bias):
+        qt, scheme = prepared
+        w = scheme.dequantize(qt).to(device=x.device, dtype=x.dtype)
+        b = None if bias is None else bias.to(dtype=x.dtype)
+        return F.linear(x, w, b)
+
+
+@hookimpl
+def monoquant_register_backends(register):
+    register(ReferenceBackend())

@@ -1,0 +1,72 @@
+"""``int8`` scheme: 8-bit integer weights, symmetric per-channel by default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from monoquant_core import Capabilities, ComponentConfig, QTensor, QuantSpec, Scheme, hookimpl
+from monoquant_core.qtensor import to_groups
+
+
+@dataclass(frozen=True)
+class Int8Config(ComponentConfig):
+    """Options of the ``int8`` scheme.
+
+    Attributes:
+        granularity: ``per-channel`` (one scale per output channel, default) or ``per-tensor``
+            (one scale for the whole weight: smaller but loses 3-20 dB on real weights).
+        symmetric: signed codes without a zero point (default) or unsigned codes with an
+            integer zero point (better on skewed rows).
+    """
+
+    granularity: Literal["per-channel", "per-tensor"] = "per-channel"
+    symmetric: bool = True
+
+
+class Int8Scheme(Scheme):
+    """Round-to-nearest 8-bit codes with the observer's scale (and zero point)."""
+
+    name = "int8"
+    config_class = Int8Config
+    capabilities = Capabilities(
+        bits=(8,),
+        group_sizes=(None,),
+        symmetric=(True, False),
+        granularities=("per-channel", "per-tensor"),
+    )
+    default_observer = "minmax"
+
+    def spec(self, shape, axis, config):
+        per_tensor = config.granularity == "per-tensor"
+        return QuantSpec(bits=8, symmetric=config.symmetric, axis=None if per_tensor else axis)
+
+    def quantize(self, weight, qparams, spec, config):
+        g = to_groups(weight.to(torch.float32), spec.axis, None)
+        scale = qparams.scale.to(torch.float32)
+        q = torch.round(g / scale.unsqueeze(-1))
+        zero = None
+        if spec.symmetric:
+            q = q.clamp(spec.qmin, spec.qmax).to(torch.int8)
+        else:
+            zero = qparams.zero_point.round().clamp(spec.qmin, spec.qmax)
+            q = (q + zero.unsqueeze(-1)).clamp(spec.qmin, spec.qmax).to(torch.uint8)
+            zero = zero.to(torch.uint8)
+        return QTensor(
+            qdata=q.reshape(q.shape[0], -1).contiguous(),
+            scale=scale.contiguous(),
+            zero_point=zero,
+            bits=8,
+            group_size=None,
+            axis=spec.axis,
+            shape=tuple(weight.shape),
+            dtype=weight.dtype,
+            scheme=self.name,
+        )
+
+
+@hookimpl
+def monoquant_register_schemes(register):
+    register(Int8Scheme())

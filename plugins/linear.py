@@ -1,0 +1,69 @@
+"""``linear`` replacer: ``nn.Linear`` (and subclasses) -> :class:`QuantizedLinear`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from monoquant_core import QuantizedModule, Replacer, hookimpl
+
+
+class QuantizedLinear(QuantizedModule):
+    """Drop-in ``nn.Linear`` with a quantized weight, run by a backend.
+
+    Keeps ``in_features`` / ``out_features`` and the float ``bias``; the output dtype is the
+    input dtype.
+    """
+
+    def __init__(self, in_features, out_features, qweight, bias, backend, scheme):
+        super().__init__(backend, scheme)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.set_qtensor("weight", qweight)
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backend.linear(x, self.prepared("weight"), self.bias)
+
+    def extra_repr(self) -> str:
+        qt = self._qmeta["weight"]
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, scheme={qt['scheme']}, bits={qt['bits']}, "
+            f"group_size={qt['group_size']}, backend={self.backend.name}"
+        )
+
+
+class LinearReplacer(Replacer):
+    """Replaces ``nn.Linear`` (weight ``[out, in]``, channel axis 0)."""
+
+    name = "linear"
+    module_types = (nn.Linear,)
+
+    def skip_reason(self, name, module, model):
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if name else None
+        if isinstance(parent, nn.MultiheadAttention):
+            return (
+                "out_proj of nn.MultiheadAttention, which reads the weight tensor directly "
+                "instead of calling the layer"
+            )
+        return None
+
+    def replace(self, module, qweights, backend, scheme):
+        return QuantizedLinear(
+            module.in_features,
+            module.out_features,
+            qweights["weight"],
+            module.bias,
+            backend,
+            scheme,
+        )
+
+
+@hookimpl
+def monoquant_register_replacers(register):
+    register(LinearReplacer())
