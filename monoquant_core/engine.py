@@ -8,6 +8,7 @@ There is no module-global state: two Engines in one process are independent.
 from __future__ import annotations
 
 import time
+import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -537,8 +538,14 @@ def _version() -> str:
 
 
 def _plugin_name(obj: Any) -> str:
-    name = getattr(obj, "monoquant_plugin_name", None) or getattr(obj, "__name__", None)
-    return str(name or type(obj).__name__)
+    """``monoquant_plugin_name``, else the module's last name part, else the class name;
+    lower-cased with ``_`` -> ``-`` (it prefixes the plugin's CLI options)."""
+    name = getattr(obj, "monoquant_plugin_name", None)
+    if not name:
+        name = obj.__name__.rpartition(".")[2] if isinstance(obj, types.ModuleType) else None
+    if not name:
+        name = type(obj).__name__
+    return str(name).lower().replace("_", "-")
 
 
 def _patterns(p: Iterable[str] | str) -> tuple[str, ...]:

@@ -1,0 +1,208 @@
+"""Real entry-point discovery with fake installed distributions (no pip needed)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from monoquant_core import (
+    Engine,
+    PluginConflictError,
+    PluginLoadError,
+    PluginLoadWarning,
+    hookimpl,
+)
+from monoquant_core.cli import build_cli
+from monoquant_core.testing import make_fake_distribution, mlp
+
+SCHEME_PLUGIN = textwrap.dedent(
+    """
+    import torch
+    from monoquant_core import QTensor, QuantSpec, Scheme, hookimpl
+    from monoquant_core.qtensor import to_groups
+
+    class Round8Scheme(Scheme):
+        name = "round8"
+
+        def spec(self, shape, axis, config):
+            return QuantSpec(bits=8, symmetric=True, axis=axis)
+
+        def quantize(self, weight, qparams, spec, config):
+            g = to_groups(weight.float(), spec.axis, None)
+            q = torch.round(g / qparams.scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+            return QTensor(q.reshape(q.shape[0], -1), qparams.scale, None, 8, None, spec.axis,
+                           tuple(weight.shape), weight.dtype, self.name)
+
+    @hookimpl
+    def monoquant_register_schemes(register):
+        register(Round8Scheme())
+    """
+)
+
+
+def _install(tmp_path, monkeypatch, name, eps, modules):
+    root = make_fake_distribution(tmp_path / name, name, "1.2.3", eps, modules)
+    monkeypatch.syspath_prepend(str(root))
+    return root
+
+
+def test_fake_distribution_scheme_is_discovered_and_used(tmp_path, monkeypatch):
+    _install(
+        tmp_path,
+        monkeypatch,
+        "monoquant-round8",
+        {"round8": "mq_round8"},
+        {"mq_round8": SCHEME_PLUGIN},
+    )
+    engine = Engine()
+    reg = engine.schemes.entry("round8")
+    assert (reg.plugin, reg.distribution, reg.version) == ("round8", "monoquant-round8", "1.2.3")
+    x = torch.randn(3, 32)
+    model, report = engine.quantize(mlp(), scheme="round8")
+    assert {layer.scheme for layer in report.layers} == {"round8"}
+    assert report.min_sqnr_db > 35
+    out = CliRunner().invoke(build_cli(engine), ["plugins", "--json"])
+    assert out.exit_code == 0, out.output
+    names = {p["name"]: p for p in json.loads(out.output)["plugins"]}
+    assert names["round8"]["distribution"] == "monoquant-round8"
+    assert names["round8"]["components"] == {"scheme": ["round8"]}
+    assert model(x).shape == (3, 10)
+
+
+def test_builtins_come_from_our_own_entry_points(engine):
+    for kind, name in [
+        ("scheme", "int8"),
+        ("observer", "minmax"),
+        ("replacer", "linear"),
+        ("serializer", "safetensors"),
+        ("backend", "reference"),
+    ]:
+        reg = engine.registry(kind).entry(name)
+        assert reg.distribution == "monoquant", (kind, name, reg.distribution)
+
+
+def test_plugin_that_raises_on_import_warns_once_and_engine_works(tmp_path, monkeypatch):
+    _install(
+        tmp_path,
+        monkeypatch,
+        "monoquant-broken",
+        {"broken": "mq_broken"},
+        {"mq_broken": "raise RuntimeError('boom at import')\n"},
+    )
+    with pytest.warns(PluginLoadWarning) as rec:
+        engine = Engine()
+    msgs = [str(w.message) for w in rec if issubclass(w.category, PluginLoadWarning)]
+    assert len(msgs) == 1
+    assert "monoquant-broken 1.2.3" in msgs[0] and "boom at import" in msgs[0]
+    assert "MONOQUANT_DISABLE_PLUGINS=broken" in msgs[0] and "\n" not in msgs[0]
+    _, report = engine.quantize(mlp())
+    assert len(report.layers) == 3
+    with pytest.raises(PluginLoadError, match="boom at import"):
+        Engine(strict=True)
+    monkeypatch.setenv("MONOQUANT_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginLoadError):
+        Engine()
+
+
+@pytest.mark.parametrize("blocked", ["broken", "monoquant-broken", "MONOQUANT_BROKEN"])
+def test_disable_env_skips_plugin_without_importing_it(tmp_path, monkeypatch, blocked):
+    _install(
+        tmp_path,
+        monkeypatch,
+        "monoquant-broken",
+        {"broken": "mq_broken"},
+        {"mq_broken": "raise RuntimeError('boom')\n"},
+    )
+    monkeypatch.setenv("MONOQUANT_DISABLE_PLUGINS", f"something-else, {blocked}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine = Engine()
+    assert "broken" not in {p["name"] for p in engine.plugins()}
+
+
+def test_disable_argument_and_hermetic_engine():
+    engine = Engine(disable=["int8"])
+    assert "int8" not in engine.schemes and "minmax" in engine.observers
+    bare = Engine(entry_points=False)
+    assert len(bare.schemes) == 0 and [p["name"] for p in bare.plugins()] == ["core"]
+
+
+def test_name_clash_names_both_distributions(tmp_path, monkeypatch):
+    clash = SCHEME_PLUGIN.replace('name = "round8"', 'name = "int8"')
+    _install(tmp_path, monkeypatch, "monoquant-clash", {"clash": "mq_clash"}, {"mq_clash": clash})
+    with pytest.raises(PluginConflictError) as e:
+        Engine()
+    msg = str(e.value)
+    assert "scheme 'int8' is registered twice" in msg
+    assert "distribution monoquant 0.1.0" in msg or "distribution monoquant " in msg
+    assert "monoquant-clash 1.2.3" in msg and "MONOQUANT_DISABLE_PLUGINS" in msg
+
+
+def test_misspelt_hook_is_an_error_naming_it(tmp_path, monkeypatch):
+    src = SCHEME_PLUGIN.replace("def monoquant_register_schemes", "def monoquant_register_schems")
+    _install(tmp_path, monkeypatch, "monoquant-typo", {"typo": "mq_typo"}, {"mq_typo": src})
+    with pytest.raises(PluginLoadError, match="'monoquant_register_schems', which is not a Mono"):
+        Engine()
+
+
+def test_bad_component_name_warns_and_skips_component():
+    class BadName:
+        @hookimpl
+        def monoquant_register_schemes(self, register):
+            from monoquant_plugins.int8 import Int8Scheme
+
+            class Bad(Int8Scheme):
+                name = "My_Scheme"
+
+            register(Bad())
+
+    with pytest.warns(PluginLoadWarning, match="kebab-case.*'my-scheme'"):
+        engine = Engine(plugins=[BadName()])
+    assert "My_Scheme" not in engine.schemes
+    with pytest.raises(PluginLoadError):
+        Engine(plugins=[BadName()], strict=True)
+
+
+def test_register_hook_that_raises_warns():
+    class Exploding:
+        @hookimpl
+        def monoquant_register_observers(self, register):
+            raise ValueError("no observers today")
+
+    with pytest.warns(PluginLoadWarning, match="exploding.*no observers today"):
+        engine = Engine(plugins=[Exploding()])
+    assert "minmax" in engine.observers
+
+
+def test_bad_hook_signature_is_reported():
+    class WrongArgs:
+        @hookimpl
+        def monoquant_register_schemes(self, register, extra):
+            pass
+
+    with pytest.raises(PluginLoadError, match="invalid hook implementation"):
+        Engine(plugins=[WrongArgs()], strict=True)
+
+
+def test_engines_share_no_state():
+    class Extra:
+        @hookimpl
+        def monoquant_register_observers(self, register):
+            from monoquant_plugins.minmax import MinMaxObserver
+
+            class Other(MinMaxObserver):
+                name = "other-minmax"
+
+            register(Other)
+
+    a = Engine()
+    b = Engine(plugins=[Extra()])
+    assert "other-minmax" in b.observers and "other-minmax" not in a.observers
+    a.register(Extra(), name="extra")
+    assert "other-minmax" in a.observers
+    assert a.observers.entry("other-minmax").plugin == "extra"
