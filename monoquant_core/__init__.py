@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata as _md
+import warnings as _warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,6 +29,9 @@ try:
     __version__ = _md.version("monoquant")
 except _md.PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0+unknown"
+
+# torch warns on import when NumPy is absent; Mono Quant never needs NumPy, so hide that one line.
+_warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 from torch import nn  # noqa: E402
 

@@ -9,14 +9,15 @@ A file without ``format = "monoquant"`` is read as a plain float checkpoint.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
+import sys
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from monoquant_core import Artifact, FormatError, QTensor, Serializer, UsageError, hookimpl
 
@@ -78,7 +79,7 @@ class SafetensorsSerializer(Serializer):
             "producers": json.dumps(artifact.producers, sort_keys=True),
             "config": json.dumps(artifact.config, sort_keys=True, default=str),
         }
-        save_file(_unshare(tensors), path, metadata=metadata)
+        write_safetensors(path, tensors, metadata)
 
     def read(self, path: str) -> Artifact:
         base = os.path.basename(path)
@@ -106,18 +107,69 @@ class SafetensorsSerializer(Serializer):
         return art
 
 
-def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors; storage shared between names is copied (safetensors refuses it)."""
-    seen: set[tuple[int, int]] = set()
-    out = {}
-    for k, t in tensors.items():
-        t = t.detach().to("cpu").contiguous()
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone()
-        seen.add((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
-        out[k] = t
-    return out
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _name, _st in (
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+):
+    if hasattr(torch, _name):
+        _ST_DTYPES[getattr(torch, _name)] = _st
+
+
+def write_safetensors(
+    path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> None:
+    """Write a safetensors file tensor by tensor (no NumPy, no second copy of the model).
+
+    Follows the safetensors layout: an 8-byte little-endian header length, a JSON header
+    (padded with spaces to a multiple of 8) and the raw little-endian tensor bytes.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise UsageError(
+                f"cannot save tensor {name!r}: dtype {t.dtype} has no safetensors equivalent",
+                "convert it to a standard dtype first",
+            )
+        nbytes = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * ((-len(raw)) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in tensors.values():
+            _write_tensor(f, t)
+
+
+def _write_tensor(f: Any, t: torch.Tensor) -> None:
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return
+    if sys.byteorder != "little" and t.element_size() > 1:  # pragma: no cover - big-endian only
+        t = t.view(torch.uint8).reshape(-1, t.element_size()).flip(1).contiguous()
+    buf = (ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())
+    f.write(memoryview(buf))
 
 
 def _parse_version(base: str, raw: Any) -> int:

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import save_file
+from monoquant_plugins.safetensors_format import write_safetensors
 
 import monoquant_core as mq
 from monoquant_core import Engine
@@ -130,7 +130,7 @@ def test_model_factory_and_weights(run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(4)
     trained = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-    save_file(trained.state_dict(), str(tmp_path / "w.safetensors"))
+    write_safetensors(str(tmp_path / "w.safetensors"), trained.state_dict(), {})
     torch.save(trained.state_dict(), tmp_path / "w.pt")
     for weights in ("w.safetensors", "w.pt"):
         out = tmp_path / f"q-{weights}.safetensors"
@@ -145,6 +145,6 @@ def test_model_factory_and_weights(run, tmp_path, monkeypatch):
     res = run("quantize", "--model", "mymodels:build", "--weights", "pickled.pt")
     assert res.exit_code == 1 and "weights_only=True" in res.output
     bad = torch.nn.Linear(3, 3)
-    save_file(bad.state_dict(), str(tmp_path / "bad.safetensors"))
+    write_safetensors(str(tmp_path / "bad.safetensors"), bad.state_dict(), {})
     res = run("quantize", "--model", "mymodels:build", "--weights", "bad.safetensors")
     assert res.exit_code == 1 and "does not fit the model" in res.output

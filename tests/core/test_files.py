@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
+from monoquant_plugins.safetensors_format import write_safetensors
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import monoquant_core as mq
 from monoquant_core import Engine, FormatError, UsageError
@@ -33,7 +33,7 @@ def _rewrite(path, out, edit_meta=None, edit_tensors=None):
         edit_meta(meta)
     if edit_tensors:
         edit_tensors(tensors)
-    save_file(tensors, str(out), metadata=meta)
+    write_safetensors(str(out), tensors, meta)
     return out
 
 
@@ -189,7 +189,7 @@ def test_missing_scheme_plugin_is_named(tmp_path, monkeypatch):
 def test_plain_float_safetensors_loads(tmp_path):
     model = mlp()
     path = tmp_path / "float.safetensors"
-    save_file(model.state_dict(), str(path), metadata={"format": "pt"})
+    write_safetensors(str(path), model.state_dict(), {"format": "pt"})
     fresh = mq.load(str(path), mlp(seed=5))
     x = torch.randn(2, 32)
     assert torch.equal(fresh(x), model(x))
