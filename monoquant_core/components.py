@@ -144,12 +144,18 @@ class Backend(ABC):
     def linear(self, x: torch.Tensor, prepared: Any, bias: torch.Tensor | None) -> torch.Tensor:
         """``y = x @ W^T + bias`` with the prepared weight; output dtype = ``x.dtype``."""
 
+    def weight(self, qt: QTensor, scheme: Scheme, dtype: torch.dtype) -> torch.Tensor:
+        """The float weight, for operations this backend has no kernel for (conv, embedding)."""
+        return scheme.dequantize(qt).to(dtype)
+
 
 class Replacer(ABC):
     """Swaps a supported module for its quantized counterpart (lookup by type, along the MRO)."""
 
     name: ClassVar[str] = ""
-    module_types: ClassVar[tuple[type, ...]] = ()
+    #: classes handled, or fully qualified class names (``"transformers.pytorch_utils.Conv1D"``)
+    #: so an optional library need not be imported to register a replacer for its layers.
+    module_types: ClassVar[tuple[type | str, ...]] = ()
     #: quantize matching modules by default (False = only when selected with ``only``).
     default: ClassVar[bool] = True
     capabilities: ClassVar[Capabilities] = Capabilities()

@@ -12,6 +12,7 @@ Layout (see docs/formats.md):
 * ``qdata`` holds the codes, ``[C, G * group_size]`` (``[C, K]`` without groups). Symmetric
   codes are signed (``int8``), asymmetric codes unsigned (``uint8``). 4-bit codes are packed
   two per ``uint8``, low nibble first, along ``K`` (signed 4-bit codes in two's complement).
+  16-bit "codes" are the weight itself in ``float16`` / ``bfloat16`` (scale 1, no zero point).
 * ``w = (q - zero_point) * scale`` (``w = q * scale`` when ``zero_point`` is None).
 
 Kernel-specific layouts are never stored here: backends derive them when a model is prepared.
@@ -227,9 +228,9 @@ class QTensor:
         """The integer codes, unpacked, as ``[C, row_length]``."""
         if self.bits == 4:
             return unpack_int4(self.qdata, self.row_length, signed=self.symmetric)
-        if self.bits == 8:
+        if self.bits in (8, 16):
             return self.qdata
-        raise ValueError(f"QTensor.codes: no integer layout for bits={self.bits}")
+        raise ValueError(f"QTensor.codes: no standard layout for bits={self.bits}")
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rebuild the float tensor ``(q - zero_point) * scale`` in ``dtype`` (default: original).
@@ -272,6 +273,11 @@ class QTensor:
                 f"zero_point shape {tuple(self.zero_point.shape)} != scale shape "
                 f"{tuple(self.scale.shape)}"
             )
+        if self.bits == 16:
+            if self.qdata.dtype not in (torch.float16, torch.bfloat16):
+                raise ValueError(f"16-bit qdata must be float16/bfloat16, not {self.qdata.dtype}")
+            if tuple(self.qdata.shape) != (c, self.row_length):
+                raise ValueError(f"qdata shape {tuple(self.qdata.shape)} != {(c, self.row_length)}")
         if self.bits in (4, 8):
             per_row = self.row_length if self.bits == 8 else (self.row_length + 1) // 2
             if tuple(self.qdata.shape) != (c, per_row):

@@ -95,15 +95,19 @@ class Registry:
 
 
 class ReplacerRegistry(Registry):
-    """Replacers, also indexed by module type; lookup walks the module class's MRO."""
+    """Replacers, also indexed by module type; lookup walks the module class's MRO.
+
+    ``module_types`` may hold classes or fully qualified class names (``"pkg.mod.Class"``),
+    so a replacer for an optional library's layer does not have to import that library.
+    """
 
     def __init__(self) -> None:
         super().__init__("replacer")
-        self._by_type: dict[type, Registered] = {}
+        self._by_type: dict[type | str, Registered] = {}
 
     def add(self, item: Registered) -> None:
         types = tuple(getattr(item.component, "module_types", ()))
-        if not types or not all(isinstance(t, type) for t in types):
+        if not types or not all(isinstance(t, (type, str)) for t in types):
             raise PluginLoadError(
                 f"{item.origin} registered replacer {item.name!r} without module_types",
                 "set module_types = (nn.SomeModule, ...) on the replacer",
@@ -112,7 +116,7 @@ class ReplacerRegistry(Registry):
             old = self._by_type.get(t)
             if old is not None:
                 raise PluginConflictError(
-                    f"module type {t.__qualname__} has two replacers: {old.name!r} from "
+                    f"module type {_type_name(t)} has two replacers: {old.name!r} from "
                     f"{old.origin} and {item.name!r} from {item.origin}",
                     f"disable one plugin with MONOQUANT_DISABLE_PLUGINS={item.plugin} "
                     f"(or {old.plugin})",
@@ -124,6 +128,15 @@ class ReplacerRegistry(Registry):
     def for_type(self, cls: type[nn.Module]) -> Registered | None:
         """The replacer registered for ``cls`` or its nearest base class, or None."""
         for base in cls.__mro__:
-            if base in self._by_type:
-                return self._by_type[base]
+            hit = self._by_type.get(base) or self._by_type.get(_type_name(base))
+            if hit is not None:
+                return hit
         return None
+
+    def handled_names(self) -> list[str]:
+        """Short names of every handled module type (for messages)."""
+        return sorted({_type_name(t).rpartition(".")[2] for t in self._by_type})
+
+
+def _type_name(t: type | str) -> str:
+    return t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}"

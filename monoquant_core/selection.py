@@ -54,7 +54,7 @@ def _unsupported_reason(engine: Engine, module: nn.Module) -> str:
         return "normalisation layer: kept in float (small and precision-sensitive)"
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return "embedding: kept in float (no installed replacer handles embeddings)"
-    handled = sorted({t.__name__ for r in engine.replacers for t in r.component.module_types})
+    handled = engine.replacers.handled_names()
     return (
         f"no replacer for {type(module).__name__} "
         f"(installed replacers handle: {', '.join(handled) or 'nothing'})"
@@ -95,9 +95,7 @@ def build_module_plan(engine: Engine, model: nn.Module, config: Config) -> Plan:
             continue
         if hits:
             name, _, tname = hits[0]
-            handled = sorted(
-                {t.__name__ for r in engine.replacers for t in r.component.module_types}
-            )
+            handled = engine.replacers.handled_names()
             raise CapabilityError(
                 f"--only {pat!r} selects {name!r} ({tname}), but no installed replacer supports "
                 f"{tname} (supported: {', '.join(handled)})",
