@@ -16,7 +16,7 @@ from torch import nn
 
 from .capabilities import Capabilities
 from .config import ComponentConfig
-from .qtensor import QParams, QTensor, QuantSpec
+from .qtensor import QParams, QTensor, QuantSpec, minmax_qparams
 
 __all__ = [
     "Artifact",
@@ -55,25 +55,6 @@ class Observer(ABC):
         """Return scale (and zero point) of shape ``[C, G]`` from what was observed."""
 
 
-def minmax_qparams(mn: torch.Tensor, mx: torch.Tensor, spec: QuantSpec) -> QParams:
-    """Scale / zero point covering ``[mn, mx]`` (per group) for ``spec``.
-
-    Symmetric: ``scale = max(|mn|, |mx|) / qmax``, no zero point. Asymmetric with an integer
-    zero: the range is widened to include 0 (so 0 is exact) and the zero point is an integer in
-    ``[qmin, qmax]``. An all-zero group gets ``scale = 1`` so it quantizes exactly to 0.
-    """
-    mn, mx = mn.to(torch.float32), mx.to(torch.float32)
-    if spec.symmetric:
-        amax = torch.maximum(-mn, mx)
-        scale = torch.where(amax > 0, amax / spec.qmax, torch.ones_like(amax))
-        return QParams(scale=scale, zero_point=None)
-    mn, mx = torch.clamp(mn, max=0.0), torch.clamp(mx, min=0.0)
-    span = mx - mn
-    scale = torch.where(span > 0, span / (spec.qmax - spec.qmin), torch.ones_like(span))
-    zero = torch.clamp(spec.qmin - torch.round(mn / scale), spec.qmin, spec.qmax)
-    return QParams(scale=scale, zero_point=zero)
-
-
 @dataclass(frozen=True)
 class WeightInfo:
     """What a backend needs to decide whether it can run a weight (at plan or load time)."""
@@ -100,6 +81,10 @@ class Scheme(ABC):
     @abstractmethod
     def spec(self, shape: tuple[int, ...], axis: int, config: Any) -> QuantSpec:
         """The :class:`QuantSpec` for a weight of ``shape`` whose channel axis is ``axis``."""
+
+    def validate_config(self, config: Any) -> None:
+        """Reject impossible option combinations at configure time (raise CapabilityError)."""
+        return None
 
     def check(self, shape: tuple[int, ...], config: Any) -> str | None:
         """Plan-time veto: a human-readable reason this weight cannot use the scheme, or None."""

@@ -281,12 +281,19 @@ class Engine:
             backend=backend,
             only=_patterns(only),
             skip=_patterns(skip),
-            scheme_config=parse_options(sch.config_class, scheme_options, f"scheme {scheme!r}"),
+            scheme_config=self.scheme_config(scheme, scheme_options),
             observer_config=parse_options(
                 obs.config_class, observer_options, f"observer {observer!r}"
             ),
             plugin_options={k: dict(v) for k, v in (plugin_options or {}).items()},
         )
+
+    def scheme_config(self, scheme: str, options: Mapping[str, Any] | None = None) -> Any:
+        """Parse and validate ``options`` for ``scheme`` into its ``config_class``."""
+        sch = self.schemes.get(scheme)
+        cfg = parse_options(sch.config_class, options, f"scheme {scheme!r}")
+        sch.validate_config(cfg)
+        return cfg
 
     def plan(self, model: nn.Module, config: Config | None = None, **options: Any) -> Plan:
         """Dry run: the :class:`Plan` for ``model`` (configure/modify_plan/unconfigure hooks)."""
@@ -344,10 +351,7 @@ class Engine:
             raise UsageError("component_configs() is only valid during Engine.quantize")
         scheme_cfg, obs_cfg = cfg.scheme_config, cfg.observer_config
         if entry.scheme != cfg.scheme or "scheme_options" in entry.options:
-            sch = self.schemes.get(entry.scheme)
-            scheme_cfg = parse_options(
-                sch.config_class, entry.options.get("scheme_options"), f"scheme {entry.scheme!r}"
-            )
+            scheme_cfg = self.scheme_config(entry.scheme, entry.options.get("scheme_options"))
         if entry.observer != cfg.observer or "observer_options" in entry.options:
             obs = self.observers.get(entry.observer)
             obs_cfg = parse_options(
@@ -377,7 +381,7 @@ class Engine:
         scheme_config = scheme_config or sch.config_class()
         observer_config = observer_config or obs_cls.config_class()
         w = weight.detach()
-        if not torch.isfinite(w).all():
+        if not _all_finite(w):
             bad = (~torch.isfinite(w)).sum().item()
             raise UsageError(
                 f"weight {name!r} contains {bad} NaN/Inf value(s); quantizing it would hide "
@@ -440,11 +444,15 @@ class Engine:
                 res.time_s = time.perf_counter() - t1
                 self._call_plugin_hook("monoquant_module_done", entry=entry, result=res)
                 results.append(res)
-            for res in results:
-                model = _swap(model, res.entry.name, res.module)
-            report = self._report(plan, results, before, _state_bytes(model), config)
+            after = before + sum(
+                _state_bytes(r.module) - _state_bytes(model.get_submodule(r.entry.name))
+                for r in results
+            )
+            report = self._report(plan, results, before, after, config)
             report.time_s = time.perf_counter() - t0
             self._call_plugin_hook("monoquant_report", report=report, config=config)
+            for res in results:  # the only mutation of the model, after every hook succeeded
+                model = _swap(model, res.entry.name, res.module)
             return QuantResult(model, report)
         finally:
             self.config = None
@@ -552,6 +560,13 @@ def _patterns(p: Iterable[str] | str) -> tuple[str, ...]:
     if isinstance(p, str):
         p = [p]
     return tuple(x for x in p if x)
+
+
+def _all_finite(w: torch.Tensor) -> bool:
+    """NaN/Inf check without a tensor-sized temporary (amin/amax propagate NaN)."""
+    if w.numel() == 0 or not w.is_floating_point():
+        return True
+    return bool(torch.isfinite(torch.stack([w.amin(), w.amax()])).all())
 
 
 def _safe_available(backend: Any) -> bool | str:

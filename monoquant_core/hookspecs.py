@@ -188,7 +188,7 @@ def monoquant_add_cli_options(group: Any) -> None:
         def monoquant_add_cli_options(group):
             group.add_option("--example-verbose", is_flag=True, help="Print more.")
 
-    Built-ins: none (the example plugin in ``examples/monoquant-example`` uses it).
+    Built-ins: none.
     """
 
 
@@ -208,9 +208,10 @@ def monoquant_configure(config: Config) -> None:
 
     Example::
 
-        @hookimpl
-        def monoquant_configure(config):
-            self.verbose = config.plugin_options.get("example", {}).get("verbose", False)
+        class ExamplePlugin:
+            @hookimpl
+            def monoquant_configure(self, config):
+                self.verbose = config.plugin_options.get("example", {}).get("verbose", False)
 
     Built-ins: none.
     """
@@ -221,9 +222,12 @@ def monoquant_modify_plan(plan: Plan, model: nn.Module, config: Config) -> None:
     """Change the plan before anything is computed.
 
     Called once per run after the Engine builds the default plan (every module with
-    parameters: selected, or skipped with a reason). Change entries in place: ``entry.skip(reason)``
-    to keep a layer in float, or set ``entry.scheme`` / ``entry.options``. The Engine
-    re-validates capabilities after all implementations ran.
+    parameters: selected with its scheme and observer, or skipped with a reason). Change entries
+    in place: ``entry.skip(reason)`` keeps a layer in float; setting ``entry.scheme``,
+    ``entry.observer``, ``entry.options["scheme_options"]`` or ``entry.backend`` (forces that
+    backend) changes how it is quantized. Afterwards the Engine re-validates every selected
+    entry (scheme veto, capabilities) and chooses backends, so a bad edit fails before any
+    compute.
 
     Args:
         plan: the :class:`~monoquant_core.plan.Plan` (mutable).
@@ -241,7 +245,7 @@ def monoquant_modify_plan(plan: Plan, model: nn.Module, config: Config) -> None:
                 if entry.name.endswith("lm_head"):
                     entry.skip("lm_head kept in float by my-plugin")
 
-    Built-ins: none yet (the ``outlier`` plugin will).
+    Built-ins: none.
     """
 
 
@@ -339,9 +343,10 @@ def monoquant_unconfigure(config: Config) -> None:
 
     Example::
 
-        @hookimpl
-        def monoquant_unconfigure(config):
-            self.cache.clear()
+        class CachingPlugin:
+            @hookimpl
+            def monoquant_unconfigure(self, config):
+                self.cache.clear()
 
     Built-ins: none.
     """

@@ -18,7 +18,7 @@ __all__ = ["Plan", "PlanEntry"]
 
 @dataclass
 class PlanEntry:
-    """One module (module mode) or tensor (checkpoint mode) and what happens to it.
+    """One module and what happens to it.
 
     Attributes:
         name: module name in ``model.named_modules()`` ("" is the root module).

@@ -30,8 +30,14 @@ __all__ = [
     "QParams",
     "QTensor",
     "QuantSpec",
+    "dequantize_groups",
     "from_groups",
+    "minmax_qparams",
     "pack_int4",
+    "params_fit",
+    "quantize_groups",
+    "round_params",
+    "rounding_error",
     "sqnr_db",
     "to_groups",
     "unpack_int4",
@@ -40,19 +46,25 @@ __all__ = [
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How one tensor is to be quantized: code range and granularity.
+    """How one tensor is to be quantized: code range, granularity and parameter storage.
 
     Args:
-        bits: code width (4 or 8 for integer schemes).
+        bits: code width (4 or 8 for integer schemes, 16 for float casts).
         symmetric: signed codes and no zero point when True.
         axis: the channel axis (None = per-tensor).
         group_size: group length along the flattened non-channel dims (None = per channel).
+        float_zero: the zero point is a float (not rounded) and the range is not widened to
+            include 0 (``w = (q - z) * s`` with a real ``z``); otherwise an integer zero point.
+        param_dtype: dtype the scale (and a float zero point) are stored in; observers that
+            search parameters evaluate candidates with values rounded to it.
     """
 
     bits: int
     symmetric: bool
     axis: int | None = 0
     group_size: int | None = None
+    float_zero: bool = False
+    param_dtype: torch.dtype = torch.float32
 
     @property
     def qmin(self) -> int:
@@ -75,6 +87,85 @@ class QParams:
 
     scale: torch.Tensor
     zero_point: torch.Tensor | None = None
+
+
+def minmax_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> QParams:
+    """Scale / zero point (float32, ``[C, G]``) covering ``[lo, hi]`` per group for ``spec``.
+
+    * symmetric: ``scale = max(|lo|, |hi|) / qmax``, no zero point;
+    * asymmetric, integer zero: the range is widened to include 0 (so 0 is exact) and the zero
+      point is an integer in ``[qmin, qmax]``;
+    * asymmetric, float zero: ``scale = (hi - lo) / (qmax - qmin)``, ``zero = qmin - lo / scale``.
+
+    Degenerate groups never divide by zero: an all-zero group gets ``scale = 1`` (exactly 0 back)
+    and a constant group ``c`` reproduces ``c`` (float zero) or the nearest code (integer zero).
+    """
+    lo, hi = lo.to(torch.float32), hi.to(torch.float32)
+    one = torch.ones_like(lo)
+    if spec.symmetric:
+        amax = torch.maximum(-lo, hi)
+        return QParams(torch.where(amax > 0, amax / spec.qmax, one), None)
+    if not spec.float_zero:
+        lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+    span = hi - lo
+    flat = torch.where(lo != 0, lo.abs(), one)
+    scale = torch.where(span > 0, span / (spec.qmax - spec.qmin), flat)
+    zero = spec.qmin - lo / scale
+    if not spec.float_zero:
+        zero = torch.clamp(torch.round(zero), spec.qmin, spec.qmax)
+    return QParams(scale, zero)
+
+
+def params_fit(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True if every value of ``t`` survives a cast to ``dtype`` (no overflow, no flush to 0)."""
+    if dtype == torch.float32:
+        return True
+    cast = t.to(dtype)
+    if not torch.isfinite(cast).all():
+        return False
+    return bool(((cast != 0) | (t == 0)).all())
+
+
+def round_params(qp: QParams, dtype: torch.dtype) -> QParams:
+    """``qp`` with values rounded to ``dtype`` (kept as float32 for computing codes)."""
+    zero = None if qp.zero_point is None else qp.zero_point.to(dtype).to(torch.float32)
+    return QParams(qp.scale.to(dtype).to(torch.float32), zero)
+
+
+def quantize_groups(g: torch.Tensor, qp: QParams, spec: QuantSpec) -> torch.Tensor:
+    """Codes (float32, integral values) of ``[C, G, S]`` groups: ``clamp(round(x/s + z))``.
+
+    Rounding is half-up (``floor(r + 0.5)``), computed as one fused ``x * (1/s) + (z + 0.5)``
+    pass, a clamp and a floor. Observers that evaluate candidate parameters and the packed fast
+    paths of the schemes use the same arithmetic, so every error model matches stored codes.
+    """
+    inv = qp.scale.reciprocal().unsqueeze(-1)
+    zero = qp.zero_point
+    if zero is None:
+        r = torch.addcmul(torch.full_like(inv, 0.5), g, inv)
+    else:
+        r = torch.addcmul(zero.unsqueeze(-1) + 0.5, g, inv)
+    return r.clamp_(spec.qmin, spec.qmax + 0.5).floor_()
+
+
+def rounding_error(g: torch.Tensor, qp: QParams, spec: QuantSpec) -> torch.Tensor:
+    """Squared error per group ``[C, G]`` of :func:`quantize_groups` with ``qp``.
+
+    ``s^2 * sum (r - q)^2`` with ``r = x / s + z``: five passes, two allocations.
+    """
+    inv = qp.scale.reciprocal().unsqueeze(-1)
+    zero = qp.zero_point
+    r = g * inv if zero is None else torch.addcmul(zero.unsqueeze(-1), g, inv)
+    q = r.add(0.5).clamp_(spec.qmin, spec.qmax + 0.5).floor_()
+    r.sub_(q)
+    return torch.linalg.vector_norm(r, dim=-1).square_() * qp.scale.square()
+
+
+def dequantize_groups(q: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """``(q - z) * s`` for ``[C, G, S]`` codes."""
+    if qp.zero_point is not None:
+        q = q - qp.zero_point.unsqueeze(-1)
+    return q * qp.scale.unsqueeze(-1)
 
 
 def _as_matrix(w: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -116,14 +207,15 @@ def from_groups(g: torch.Tensor, shape: tuple[int, ...], axis: int | None) -> to
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Pack 4-bit codes (any integer dtype, values in 0..15 or -8..7) two per byte.
+    """Pack 4-bit codes (values in 0..15, or -8..7 as two's complement) two per byte.
 
     The last dimension is packed, low nibble first; an odd length is padded with a zero code.
     """
-    c = codes.to(torch.int16) & 0xF
-    if c.shape[-1] % 2:
-        c = torch.nn.functional.pad(c, (0, 1))
-    return (c[..., 0::2] | (c[..., 1::2] << 4)).to(torch.uint8)
+    if codes.shape[-1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    if codes.dtype != torch.uint8:
+        codes = codes.to(torch.int8).view(torch.uint8)
+    return (codes[..., 0::2] & 0xF) | (codes[..., 1::2] << 4)
 
 
 def unpack_int4(packed: torch.Tensor, length: int, signed: bool) -> torch.Tensor:

@@ -126,9 +126,9 @@ def _select(
     only_pat = matches(name, config.only)
     reason = None
     if skip_pat:
-        reason = f"matched --skip {skip_pat!r}"
+        reason = f"matched skip pattern {skip_pat!r}"
     elif config.only and not only_pat:
-        reason = "not matched by --only"
+        reason = "not matched by any only pattern"
     elif not replacer.default and not only_pat:
         reason = (
             f"{entry.module_type} layers are opt-in for replacer {replacer_name!r}; "
@@ -148,7 +148,7 @@ def _select(
         entry.skip(reason)
         return
     entry.scheme, entry.observer = config.scheme, config.observer
-    _finish(engine, config, entry, module)
+    _finish(engine, config, entry, module, with_backend=False)
 
 
 def _weight_reason(weights: dict) -> str | None:
@@ -162,17 +162,15 @@ def _weight_reason(weights: dict) -> str | None:
     return None
 
 
-def _finish(engine: Engine, config: Config, entry: PlanEntry, module: nn.Module) -> None:
-    """Scheme veto and backend choice for a selected entry."""
+def _finish(
+    engine: Engine, config: Config, entry: PlanEntry, module: nn.Module, with_backend: bool
+) -> None:
+    """Scheme veto and (after plugins edited the plan) backend choice for a selected entry."""
     scheme = engine.schemes.get(entry.scheme)
     replacer = engine.replacers.get(entry.replacer)
     scheme_cfg = config.scheme_config
     if entry.scheme != config.scheme or "scheme_options" in entry.options:
-        from .config import parse_options
-
-        scheme_cfg = parse_options(
-            scheme.config_class, entry.options.get("scheme_options"), f"scheme {entry.scheme!r}"
-        )
+        scheme_cfg = engine.scheme_config(entry.scheme, entry.options.get("scheme_options"))
     notes: list[str] = []
     backend = None
     for p, w in replacer.weights(module).items():
@@ -180,15 +178,21 @@ def _finish(engine: Engine, config: Config, entry: PlanEntry, module: nn.Module)
         if why:
             entry.skip(f"{entry.scheme}: {why}")
             return
+        if not with_backend:
+            continue
         spec = scheme.spec(tuple(w.shape), replacer.channel_axis(module, p), scheme_cfg)
         info = WeightInfo(entry.scheme, spec, tuple(w.shape), w.dtype, w.device.type)
         backend, notes = engine.choose_backend(info, entry.backend or config.backend)
-    entry.backend = backend
-    entry.notes.extend(notes)
+    if with_backend:
+        entry.backend = backend
+        entry.notes.extend(notes)
 
 
 def validate_plan(engine: Engine, plan: Plan, model: nn.Module) -> None:
-    """Re-check selected entries after ``monoquant_modify_plan`` (plugins may have edited them)."""
+    """After ``monoquant_modify_plan``: re-check every selected entry and choose its backend.
+
+    A backend a plugin set on an entry is forced for it (and must support the weight).
+    """
     for entry in plan.selected:
         if entry.replacer is None:
             module = model.get_submodule(entry.name)
@@ -204,7 +208,6 @@ def validate_plan(engine: Engine, plan: Plan, model: nn.Module) -> None:
         entry.observer = entry.observer or plan.config.observer
         engine.schemes.get(entry.scheme)
         engine.observers.get(entry.observer)
-        if entry.backend is None:
-            _finish(engine, plan.config, entry, model.get_submodule(entry.name))
-        else:
+        if entry.backend is not None:
             engine.backends.get(entry.backend)
+        _finish(engine, plan.config, entry, model.get_submodule(entry.name), with_backend=True)

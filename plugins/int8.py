@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from monoquant_core import Capabilities, ComponentConfig, QTensor, QuantSpec, Scheme, hookimpl
-from monoquant_core.qtensor import to_groups
+from monoquant_core.qtensor import quantize_groups, to_groups
 
 
 @dataclass(frozen=True)
@@ -44,19 +44,12 @@ class Int8Scheme(Scheme):
         return QuantSpec(bits=8, symmetric=config.symmetric, axis=None if per_tensor else axis)
 
     def quantize(self, weight, qparams, spec, config):
-        g = to_groups(weight.to(torch.float32), spec.axis, None)
-        scale = qparams.scale.to(torch.float32)
-        q = torch.round(g / scale.unsqueeze(-1))
-        zero = None
-        if spec.symmetric:
-            q = q.clamp(spec.qmin, spec.qmax).to(torch.int8)
-        else:
-            zero = qparams.zero_point.round().clamp(spec.qmin, spec.qmax)
-            q = (q + zero.unsqueeze(-1)).clamp(spec.qmin, spec.qmax).to(torch.uint8)
-            zero = zero.to(torch.uint8)
+        q = quantize_groups(to_groups(weight.to(torch.float32), spec.axis, None), qparams, spec)
+        dtype = torch.int8 if spec.symmetric else torch.uint8
+        zero = None if spec.symmetric else qparams.zero_point.to(torch.uint8)
         return QTensor(
-            qdata=q.reshape(q.shape[0], -1).contiguous(),
-            scale=scale.contiguous(),
+            qdata=q.reshape(q.shape[0], -1).to(dtype).contiguous(),
+            scale=qparams.scale.to(torch.float32).contiguous(),
             zero_point=zero,
             bits=8,
             group_size=None,

@@ -51,7 +51,7 @@ def test_quantize_writes_report_json(run, tmp_path):
     assert res.output == ""
     data = json.loads(rep.read_text())
     assert len(data["layers"]) == 24
-    assert {"name": "lm_head", "reason": "matched --skip 'lm_head'"} in data["skipped"]
+    assert {"name": "lm_head", "reason": "matched skip pattern 'lm_head'"} in data["skipped"]
     assert data["extra"]["output_sqnr_db"] > 25
     assert data["min_sqnr_db"] > 35
 
@@ -85,7 +85,7 @@ def test_version(run):
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["quantize", "--demo", "--scheme", "int3"], "unknown scheme 'int3' (available: int8)"),
+        (["quantize", "--demo", "--scheme", "int3"], "unknown scheme 'int3' (available: "),
         (["quantize", "--demo", "--observer", "x"], "unknown observer 'x'"),
         (["quantize", "--demo", "--only", "ln_f"], "no installed replacer supports LayerNorm"),
         (["quantize", "--demo", "-o", "/nonexistent-dir/x.safetensors"], "does not exist"),

@@ -31,8 +31,8 @@ def test_only_and_skip_globs_match_across_dots(engine):
     plan = engine.plan(demo_model(), only=["*.mlp.*"], skip=["blocks.3.*"])
     sel = {e.name for e in plan.selected}
     assert sel == {f"blocks.{i}.mlp.{f}" for i in range(3) for f in ("fc1", "fc2")}
-    assert plan.get("blocks.3.mlp.fc1").skip_reason == "matched --skip 'blocks.3.*'"
-    assert plan.get("blocks.0.attn.q_proj").skip_reason == "not matched by --only"
+    assert plan.get("blocks.3.mlp.fc1").skip_reason == "matched skip pattern 'blocks.3.*'"
+    assert plan.get("blocks.0.attn.q_proj").skip_reason == "not matched by any only pattern"
 
 
 def test_only_with_unsupported_type_is_a_capability_error(engine):
@@ -163,8 +163,9 @@ def test_forced_backend_errors_name_what_is_missing():
 def test_unknown_names_list_the_available_ones(engine):
     with pytest.raises(UsageError) as e:
         engine.quantize(mlp(), scheme="int3")
-    assert "unknown scheme 'int3' (available: int8)" in str(e.value)
-    with pytest.raises(UsageError, match=r"unknown observer 'hist' \(available: minmax"):
+    assert "unknown scheme 'int3' (available: " in str(e.value)
+    assert "int8" in str(e.value)
+    with pytest.raises(UsageError, match=r"unknown observer 'hist' \(available: histogram, minmax"):
         engine.quantize(mlp(), observer="hist")
     with pytest.raises(UsageError, match="unknown option 'bits' for scheme 'int8'"):
         engine.quantize(mlp(), scheme_options={"bits": 4})

@@ -1,0 +1,202 @@
+"""``int4-group`` scheme: 4-bit codes with one scale (and zero point) per group of inputs.
+
+Groups of ``group_size`` consecutive input features share a scale and, by default, a float
+zero point (``w = (q - z) * s`` with ``q`` in 0..15), both stored in float16: 4.25 bits per
+weight at g128. On top of the observer's range, a data-free optimiser picks better parameters
+than round-to-nearest (``method``):
+
+* ``lsq`` (default): candidate scales + closed-form least-squares refit + Lloyd steps.
+* ``hqq``: half-quadratic optimisation of the float zero point (scale fixed).
+* ``rtn``: round-to-nearest with the observer's parameters.
+
+``zero = "int"`` stores integer zero points (the GPTQ/AWQ packing convention) at some accuracy
+cost; ``symmetric = true`` stores signed codes -8..7 and no zero point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from monoquant_core import (
+    Capabilities,
+    CapabilityError,
+    ComponentConfig,
+    QParams,
+    QTensor,
+    QuantSpec,
+    Scheme,
+    hookimpl,
+)
+from monoquant_core.qtensor import params_fit, round_params, to_groups
+
+from .weight_optimizers import hqq, lloyd, ls_refit, ls_refit_symmetric
+
+GROUP_SIZES = (32, 64, 128, 256)
+_BLOCK_ELEMS = 1 << 18
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Int4GroupConfig(ComponentConfig):
+    """Options of the ``int4-group`` scheme.
+
+    Attributes:
+        group_size: inputs per group: 32, 64, 128 (default) or 256.
+        symmetric: signed codes without zero point (costs 1-2 dB on real weights).
+        zero: ``float`` (default; needed by ``lsq``/``hqq`` for their gain) or ``int``.
+        method: ``lsq`` (default), ``hqq`` or ``rtn``.
+        lsq_steps: candidate scales tried by ``lsq``.
+        lloyd_steps: reassign/refit iterations after the ``lsq`` search.
+        scale_dtype: storage of scale and zero: ``float16`` (default), ``bfloat16``,
+            ``float32``. A tensor whose parameters do not fit float16 falls back to float32.
+    """
+
+    group_size: int = 128
+    symmetric: bool = False
+    zero: Literal["float", "int"] = "float"
+    method: Literal["lsq", "hqq", "rtn"] = "lsq"
+    lsq_steps: int = 11
+    lloyd_steps: int = 1
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+    def __post_init__(self) -> None:
+        if self.lsq_steps < 1 or self.lloyd_steps < 0:
+            raise ValueError("lsq_steps must be >= 1 and lloyd_steps >= 0")
+
+
+class Int4GroupScheme(Scheme):
+    """Group-wise 4-bit weights along the input dimension."""
+
+    name = "int4-group"
+    config_class = Int4GroupConfig
+    capabilities = Capabilities(
+        bits=(4,),
+        group_sizes=GROUP_SIZES,
+        symmetric=(True, False),
+        granularities=("group",),
+    )
+    default_observer = "minmax"
+
+    def validate_config(self, config: Int4GroupConfig) -> None:
+        self.capabilities.require("scheme 'int4-group'", "group_sizes", config.group_size)
+        if config.method == "hqq" and (config.symmetric or config.zero == "int"):
+            raise CapabilityError(
+                "method=hqq optimises a float zero point, so it needs symmetric=false and "
+                "zero=float",
+                "use method=lsq, or drop symmetric/zero=int",
+            )
+
+    def spec(self, shape, axis, config):
+        return QuantSpec(
+            bits=4,
+            symmetric=config.symmetric,
+            axis=axis,
+            group_size=config.group_size,
+            float_zero=config.zero == "float",
+            param_dtype=_DTYPES[config.scale_dtype],
+        )
+
+    def check(self, shape, config):
+        if len(shape) < 2:
+            return f"{len(shape)}-D weight: group-wise quantization needs a matrix"
+        return None
+
+    def quantize(self, weight, qparams, spec, config):
+        groups = to_groups(weight.to(torch.float32), spec.axis, spec.group_size)
+        qp = self._optimise(groups, qparams, spec, config)
+        dtype, meta = spec.param_dtype, {}
+        if not params_fit(qp.scale, dtype) or (
+            qp.zero_point is not None and not params_fit(qp.zero_point, dtype)
+        ):
+            dtype, meta = torch.float32, {"param_dtype_fallback": "float32"}
+        qp = round_params(qp, dtype)
+        packed = _pack_codes(groups, qp, spec)
+        return QTensor(
+            qdata=packed,
+            scale=qp.scale.to(dtype),
+            zero_point=None if qp.zero_point is None else qp.zero_point.to(dtype),
+            bits=4,
+            group_size=spec.group_size,
+            axis=spec.axis,
+            shape=tuple(weight.shape),
+            dtype=weight.dtype,
+            scheme=self.name,
+            meta=meta,
+        )
+
+    def _optimise(self, groups, qparams, spec, config) -> QParams:
+        if config.method == "rtn":
+            return qparams
+        c, ng, gs = groups.shape
+        rows = max(1, _BLOCK_ELEMS // max(ng * gs, 1))
+        scale = torch.empty(c, ng)
+        zero = None if spec.symmetric else torch.empty(c, ng)
+        numerators = _numerators(spec.qmax - spec.qmin, config.lsq_steps)
+        for r0 in range(0, c, rows):
+            x = groups[r0 : r0 + rows]
+            s0 = qparams.scale[r0 : r0 + rows]
+            if spec.symmetric:
+                scale[r0 : r0 + rows] = ls_refit_symmetric(x, s0 * spec.qmax, spec.qmin, spec.qmax)
+                continue
+            z0 = qparams.zero_point[r0 : r0 + rows]
+            if config.method == "hqq":
+                s, z = hqq(x, s0, z0, spec.qmax)
+            else:
+                lo, hi = (spec.qmin - z0) * s0, (spec.qmax - z0) * s0
+                s, z = ls_refit(x, lo, hi, spec.qmax, numerators)
+                s, z = lloyd(x, s, z, spec.qmax, config.lloyd_steps)
+                if not spec.float_zero:
+                    s, z = _integer_zero(x, s, z, spec.qmax)
+            scale[r0 : r0 + rows], zero[r0 : r0 + rows] = s, z
+        return QParams(scale, zero)
+
+
+def _pack_codes(groups: torch.Tensor, qp: QParams, spec: QuantSpec) -> torch.Tensor:
+    """Round-to-nearest codes packed two per byte, in row blocks, straight to ``uint8``.
+
+    Same arithmetic as :func:`monoquant_core.qtensor.quantize_groups` (half-up rounding), but
+    offset to ``0..15`` so the cast truncates (= floors) and no float code tensor is kept;
+    signed codes become two's complement nibbles with ``u ^ 8``.
+    """
+    c, ng, gs = groups.shape
+    packed = torch.empty(c, ng * gs // 2, dtype=torch.uint8)
+    rows = max(1, _BLOCK_ELEMS // max(ng * gs, 1))
+    span = spec.qmax - spec.qmin
+    for r0 in range(0, c, rows):
+        inv = qp.scale[r0 : r0 + rows].reciprocal().unsqueeze(-1)
+        shift = 0.5 - spec.qmin
+        if qp.zero_point is None:
+            off = torch.full_like(inv, shift)
+        else:
+            off = qp.zero_point[r0 : r0 + rows].unsqueeze(-1) + shift
+        u = torch.addcmul(off, groups[r0 : r0 + rows], inv).clamp_(0, span + 0.5)
+        u = u.reshape(u.shape[0], -1).to(torch.uint8)
+        if spec.symmetric:
+            u.bitwise_xor_(8)
+        packed[r0 : r0 + rows] = u[:, 0::2] | (u[:, 1::2] << 4)
+    return packed
+
+
+def _numerators(levels: int, steps: int) -> list[float]:
+    """``steps`` candidate numerators spanning ``levels - 1 .. levels + 1`` (llama.cpp Q4_K)."""
+    if steps == 1:
+        return [float(levels)]
+    return [levels - 1 + 2.0 * k / (steps - 1) for k in range(steps)]
+
+
+def _integer_zero(x, scale, zero, qmax):
+    """Round the zero point to an integer and refit the scale for it (one least-squares step)."""
+    z = zero.round().clamp(0, qmax)
+    codes = torch.addcmul(z.unsqueeze(-1), x, scale.reciprocal().unsqueeze(-1))
+    centred = codes.clamp_(0, qmax).round_() - z.unsqueeze(-1)
+    den = torch.linalg.vector_norm(centred, dim=-1).square_()
+    s = torch.where(den > 0, torch.linalg.vecdot(centred, x) / den.clamp_min(1e-30), scale)
+    return torch.where(s > 0, s, scale), z
+
+
+@hookimpl
+def monoquant_register_schemes(register):
+    register(Int4GroupScheme())
