@@ -116,6 +116,7 @@ def quantize(
     skip: Iterable[str] | str = (),
     scheme_options: dict[str, Any] | None = None,
     observer_options: dict[str, Any] | None = None,
+    plugin_options: dict[str, dict[str, Any]] | None = None,
     engine: Engine | None = None,
 ) -> Any:
     """Quantize a model and return it; also usable as a decorator of a model factory.
@@ -124,8 +125,8 @@ def quantize(
         model: the ``nn.Module`` (quantized in place; use the return value), or a factory
             function when used as ``@quantize`` / ``@quantize(bits=8)``.
         bits: 8 (``int8``), 4 (``int4-group``) or 16 (``fp16``), when ``scheme`` is not given.
-        scheme, observer, backend, only, skip, scheme_options, observer_options: as for
-            :meth:`Engine.quantize`.
+        scheme, observer, backend, only, skip, scheme_options, observer_options,
+            plugin_options: as for :meth:`Engine.quantize`.
         engine: an existing :class:`Engine` (default: a new one with all installed plugins).
 
     Returns:
@@ -149,6 +150,7 @@ def quantize(
         skip=skip,
         scheme_options=scheme_options,
         observer_options=observer_options,
+        plugin_options=plugin_options,
         engine=engine,
     )
     if model is None:
@@ -196,6 +198,7 @@ def quantize(
         skip=skip,
         scheme_options=scheme_options,
         observer_options=observer_options,
+        plugin_options=plugin_options,
     ).model
 
 

@@ -69,7 +69,20 @@ def plugin_cli_options(engine: Engine) -> list[tuple[str, click.Option]]:
     out = []
     for impl in engine.pm.hook.monoquant_add_cli_options.get_hookimpls():
         group = PluginOptionGroup(impl.plugin_name)
-        impl.function(**({"group": group} if impl.argnames else {}))
+        try:
+            impl.function(**({"group": group} if impl.argnames else {}))
+        except PluginLoadError as e:
+            engine.report_plugin_failure(e)
+            continue
+        except Exception as e:
+            engine.report_plugin_failure(
+                PluginLoadError(
+                    f"plugin {impl.plugin_name!r} failed in monoquant_add_cli_options: "
+                    f"{type(e).__name__}: {e}",
+                    f"disable it with MONOQUANT_DISABLE_PLUGINS={impl.plugin_name}",
+                )
+            )
+            continue
         out += [(impl.plugin_name, opt) for opt in group.options]
     return out
 
@@ -356,12 +369,22 @@ def _one_line_warnings() -> None:
     warnings.showwarning = show
 
 
+def _global_args(argv: list[str]) -> list[str]:
+    """The arguments before the sub-command (global options such as --strict-plugins)."""
+    out = []
+    for a in argv:
+        if not a.startswith("-"):
+            break
+        out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (``monoquant``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _one_line_warnings()
     try:
-        engine = Engine(strict=True if "--strict-plugins" in argv else None)
+        engine = Engine(strict=True if "--strict-plugins" in _global_args(argv) else None)
         cli = build_cli(engine)
     except MonoQuantError as e:
         click.echo(f"monoquant: {e}", err=True)

@@ -165,6 +165,10 @@ class Engine:
         self.failures.append(err)
         report_failure(err, self.strict)
 
+    def report_plugin_failure(self, err: PluginLoadError) -> None:
+        """Record a broken plugin: one warning line, or raise ``err`` in strict mode."""
+        self._failed(err)
+
     def _check_pending(self) -> None:
         for name in dir(self.pm.hook):
             if name.startswith("_"):

@@ -77,8 +77,9 @@ class SafetensorsSerializer(Serializer):
             "format_version": str(FORMAT_VERSION),
             "quantization": json.dumps(quant, sort_keys=True),
             "producers": json.dumps(artifact.producers, sort_keys=True),
-            "config": json.dumps(artifact.config, sort_keys=True, default=str),
         }
+        if artifact.config:
+            metadata["config"] = json.dumps(artifact.config, sort_keys=True, default=str)
         write_safetensors(path, tensors, metadata)
 
     def read(self, path: str) -> Artifact:
@@ -140,6 +141,9 @@ def write_safetensors(
     """
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
+    # Largest elements first (as safetensors itself does): every tensor's data then starts at
+    # a multiple of its element size, so readers that map the file can use it in place.
+    tensors = dict(sorted(tensors.items(), key=lambda kv: -kv[1].element_size()))
     for name, t in tensors.items():
         if t.dtype not in _ST_DTYPES:
             raise UsageError(
