@@ -62,6 +62,7 @@ from .errors import (  # noqa: E402
 from .plan import Plan, PlanEntry  # noqa: E402
 from .qtensor import QParams, QTensor, QuantSpec, sqnr_db  # noqa: E402
 from .report import LayerReport, QuantReport  # noqa: E402
+from .rules import Rule  # noqa: E402
 
 __all__ = [
     "Artifact",
@@ -89,6 +90,7 @@ __all__ = [
     "QuantSpec",
     "QuantizedModule",
     "Replacer",
+    "Rule",
     "Scheme",
     "Serializer",
     "UsageError",
@@ -117,6 +119,7 @@ def quantize(
     scheme_options: dict[str, Any] | None = None,
     observer_options: dict[str, Any] | None = None,
     plugin_options: dict[str, dict[str, Any]] | None = None,
+    rules: Iterable[Any] | None = None,
     engine: Engine | None = None,
 ) -> Any:
     """Quantize a model and return it; also usable as a decorator of a model factory.
@@ -126,7 +129,7 @@ def quantize(
             function when used as ``@quantize`` / ``@quantize(bits=8)``.
         bits: 8 (``int8``), 4 (``int4-group``) or 16 (``fp16``), when ``scheme`` is not given.
         scheme, observer, backend, only, skip, scheme_options, observer_options,
-            plugin_options: as for :meth:`Engine.quantize`.
+            plugin_options, rules: as for :meth:`Engine.quantize` / :meth:`Engine.configure`.
         engine: an existing :class:`Engine` (default: a new one with all installed plugins).
 
     Returns:
@@ -151,6 +154,7 @@ def quantize(
         scheme_options=scheme_options,
         observer_options=observer_options,
         plugin_options=plugin_options,
+        rules=rules,
         engine=engine,
     )
     if model is None:
@@ -199,6 +203,7 @@ def quantize(
         scheme_options=scheme_options,
         observer_options=observer_options,
         plugin_options=plugin_options,
+        rules=rules,
     ).model
 
 

@@ -25,6 +25,7 @@ from .engine import Engine
 from .errors import MonoQuantError, PluginLoadError, PluginLoadWarning, UsageError
 from .qtensor import sqnr_db
 from .report import format_table
+from .rules import load_rules_file
 
 __all__ = ["build_cli", "main"]
 
@@ -215,6 +216,20 @@ def _model_options(f: Callable[..., Any]) -> Callable[..., Any]:
             metavar="GLOB",
             help="Never quantize modules whose name matches (fnmatch; repeatable).",
         ),
+        click.option(
+            "--rule",
+            "rule",
+            multiple=True,
+            metavar="GLOB=SCHEME[,k=v]",
+            help="Per-layer override, first match wins: 'lm_head=int8', "
+            "'blocks.0.*=int4-group,group_size=32', 'embed=skip' (repeatable).",
+        ),
+        click.option(
+            "--rules",
+            "rules_file",
+            type=click.Path(dir_okay=False),
+            help="Rules file: a JSON list of rules, or TOML [[rule]] tables.",
+        ),
         click.option("--scheme-opt", multiple=True, metavar="KEY=VALUE", help="Scheme option."),
         click.option("--observer-opt", multiple=True, metavar="KEY=VALUE", help="Observer option."),
         click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table."),
@@ -225,6 +240,11 @@ def _model_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _configure(engine: Engine, plugin_map: dict[str, tuple[str, str]], kw: dict[str, Any]):
+    rules: list[Any] = []
+    rules_file = kw.pop("rules_file")
+    if rules_file:
+        rules.extend(load_rules_file(rules_file))
+    rules.extend(kw.pop("rule"))
     plugin_options: dict[str, dict[str, Any]] = {}
     for param, (plugin, key) in plugin_map.items():
         if param in kw:
@@ -238,6 +258,7 @@ def _configure(engine: Engine, plugin_map: dict[str, tuple[str, str]], kw: dict[
         scheme_options=split_key_values(kw.pop("scheme_opt"), "--scheme-opt"),
         observer_options=split_key_values(kw.pop("observer_opt"), "--observer-opt"),
         plugin_options=plugin_options,
+        rules=rules,
     )
 
 

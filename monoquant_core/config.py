@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import UsageError
+from .rules import Rule
 
 __all__ = ["ComponentConfig", "Config", "config_to_dict", "parse_options", "split_key_values"]
 
@@ -40,6 +41,7 @@ class Config:
         scheme_config: the scheme's validated ``config_class`` instance.
         observer_config: the observer's validated ``config_class`` instance.
         plugin_options: options plugins added to the CLI, by plugin name.
+        rules: per-layer overrides, first match wins (see :mod:`monoquant_core.rules`).
     """
 
     scheme: str
@@ -50,6 +52,7 @@ class Config:
     scheme_config: Any = None
     observer_config: Any = None
     plugin_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +64,7 @@ class Config:
             "scheme_config": config_to_dict(self.scheme_config),
             "observer_config": config_to_dict(self.observer_config),
             "plugin_options": {k: dict(v) for k, v in self.plugin_options.items()},
+            "rules": [r.to_dict() for r in self.rules],
         }
 
 

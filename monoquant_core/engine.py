@@ -40,6 +40,7 @@ from .plan import Plan, PlanEntry
 from .qtensor import QTensor, sqnr_db
 from .registry import Registered, Registry, ReplacerRegistry
 from .report import LayerReport, QuantReport
+from .rules import Rule, parse_rules
 
 __all__ = ["Engine", "ModuleResult", "QuantResult"]
 
@@ -265,8 +266,14 @@ class Engine:
         scheme_options: Mapping[str, Any] | None = None,
         observer_options: Mapping[str, Any] | None = None,
         plugin_options: Mapping[str, Mapping[str, Any]] | None = None,
+        rules: Iterable[Any] | None = None,
     ) -> Config:
-        """Validate names and options into a frozen :class:`Config` (no hooks called)."""
+        """Validate names and options into a frozen :class:`Config` (no hooks called).
+
+        ``rules`` are per-layer overrides (first match wins): ``"lm_head=int8"``,
+        ``("blocks.0.*", {"scheme": "int4-group", "scheme_options": {"group_size": 32}})``,
+        ``"embed=skip"``; see :mod:`monoquant_core.rules`.
+        """
         sch = self.schemes.get(scheme)
         observer = observer or sch.default_observer
         obs = self.observers.get(observer)
@@ -290,7 +297,25 @@ class Engine:
                 obs.config_class, observer_options, f"observer {observer!r}"
             ),
             plugin_options={k: dict(v) for k, v in (plugin_options or {}).items()},
+            rules=self._check_rules(parse_rules(rules)),
         )
+
+    def _check_rules(self, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+        for rule in rules:
+            try:
+                if rule.scheme:
+                    self.scheme_config(rule.scheme, rule.scheme_options or None)
+                elif rule.scheme_options:
+                    raise UsageError("scheme options need a scheme", "name the scheme first")
+                if rule.observer or rule.observer_options:
+                    name = rule.observer or self.schemes.get(rule.scheme).default_observer
+                    obs = self.observers.get(name)
+                    parse_options(obs.config_class, rule.observer_options, f"observer {name!r}")
+                if rule.backend:
+                    self.backends.get(rule.backend)
+            except MonoQuantError as e:
+                raise type(e)(f"rule {rule.describe()!r}: {e.problem}", e.fix) from None
+        return rules
 
     def scheme_config(self, scheme: str, options: Mapping[str, Any] | None = None) -> Any:
         """Parse and validate ``options`` for ``scheme`` into its ``config_class``."""

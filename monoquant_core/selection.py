@@ -5,11 +5,16 @@ Selection rules, in order (the first that applies gives the skip reason):
 1. no replacer for the module type -> kept in float (normalisation layers and embeddings say so);
 2. the name matches a ``skip`` pattern;
 3. ``only`` patterns are given and none matches the name;
-4. the replacer is opt-in (``default = False``) and no ``only`` pattern names the module;
-5. the weight is not a floating tensor, is empty, or is not materialised (meta device);
-6. the replacer vetoes it (``skip_reason``), e.g. a parent that reads the weight directly;
-7. the weight is tied to another module's parameter (quantizing it would untie them);
-8. the scheme vetoes the shape (``Scheme.check``).
+4. the first matching per-layer rule (:mod:`monoquant_core.rules`) says ``skip``;
+5. the replacer is opt-in (``default = False``) and neither an ``only`` pattern nor a rule with
+   a scheme names the module;
+6. the weight is not a floating tensor, is empty, or is not materialised (meta device);
+7. the replacer vetoes it (``skip_reason``), e.g. a parent that reads the weight directly;
+8. the weight is tied to another module's parameter (quantizing it would untie them);
+9. the scheme vetoes the shape (``Scheme.check``).
+
+A selected module takes the run's scheme / observer / options unless its first matching rule
+overrides them (mixed precision by rule).
 
 Patterns are :func:`fnmatch.fnmatchcase` globs on module names as printed by
 ``model.named_modules()``: ``*`` also matches dots, so ``*.fc1`` matches ``blocks.0.fc1``.
@@ -27,6 +32,7 @@ from .components import WeightInfo
 from .config import Config
 from .errors import CapabilityError, UsageError
 from .plan import Plan, PlanEntry
+from .rules import Rule
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
@@ -90,6 +96,12 @@ def build_module_plan(engine: Engine, model: nn.Module, config: Config) -> Plan:
         entries.append(entry)
         if entry.selected:
             replaced.append(name)
+    for rule in config.rules:
+        if not any(fnmatch.fnmatchcase(e.name, rule.pattern) for e in entries):
+            raise UsageError(
+                f"rule {rule.describe()!r} matches no module of the model",
+                "check the names with `monoquant plan` (patterns are fnmatch globs)",
+            )
     for pat, hits in only_hits.items():
         if any(supported for _, supported, _ in hits):
             continue
@@ -124,15 +136,18 @@ def _select(
     name = entry.name
     skip_pat = matches(name, config.skip)
     only_pat = matches(name, config.only)
+    rule = next((r for r in config.rules if fnmatch.fnmatchcase(name, r.pattern)), None)
     reason = None
     if skip_pat:
         reason = f"matched skip pattern {skip_pat!r}"
     elif config.only and not only_pat:
         reason = "not matched by any only pattern"
-    elif not replacer.default and not only_pat:
+    elif rule is not None and rule.skip:
+        reason = f"rule {rule.describe()!r}"
+    elif not replacer.default and not only_pat and not (rule and rule.scheme):
         reason = (
             f"{entry.module_type} layers are opt-in for replacer {replacer_name!r}; "
-            f"select with --only {name!r}"
+            f"select with --only {name!r} or a rule"
         )
     if reason is None:
         reason = _weight_reason(weights)
@@ -148,7 +163,23 @@ def _select(
         entry.skip(reason)
         return
     entry.scheme, entry.observer = config.scheme, config.observer
+    if rule is not None:
+        _apply_rule(engine, entry, rule)
     _finish(engine, config, entry, module, with_backend=False)
+
+
+def _apply_rule(engine: Engine, entry: PlanEntry, rule: Rule) -> None:
+    if rule.scheme:
+        entry.scheme = rule.scheme
+        if rule.scheme_options:
+            entry.options["scheme_options"] = dict(rule.scheme_options)
+    if rule.observer:
+        entry.observer = rule.observer
+    if rule.observer_options:
+        entry.options["observer_options"] = dict(rule.observer_options)
+    if rule.backend:
+        entry.backend = rule.backend
+    entry.notes.append(f"rule {rule.describe()}")
 
 
 def _weight_reason(weights: dict) -> str | None:
