@@ -64,8 +64,8 @@ class _CastScheme(Scheme):
         if amax > limit:
             name = str(self.target).replace("torch.", "")
             raise UsageError(
-                f"values exceed {name} range (max |w| = {amax:.6g} > {limit:.6g}); casting "
-                "would turn them into inf",
+                f"values exceed {name} range (a weight of shape {tuple(w.shape)} has max "
+                f"|w| = {amax:.6g} > {limit:.6g}); casting would turn them into inf",
                 self.overflow_fix,
             )
         return QTensor(
