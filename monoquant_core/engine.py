@@ -417,11 +417,14 @@ class Engine:
                 "a broken model",
                 f"fix the weights, or exclude it with --skip '{name.rsplit('.', 1)[0]}'",
             )
-        with torch.no_grad():
-            spec = sch.spec(tuple(w.shape), axis, scheme_config)
-            obs = obs_cls(spec, observer_config)
-            obs.update(w)
-            qt = sch.quantize(w, obs.qparams(), spec, scheme_config)
+        try:
+            with torch.no_grad():
+                spec = sch.spec(tuple(w.shape), axis, scheme_config)
+                obs = obs_cls(spec, observer_config)
+                obs.update(w)
+                qt = sch.quantize(w, obs.qparams(), spec, scheme_config)
+        except MonoQuantError as e:  # name the tensor in a component's error
+            raise type(e)(f"{name}: {e.problem}", e.fix) from None
         qt.meta = {
             "plugin": reg_s.plugin,
             "layout": "affine" if type(sch).dequantize is Scheme.dequantize else "custom",

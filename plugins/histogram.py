@@ -22,13 +22,14 @@ import torch
 
 from monoquant_core import Capabilities, ComponentConfig, Observer, QParams, UsageError, hookimpl
 from monoquant_core.qtensor import (
+    Scratch,
     minmax_qparams,
     round_params,
     rounding_error,
     to_groups,
 )
 
-_BLOCK_ELEMS = 1 << 18  # rows per block so a block's temporaries stay in L2
+_BLOCK_ELEMS = 1 << 19  # rows per block so a block's temporaries stay in cache
 _TENSOR_GRID = 32  # candidates per side in per-tensor mode (32 x 32 pairs)
 
 
@@ -163,6 +164,7 @@ def search_groups(g: torch.Tensor, spec, grid: int, max_shrink: float) -> QParam
     scales = torch.empty(c, ng, dtype=torch.float32)
     zeros = None if spec.symmetric else torch.empty(c, ng, dtype=torch.float32)
     ratios = torch.linspace(1.0, 1.0 - max_shrink, grid) if grid > 1 else torch.ones(1)
+    scratch = Scratch()
     for r0 in range(0, c, rows):
         x = g[r0 : r0 + rows].to(torch.float32)
         lo, hi = x.amin(-1), x.amax(-1)
@@ -171,7 +173,7 @@ def search_groups(g: torch.Tensor, spec, grid: int, max_shrink: float) -> QParam
         best_z = None if spec.symmetric else torch.empty_like(lo)
         for p in ratios.tolist():
             qp = round_params(minmax_qparams(lo * p, hi * p, spec), spec.param_dtype)
-            err = rounding_error(x, qp, spec)
+            err = rounding_error(x, qp, spec, scratch)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_s = torch.where(better, qp.scale, best_s)

@@ -30,12 +30,12 @@ from monoquant_core import (
     Scheme,
     hookimpl,
 )
-from monoquant_core.qtensor import params_fit, round_params, to_groups
+from monoquant_core.qtensor import Scratch, params_fit, round_params, to_groups
 
 from .weight_optimizers import hqq, lloyd, ls_refit, ls_refit_symmetric
 
 GROUP_SIZES = (32, 64, 128, 256)
-_BLOCK_ELEMS = 1 << 18
+_BLOCK_ELEMS = 1 << 19
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -135,6 +135,7 @@ class Int4GroupScheme(Scheme):
         scale = torch.empty(c, ng)
         zero = None if spec.symmetric else torch.empty(c, ng)
         numerators = _numerators(spec.qmax - spec.qmin, config.lsq_steps)
+        scratch = Scratch()
         for r0 in range(0, c, rows):
             x = groups[r0 : r0 + rows]
             s0 = qparams.scale[r0 : r0 + rows]
@@ -146,8 +147,8 @@ class Int4GroupScheme(Scheme):
                 s, z = hqq(x, s0, z0, spec.qmax)
             else:
                 lo, hi = (spec.qmin - z0) * s0, (spec.qmax - z0) * s0
-                s, z = ls_refit(x, lo, hi, spec.qmax, numerators)
-                s, z = lloyd(x, s, z, spec.qmax, config.lloyd_steps)
+                s, z = ls_refit(x, lo, hi, spec.qmax, numerators, scratch)
+                s, z = lloyd(x, s, z, spec.qmax, config.lloyd_steps, scratch)
                 if not spec.float_zero:
                     s, z = _integer_zero(x, s, z, spec.qmax)
             scale[r0 : r0 + rows], zero[r0 : r0 + rows] = s, z
@@ -165,6 +166,7 @@ def _pack_codes(groups: torch.Tensor, qp: QParams, spec: QuantSpec) -> torch.Ten
     packed = torch.empty(c, ng * gs // 2, dtype=torch.uint8)
     rows = max(1, _BLOCK_ELEMS // max(ng * gs, 1))
     span = spec.qmax - spec.qmin
+    scratch = Scratch()
     for r0 in range(0, c, rows):
         inv = qp.scale[r0 : r0 + rows].reciprocal().unsqueeze(-1)
         shift = 0.5 - spec.qmin
@@ -172,11 +174,17 @@ def _pack_codes(groups: torch.Tensor, qp: QParams, spec: QuantSpec) -> torch.Ten
             off = torch.full_like(inv, shift)
         else:
             off = qp.zero_point[r0 : r0 + rows].unsqueeze(-1) + shift
-        u = torch.addcmul(off, groups[r0 : r0 + rows], inv).clamp_(0, span + 0.5)
-        u = u.reshape(u.shape[0], -1).to(torch.uint8)
+        blk = groups[r0 : r0 + rows]
+        f = torch.mul(blk, inv, out=scratch.get("f", tuple(blk.shape)))
+        f.add_(off).clamp_(0, span + 0.5)
+        u = scratch.get("u", (blk.shape[0], ng * gs), torch.uint8)
+        u.copy_(f.view(blk.shape[0], -1))  # truncation of values >= 0 = floor
         if spec.symmetric:
             u.bitwise_xor_(8)
-        packed[r0 : r0 + rows] = u[:, 0::2] | (u[:, 1::2] << 4)
+        hi = torch.bitwise_left_shift(
+            u[:, 1::2], 4, out=scratch.get("hi", (u.shape[0], ng * gs // 2), torch.uint8)
+        )
+        torch.bitwise_or(u[:, 0::2], hi, out=packed[r0 : r0 + rows])
     return packed
 
 
@@ -190,8 +198,8 @@ def _numerators(levels: int, steps: int) -> list[float]:
 def _integer_zero(x, scale, zero, qmax):
     """Round the zero point to an integer and refit the scale for it (one least-squares step)."""
     z = zero.round().clamp(0, qmax)
-    codes = torch.addcmul(z.unsqueeze(-1), x, scale.reciprocal().unsqueeze(-1))
-    centred = codes.clamp_(0, qmax).round_() - z.unsqueeze(-1)
+    codes = x * scale.reciprocal().unsqueeze(-1)
+    centred = codes.add_(z.unsqueeze(-1)).clamp_(0, qmax).round_().sub_(z.unsqueeze(-1))
     den = torch.linalg.vector_norm(centred, dim=-1).square_()
     s = torch.where(den > 0, torch.linalg.vecdot(centred, x) / den.clamp_min(1e-30), scale)
     return torch.where(s > 0, s, scale), z

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import torch
 
+from monoquant_core.qtensor import Scratch
+
 __all__ = ["hqq", "lloyd", "ls_refit", "ls_refit_symmetric"]
 
 
-def _fit(x: torch.Tensor, codes: torch.Tensor, sx: torch.Tensor, sxx: torch.Tensor):
+def _fit(x: torch.Tensor, codes: torch.Tensor, sx: torch.Tensor, sxx: torch.Tensor, sc: Scratch):
     """Least squares ``min_{d,m} sum (d*L + m - x)^2`` per group: ``(d, m, err, ok)``."""
     n = x.shape[-1]
     sl = codes.sum(-1)
     sll = torch.linalg.vector_norm(codes, dim=-1).square_()
-    slx = torch.linalg.vecdot(codes, x)
+    slx = torch.mul(codes, x, out=sc.get("fit.lx", tuple(x.shape))).sum(-1)
     det = n * sll - sl * sl
     ok = det > 0
     det = torch.where(ok, det, torch.ones_like(det))
@@ -37,28 +39,35 @@ def _fit(x: torch.Tensor, codes: torch.Tensor, sx: torch.Tensor, sxx: torch.Tens
 
 
 def ls_refit(
-    x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmax: int, numerators: list[float]
+    x: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    qmax: int,
+    numerators: list[float],
+    scratch: Scratch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid of inverse scales ``num / (hi - lo)`` + closed-form refit; returns (scale, zero).
 
     The plain ``[lo, hi]`` min/max fit is the fallback for groups where no candidate helps
     (constant groups keep it exactly).
     """
+    sc = scratch or Scratch()
+    shape = tuple(x.shape)
     span = hi - lo
     scale = torch.where(span > 0, span / qmax, torch.where(lo != 0, lo.abs(), torch.ones_like(lo)))
     best_d, best_m = scale.clone(), lo.clone()
-    xm = x - lo.unsqueeze(-1)
+    xm = torch.sub(x, lo.unsqueeze(-1), out=sc.get("ls.xm", shape))
     sx = x.sum(-1)
     sxx = torch.linalg.vector_norm(x, dim=-1).square_()
+    codes = sc.get("ls.codes", shape)
     # Baseline: the observer's own range, rounded to nearest.
-    base = (xm / best_d.unsqueeze(-1)).clamp_(0, qmax).round_()
-    best_err = torch.linalg.vector_norm(
-        base.mul_(best_d.unsqueeze(-1)).add_(lo.unsqueeze(-1)) - x, dim=-1
-    ).square_()
+    torch.mul(xm, best_d.reciprocal().unsqueeze(-1), out=codes).clamp_(0, qmax).round_()
+    codes.mul_(best_d.unsqueeze(-1)).add_(lo.unsqueeze(-1)).sub_(x)
+    best_err = torch.linalg.vector_norm(codes, dim=-1).square_()
     inv_span = torch.where(span > 0, 1.0 / span, torch.zeros_like(span)).unsqueeze(-1)
     for num in numerators:
-        codes = (xm * (inv_span * num)).clamp_(0, qmax).round_()
-        d, m, err, ok = _fit(x, codes, sx, sxx)
+        torch.mul(xm, inv_span * num, out=codes).clamp_(0, qmax).round_()
+        d, m, err, ok = _fit(x, codes, sx, sxx, sc)
         better = ok & (err < best_err)
         best_err = torch.where(better, err, best_err)
         best_d = torch.where(better, d, best_d)
@@ -67,18 +76,25 @@ def ls_refit(
 
 
 def lloyd(
-    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int, steps: int
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    qmax: int,
+    steps: int,
+    scratch: Scratch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Alternate "assign nearest codes" and "refit scale and offset"; never increases error."""
+    sc = scratch or Scratch()
+    shape = tuple(x.shape)
     sx = x.sum(-1)
     sxx = torch.linalg.vector_norm(x, dim=-1).square_()
+    codes, tmp = sc.get("lloyd.codes", shape), sc.get("lloyd.tmp", shape)
     for _ in range(steps):
-        codes = torch.addcmul(zero.unsqueeze(-1), x, scale.reciprocal().unsqueeze(-1))
-        codes.clamp_(0, qmax).round_()
-        cur = torch.linalg.vector_norm(
-            (codes - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - x, dim=-1
-        ).square_()
-        d, m, err, ok = _fit(x, codes, sx, sxx)
+        torch.mul(x, scale.reciprocal().unsqueeze(-1), out=codes)
+        codes.add_(zero.unsqueeze(-1)).clamp_(0, qmax).round_()
+        torch.sub(codes, zero.unsqueeze(-1), out=tmp).mul_(scale.unsqueeze(-1)).sub_(x)
+        cur = torch.linalg.vector_norm(tmp, dim=-1).square_()
+        d, m, err, ok = _fit(x, codes, sx, sxx, sc)
         better = ok & (err < cur)
         scale = torch.where(better, d, scale)
         zero = torch.where(better, -m / d, zero)
@@ -131,7 +147,7 @@ def hqq(
     best_z = z.clone()
     best_err = None
     for _ in range(iters):
-        codes = torch.addcmul(z, x, inv).clamp_(0, qmax).round_()
+        codes = (x * inv).add_(z).clamp_(0, qmax).round_()
         delta = x - (codes - z) / inv
         err = delta.abs().mean(-1, keepdim=True)
         if best_err is None:
