@@ -35,6 +35,7 @@ _warnings.filterwarnings("ignore", message="Failed to initialize NumPy", categor
 
 from torch import nn  # noqa: E402
 
+from .artifacts import ArtifactReader, ArtifactWriter, TensorSource  # noqa: E402
 from .capabilities import Capabilities  # noqa: E402
 from .components import (  # noqa: E402
     Artifact,
@@ -66,6 +67,8 @@ from .rules import Rule  # noqa: E402
 
 __all__ = [
     "Artifact",
+    "ArtifactReader",
+    "ArtifactWriter",
     "Backend",
     "Capabilities",
     "CapabilityError",
@@ -93,6 +96,7 @@ __all__ = [
     "Rule",
     "Scheme",
     "Serializer",
+    "TensorSource",
     "UsageError",
     "WeightInfo",
     "__version__",

@@ -8,12 +8,13 @@ components through these methods.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from .artifacts import Artifact, ArtifactReader, ArtifactWriter
 from .capabilities import Capabilities
 from .config import ComponentConfig
 from .qtensor import QParams, QTensor, QuantSpec, minmax_qparams
@@ -239,7 +240,11 @@ class QuantizedModule(nn.Module):
 
 
 class Serializer(ABC):
-    """Reads and writes :class:`Artifact` s. The core handles temp files and renames."""
+    """Reads and writes :class:`Artifact` s. The core handles temp files and renames.
+
+    Checkpoint mode streams through :meth:`open_reader` / :meth:`open_writer`; a serializer
+    that overrides them keeps memory bounded by the largest tensor.
+    """
 
     name: ClassVar[str] = ""
     suffixes: ClassVar[tuple[str, ...]] = ()
@@ -256,21 +261,10 @@ class Serializer(ABC):
     def read(self, path: str) -> Artifact:
         """Read ``path``; raise :class:`~monoquant_core.errors.FormatError` on any bad input."""
 
+    def open_reader(self, path: str) -> ArtifactReader:
+        """A lazy reader of ``path`` (default: :meth:`read` everything; override to stream)."""
+        return ArtifactReader(self, path)
 
-@dataclass
-class Artifact:
-    """A quantized model as data: plain tensors, QTensors and provenance.
-
-    Attributes:
-        tensors: unquantized tensors by state_dict name.
-        qtensors: quantized weights by state_dict name (e.g. ``"fc.weight"``).
-        producers: plugin name -> ``{"distribution": ..., "version": ...}``.
-        config: the run's :meth:`Config.to_dict`.
-        format_version: on-disk format version.
-    """
-
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    qtensors: dict[str, QTensor] = field(default_factory=dict)
-    producers: dict[str, dict[str, str]] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)
-    format_version: int = 1
+    def open_writer(self, path: str) -> ArtifactWriter:
+        """A writer taking one tensor at a time (default: buffer, then :meth:`write`)."""
+        return ArtifactWriter(self, path)

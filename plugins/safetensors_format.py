@@ -3,23 +3,34 @@
 For each quantized tensor ``<name>``: ``<name>.qdata``, ``<name>.scale``, optionally
 ``<name>.zero_point`` and any scheme extras ``<name>.<role>``; other tensors unchanged. The
 header's ``__metadata__`` holds ``format = "monoquant"``, ``format_version``, ``quantization``
-(JSON per tensor), ``producers`` (JSON plugin -> distribution/version) and ``config``.
-A file without ``format = "monoquant"`` is read as a plain float checkpoint.
+(JSON per tensor), ``producers`` (JSON plugin -> distribution/version) and, when known,
+``config``. A file without ``format = "monoquant"`` is read as a plain float checkpoint.
+
+Reading and writing stream one tensor at a time (:mod:`monoquant_plugins.safetensors_io`), so
+checkpoint mode's memory is bounded by the largest tensor.
 """
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import json
 import os
-import struct
-import sys
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from monoquant_core import Artifact, FormatError, QTensor, Serializer, UsageError, hookimpl
+from monoquant_core import (
+    Artifact,
+    ArtifactReader,
+    ArtifactWriter,
+    FormatError,
+    QTensor,
+    Serializer,
+    TensorSource,
+    hookimpl,
+)
+
+from .safetensors_io import SafetensorsReader, SafetensorsWriter, is_safetensors
 
 FORMAT_VERSION = 1
 _DTYPES = {
@@ -33,147 +44,218 @@ def _dtype_name(d: torch.dtype) -> str:
     return str(d).replace("torch.", "")
 
 
+def write_safetensors(
+    path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> None:
+    """Write plain tensors to a safetensors file (no NumPy needed)."""
+    with SafetensorsWriter(path) as w:
+        for name, t in tensors.items():
+            w.add(name, t)
+        w.close(metadata)
+
+
 class SafetensorsSerializer(Serializer):
     name = "safetensors"
     suffixes = (".safetensors",)
 
     def sniff(self, path: str) -> bool:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(9)
-        if len(head) < 9:
-            return False
-        (n,) = struct.unpack("<Q", head[:8])
-        return 2 <= n <= size - 8 and head[8:9] == b"{"
+        return is_safetensors(path)
 
     def write(self, artifact: Artifact, path: str) -> None:
-        tensors: dict[str, torch.Tensor] = {}
-        quant: dict[str, dict[str, Any]] = {}
-        for name, t in artifact.tensors.items():
-            tensors[name] = t
-        for name, qt in artifact.qtensors.items():
-            roles = qt.tensors()
-            for role, t in roles.items():
-                key = f"{name}.{role}"
-                if key in tensors:
-                    raise UsageError(
-                        f"cannot save: tensor name {key!r} is used twice",
-                        "rename the module or parameter that ends in '.{role}'",
-                    )
-                tensors[key] = t
-            quant[name] = {
-                "scheme": qt.scheme,
-                "bits": qt.bits,
-                "group_size": qt.group_size,
-                "axis": qt.axis,
-                "symmetric": qt.symmetric,
-                "shape": list(qt.shape),
-                "dtype": _dtype_name(qt.dtype),
-                "roles": list(roles),
-                **{k: v for k, v in qt.meta.items() if k not in _STRUCT},
-            }
+        w = self.open_writer(path)
+        try:
+            for name, t in artifact.tensors.items():
+                w.add_tensor(name, t)
+            for name, qt in artifact.qtensors.items():
+                w.add_qtensor(name, qt)
+            w.close(artifact.producers, artifact.config)
+        except BaseException:
+            w.abort()
+            raise
+
+    def read(self, path: str) -> Artifact:
+        with self.open_reader(path) as r:
+            art = Artifact(producers=r.producers, config=r.config, format_version=r.format_version)
+            for name in r.tensor_names():
+                art.tensors[name] = r.source(name).load()
+            for name in r.qtensor_names():
+                art.qtensors[name] = r.qtensor(name)
+        return art
+
+    def open_reader(self, path: str) -> MonoQuantReader:
+        return MonoQuantReader(path)
+
+    def open_writer(self, path: str) -> MonoQuantWriter:
+        return MonoQuantWriter(self, path)
+
+
+class MonoQuantWriter(ArtifactWriter):
+    """Streams tensors into one safetensors file; QTensors become ``<name>.<role>`` entries."""
+
+    def __init__(self, serializer: Serializer, path: str):
+        super().__init__(serializer, path)
+        self._w = SafetensorsWriter(path)
+        self._quant: dict[str, dict[str, Any]] = {}
+        self._stored: dict[str, list[str]] = {}
+
+    def add_tensor(self, name: str, tensor: torch.Tensor | TensorSource) -> None:
+        if isinstance(tensor, TensorSource):
+            if tensor.copy_to is not None:
+                self._w.add_stream(name, tensor.dtype, tensor.shape, tensor.nbytes, tensor.copy_to)
+            else:
+                self._w.add(name, tensor.load())
+        else:
+            self._w.add(name, tensor)
+        self._stored[name] = [name]
+
+    def add_qtensor(self, name: str, qt: QTensor) -> None:
+        roles = qt.tensors()
+        for role, t in roles.items():
+            self._w.add(f"{name}.{role}", t)
+        self._stored[name] = [f"{name}.{role}" for role in roles]
+        self._quant[name] = {
+            "scheme": qt.scheme,
+            "bits": qt.bits,
+            "group_size": qt.group_size,
+            "axis": qt.axis,
+            "symmetric": qt.symmetric,
+            "shape": list(qt.shape),
+            "dtype": _dtype_name(qt.dtype),
+            "roles": list(roles),
+            **{k: v for k, v in qt.meta.items() if k not in _STRUCT},
+        }
+
+    def stored_names(self, name: str) -> list[str]:
+        return list(self._stored.get(name, [name]))
+
+    def close(self, producers: dict[str, dict[str, str]], config: dict[str, Any]) -> int:
         metadata = {
             "format": "monoquant",
             "format_version": str(FORMAT_VERSION),
-            "quantization": json.dumps(quant, sort_keys=True),
-            "producers": json.dumps(artifact.producers, sort_keys=True),
+            "quantization": json.dumps(self._quant, sort_keys=True),
+            "producers": json.dumps(producers, sort_keys=True),
         }
-        if artifact.config:
-            metadata["config"] = json.dumps(artifact.config, sort_keys=True, default=str)
-        write_safetensors(path, tensors, metadata)
+        if config:
+            metadata["config"] = json.dumps(config, sort_keys=True, default=str)
+        return self._w.close(metadata)
 
-    def read(self, path: str) -> Artifact:
+    def abort(self) -> None:
+        self._w.abort()
+
+
+class MonoQuantReader(ArtifactReader):
+    """Lazy reader: the header is validated up front, tensors are read on demand."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._r = SafetensorsReader(path)
         base = os.path.basename(path)
         try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        except (SafetensorError, RuntimeError, ValueError, TypeError) as e:
-            raise FormatError(
-                f"{base} is not a readable safetensors file: {e}",
-                "the file is truncated or corrupted; write it again",
-            ) from None
-        except OSError as e:
-            raise UsageError(f"cannot read {path!r}: {e.strerror or e}", "check permissions") from e
-        if meta.get("format") != "monoquant":
-            return Artifact(tensors=tensors)
-        version = _parse_version(base, meta.get("format_version"))
-        quant = _json(base, meta, "quantization")
-        producers = _json(base, meta, "producers")
-        config = _json(base, meta, "config")
-        art = Artifact(producers=producers, config=config, format_version=version)
-        for name, info in quant.items():
-            art.qtensors[name] = _qtensor(base, name, info, tensors)
-        art.tensors = tensors
-        return art
+            meta = self._r.metadata
+            self._mq = meta.get("format") == "monoquant"
+            self.config: dict[str, Any] = {}
+            self._producers: dict[str, dict[str, str]] = {}
+            self._version = FORMAT_VERSION
+            self._quant: dict[str, dict[str, Any]] = {}
+            if self._mq:
+                self._version = _parse_version(base, meta.get("format_version"))
+                self._quant = _json(base, meta, "quantization")
+                self._producers = _json(base, meta, "producers")
+                self.config = _json(base, meta, "config")
+            self._pieces = self._check_pieces(base)
+        except BaseException:
+            self._r.close()
+            raise
 
+    def _check_pieces(self, base: str) -> set[str]:
+        pieces: set[str] = set()
+        for name, info in self._quant.items():
+            if not isinstance(info, dict) or not isinstance(info.get("roles"), list):
+                raise FormatError(
+                    f"{base}: quantized tensor {name!r} has no valid record",
+                    "the file is corrupted or was edited; write it again",
+                )
+            for role in info["roles"]:
+                key = f"{name}.{role}"
+                if key not in self._r.entries:
+                    raise FormatError(
+                        f"{base}: quantized tensor {name!r} lacks its {role!r} data ({key!r})",
+                        "the file is incomplete; write it again",
+                    )
+                pieces.add(key)
+        return pieces
 
-_ST_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _name, _st in (
-    ("float8_e4m3fn", "F8_E4M3"),
-    ("float8_e5m2", "F8_E5M2"),
-    ("uint16", "U16"),
-    ("uint32", "U32"),
-    ("uint64", "U64"),
-):
-    if hasattr(torch, _name):
-        _ST_DTYPES[getattr(torch, _name)] = _st
+    @property
+    def producers(self) -> dict[str, dict[str, str]]:
+        return self._producers
 
+    @property
+    def format_version(self) -> int:
+        return self._version
 
-def write_safetensors(
-    path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
-) -> None:
-    """Write a safetensors file tensor by tensor (no NumPy, no second copy of the model).
+    @property
+    def quantized_file(self) -> bool:
+        return self._mq
 
-    Follows the safetensors layout: an 8-byte little-endian header length, a JSON header
-    (padded with spaces to a multiple of 8) and the raw little-endian tensor bytes.
-    """
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    # Largest elements first (as safetensors itself does): every tensor's data then starts at
-    # a multiple of its element size, so readers that map the file can use it in place.
-    tensors = dict(sorted(tensors.items(), key=lambda kv: -kv[1].element_size()))
-    for name, t in tensors.items():
-        if t.dtype not in _ST_DTYPES:
-            raise UsageError(
-                f"cannot save tensor {name!r}: dtype {t.dtype} has no safetensors equivalent",
-                "convert it to a standard dtype first",
+    def tensor_names(self) -> list[str]:
+        return [k for k in self._r.keys() if k not in self._pieces]  # noqa: SIM118
+
+    def qtensor_names(self) -> list[str]:
+        return sorted(
+            self._quant,
+            key=lambda n: (
+                self._r.entries[f"{n}.qdata"]["start"] if f"{n}.qdata" in self._r.entries else 0
+            ),
+        )
+
+    def source(self, name: str) -> TensorSource:
+        r = self._r
+        return TensorSource(
+            name,
+            r.dtype(name),
+            r.shape(name),
+            r.nbytes(name),
+            functools.partial(r.get, name),
+            functools.partial(r.copy_to, name),
+        )
+
+    def qinfo(self, name: str) -> dict[str, Any]:
+        info = dict(self._quant[name])
+        info["nbytes"] = sum(self._r.nbytes(f"{name}.{role}") for role in info["roles"])
+        return info
+
+    def qtensor(self, name: str) -> QTensor:
+        base = os.path.basename(self.path)
+        info = self._quant[name]
+        try:
+            parts = {role: self._r.get(f"{name}.{role}") for role in info["roles"]}
+            qt = QTensor(
+                qdata=parts.pop("qdata"),
+                scale=parts.pop("scale"),
+                zero_point=parts.pop("zero_point", None),
+                bits=int(info["bits"]),
+                group_size=None if info["group_size"] is None else int(info["group_size"]),
+                axis=None if info["axis"] is None else int(info["axis"]),
+                shape=tuple(int(s) for s in info["shape"]),
+                dtype=_DTYPES[info["dtype"]],
+                scheme=str(info["scheme"]),
+                extra=parts,
+                meta={k: v for k, v in info.items() if k not in _STRUCT},
             )
-        nbytes = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": _ST_DTYPES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * ((-len(raw)) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for t in tensors.values():
-            _write_tensor(f, t)
+            if bool(info["symmetric"]) != qt.symmetric:
+                raise ValueError("'symmetric' disagrees with the presence of a zero point")
+            qt.validate()
+        except FormatError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+            raise FormatError(
+                f"{base}: quantized tensor {name!r} is inconsistent ({type(e).__name__}: {e})",
+                "the file is corrupted or was edited; write it again",
+            ) from None
+        return qt
 
-
-def _write_tensor(f: Any, t: torch.Tensor) -> None:
-    t = t.detach().to("cpu").contiguous()
-    if t.numel() == 0:
-        return
-    if sys.byteorder != "little" and t.element_size() > 1:  # pragma: no cover - big-endian only
-        t = t.view(torch.uint8).reshape(-1, t.element_size()).flip(1).contiguous()
-    buf = (ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())
-    f.write(memoryview(buf))
+    def close(self) -> None:
+        self._r.close()
 
 
 def _parse_version(base: str, raw: Any) -> int:
@@ -197,7 +279,7 @@ def _parse_version(base: str, raw: Any) -> int:
 def _json(base: str, meta: dict[str, str], key: str) -> dict[str, Any]:
     try:
         value = json.loads(meta.get(key, "{}"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise FormatError(
             f"{base}: metadata {key!r} is not valid JSON ({e})", "write it again"
         ) from None
@@ -206,45 +288,9 @@ def _json(base: str, meta: dict[str, str], key: str) -> dict[str, Any]:
     return value
 
 
-def _qtensor(base: str, name: str, info: Any, tensors: dict[str, torch.Tensor]) -> QTensor:
-    try:
-        roles = list(info["roles"])
-        parts = {}
-        for role in roles:
-            key = f"{name}.{role}"
-            if key not in tensors:
-                raise FormatError(
-                    f"{base}: quantized tensor {name!r} lacks its {role!r} data ({key!r})",
-                    "the file is incomplete; write it again",
-                )
-            parts[role] = tensors.pop(key)
-        dtype = _DTYPES[info["dtype"]]
-        qt = QTensor(
-            qdata=parts.pop("qdata"),
-            scale=parts.pop("scale"),
-            zero_point=parts.pop("zero_point", None),
-            bits=int(info["bits"]),
-            group_size=None if info["group_size"] is None else int(info["group_size"]),
-            axis=None if info["axis"] is None else int(info["axis"]),
-            shape=tuple(int(s) for s in info["shape"]),
-            dtype=dtype,
-            scheme=str(info["scheme"]),
-            extra=parts,
-            meta={k: v for k, v in info.items() if k not in _STRUCT},
-        )
-        if bool(info["symmetric"]) != qt.symmetric:
-            raise ValueError("'symmetric' disagrees with the presence of a zero point")
-        qt.validate()
-    except FormatError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise FormatError(
-            f"{base}: quantized tensor {name!r} is inconsistent ({type(e).__name__}: {e})",
-            "the file is corrupted or was edited; write it again",
-        ) from None
-    return qt
-
-
 @hookimpl
 def monoquant_register_serializers(register):
     register(SafetensorsSerializer())
+
+
+__all__ = ["MonoQuantReader", "MonoQuantWriter", "SafetensorsSerializer", "write_safetensors"]

@@ -1,0 +1,353 @@
+"""The safetensors container, read and written with bounded memory (no NumPy, no mmap).
+
+Layout: 8-byte little-endian header length ``n``, ``n`` bytes of JSON (``name -> {dtype, shape,
+data_offsets}`` plus ``__metadata__``), then the tensor bytes. :class:`SafetensorsReader`
+validates the whole header before anything is read (a header that lies about sizes is a
+:class:`FormatError`) and reads one tensor at a time with plain file reads, so memory is
+bounded by the largest tensor read, never by the file. :class:`SafetensorsWriter` appends
+tensors to spool files grouped by element size and assembles header + spools on ``close``, so
+the output is written in one pass whatever order tensors arrive in, and every tensor starts at
+a multiple of its element size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import math
+import os
+import struct
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+import torch
+
+from monoquant_core import FormatError, UsageError
+
+__all__ = ["DTYPES", "SafetensorsReader", "SafetensorsWriter", "is_safetensors"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _st, _name in (
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+):
+    if hasattr(torch, _name):
+        DTYPES[_st] = getattr(torch, _name)
+NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 2**20
+_CHUNK = 16 * 2**20
+
+
+def is_safetensors(path: str) -> bool:
+    """Cheap check of the first bytes: a plausible header length followed by ``{``."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 2 <= n <= min(size - 8, _MAX_HEADER) and head[8:9] == b"{"
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor (no copy, no NumPy)."""
+    n = t.numel() * t.element_size()
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+
+
+class SafetensorsReader:
+    """Validated, lazy access to one safetensors file.
+
+    Args:
+        path: the file.
+
+    Raises:
+        FormatError: not safetensors, truncated, or a header inconsistent with the file.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        base = os.path.basename(path)
+        try:
+            self._f: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
+        except OSError as e:
+            raise UsageError(f"cannot read {path!r}: {e.strerror or e}", "check the path") from e
+        try:
+            self.metadata, self.entries, self.data_start = self._parse(base)
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _parse(self, base: str) -> tuple[dict[str, str], dict[str, dict[str, Any]], int]:
+        size = os.fstat(self._f.fileno()).st_size
+        head = self._f.read(8)
+        if len(head) < 8:
+            raise FormatError(
+                f"{base} is not a safetensors file (only {size} bytes)",
+                "give a .safetensors file; this one is empty or truncated",
+            )
+        (n,) = struct.unpack("<Q", head)
+        if n < 2 or n > _MAX_HEADER or n > size - 8:
+            raise FormatError(
+                f"{base} is not a safetensors file or is truncated (header length {n}, file "
+                f"size {size})",
+                "give a complete .safetensors file",
+            )
+        raw = self._f.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(
+                f"{base}: the safetensors header is not valid JSON ({e})",
+                "the file is corrupted; write it again",
+            ) from None
+        if not isinstance(header, dict):
+            raise FormatError(
+                f"{base}: the safetensors header is not a JSON object",
+                "the file is corrupted; write it again",
+            )
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+        ):
+            raise FormatError(
+                f"{base}: __metadata__ must map strings to strings",
+                "the file is corrupted; write it again",
+            )
+        data_len = size - 8 - n
+        entries = {}
+        for name, info in header.items():
+            entries[name] = self._entry(base, name, info)
+        spans = sorted((e["start"], e["end"], name) for name, e in entries.items())
+        pos = 0
+        for start, end, name in spans:
+            if start != pos:
+                raise FormatError(
+                    f"{base}: tensor {name!r} starts at byte {start}, expected {pos} (the header "
+                    "leaves a gap or overlaps tensors)",
+                    "the file is corrupted; write it again",
+                )
+            pos = end
+        if pos != data_len:
+            raise FormatError(
+                f"{base}: the header describes {pos} bytes of tensor data but the file holds "
+                f"{data_len} (truncated or padded file)",
+                "the file is incomplete; write or download it again",
+            )
+        return meta, entries, 8 + n
+
+    @staticmethod
+    def _entry(base: str, name: str, info: Any) -> dict[str, Any]:
+        bad = FormatError(
+            f"{base}: tensor {name!r} has an invalid header entry ({info!r:.120})",
+            "the file is corrupted; write it again",
+        )
+        if not isinstance(info, dict):
+            raise bad
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in DTYPES:
+            raise FormatError(
+                f"{base}: tensor {name!r} has unknown dtype {dtype!r}",
+                "write the file with a standard dtype",
+            )
+        if (
+            not isinstance(shape, list)
+            or not all(type(s) is int and s >= 0 for s in shape)
+            or not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(type(o) is int and o >= 0 for o in offs)
+            or offs[1] < offs[0]
+        ):
+            raise bad
+        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+        if offs[1] - offs[0] != nbytes:
+            raise FormatError(
+                f"{base}: tensor {name!r} of shape {shape} and dtype {dtype} needs {nbytes} "
+                f"bytes but its offsets span {offs[1] - offs[0]}",
+                "the header lies about sizes; write the file again",
+            )
+        return {"dtype": DTYPES[dtype], "shape": tuple(shape), "start": offs[0], "end": offs[1]}
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order."""
+        return sorted(self.entries, key=lambda k: self.entries[k]["start"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entries[name]["dtype"]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name]["shape"]
+
+    def nbytes(self, name: str) -> int:
+        e = self.entries[name]
+        return e["end"] - e["start"]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor into fresh memory."""
+        e = self.entries[name]
+        t = torch.empty(e["shape"], dtype=e["dtype"])
+        if t.numel():
+            view = _bytes_view(t)
+            self._f.seek(self.data_start + e["start"])
+            got = self._f.readinto(view)
+            if got != len(view):
+                raise FormatError(
+                    f"{os.path.basename(self.path)}: tensor {name!r} is truncated",
+                    "the file changed while reading; write it again",
+                )
+            if sys.byteorder != "little" and t.element_size() > 1:  # pragma: no cover
+                t = t.view(torch.uint8).reshape(-1, t.element_size()).flip(1).view(t.dtype)
+        return t
+
+    def copy_to(self, name: str, out: BinaryIO) -> None:
+        """Copy one tensor's bytes to ``out`` in chunks (constant memory)."""
+        e = self.entries[name]
+        self._f.seek(self.data_start + e["start"])
+        left = e["end"] - e["start"]
+        while left:
+            chunk = self._f.read(min(left, _CHUNK))
+            if not chunk:
+                raise FormatError(
+                    f"{os.path.basename(self.path)}: tensor {name!r} is truncated",
+                    "the file changed while reading; write it again",
+                )
+            out.write(chunk)
+            left -= len(chunk)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file; tensors may be added in any order, one at a time.
+
+    Bytes go to spool files (one per element size, next to ``path``) and ``close`` writes the
+    header and concatenates the spools, largest elements first, so the data is aligned.
+    ``abort`` (or an exception inside ``with``) removes everything it created.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._dir = os.path.dirname(os.path.abspath(path))
+        self._spools: dict[int, tuple[BinaryIO, str]] = {}
+        self._entries: list[tuple[str, str, tuple[int, ...], int, int]] = []
+        self._names: set[str] = set()
+
+    def _spool(self, size: int) -> BinaryIO:
+        if size not in self._spools:
+            fd, spath = tempfile.mkstemp(prefix=".monoquant-spool-", dir=self._dir)
+            self._spools[size] = (os.fdopen(fd, "wb"), spath)
+        return self._spools[size][0]
+
+    def _record(
+        self, name: str, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int
+    ) -> BinaryIO:
+        if name in self._names:
+            raise UsageError(
+                f"cannot save: tensor name {name!r} is used twice", "rename one of the tensors"
+            )
+        if dtype not in NAMES:
+            raise UsageError(
+                f"cannot save tensor {name!r}: dtype {dtype} has no safetensors equivalent",
+                "convert it to a standard dtype first",
+            )
+        self._names.add(name)
+        size = dtype.itemsize
+        self._entries.append((name, NAMES[dtype], tuple(shape), nbytes, size))
+        return self._spool(size)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append a tensor (copied out immediately; the caller may free it)."""
+        t = tensor.detach().to("cpu").contiguous()
+        out = self._record(name, t.dtype, tuple(t.shape), t.numel() * t.element_size())
+        if t.numel():
+            if sys.byteorder != "little" and t.element_size() > 1:  # pragma: no cover
+                t = t.view(torch.uint8).reshape(-1, t.element_size()).flip(1).contiguous()
+            out.write(_bytes_view(t))
+
+    def add_stream(
+        self,
+        name: str,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        nbytes: int,
+        copy_to: Callable[[BinaryIO], None],
+    ) -> None:
+        """Append a tensor whose raw bytes ``copy_to(file)`` writes (e.g. straight from a
+        :class:`SafetensorsReader`), without loading it."""
+        out = self._record(name, dtype, tuple(shape), nbytes)
+        before = out.tell()
+        copy_to(out)
+        if out.tell() - before != nbytes:
+            raise FormatError(
+                f"tensor {name!r}: expected {nbytes} bytes, got {out.tell() - before}",
+                "the source changed while copying; try again",
+            )
+
+    def close(self, metadata: dict[str, str]) -> int:
+        """Write header + data to ``path``; returns the number of tensor bytes."""
+        header: dict[str, Any] = {"__metadata__": metadata}
+        offset = 0
+        order = sorted(self._spools, reverse=True)
+        for size in order:
+            for name, dt, shape, nbytes, s in self._entries:
+                if s == size:
+                    header[name] = {
+                        "dtype": dt,
+                        "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes],
+                    }
+                    offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * ((-len(raw)) % 8)
+        try:
+            with open(self.path, "wb") as f:
+                f.write(struct.pack("<Q", len(raw)))
+                f.write(raw)
+                for size in order:
+                    spool, spath = self._spools[size]
+                    spool.close()
+                    with open(spath, "rb") as src:
+                        while chunk := src.read(_CHUNK):
+                            f.write(chunk)
+        finally:
+            self.abort()
+        return offset
+
+    def abort(self) -> None:
+        """Remove the spool files (the target file itself is the caller's temp path)."""
+        for spool, spath in self._spools.values():
+            spool.close()
+            with contextlib.suppress(OSError):
+                os.remove(spath)
+        self._spools.clear()
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self.abort()
