@@ -94,6 +94,13 @@ class ArtifactReader:
         """Names of the quantized tensors."""
         return list(self.artifact.qtensors)
 
+    def stored_names(self) -> set[str]:
+        """Every name stored in the file (a QTensor's pieces are ``<name>.<role>``)."""
+        out = set(self.artifact.tensors)
+        for name, qt in self.artifact.qtensors.items():
+            out.update(f"{name}.{role}" for role in qt.tensors())
+        return out
+
     def source(self, name: str) -> TensorSource:
         t = self.artifact.tensors[name]
         return TensorSource(name, t.dtype, tuple(t.shape), t.numel() * t.element_size(), lambda: t)

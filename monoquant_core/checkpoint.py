@@ -89,20 +89,22 @@ def model_artifact(engine: Engine, model: nn.Module) -> Artifact:
     for k, v in model.state_dict().items():
         if k not in skip:
             art.tensors[k] = v.detach()
-    core = engine.plugin_info("core")
-    art.producers["core"] = {"distribution": core.distribution or "", "version": core.version or ""}
-    for qt in art.qtensors.values():
-        plugin = qt.meta.get("plugin")
-        if plugin and plugin not in art.producers:
-            try:
-                info = engine.plugin_info(plugin)
-                art.producers[plugin] = {
-                    "distribution": info.distribution or "",
-                    "version": info.version or "",
-                }
-            except KeyError:
-                art.producers[plugin] = {"distribution": "", "version": ""}
+    art.producers = producers(engine, [qt.meta.get("plugin") for qt in art.qtensors.values()])
     return art
+
+
+def producers(engine: Engine, plugins: list[str | None]) -> dict[str, dict[str, str]]:
+    """``plugin -> {distribution, version}`` for the core and every named plugin."""
+    out: dict[str, dict[str, str]] = {}
+    for plugin in ["core", *plugins]:
+        if not plugin or plugin in out:
+            continue
+        try:
+            info = engine.plugin_info(plugin)
+            out[plugin] = {"distribution": info.distribution or "", "version": info.version or ""}
+        except KeyError:
+            out[plugin] = {"distribution": "", "version": ""}
+    return out
 
 
 def _serializer_for_write(engine: Engine, path: str, name: str | None) -> Serializer:
@@ -149,11 +151,14 @@ def save_model(
     atomic_write(path, lambda tmp: ser.write(art, tmp), overwrite)
 
 
-def _scheme_for(engine: Engine, path: str, name: str, qt: QTensor, art: Artifact) -> Scheme:
+def scheme_for(
+    engine: Engine, path: str, name: str, qt: QTensor, producers: dict[str, dict[str, str]]
+) -> Scheme:
+    """The installed scheme of ``qt``, or a FormatError naming the package to install."""
     if qt.scheme in engine.schemes:
         return engine.schemes.get(qt.scheme)
     plugin = qt.meta.get("plugin") or "?"
-    prod = art.producers.get(plugin, {})
+    prod = producers.get(plugin, {})
     dist = prod.get("distribution") or f"the package providing plugin {plugin!r}"
     ver = prod.get("version")
     raise FormatError(
@@ -164,10 +169,13 @@ def _scheme_for(engine: Engine, path: str, name: str, qt: QTensor, art: Artifact
     )
 
 
-def _dequantize(engine: Engine, path: str, name: str, qt: QTensor, art: Artifact) -> torch.Tensor:
+def dequantize_qtensor(
+    engine: Engine, path: str, name: str, qt: QTensor, producers: dict[str, dict[str, str]]
+) -> torch.Tensor:
+    """Float weight of ``qt``; works without the producing plugin for the affine layout."""
     if qt.scheme not in engine.schemes and qt.meta.get("layout") == "affine":
         return qt.dequantize()
-    return _scheme_for(engine, path, name, qt, art).dequantize(qt)
+    return scheme_for(engine, path, name, qt, producers).dequantize(qt)
 
 
 def load_model(
@@ -184,7 +192,7 @@ def load_model(
     if dequantize:
         out = dict(art.tensors)
         for name, qt in art.qtensors.items():
-            out[name] = _dequantize(engine, path, name, qt, art)
+            out[name] = dequantize_qtensor(engine, path, name, qt, art.producers)
         return out
     if model is None:
         raise UsageError(
@@ -223,7 +231,7 @@ def _rebuild(
         weights = replacer.weights(module)
         scheme = None
         for pname, qt in qweights.items():
-            scheme = _scheme_for(engine, path, f"{mname}.{pname}", qt, art)
+            scheme = scheme_for(engine, path, f"{mname}.{pname}", qt, art.producers)
             if pname not in weights or tuple(weights[pname].shape) != qt.shape:
                 have = tuple(weights[pname].shape) if pname in weights else None
                 raise FormatError(

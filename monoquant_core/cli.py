@@ -24,7 +24,7 @@ from .config import split_key_values
 from .engine import Engine
 from .errors import MonoQuantError, PluginLoadError, PluginLoadWarning, UsageError
 from .qtensor import sqnr_db
-from .report import format_table
+from .report import format_table, human_bytes
 from .rules import load_rules_file
 
 __all__ = ["build_cli", "main"]
@@ -284,36 +284,84 @@ def build_cli(engine: Engine) -> click.Group:
         """Mono Quant: post-training quantization for any PyTorch model."""
 
     @cli.command()
+    @click.argument("source", required=False, type=click.Path())
     @_model_options
     @click.option(
         "-o",
         "--output",
-        type=click.Path(dir_okay=False),
-        help="Write the quantized model here (.safetensors).",
+        type=click.Path(),
+        help="Write the quantized model here (a folder for a folder SOURCE).",
     )
-    @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+    @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
     @click.option(
         "--report",
         "report_path",
         type=click.Path(dir_okay=False),
         help="Also write the report as JSON.",
     )
-    @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-    def quantize(demo, model_spec, weights, output, overwrite, report_path, quiet, as_json, **kw):
-        """Quantize a model and print the report (size, SQNR per layer)."""
+    @click.option(
+        "--trust-pickle",
+        is_flag=True,
+        help="Allow a .pt SOURCE that needs full unpickling (runs code from the file).",
+    )
+    @click.option(
+        "--allow-nonfinite",
+        is_flag=True,
+        help="Keep tensors holding NaN/Inf in float instead of refusing the run.",
+    )
+    @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (no progress).")
+    def quantize(
+        source,
+        demo,
+        model_spec,
+        weights,
+        output,
+        overwrite,
+        report_path,
+        trust_pickle,
+        allow_nonfinite,
+        quiet,
+        as_json,
+        **kw,
+    ):
+        """Quantize a model or a checkpoint and print the report.
+
+        SOURCE is a checkpoint: a .safetensors file, a folder of shards, or a .pt state_dict
+        (checkpoint mode: no model class needed, streamed tensor by tensor). Without SOURCE,
+        give --demo or --model.
+        """
         config = _configure(engine, plugin_map, kw)
-        if output:
-            check_output_path(output, overwrite)
         if report_path:
             check_output_path(report_path, overwrite=True)
-        model, sample, label = _model_from_options(demo, model_spec, weights)
-        with torch.no_grad():
-            ref = model(sample) if sample is not None else None
-            qmodel, report = engine.quantize(model, config=config)
-            if sample is not None:
-                report.extra["output_sqnr_db"] = sqnr_db(ref, qmodel(sample))
-        if output:
-            engine.save(qmodel, output, overwrite=overwrite)
+        if source is not None:
+            if demo or model_spec or weights:
+                raise UsageError(
+                    "SOURCE and --demo/--model/--weights are exclusive",
+                    "give either a checkpoint path or a model",
+                )
+            if not output:
+                raise UsageError("checkpoint mode needs an output", "pass -o OUTPUT")
+            report = engine.quantize_checkpoint(
+                source,
+                output,
+                config=config,
+                overwrite=overwrite,
+                trust_pickle=trust_pickle,
+                allow_nonfinite=allow_nonfinite,
+                progress=not quiet,
+            )
+            label = source
+        else:
+            if output:
+                check_output_path(output, overwrite)
+            model, sample, label = _model_from_options(demo, model_spec, weights)
+            with torch.no_grad():
+                ref = model(sample) if sample is not None else None
+                qmodel, report = engine.quantize(model, config=config)
+                if sample is not None:
+                    report.extra["output_sqnr_db"] = sqnr_db(ref, qmodel(sample))
+            if output:
+                engine.save(qmodel, output, overwrite=overwrite)
         if report_path:
             text = report.to_json()
             atomic_write(report_path, lambda tmp: _write_text(tmp, text))
@@ -336,15 +384,82 @@ def build_cli(engine: Engine) -> click.Group:
     with_plugin_options(quantize)
 
     @cli.command()
+    @click.argument("source", required=False, type=click.Path())
     @_model_options
-    def plan(demo, model_spec, weights, as_json, **kw):
-        """Dry run: what would be quantized, with which components, and why not."""
+    @click.option("--trust-pickle", is_flag=True, help="Allow a .pt SOURCE that needs unpickling.")
+    def plan(source, demo, model_spec, weights, trust_pickle, as_json, **kw):
+        """Dry run: what would be quantized, with which components, and why not.
+
+        SOURCE (a checkpoint file or folder) is planned from its headers alone.
+        """
         config = _configure(engine, plugin_map, kw)
-        model, _, _ = _model_from_options(demo, model_spec, weights)
-        p = engine.plan(model, config)
+        if source is not None:
+            p = engine.plan_checkpoint(source, config=config, trust_pickle=trust_pickle)
+        else:
+            model, _, _ = _model_from_options(demo, model_spec, weights)
+            p = engine.plan(model, config)
         click.echo(json.dumps(p.to_dict(), indent=2) if as_json else p.render())
 
     with_plugin_options(plan)
+
+    @cli.command()
+    @click.argument("path", type=click.Path())
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    def inspect(path, as_json):
+        """Show what a file or folder holds: format version, producers, per-tensor scheme,
+        size and bits per weight (reads headers only)."""
+        from .inspection import render_inspect
+
+        info = engine.inspect(path)
+        click.echo(json.dumps(info, indent=2) if as_json else render_inspect(info))
+
+    @cli.command()
+    @click.argument("original", type=click.Path())
+    @click.argument("quantized", type=click.Path())
+    @click.option(
+        "--min-sqnr",
+        type=float,
+        default=None,
+        metavar="DB",
+        help="Fail (exit 1) if any quantized tensor's SQNR is below DB.",
+    )
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
+    def verify(original, quantized, min_sqnr, as_json, quiet):
+        """Re-read QUANTIZED with the loader and report each tensor's SQNR against ORIGINAL
+        and the compression ratio; exit 1 when a check fails (CI quality gate)."""
+        from .inspection import render_verify, verify_failed
+
+        res = engine.verify(original, quantized, progress=not quiet)
+        click.echo(
+            json.dumps(res, indent=2, default=str) if as_json else render_verify(res, min_sqnr)
+        )
+        if verify_failed(res, min_sqnr):
+            low = res["min_sqnr_db"]
+            raise UsageError(
+                "verification failed: "
+                + (f"min SQNR {low:.2f} dB" if low is not None else "no quantized tensor")
+                + (f" (threshold {min_sqnr:.2f} dB)" if min_sqnr is not None else "")
+                + (f", {len(res['missing'])} tensor(s) missing" if res["missing"] else "")
+                + (
+                    f", {len(res['mismatched_copies'])} copied tensor(s) altered"
+                    if res["mismatched_copies"]
+                    else ""
+                ),
+                "quantize with a finer scheme (e.g. int8, or int4-group with group_size=32) or "
+                "lower --min-sqnr",
+            )
+
+    @cli.command()
+    @click.argument("quantized", type=click.Path())
+    @click.argument("out", type=click.Path())
+    @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+    @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+    def dequantize(quantized, out, overwrite, quiet):
+        """Write QUANTIZED back as plain float safetensors (same shards) for other tools."""
+        n = engine.dequantize_checkpoint(quantized, out, overwrite=overwrite, progress=not quiet)
+        if not quiet:
+            click.echo(f"wrote {out} ({human_bytes(n)} of float tensors)")
 
     @cli.command()
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

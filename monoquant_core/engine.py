@@ -544,6 +544,77 @@ class Engine:
                 f"MONOQUANT_DISABLE_PLUGINS={culprit or '<plugin name>'}",
             ) from e
 
+    # ------------------------------------------------------------------ checkpoint mode
+
+    def quantize_checkpoint(
+        self,
+        src: str,
+        dst: str,
+        *,
+        config: Config | None = None,
+        overwrite: bool = False,
+        trust_pickle: bool = False,
+        allow_nonfinite: bool = False,
+        progress: bool = True,
+        **options: Any,
+    ) -> QuantReport:
+        """Quantize a checkpoint without its model class, streaming tensor by tensor.
+
+        Args:
+            src: a ``.safetensors`` file, a folder of shards (with or without its
+                ``*.safetensors.index.json``), or a ``.pt``/``.pth``/``.bin`` state_dict.
+            dst: output file (single-file input) or folder (folder input); written to a
+                temporary path and renamed when complete.
+            config: a :class:`Config` (or pass :meth:`configure` keywords in ``options``).
+            overwrite: replace an existing ``dst``.
+            trust_pickle: allow ``.pt`` files that need full unpickling (runs their code).
+            allow_nonfinite: keep tensors holding NaN/Inf in float instead of refusing.
+            progress: progress line on stderr (only when it is a terminal).
+
+        Returns:
+            The :class:`QuantReport` (per-tensor SQNR, sizes, skipped tensors with reasons).
+        """
+        from .streaming import quantize_checkpoint
+
+        return quantize_checkpoint(
+            self,
+            src,
+            dst,
+            config or self.configure(**options),
+            overwrite=overwrite,
+            trust_pickle=trust_pickle,
+            allow_nonfinite=allow_nonfinite,
+            progress=progress,
+        )
+
+    def plan_checkpoint(
+        self, src: str, *, config: Config | None = None, trust_pickle: bool = False, **options: Any
+    ) -> Plan:
+        """The checkpoint-mode plan of ``src`` (reads headers only)."""
+        from .streaming import plan_checkpoint
+
+        return plan_checkpoint(self, src, config or self.configure(**options), trust_pickle)
+
+    def dequantize_checkpoint(
+        self, src: str, dst: str, *, overwrite: bool = False, progress: bool = True
+    ) -> int:
+        """Write a plain float safetensors copy of a quantized file or folder."""
+        from .streaming import dequantize_checkpoint
+
+        return dequantize_checkpoint(self, src, dst, overwrite=overwrite, progress=progress)
+
+    def inspect(self, path: str) -> dict[str, Any]:
+        """Format version, producers and per-tensor facts of a file or folder (headers only)."""
+        from .inspection import inspect_path
+
+        return inspect_path(self, path)
+
+    def verify(self, original: str, quantized: str, *, progress: bool = True) -> dict[str, Any]:
+        """Per-tensor SQNR of ``quantized`` against ``original``, re-read with the loader."""
+        from .inspection import verify_paths
+
+        return verify_paths(self, original, quantized, progress=progress)
+
     # ------------------------------------------------------------------ files
 
     def save(

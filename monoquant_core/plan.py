@@ -73,6 +73,7 @@ class Plan:
 
     entries: list[PlanEntry]
     config: Config
+    unit: str = "modules"  # "tensors" in checkpoint mode
 
     def __iter__(self) -> Iterator[PlanEntry]:
         return iter(self.entries)
@@ -100,16 +101,15 @@ class Plan:
         for e in self.entries:
             shapes = ", ".join("x".join(map(str, s)) for s in e.params.values())
             if e.selected:
-                action = f"{e.scheme} / {e.observer} / {e.backend}"
+                action = f"{e.scheme} / {e.observer}" + (f" / {e.backend}" if e.backend else "")
                 why = "; ".join(e.notes)
             else:
                 action, why = "keep float", e.skip_reason or ""
             rows.append([e.name or "(root)", e.module_type, shapes, action, why])
-        table = format_table(
-            ["module", "type", "shape", "scheme / observer / backend", "why"], rows
-        )
+        first = "module" if self.unit == "modules" else "tensor"
+        table = format_table([first, "type", "shape", "scheme / observer / backend", "why"], rows)
         n_sel = len(self.selected)
-        return f"{table}\n\n{n_sel} of {len(self.entries)} modules will be quantized."
+        return f"{table}\n\n{n_sel} of {len(self.entries)} {self.unit} will be quantized."
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "entries": [e.to_dict() for e in self.entries]}

@@ -23,9 +23,11 @@ Patterns are :func:`fnmatch.fnmatchcase` globs on module names as printed by
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from .components import WeightInfo
@@ -37,7 +39,7 @@ from .rules import Rule
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
 
-__all__ = ["build_module_plan", "matches", "validate_plan"]
+__all__ = ["build_module_plan", "build_tensor_plan", "matches", "validate_plan"]
 
 _NORMS: tuple[type, ...] = (
     nn.LayerNorm,
@@ -242,3 +244,94 @@ def validate_plan(engine: Engine, plan: Plan, model: nn.Module) -> None:
         if entry.backend is not None:
             engine.backends.get(entry.backend)
         _finish(engine, plan.config, entry, model.get_submodule(entry.name), with_backend=True)
+
+
+# --------------------------------------------------------------------------- checkpoint mode
+
+
+def _tensor_default_reason(module: str, param: str, shape: tuple[int, ...]) -> str | None:
+    """Why a tensor is not a Linear-like weight, judging by name and shape only."""
+    last = module.rpartition(".")[2].lower()
+    if param != "weight":
+        return f"{param!r} is not a weight (biases and buffers stay in float)"
+    if len(shape) != 2:
+        return f"{len(shape)}-D tensor: only 2-D Linear-like weights are selected by default"
+    if "norm" in last or last.startswith("ln"):
+        return "normalisation layer: kept in float (small and precision-sensitive)"
+    if "embed" in last or last in ("wte", "wpe"):
+        return "embedding: kept in float by default (sensitive); select it with a rule"
+    if last in ("lm_head", "output", "head") and module.count(".") == 0:
+        return "output head: kept in float by default; select it with a rule"
+    return None
+
+
+def _tensor_match(module: str, name: str, patterns: tuple[str, ...]) -> str | None:
+    return matches(module, patterns) or matches(name, patterns)
+
+
+def build_tensor_plan(
+    engine: Engine, tensors: list[tuple[str, tuple[int, ...], torch.dtype]], config: Config
+) -> Plan:
+    """The plan of checkpoint mode: tensors chosen by rules on names and shapes.
+
+    Patterns (``only``, ``skip``, rules) match the module name (the tensor name without its
+    last part, as in module mode) or the full tensor name. By default 2-D ``*.weight`` tensors
+    are quantized; biases, 1-D tensors, norms, embeddings and a top-level output head
+    (``lm_head``) stay in float, each with its reason. Selecting a 1-D or empty tensor
+    explicitly (``only`` or a rule) is an error.
+    """
+    entries = []
+    for name, shape, dtype in tensors:
+        module, _, param = name.rpartition(".")
+        entry = PlanEntry(name=name, module_type="tensor", params={param or name: tuple(shape)})
+        rule = next((r for r in config.rules if _tensor_match(module, name, (r.pattern,))), None)
+        only_pat = _tensor_match(module, name, config.only)
+        skip_pat = _tensor_match(module, name, config.skip)
+        explicit = bool(only_pat) or bool(rule and rule.scheme)
+        reason = None
+        if skip_pat:
+            reason = f"matched skip pattern {skip_pat!r}"
+        elif config.only and not only_pat:
+            reason = "not matched by any only pattern"
+        elif rule is not None and rule.skip:
+            reason = f"rule {rule.describe()!r}"
+        elif not dtype.is_floating_point:
+            reason = f"dtype {str(dtype).replace('torch.', '')} is not a float"
+        elif explicit and (len(shape) < 2 or math.prod(shape) == 0):
+            what = f"--only {only_pat!r}" if only_pat else f"rule {rule.describe()!r}"
+            raise UsageError(
+                f"{what} selects {name!r} of shape {tuple(shape)}, which cannot be quantized "
+                "(1-D and empty tensors have no channels to scale)",
+                "narrow the pattern so it matches only weight matrices",
+            )
+        elif not explicit:
+            reason = _tensor_default_reason(module, param, tuple(shape))
+        if reason is None:
+            entry.scheme, entry.observer = config.scheme, config.observer
+            if rule is not None:
+                _apply_rule(engine, entry, rule)
+            scheme_cfg = (
+                engine.scheme_config(entry.scheme, entry.options.get("scheme_options"))
+                if (entry.scheme != config.scheme or "scheme_options" in entry.options)
+                else config.scheme_config
+            )
+            why = engine.schemes.get(entry.scheme).check(tuple(shape), scheme_cfg)
+            if why:
+                reason = f"{entry.scheme}: {why}"
+        if reason:
+            entry.skip(reason)
+        entries.append(entry)
+    names = [n for n, _, _ in tensors]
+    for rule in config.rules:
+        if not any(_tensor_match(n.rpartition(".")[0], n, (rule.pattern,)) for n in names):
+            raise UsageError(
+                f"rule {rule.describe()!r} matches no tensor of the checkpoint",
+                "check the names with `monoquant plan FILE`",
+            )
+    for pat in config.only:
+        if not any(_tensor_match(n.rpartition(".")[0], n, (pat,)) for n in names):
+            raise UsageError(
+                f"--only {pat!r} matches no tensor of the checkpoint",
+                "check the names with `monoquant plan FILE`",
+            )
+    return Plan(entries=entries, config=config, unit="tensors")

@@ -129,6 +129,8 @@ class MonoQuantWriter(ArtifactWriter):
         return list(self._stored.get(name, [name]))
 
     def close(self, producers: dict[str, dict[str, str]], config: dict[str, Any]) -> int:
+        if not producers and not self._quant:  # nothing quantized, no provenance: plain file
+            return self._w.close({"format": "pt"})
         metadata = {
             "format": "monoquant",
             "format_version": str(FORMAT_VERSION),
@@ -199,6 +201,9 @@ class MonoQuantReader(ArtifactReader):
 
     def tensor_names(self) -> list[str]:
         return [k for k in self._r.keys() if k not in self._pieces]  # noqa: SIM118
+
+    def stored_names(self) -> set[str]:
+        return set(self._r.entries)
 
     def qtensor_names(self) -> list[str]:
         return sorted(

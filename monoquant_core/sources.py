@@ -1,0 +1,230 @@
+"""Checkpoint inputs for checkpoint mode: one file, a sharded folder, or a pickled state_dict.
+
+* a single ``.safetensors`` file;
+* a folder of safetensors shards with one ``*.safetensors.index.json`` (HF layout) whose
+  ``weight_map`` is checked against the shards' headers, or without an index (every
+  ``*.safetensors`` file is a shard); other files (``config.json``, tokenizer files, sub-folders)
+  are copied to the output, weights in other formats (``*.bin``, ``*.pt``, ...) are not;
+* a ``.pt`` / ``.pth`` / ``.bin`` state_dict, loaded with ``weights_only=True`` (memory-mapped when
+  the file allows). A pickled full model is refused unless ``trust_pickle`` is given, because
+  unpickling runs arbitrary code.
+
+Shards are read through the serializers' streaming readers, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .artifacts import Artifact, ArtifactReader
+from .errors import FormatError, UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import Engine
+
+__all__ = ["CheckpointSource", "Shard", "open_source"]
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+
+
+@dataclass
+class Shard:
+    """One input file and the name its output gets."""
+
+    path: str
+    out_name: str
+    reader: ArtifactReader | None = None
+
+
+@dataclass
+class CheckpointSource:
+    """What checkpoint mode reads: shards, an optional index, and files to copy."""
+
+    path: str
+    kind: str  # "file", "folder" or "pickle"
+    shards: list[Shard]
+    index_name: str | None = None
+    index: dict[str, Any] | None = None
+    copy: list[str] = field(default_factory=list)  # relative paths (files or folders)
+    not_copied: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        for s in self.shards:
+            if s.reader is not None:
+                s.reader.close()
+
+
+def _reader_for(engine: Engine, path: str) -> ArtifactReader:
+    for reg in engine.serializers:
+        try:
+            ok = reg.component.sniff(path)
+        except OSError as e:
+            raise UsageError(f"cannot read {path!r}: {e.strerror or e}", "check permissions") from e
+        if ok:
+            return reg.component.open_reader(path)
+    raise FormatError(
+        f"{path!r} is not a safetensors file (or any format an installed serializer reads)",
+        "give a .safetensors file, a folder of shards, or a .pt state_dict",
+    )
+
+
+def open_source(engine: Engine, path: str, trust_pickle: bool = False) -> CheckpointSource:
+    """Inspect ``path`` and open every shard's reader (headers validated, nothing loaded)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UsageError(f"{path!r} does not exist", "check the path")
+    if os.path.isdir(path):
+        src = _folder(engine, path)
+    elif path.endswith(PICKLE_SUFFIXES):
+        reader = PickleReader(path, trust_pickle)
+        out = os.path.splitext(os.path.basename(path))[0] + ".safetensors"
+        src = CheckpointSource(path, "pickle", [Shard(path, out, reader)])
+    else:
+        src = CheckpointSource(path, "file", [Shard(path, os.path.basename(path))])
+    try:
+        for shard in src.shards:
+            if shard.reader is None:
+                shard.reader = _reader_for(engine, shard.path)
+        if src.index is not None:
+            _check_index(src)
+    except BaseException:
+        src.close()
+        raise
+    return src
+
+
+def _folder(engine: Engine, path: str) -> CheckpointSource:
+    names = sorted(os.listdir(path))
+    indexes = [n for n in names if n.endswith(".safetensors.index.json")]
+    if len(indexes) > 1:
+        raise UsageError(
+            f"{path!r} holds several index files ({', '.join(indexes)})",
+            "keep one *.safetensors.index.json per checkpoint folder",
+        )
+    index_name = indexes[0] if indexes else None
+    index = None
+    if index_name:
+        index = _read_index(os.path.join(path, index_name))
+        shard_names = sorted(set(index["weight_map"].values()))
+        for s in shard_names:
+            if not os.path.isfile(os.path.join(path, s)):
+                raise FormatError(
+                    f"{index_name} names shard {s!r}, which is not in {path!r}",
+                    "restore the missing shard or fix the index",
+                )
+    else:
+        shard_names = [
+            n for n in names if n.endswith(".safetensors") and os.path.isfile(os.path.join(path, n))
+        ]
+    if not shard_names:
+        raise UsageError(
+            f"folder {path!r} contains no .safetensors files",
+            "give a folder of safetensors shards, or one file",
+        )
+    src = CheckpointSource(
+        path, "folder", [Shard(os.path.join(path, s), s) for s in shard_names], index_name, index
+    )
+    for n in names:
+        if n in shard_names or n == index_name or n.startswith("."):
+            continue
+        if n.endswith(_OTHER_WEIGHTS) or n.endswith(".safetensors"):
+            src.not_copied.append(n)
+        else:
+            src.copy.append(n)
+    return src
+
+
+def _read_index(path: str) -> dict[str, Any]:
+    base = os.path.basename(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(
+            f"{base} is not valid JSON ({e})", "fix or regenerate the index"
+        ) from None
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wm, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in wm.items()
+    ):
+        raise FormatError(
+            f"{base} has no valid 'weight_map' (tensor name -> shard file)",
+            "fix or regenerate the index",
+        )
+    for v in set(wm.values()):
+        if os.path.basename(v) != v or v in ("", ".", ".."):
+            raise FormatError(
+                f"{base} names shard {v!r}, which is not a file name",
+                "shards must sit next to the index",
+            )
+    return index
+
+
+def _check_index(src: CheckpointSource) -> None:
+    by_shard = {s.out_name: s.reader.stored_names() for s in src.shards}
+    for name, shard in src.index["weight_map"].items():
+        if name not in by_shard.get(shard, set()):
+            raise FormatError(
+                f"{src.index_name} maps {name!r} to {shard!r}, which has no such tensor",
+                "fix or regenerate the index",
+            )
+
+
+class PickleReader(ArtifactReader):
+    """A ``torch.save``-d state_dict as a reader (``weights_only=True`` unless trusted)."""
+
+    def __init__(self, path: str, trust_pickle: bool = False):
+        self.path = path
+        state = _load_pickle(path, trust_pickle)
+        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        super().__init__(path=path, artifact=Artifact(tensors=tensors))
+
+
+def _load_pickle(path: str, trust: bool) -> dict[str, Any]:
+    base = os.path.basename(path)
+    obj: Any = None
+    try:
+        obj = _torch_load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trust:
+            first = str(e).strip().splitlines()[0][:160]
+            raise UsageError(
+                f"{base} is a pickled Python object, not a plain state_dict (weights_only=True "
+                f"refused it: {first}); unpickling it would run code from the file",
+                "re-save it as a state_dict (torch.save(model.state_dict(), path)) or as "
+                "safetensors, or pass --trust-pickle if you trust its source",
+            ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise FormatError(
+            f"{base} is not a readable PyTorch file ({type(e).__name__}: {e})",
+            "give a file written by torch.save, or a .safetensors file",
+        ) from None
+    if obj is None:
+        obj = _torch_load(path, weights_only=False)
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UsageError(
+            f"{base} holds a {type(obj).__name__} without tensors, not a state_dict",
+            "save model.state_dict()",
+        )
+    return obj
+
+
+def _torch_load(path: str, weights_only: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e) and "zipfile" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
