@@ -37,9 +37,9 @@ from .loading import (
     strict_from_env,
 )
 from .plan import Plan, PlanEntry
-from .qtensor import QTensor, sqnr_db
+from .qtensor import QTensor
 from .registry import Registered, Registry, ReplacerRegistry
-from .report import LayerReport, QuantReport
+from .report import QuantReport, layer_report
 from .rules import Rule, parse_rules
 
 __all__ = ["Engine", "ModuleResult", "QuantResult"]
@@ -503,25 +503,17 @@ class Engine:
             e = res.entry
             for p, qt in res.qtensors.items():
                 w = res.originals.get(p)
-                deq = self.schemes.get(qt.scheme).dequantize(qt).to(torch.float32)
-                ref = w.detach().to(torch.float32) if w is not None else deq
-                err = (ref - deq).abs()
+                deq = self.schemes.get(qt.scheme).dequantize(qt)
                 rep.layers.append(
-                    LayerReport(
-                        name=f"{e.name}.{p}" if e.name else p,
-                        module_type=e.module_type,
-                        scheme=qt.scheme,
-                        observer=e.observer or "",
-                        backend=e.backend or "",
-                        shape=qt.shape,
-                        numel=qt.numel,
-                        bytes_before=ref.numel() * (w.element_size() if w is not None else 4),
-                        bytes_after=qt.nbytes,
-                        bits_per_weight=qt.bits_per_weight,
-                        sqnr_db=sqnr_db(ref, deq),
-                        max_abs_err=err.max().item() if err.numel() else 0.0,
-                        rel_err=(err.norm() / ref.norm().clamp_min(1e-30)).item(),
-                        time_s=res.time_s / max(len(res.qtensors), 1),
+                    layer_report(
+                        f"{e.name}.{p}" if e.name else p,
+                        e.module_type,
+                        e.observer or "",
+                        e.backend or "",
+                        w if w is not None else deq,
+                        qt,
+                        deq,
+                        res.time_s / max(len(res.qtensors), 1),
                     )
                 )
             if res.metrics:

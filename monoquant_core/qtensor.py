@@ -32,6 +32,7 @@ __all__ = [
     "QuantSpec",
     "Scratch",
     "dequantize_groups",
+    "error_stats",
     "from_groups",
     "minmax_qparams",
     "pack_int4",
@@ -251,19 +252,39 @@ def unpack_int4(packed: torch.Tensor, length: int, signed: bool) -> torch.Tensor
     return codes.to(torch.uint8)
 
 
+def error_stats(
+    ref: torch.Tensor, approx: torch.Tensor, chunk: int = 1 << 20
+) -> tuple[float, float, float]:
+    """``(sqnr_db, max_abs_err, rel_err)`` of ``approx`` against ``ref``.
+
+    Accumulated in float64 over chunks, so no temporary as large as the tensors is created.
+    SQNR is ``10 log10(sum ref^2 / sum (ref - approx)^2)``: ``inf`` for an exact match
+    (including an all-zero reference reproduced exactly), ``-inf`` for an all-zero reference
+    that was not.
+    """
+    r, a = ref.detach().reshape(-1), approx.detach().reshape(-1)
+    sig = err = peak = 0.0
+    for i in range(0, r.numel(), chunk):
+        rc = r[i : i + chunk].double()
+        d = rc - a[i : i + chunk].double()
+        sig += rc.square_().sum().item()
+        peak = max(peak, d.abs().max().item())
+        err += d.square_().sum().item()
+    if err == 0.0:
+        db = math.inf
+    elif sig == 0.0:
+        db = -math.inf
+    else:
+        db = 10.0 * math.log10(sig / err)
+    return db, peak, math.sqrt(err) / max(math.sqrt(sig), 1e-30)
+
+
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio ``10 log10(sum ref^2 / sum (ref - approx)^2)`` in dB.
 
     Returns ``inf`` for an exact match (including an all-zero reference reproduced exactly).
     """
-    ref = ref.detach().double()
-    err = (ref - approx.detach().double()).pow(2).sum().item()
-    sig = ref.pow(2).sum().item()
-    if err == 0.0:
-        return math.inf
-    if sig == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(sig / err)
+    return error_stats(ref, approx)[0]
 
 
 @dataclass

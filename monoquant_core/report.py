@@ -7,7 +7,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["LayerReport", "QuantReport", "format_table", "human_bytes"]
+import torch
+
+from .qtensor import QTensor, error_stats
+
+__all__ = ["LayerReport", "QuantReport", "format_table", "human_bytes", "layer_report"]
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -63,6 +67,36 @@ class LayerReport:
     max_abs_err: float
     rel_err: float
     time_s: float
+
+
+def layer_report(
+    name: str,
+    module_type: str,
+    observer: str,
+    backend: str,
+    weight: torch.Tensor,
+    qt: QTensor,
+    dequantized: torch.Tensor,
+    time_s: float = 0.0,
+) -> LayerReport:
+    """The metrics of one quantized weight (error statistics computed in chunks)."""
+    db, max_err, rel = error_stats(weight, dequantized)
+    return LayerReport(
+        name=name,
+        module_type=module_type,
+        scheme=qt.scheme,
+        observer=observer,
+        backend=backend,
+        shape=qt.shape,
+        numel=qt.numel,
+        bytes_before=weight.numel() * weight.element_size(),
+        bytes_after=qt.nbytes,
+        bits_per_weight=qt.bits_per_weight,
+        sqnr_db=db,
+        max_abs_err=max_err,
+        rel_err=rel,
+        time_s=time_s,
+    )
 
 
 @dataclass

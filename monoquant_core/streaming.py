@@ -31,8 +31,7 @@ from .config import Config
 from .errors import UsageError
 from .plan import Plan, PlanEntry
 from .progress import Progress
-from .qtensor import sqnr_db
-from .report import LayerReport, QuantReport
+from .report import QuantReport, layer_report
 from .selection import build_tensor_plan
 from .sources import CheckpointSource, Shard, open_source
 
@@ -276,26 +275,9 @@ def _quantize_one(engine: Engine, entry: PlanEntry, t: torch.Tensor, writer: Art
     qt = engine.quantize_weight(
         t, entry.scheme, entry.observer, 0, scheme_cfg, obs_cfg, name=entry.name
     )
-    deq = engine.schemes.get(qt.scheme).dequantize(qt).to(torch.float32)
-    ref = t.to(torch.float32)
-    err = (ref - deq).abs_()
-    layer = LayerReport(
-        name=entry.name,
-        module_type="tensor",
-        scheme=qt.scheme,
-        observer=entry.observer or "",
-        backend="",
-        shape=qt.shape,
-        numel=qt.numel,
-        bytes_before=t.numel() * t.element_size(),
-        bytes_after=qt.nbytes,
-        bits_per_weight=qt.bits_per_weight,
-        sqnr_db=sqnr_db(ref, deq),
-        max_abs_err=err.max().item() if err.numel() else 0.0,
-        rel_err=(err.norm() / ref.norm().clamp_min(1e-30)).item(),
-        time_s=0.0,
-    )
-    del deq, ref, err
+    deq = engine.schemes.get(qt.scheme).dequantize(qt)
+    layer = layer_report(entry.name, "tensor", entry.observer or "", "", t, qt, deq)
+    del deq
     writer.add_qtensor(entry.name, qt)
     layer.time_s = time.perf_counter() - t1
     return layer

@@ -1,0 +1,215 @@
+"""Checkpoint mode at scale: wall time and peak RSS against a plain load+save copy, one run.
+
+    python bench/checkpoint.py --params 1e9            # ~4.4 GB fp32 checkpoint, sharded
+    python bench/checkpoint.py --params 1e8 --keep     # smaller; keep the files in --workdir
+
+Builds a synthetic LLM-shaped checkpoint (Llama-style: embeddings, per layer q/k/v/o with
+grouped KV heads, gate/up/down MLP, two RMSNorm weights; final norm; untied lm_head) in fp32,
+sharded like Hugging Face checkpoints (``model-0000X-of-0000N.safetensors`` + index JSON +
+config.json), then measures, each in its own subprocess (peak RSS = that process's
+``ru_maxrss``):
+
+* ``copy``: the I/O baseline, every shard loaded and saved again with plain safetensors
+  (``safetensors.torch.load_file`` + ``save_file`` when NumPy is available, else
+  ``safe_open`` + Mono Quant's writer);
+* ``int8``: ``Engine().quantize_checkpoint(src, dst, scheme="int8")`` (minmax observer);
+* ``int4``: the same with ``scheme="int4-group"`` (default: minmax + lsq, g128).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def layout(
+    params: float, hidden: int = 2048, inter: int = 5632, vocab: int = 32000, kv: int = 256
+) -> list[tuple[str, tuple[int, ...]]]:
+    per_layer = 2 * hidden * hidden + 2 * kv * hidden + 3 * inter * hidden + 2 * hidden
+    layers = max(1, round((params - 2 * vocab * hidden - hidden) / per_layer))
+    out = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        out += [
+            (f"{p}.input_layernorm.weight", (hidden,)),
+            (f"{p}.self_attn.q_proj.weight", (hidden, hidden)),
+            (f"{p}.self_attn.k_proj.weight", (kv, hidden)),
+            (f"{p}.self_attn.v_proj.weight", (kv, hidden)),
+            (f"{p}.self_attn.o_proj.weight", (hidden, hidden)),
+            (f"{p}.post_attention_layernorm.weight", (hidden,)),
+            (f"{p}.mlp.gate_proj.weight", (inter, hidden)),
+            (f"{p}.mlp.up_proj.weight", (inter, hidden)),
+            (f"{p}.mlp.down_proj.weight", (hidden, inter)),
+        ]
+    out += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    return out
+
+
+def build(src: str, params: float, shard_bytes: int) -> tuple[int, int]:
+    from monoquant_plugins.safetensors_io import SafetensorsWriter
+
+    os.makedirs(src)
+    tensors = layout(params)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in tensors:
+        nbytes = math.prod(shape) * 4
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    g = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for i, group in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        w = SafetensorsWriter(os.path.join(src, fname))
+        for name, shape in group:
+            t = (
+                torch.randn(shape, generator=g) * 0.02
+                if len(shape) == 2
+                else 1 + 0.1 * torch.randn(shape, generator=g)
+            )
+            w.add(name, t)
+            weight_map[name] = fname
+            total += t.numel() * 4
+            del t
+        w.close({"format": "pt"})
+    with open(os.path.join(src, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(src, "config.json"), "w") as f:
+        json.dump({"architectures": ["LlamaForCausalLM"], "hidden_size": 2048}, f)
+    return sum(math.prod(s) for _, s in tensors), total
+
+
+COPY = """
+import os, sys, shutil
+src, dst = sys.argv[1], sys.argv[2]
+os.makedirs(dst)
+try:
+    from safetensors.torch import load_file, save_file
+    import numpy  # noqa: F401  (save_file needs it)
+    how = "safetensors.torch load_file + save_file"
+except ImportError:
+    from safetensors import safe_open
+    sys.path.insert(0, os.path.dirname(src))
+    from monoquant_plugins.safetensors_format import write_safetensors as _w
+    def load_file(p):
+        with safe_open(p, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    def save_file(t, p, metadata=None):
+        _w(p, t, metadata or {})
+    how = "safe_open + Mono Quant writer (no NumPy)"
+for n in sorted(os.listdir(src)):
+    if n.endswith(".safetensors"):
+        save_file(load_file(os.path.join(src, n)), os.path.join(dst, n), metadata={"format": "pt"})
+    else:
+        shutil.copy2(os.path.join(src, n), os.path.join(dst, n))
+print("HOW", how)
+"""
+
+QUANT = """
+import sys
+from monoquant_core import Engine
+src, dst, scheme = sys.argv[1], sys.argv[2], sys.argv[3]
+rep = Engine().quantize_checkpoint(src, dst, scheme=scheme, progress=False)
+print("HOW", f"{len(rep.layers)} tensors quantized, min SQNR {rep.min_sqnr_db:.2f} dB, "
+      f"{rep.model_bytes_before / 2**30:.2f} GiB -> {rep.model_bytes_after / 2**30:.2f} GiB")
+"""
+
+WRAP = """
+import resource, runpy, sys, time
+t = time.perf_counter()
+code = sys.argv[1]
+sys.argv = sys.argv[1:]
+exec(compile(code, "<bench>", "exec"), {"__name__": "__main__"})
+print("WALL", time.perf_counter() - t)
+print("RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def run(code: str, *args: str, threads: int | None) -> dict[str, object]:
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    t = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", WRAP, code, *args], capture_output=True, text=True, env=env
+    )
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-2000:])
+    out = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    return {
+        "wall": float(out["WALL"]),
+        "rss_mb": int(out["RSS_KB"]) / 1024,
+        "how": out.get("HOW", ""),
+        "total": time.perf_counter() - t,
+    }
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--params", type=float, default=1e9)
+    ap.add_argument("--shard-gb", type=float, default=2.0)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="OMP threads (default: all)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    args = ap.parse_args()
+    work = args.workdir or tempfile.mkdtemp(prefix="mq-ckpt-bench-")
+    src = os.path.join(work, "src")
+    try:
+        if not os.path.isdir(src):
+            t = time.perf_counter()
+            n, total = build(src, args.params, int(args.shard_gb * 2**30))
+            print(
+                f"built {n / 1e9:.2f}B params, {total / 2**30:.2f} GiB fp32, "
+                f"{len([f for f in os.listdir(src) if f.endswith('.safetensors')])} shards "
+                f"in {time.perf_counter() - t:.0f} s",
+                file=sys.stderr,
+            )
+        rows = []
+        for label, code, extra in [
+            ("plain load+save copy", COPY, []),
+            ("Mono Quant int8 (minmax)", QUANT, ["int8"]),
+            ("Mono Quant int4-group (minmax + lsq, g128)", QUANT, ["int4-group"]),
+        ]:
+            dst = os.path.join(work, "out")
+            shutil.rmtree(dst, ignore_errors=True)
+            res = run(code, src, dst, *extra, threads=args.threads)
+            rows.append((label, res, dir_bytes(dst)))
+            shutil.rmtree(dst, ignore_errors=True)
+        base = rows[0][1]["wall"]
+        src_bytes = dir_bytes(src)
+        print(
+            f"Checkpoint: {src_bytes / 2**30:.2f} GiB fp32 (`--params {args.params:g}`), "
+            f"torch {torch.__version__}, {os.cpu_count()} CPUs\n"
+        )
+        print("| run | wall s | x copy time | peak RSS MiB | output GiB | note |")
+        print("|---|---|---|---|---|---|")
+        for label, res, out_bytes in rows:
+            print(
+                f"| {label} | {res['wall']:.1f} | {res['wall'] / base:.2f} | "
+                f"{res['rss_mb']:.0f} | {out_bytes / 2**30:.2f} | {res['how']} |"
+            )
+    finally:
+        if not args.keep and not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
