@@ -172,7 +172,7 @@ class MonoQuantReader(ArtifactReader):
     def _check_pieces(self, base: str) -> set[str]:
         pieces: set[str] = set()
         for name, info in self._quant.items():
-            if not isinstance(info, dict) or not isinstance(info.get("roles"), list):
+            if not _valid_record(info):
                 raise FormatError(
                     f"{base}: quantized tensor {name!r} has no valid record",
                     "the file is corrupted or was edited; write it again",
@@ -261,6 +261,30 @@ class MonoQuantReader(ArtifactReader):
 
     def close(self) -> None:
         self._r.close()
+
+
+def _valid_record(info: Any) -> bool:
+    """Structural check of one ``quantization`` entry (types only; values are checked when
+    the tensor is read, by ``QTensor.validate``)."""
+
+    def opt_int(v: Any) -> bool:
+        return v is None or (type(v) is int and v >= 0)
+
+    return (
+        isinstance(info, dict)
+        and isinstance(info.get("roles"), list)
+        and all(isinstance(r, str) and r for r in info["roles"])
+        and "qdata" in info["roles"]
+        and "scale" in info["roles"]
+        and isinstance(info.get("scheme"), str)
+        and type(info.get("bits")) is int
+        and opt_int(info.get("group_size"))
+        and opt_int(info.get("axis"))
+        and isinstance(info.get("shape"), list)
+        and all(type(s) is int and s >= 0 for s in info["shape"])
+        and info.get("dtype") in _DTYPES
+        and isinstance(info.get("symmetric"), bool)
+    )
 
 
 def _parse_version(base: str, raw: Any) -> int:

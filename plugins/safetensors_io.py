@@ -113,7 +113,7 @@ class SafetensorsReader:
         raw = self._f.read(n)
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise FormatError(
                 f"{base}: the safetensors header is not valid JSON ({e})",
                 "the file is corrupted; write it again",
