@@ -210,7 +210,7 @@ def _compare(name: str, scheme: str | None, ref: torch.Tensor, got: torch.Tensor
             "exact": False,
             "note": f"shape {tuple(got.shape)} != {tuple(ref.shape)}",
         }
-    exact = ref.dtype == got.dtype and torch.equal(ref, got)
+    exact = ref.dtype == got.dtype and torch.equal(_bits(ref), _bits(got))  # NaN == NaN here
     if exact:
         return {
             "name": name,
@@ -230,6 +230,10 @@ def _compare(name: str, scheme: str | None, ref: torch.Tensor, got: torch.Tensor
         "exact": False,
         "note": "",
     }
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def render_verify(res: dict[str, Any], min_sqnr: float | None) -> str:

@@ -393,9 +393,13 @@ class QTensor:
 
     def validate(self) -> None:
         """Check internal consistency; raises ``ValueError`` naming the inconsistent field."""
-        c, g = self.channels, self.scale.shape[-1] if self.scale.dim() else 1
         if self.axis is not None and not 0 <= self.axis < len(self.shape):
             raise ValueError(f"axis {self.axis} out of range for shape {self.shape}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size {self.group_size} must be positive")
+        if self.meta.get("layout") == "affine" and self.bits not in (4, 8, 16):
+            raise ValueError(f"bits={self.bits} has no standard (affine) layout")
+        c, g = self.channels, self.scale.shape[-1] if self.scale.dim() else 1
         if tuple(self.scale.shape) != (c, g):
             raise ValueError(f"scale shape {tuple(self.scale.shape)} != expected {(c, g)}")
         if self.group_size is not None and g * self.group_size != self.row_length:

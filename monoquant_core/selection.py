@@ -256,9 +256,11 @@ def _tensor_default_reason(module: str, param: str, shape: tuple[int, ...]) -> s
         return f"{param!r} is not a weight (biases and buffers stay in float)"
     if len(shape) != 2:
         return f"{len(shape)}-D tensor: only 2-D Linear-like weights are selected by default"
+    if math.prod(shape) == 0:
+        return "weight is empty"
     if "norm" in last or last.startswith("ln"):
         return "normalisation layer: kept in float (small and precision-sensitive)"
-    if "embed" in last or last in ("wte", "wpe"):
+    if "embed" in last or "position" in last or last in ("wte", "wpe", "pos"):
         return "embedding: kept in float by default (sensitive); select it with a rule"
     if last in ("lm_head", "output", "head") and module.count(".") == 0:
         return "output head: kept in float by default; select it with a rule"
@@ -277,10 +279,12 @@ def build_tensor_plan(
     Patterns (``only``, ``skip``, rules) match the module name (the tensor name without its
     last part, as in module mode) or the full tensor name. By default 2-D ``*.weight`` tensors
     are quantized; biases, 1-D tensors, norms, embeddings and a top-level output head
-    (``lm_head``) stay in float, each with its reason. Selecting a 1-D or empty tensor
-    explicitly (``only`` or a rule) is an error.
+    (``lm_head``) stay in float, each with its reason. A pattern that names a layer selects
+    its weight matrix and keeps its bias / 1-D tensors in float; a pattern (``only`` or a rule
+    with a scheme) that matches only 1-D or empty tensors is an error.
     """
     entries = []
+    hits: dict[str, list[bool]] = {}  # pattern -> quantizable? for each tensor it selected
     for name, shape, dtype in tensors:
         module, _, param = name.rpartition(".")
         entry = PlanEntry(name=name, module_type="tensor", params={param or name: tuple(shape)})
@@ -288,6 +292,7 @@ def build_tensor_plan(
         only_pat = _tensor_match(module, name, config.only)
         skip_pat = _tensor_match(module, name, config.skip)
         explicit = bool(only_pat) or bool(rule and rule.scheme)
+        shaped = len(shape) >= 2 and math.prod(shape) > 0
         reason = None
         if skip_pat:
             reason = f"matched skip pattern {skip_pat!r}"
@@ -297,31 +302,55 @@ def build_tensor_plan(
             reason = f"rule {rule.describe()!r}"
         elif not dtype.is_floating_point:
             reason = f"dtype {str(dtype).replace('torch.', '')} is not a float"
-        elif explicit and (len(shape) < 2 or math.prod(shape) == 0):
-            what = f"--only {only_pat!r}" if only_pat else f"rule {rule.describe()!r}"
-            raise UsageError(
-                f"{what} selects {name!r} of shape {tuple(shape)}, which cannot be quantized "
-                "(1-D and empty tensors have no channels to scale)",
-                "narrow the pattern so it matches only weight matrices",
-            )
-        elif not explicit:
+        elif explicit:
+            for pat in (only_pat, rule.pattern if rule and rule.scheme else None):
+                if pat:
+                    hits.setdefault(pat, []).append(shaped)
+            if not shaped:
+                reason = f"{len(shape)}-D or empty tensor: nothing to quantize (kept in float)"
+        else:
             reason = _tensor_default_reason(module, param, tuple(shape))
         if reason is None:
-            entry.scheme, entry.observer = config.scheme, config.observer
-            if rule is not None:
-                _apply_rule(engine, entry, rule)
-            scheme_cfg = (
-                engine.scheme_config(entry.scheme, entry.options.get("scheme_options"))
-                if (entry.scheme != config.scheme or "scheme_options" in entry.options)
-                else config.scheme_config
-            )
-            why = engine.schemes.get(entry.scheme).check(tuple(shape), scheme_cfg)
-            if why:
-                reason = f"{entry.scheme}: {why}"
+            reason = _tensor_scheme(engine, config, entry, rule, tuple(shape))
         if reason:
             entry.skip(reason)
         entries.append(entry)
-    names = [n for n, _, _ in tensors]
+    _check_tensor_patterns(config, [n for n, _, _ in tensors], hits, tensors)
+    return Plan(entries=entries, config=config, unit="tensors")
+
+
+def _tensor_scheme(
+    engine: Engine, config: Config, entry: PlanEntry, rule: Rule | None, shape: tuple[int, ...]
+) -> str | None:
+    """Give a selected tensor its scheme/observer (rule overrides); the scheme's veto, if any."""
+    entry.scheme, entry.observer = config.scheme, config.observer
+    if rule is not None:
+        _apply_rule(engine, entry, rule)
+    scheme_cfg = (
+        engine.scheme_config(entry.scheme, entry.options.get("scheme_options"))
+        if (entry.scheme != config.scheme or "scheme_options" in entry.options)
+        else config.scheme_config
+    )
+    why = engine.schemes.get(entry.scheme).check(shape, scheme_cfg)
+    return f"{entry.scheme}: {why}" if why else None
+
+
+def _check_tensor_patterns(
+    config: Config,
+    names: list[str],
+    hits: dict[str, list[bool]],
+    tensors: list[tuple[str, tuple[int, ...], torch.dtype]],
+) -> None:
+    for pat, flags in hits.items():
+        if flags and not any(flags):
+            name, shape = next(
+                (n, s) for n, s, _ in tensors if _tensor_match(n.rpartition(".")[0], n, (pat,))
+            )
+            raise UsageError(
+                f"pattern {pat!r} selects only tensors that cannot be quantized, e.g. {name!r} "
+                f"of shape {tuple(shape)} (1-D and empty tensors have no channels to scale)",
+                "point the pattern at weight matrices",
+            )
     for rule in config.rules:
         if not any(_tensor_match(n.rpartition(".")[0], n, (rule.pattern,)) for n in names):
             raise UsageError(
@@ -334,4 +363,3 @@ def build_tensor_plan(
                 f"--only {pat!r} matches no tensor of the checkpoint",
                 "check the names with `monoquant plan FILE`",
             )
-    return Plan(entries=entries, config=config, unit="tensors")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .artifacts import Artifact, ArtifactReader
-from .errors import FormatError, UsageError
+from .errors import FormatError, MonoQuantError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
@@ -93,6 +93,7 @@ def open_source(engine: Engine, path: str, trust_pickle: bool = False) -> Checkp
         for shard in src.shards:
             if shard.reader is None:
                 shard.reader = _reader_for(engine, shard.path)
+        _check_unique(src)
         if src.index is not None:
             _check_index(src)
     except BaseException:
@@ -159,6 +160,12 @@ def _read_index(path: str) -> dict[str, Any]:
             f"{base} has no valid 'weight_map' (tensor name -> shard file)",
             "fix or regenerate the index",
         )
+    if not wm:
+        raise FormatError(f"{base} has an empty 'weight_map'", "fix or regenerate the index")
+    if not isinstance(index.get("metadata") or {}, dict):
+        raise FormatError(
+            f"{base}: 'metadata' must be a JSON object", "fix or regenerate the index"
+        )
     for v in set(wm.values()):
         if os.path.basename(v) != v or v in ("", ".", ".."):
             raise FormatError(
@@ -166,6 +173,18 @@ def _read_index(path: str) -> dict[str, Any]:
                 "shards must sit next to the index",
             )
     return index
+
+
+def _check_unique(src: CheckpointSource) -> None:
+    seen: dict[str, str] = {}
+    for s in src.shards:
+        for name in s.reader.stored_names():
+            if name in seen:
+                raise FormatError(
+                    f"tensor {name!r} is stored in two shards: {seen[name]} and {s.out_name}",
+                    "remove the duplicate or fix the index",
+                )
+            seen[name] = s.out_name
 
 
 def _check_index(src: CheckpointSource) -> None:
@@ -190,25 +209,31 @@ class PickleReader(ArtifactReader):
 
 def _load_pickle(path: str, trust: bool) -> dict[str, Any]:
     base = os.path.basename(path)
-    obj: Any = None
     try:
         obj = _torch_load(path, weights_only=True)
     except pickle.UnpicklingError as e:
+        msg = str(e).strip()
+        if "Weights only load failed" not in msg:
+            first = msg.splitlines()[0][:160] if msg else repr(e)
+            raise FormatError(
+                f"{base} is not a readable PyTorch file ({first})",
+                "give a file written by torch.save, or a .safetensors file",
+            ) from None
         if not trust:
-            first = str(e).strip().splitlines()[0][:160]
             raise UsageError(
                 f"{base} is a pickled Python object, not a plain state_dict (weights_only=True "
-                f"refused it: {first}); unpickling it would run code from the file",
+                "refused it); unpickling it would run code from the file",
                 "re-save it as a state_dict (torch.save(model.state_dict(), path)) or as "
                 "safetensors, or pass --trust-pickle if you trust its source",
             ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        obj = _guarded(lambda: _torch_load(path, weights_only=False), base)
+    except MonoQuantError:
+        raise
+    except Exception as e:  # the weights-only unpickler raises many types on garbage bytes
         raise FormatError(
-            f"{base} is not a readable PyTorch file ({type(e).__name__}: {e})",
+            f"{base} is not a readable PyTorch file ({type(e).__name__}: {str(e)[:160]})",
             "give a file written by torch.save, or a .safetensors file",
         ) from None
-    if obj is None:
-        obj = _torch_load(path, weights_only=False)
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -218,7 +243,23 @@ def _load_pickle(path: str, trust: bool) -> dict[str, Any]:
             f"{base} holds a {type(obj).__name__} without tensors, not a state_dict",
             "save model.state_dict()",
         )
+    bad = [k for k in obj if not isinstance(k, str)]
+    if bad:
+        raise UsageError(
+            f"{base} has non-string keys such as {bad[0]!r}, not a state_dict",
+            "save model.state_dict() (string keys)",
+        )
     return obj
+
+
+def _guarded(load: Any, base: str) -> Any:
+    try:
+        return load()
+    except Exception as e:
+        raise FormatError(
+            f"{base} could not be unpickled ({type(e).__name__}: {str(e)[:160]})",
+            "give a file written by torch.save",
+        ) from None
 
 
 def _torch_load(path: str, weights_only: bool) -> Any:

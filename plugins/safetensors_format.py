@@ -267,8 +267,8 @@ def _valid_record(info: Any) -> bool:
     """Structural check of one ``quantization`` entry (types only; values are checked when
     the tensor is read, by ``QTensor.validate``)."""
 
-    def opt_int(v: Any) -> bool:
-        return v is None or (type(v) is int and v >= 0)
+    def opt_int(v: Any, low: int) -> bool:
+        return v is None or (type(v) is int and low <= v < 2**31)
 
     return (
         isinstance(info, dict)
@@ -278,10 +278,10 @@ def _valid_record(info: Any) -> bool:
         and "scale" in info["roles"]
         and isinstance(info.get("scheme"), str)
         and type(info.get("bits")) is int
-        and opt_int(info.get("group_size"))
-        and opt_int(info.get("axis"))
+        and opt_int(info.get("group_size"), 1)
+        and opt_int(info.get("axis"), 0)
         and isinstance(info.get("shape"), list)
-        and all(type(s) is int and s >= 0 for s in info["shape"])
+        and all(type(s) is int and 0 <= s < 2**63 for s in info["shape"])
         and info.get("dtype") in _DTYPES
         and isinstance(info.get("symmetric"), bool)
     )

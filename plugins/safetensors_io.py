@@ -169,7 +169,7 @@ class SafetensorsReader:
             )
         if (
             not isinstance(shape, list)
-            or not all(type(s) is int and s >= 0 for s in shape)
+            or not all(type(s) is int and 0 <= s < 2**63 for s in shape)
             or not isinstance(offs, list)
             or len(offs) != 2
             or not all(type(o) is int and o >= 0 for o in offs)
