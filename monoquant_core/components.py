@@ -214,6 +214,13 @@ class QuantizedModule(nn.Module):
             "meta": qt.meta,
         }
 
+    def set_bias(self, bias: torch.Tensor | None) -> None:
+        """Keep a float copy of the original bias as the ``bias`` parameter (or None)."""
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+
     def qtensor(self, param: str = "weight") -> QTensor:
         m = self._qmeta[param]
         t = {role: getattr(self, f"{param}_{role}") for role in m["roles"]}

@@ -139,14 +139,8 @@ def _select(
     skip_pat = matches(name, config.skip)
     only_pat = matches(name, config.only)
     rule = next((r for r in config.rules if fnmatch.fnmatchcase(name, r.pattern)), None)
-    reason = None
-    if skip_pat:
-        reason = f"matched skip pattern {skip_pat!r}"
-    elif config.only and not only_pat:
-        reason = "not matched by any only pattern"
-    elif rule is not None and rule.skip:
-        reason = f"rule {rule.describe()!r}"
-    elif not replacer.default and not only_pat and not (rule and rule.scheme):
+    reason = _pattern_reason(config, skip_pat, only_pat, rule)
+    if reason is None and not replacer.default and not only_pat and not (rule and rule.scheme):
         reason = (
             f"{entry.module_type} layers are opt-in for replacer {replacer_name!r}; "
             f"select with --only {name!r} or a rule"
@@ -168,6 +162,19 @@ def _select(
     if rule is not None:
         _apply_rule(engine, entry, rule)
     _finish(engine, config, entry, module, with_backend=False)
+
+
+def _pattern_reason(
+    config: Config, skip_pat: str | None, only_pat: str | None, rule: Rule | None
+) -> str | None:
+    """The skip reason from user patterns, in precedence order: skip, only, a skip rule."""
+    if skip_pat:
+        return f"matched skip pattern {skip_pat!r}"
+    if config.only and not only_pat:
+        return "not matched by any only pattern"
+    if rule is not None and rule.skip:
+        return f"rule {rule.describe()!r}"
+    return None
 
 
 def _apply_rule(engine: Engine, entry: PlanEntry, rule: Rule) -> None:
@@ -293,22 +300,16 @@ def build_tensor_plan(
         skip_pat = _tensor_match(module, name, config.skip)
         explicit = bool(only_pat) or bool(rule and rule.scheme)
         shaped = len(shape) >= 2 and math.prod(shape) > 0
-        reason = None
-        if skip_pat:
-            reason = f"matched skip pattern {skip_pat!r}"
-        elif config.only and not only_pat:
-            reason = "not matched by any only pattern"
-        elif rule is not None and rule.skip:
-            reason = f"rule {rule.describe()!r}"
-        elif not dtype.is_floating_point:
+        reason = _pattern_reason(config, skip_pat, only_pat, rule)
+        if reason is None and not dtype.is_floating_point:
             reason = f"dtype {str(dtype).replace('torch.', '')} is not a float"
-        elif explicit:
+        elif reason is None and explicit:
             for pat in (only_pat, rule.pattern if rule and rule.scheme else None):
                 if pat:
                     hits.setdefault(pat, []).append(shaped)
             if not shaped:
                 reason = f"{len(shape)}-D or empty tensor: nothing to quantize (kept in float)"
-        else:
+        elif reason is None:
             reason = _tensor_default_reason(module, param, tuple(shape))
         if reason is None:
             reason = _tensor_scheme(engine, config, entry, rule, tuple(shape))

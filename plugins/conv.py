@@ -45,10 +45,7 @@ class _QuantizedConv(QuantizedModule):
             value = getattr(conv, attr)
             setattr(self, attr, list(value) if isinstance(value, list) else value)
         self.set_qtensor("weight", qweight)
-        if conv.bias is None:
-            self.register_parameter("bias", None)
-        else:
-            self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.set_bias(conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.backend.weight(self.qtensor("weight"), self.scheme, x.dtype)

@@ -14,7 +14,6 @@ exactly like the original.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from monoquant_core import QTensor, QuantizedModule, Replacer, hookimpl
 
@@ -30,10 +29,7 @@ class QuantizedGPT2Conv1D(QuantizedModule):
         self.nf = nf
         self.nx = nx
         self.set_qtensor("weight", qweight)
-        if bias is None:
-            self.register_parameter("bias", None)
-        else:
-            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.set_bias(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size_out = (*x.shape[:-1], self.nf)

@@ -20,10 +20,7 @@ class QuantizedLinear(QuantizedModule):
         self.in_features = in_features
         self.out_features = out_features
         self.set_qtensor("weight", qweight)
-        if bias is None:
-            self.register_parameter("bias", None)
-        else:
-            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.set_bias(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backend.linear(x, self.prepared("weight"), self.bias)
