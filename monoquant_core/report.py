@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -12,6 +13,9 @@ import torch
 from .qtensor import QTensor, error_stats
 
 __all__ = ["LayerReport", "QuantReport", "format_table", "human_bytes", "layer_report"]
+
+
+_NUMERIC = re.compile(r"^[-+]?(\d[\d.,x]*(e[-+]?\d+)?|inf)( [KMGT]?i?B)?$")
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -23,9 +27,7 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
     def fmt(cells: list[str]) -> str:
         out = []
         for i, (c, w) in enumerate(zip(cells, widths)):
-            numeric = i > 0 and (
-                c[:1].isdigit() or (c[:1] == "-" and c[1:2].isdigit()) or c == "inf"
-            )
+            numeric = i > 0 and _NUMERIC.match(c) is not None
             out.append(c.rjust(w) if numeric else c.ljust(w))
         return "  ".join(out).rstrip()
 
