@@ -218,7 +218,7 @@ def monoquant_configure(config: Config) -> None:
 
 
 @hookspec
-def monoquant_modify_plan(plan: Plan, model: nn.Module, config: Config) -> None:
+def monoquant_modify_plan(plan: Plan, model: nn.Module | None, config: Config) -> None:
     """Change the plan before anything is computed.
 
     Called once per run after the Engine builds the default plan (every module with
@@ -231,7 +231,8 @@ def monoquant_modify_plan(plan: Plan, model: nn.Module, config: Config) -> None:
 
     Args:
         plan: the :class:`~monoquant_core.plan.Plan` (mutable).
-        model: the model being quantized (do not modify it here).
+        model: the model being quantized (do not modify it here), or None in checkpoint
+            mode (``quantize_checkpoint``), where the entries are tensors of the file.
         config: the run's :class:`~monoquant_core.config.Config`.
 
     Returns:
@@ -253,7 +254,8 @@ def monoquant_modify_plan(plan: Plan, model: nn.Module, config: Config) -> None:
 def monoquant_quantize_module(entry: PlanEntry, module: nn.Module, engine: Engine) -> Any:
     """Quantize one planned module and return its replacement.
 
-    Called once per selected plan entry, in plan order. firstresult: the first implementation
+    Called once per selected plan entry, in plan order (module mode only: checkpoint mode
+    has no modules and quantizes each selected tensor with ``engine.quantize_weight``). firstresult: the first implementation
     that returns a non-None value wins. The core's pipeline plugin is the ``trylast`` default
     (observe -> quantize -> replace). Use ``wrapper=True`` to run code around it (e.g. to add
     extra tensors to the result) with ``result = yield``.
@@ -286,7 +288,8 @@ def monoquant_quantize_module(entry: PlanEntry, module: nn.Module, engine: Engin
 def monoquant_module_done(entry: PlanEntry, result: ModuleResult) -> None:
     """Observe a finished module (progress bars, per-layer logging, extra metrics).
 
-    Called after ``monoquant_quantize_module`` returned for ``entry``, before the next entry.
+    Called after ``monoquant_quantize_module`` returned for ``entry``, before the next entry
+    (module mode only).
 
     Args:
         entry: the :class:`~monoquant_core.plan.PlanEntry`.
