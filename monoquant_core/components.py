@@ -65,10 +65,13 @@ class WeightInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: str = "cpu"
+    #: how the layer's inputs are quantized at run time: "none" (weight-only) or "dynamic"
+    #: (int8, per token, computed on every call).
+    activations: str = "none"
 
     @classmethod
     def of(cls, qt: QTensor, device: str = "cpu") -> WeightInfo:
-        return cls(qt.scheme, qt.spec, qt.shape, qt.dtype, device)
+        return cls(qt.scheme, qt.spec, qt.shape, qt.dtype, device, qt.activations)
 
 
 class Scheme(ABC):
@@ -82,6 +85,12 @@ class Scheme(ABC):
     @abstractmethod
     def spec(self, shape: tuple[int, ...], axis: int, config: Any) -> QuantSpec:
         """The :class:`QuantSpec` for a weight of ``shape`` whose channel axis is ``axis``."""
+
+    def activations(self, config: Any) -> str:
+        """How the layer's inputs are quantized at run time with ``config``: ``"none"``
+        (weight-only, the default) or ``"dynamic"`` (int8 per token on every call). The
+        scheme records it in ``QTensor.meta["activations"]``; backends honour it."""
+        return "none"
 
     def validate_config(self, config: Any) -> None:
         """Reject impossible option combinations at configure time (raise CapabilityError)."""

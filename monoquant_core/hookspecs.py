@@ -255,10 +255,11 @@ def monoquant_quantize_module(entry: PlanEntry, module: nn.Module, engine: Engin
     """Quantize one planned module and return its replacement.
 
     Called once per selected plan entry, in plan order (module mode only: checkpoint mode
-    has no modules and quantizes each selected tensor with ``engine.quantize_weight``). firstresult: the first implementation
-    that returns a non-None value wins. The core's pipeline plugin is the ``trylast`` default
-    (observe -> quantize -> replace). Use ``wrapper=True`` to run code around it (e.g. to add
-    extra tensors to the result) with ``result = yield``.
+    has no modules and quantizes each selected tensor with ``engine.quantize_weight``).
+    firstresult: the first implementation that returns a non-None value wins. The core's
+    pipeline plugin is the ``trylast`` default (observe -> quantize -> replace). Use
+    ``wrapper=True`` to run code around it (e.g. to add extra tensors to the result) with
+    ``result = yield``.
 
     Args:
         entry: the :class:`~monoquant_core.plan.PlanEntry`.

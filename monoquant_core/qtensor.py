@@ -38,6 +38,7 @@ __all__ = [
     "pack_int4",
     "params_fit",
     "quantize_groups",
+    "quantize_per_token",
     "round_params",
     "rounding_error",
     "sqnr_db",
@@ -279,6 +280,19 @@ def error_stats(
     return db, peak, math.sqrt(err) / max(math.sqrt(sig), 1e-30)
 
 
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes of a 2-D ``x`` with one scale per row: ``(codes, scale [M, 1])``.
+
+    ``scale = max|x_row| / 127`` (1 for an all-zero row), codes in ``-127..127``; this is the
+    ``activations="dynamic"`` contract every backend follows (the reference backend computes
+    ``F.linear(codes * scale, W)``).
+    """
+    amax = x.abs().amax(dim=1, keepdim=True).to(torch.float32)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    codes = torch.round(x.to(torch.float32) / scale).clamp_(-127, 127).to(torch.int8)
+    return codes, scale
+
+
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio ``10 log10(sum ref^2 / sum (ref - approx)^2)`` in dB.
 
@@ -323,6 +337,11 @@ class QTensor:
     @property
     def symmetric(self) -> bool:
         return self.zero_point is None
+
+    @property
+    def activations(self) -> str:
+        """Run-time input quantization of the layer: ``"none"`` or ``"dynamic"``."""
+        return str(self.meta.get("activations", "none"))
 
     @property
     def spec(self) -> QuantSpec:

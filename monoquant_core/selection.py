@@ -221,7 +221,14 @@ def _finish(
         if not with_backend:
             continue
         spec = scheme.spec(tuple(w.shape), replacer.channel_axis(module, p), scheme_cfg)
-        info = WeightInfo(entry.scheme, spec, tuple(w.shape), w.dtype, w.device.type)
+        info = WeightInfo(
+            entry.scheme,
+            spec,
+            tuple(w.shape),
+            w.dtype,
+            w.device.type,
+            scheme.activations(scheme_cfg),
+        )
         backend, notes = engine.choose_backend(info, entry.backend or config.backend)
     if with_backend:
         entry.backend = backend

@@ -20,10 +20,13 @@ class Int8Config(ComponentConfig):
             (one scale for the whole weight: smaller but loses 3-20 dB on real weights).
         symmetric: signed codes without a zero point (default) or unsigned codes with an
             integer zero point (better on skewed rows).
+        activations: ``none`` (weight-only, default) or ``dynamic``: the layer's inputs are
+            quantized to int8 per token on every call (W8A8), which fast int8 kernels need.
     """
 
     granularity: Literal["per-channel", "per-tensor"] = "per-channel"
     symmetric: bool = True
+    activations: Literal["none", "dynamic"] = "none"
 
 
 class Int8Scheme(Scheme):
@@ -38,6 +41,9 @@ class Int8Scheme(Scheme):
         granularities=("per-channel", "per-tensor"),
     )
     default_observer = "minmax"
+
+    def activations(self, config):
+        return config.activations
 
     def spec(self, shape, axis, config):
         per_tensor = config.granularity == "per-tensor"
@@ -57,6 +63,7 @@ class Int8Scheme(Scheme):
             shape=tuple(weight.shape),
             dtype=weight.dtype,
             scheme=self.name,
+            meta={"activations": config.activations} if config.activations != "none" else {},
         )
 
 

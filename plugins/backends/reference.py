@@ -6,9 +6,11 @@ stored codes in float32, cast to the input dtype.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from monoquant_core import Backend, Capabilities, hookimpl
+from monoquant_core.qtensor import quantize_per_token
 
 
 class ReferenceBackend(Backend):
@@ -17,7 +19,8 @@ class ReferenceBackend(Backend):
     priority = 0
     capabilities = Capabilities(
         numerics="dequantizes the weight in float32 on every call, then F.linear in the "
-        "input dtype (exact; slow)",
+        "input dtype (exact; slow); with activations='dynamic' the inputs are first "
+        "quantized per token to int8 and dequantized (the W8A8 ground truth)",
     )
 
     def prepare(self, qt, scheme):
@@ -27,6 +30,9 @@ class ReferenceBackend(Backend):
         qt, scheme = prepared
         w = scheme.dequantize(qt).to(device=x.device, dtype=x.dtype)
         b = None if bias is None else bias.to(dtype=x.dtype)
+        if qt.activations == "dynamic" and x.numel():
+            codes, scale = quantize_per_token(x.reshape(-1, x.shape[-1]))
+            x = (codes.to(torch.float32) * scale).to(x.dtype).reshape(x.shape)
         return F.linear(x, w, b)
 
 

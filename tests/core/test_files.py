@@ -48,7 +48,12 @@ def test_metadata_records_format_scheme_and_producers(saved):
     info = quant["0.weight"]
     assert info["scheme"] == "int8" and info["bits"] == 8 and info["shape"] == [64, 32]
     assert info["plugin"] == "int8" and info["layout"] == "affine"
-    assert info["scheme_config"] == {"version": 1, "granularity": "per-channel", "symmetric": True}
+    assert info["scheme_config"] == {
+        "version": 1,
+        "granularity": "per-channel",
+        "symmetric": True,
+        "activations": "none",
+    }
     producers = json.loads(meta["producers"])
     assert producers["int8"]["distribution"] == "monoquant"
     assert {"0.weight.qdata", "0.weight.scale", "0.bias"} <= keys
