@@ -110,7 +110,7 @@ class FakeGpuBackend(Backend):
 
 class PickyBackend(Backend):
     name = "picky"
-    priority = 5
+    priority = 20
 
     def supports(self, info):
         return None if info.shape[0] % 16 == 0 else "N % 16 != 0"
@@ -136,7 +136,7 @@ class Backends:
 
 
 def test_backend_choice_is_data_with_reasons():
-    engine = Engine(plugins=[Backends()])
+    engine = Engine(plugins=[Backends()], disable=["torch-cpu"])
     plan = engine.plan(mlp(dims=(32, 64, 10)))
     first, last = plan.get("0"), plan.get("2")
     assert first.backend == "picky"
@@ -149,7 +149,7 @@ def test_backend_choice_is_data_with_reasons():
 
 
 def test_forced_backend_errors_name_what_is_missing():
-    engine = Engine(plugins=[Backends()])
+    engine = Engine(plugins=[Backends()], disable=["torch-cpu"])
     with pytest.raises(CapabilityError, match="'fake-gpu' is not available here: no CUDA device"):
         engine.configure(backend="fake-gpu")
     with pytest.raises(UsageError, match=r"unknown backend 'tpu' \(available: fake-gpu, picky"):

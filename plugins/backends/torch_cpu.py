@@ -1,0 +1,189 @@
+"""``torch-cpu`` backend: PyTorch's fused CPU kernels for quantized Linear layers.
+
+What runs where (see docs/performance.md for the measurements):
+
+* ``int8`` with ``activations="dynamic"`` (W8A8, inputs quantized per token on every call):
+  one token goes through fbgemm's ``quantized::linear_dynamic`` (``reduce_range=False``; for a
+  single row its per-tensor activation scale *is* per token), several tokens through
+  ``torch._int_mm`` on per-token int8 codes, with the weight passed as a transposed view.
+* ``int8`` weight-only: ``torch._weight_int8pack_mm`` with bfloat16 activations.
+* ``int4-group`` (g32/64/128/256, asymmetric or symmetric): ``torch._weight_int4pack_mm_for_cpu``
+  with bfloat16 activations; the packed layout depends on the CPU's instruction set, so it is
+  derived here at prepare time and never stored.
+* ``fp16``: fbgemm's ``linear_dynamic_fp16``; ``bf16``: ``F.linear`` in bfloat16.
+
+fp32 inputs are cast to bfloat16 around the bf16 kernels and the output cast back; numerics are
+declared in :attr:`capabilities`. Every kernel constraint (shapes, alignment, dtypes) is checked
+in :meth:`supports` or guarded at call time; what the kernels cannot do runs on ``reference``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from monoquant_core import Backend, Capabilities, hookimpl
+from monoquant_core.qtensor import QTensor, quantize_per_token
+
+_GROUPS = (32, 64, 128, 256)
+
+
+@dataclass
+class Prepared:
+    """Kernel-ready weights of one layer (derived at load/prepare time, never saved)."""
+
+    kind: str
+    n: int
+    k: int
+    tensors: dict[str, Any]
+
+
+def _has(op: str) -> bool:
+    return hasattr(torch.ops.aten, op)
+
+
+def _fbgemm() -> bool:
+    return any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm"))
+
+
+class TorchCpuBackend(Backend):
+    name = "torch-cpu"
+    device_types = ("cpu",)
+    priority = 10
+    capabilities = Capabilities(
+        bits=(4, 8, 16),
+        group_sizes=(None, *_GROUPS),
+        dtypes=(torch.float32, torch.bfloat16, torch.float16),
+        devices=("cpu",),
+        numerics=(
+            "int8 dynamic: int8 inputs per token, int32 accumulation; int8 weight-only and "
+            "int4-group: bfloat16 activations (fp32 inputs are cast), fp32 accumulation; "
+            "fp16: fbgemm fp16 weights with fp32 activations; bf16: bfloat16 F.linear"
+        ),
+    )
+
+    def available(self):
+        return True
+
+    def supports(self, info):
+        if len(info.shape) != 2 or info.spec.axis not in (0, None):
+            return "needs a 2-D [out, in] weight (nn.Linear layout)"
+        n, k = info.shape
+        if info.scheme == "int8":
+            if not info.spec.symmetric:
+                return "int8 kernels need symmetric weights (zero point 0)"
+            if info.activations == "dynamic":
+                return None if _fbgemm() else "fbgemm/x86 quantized engine missing"
+            if not _has("_weight_int8pack_mm"):
+                return "torch has no _weight_int8pack_mm"
+            return None if k % 16 == 0 else f"K % 16 != 0 (K={k})"
+        if info.scheme == "int4-group":
+            gs = info.spec.group_size
+            if not _has("_weight_int4pack_mm_for_cpu"):
+                return "torch has no _weight_int4pack_mm_for_cpu"
+            if gs not in _GROUPS:
+                return f"group size {gs} not in {_GROUPS}"
+            if k % gs:
+                return f"K % group_size != 0 (K={k}, group_size={gs})"
+            if n % 16:
+                return f"N % 16 != 0 (N={n})"
+            return None
+        if info.scheme == "fp16":
+            return None if _fbgemm() else "fbgemm/x86 quantized engine missing"
+        if info.scheme == "bf16":
+            return None
+        return f"no CPU kernel for scheme {info.scheme!r}"
+
+    def prepare(self, qt: QTensor, scheme) -> Prepared:
+        n, k = qt.shape
+        if qt.scheme == "int8":
+            scale = qt.scale.reshape(-1).to(torch.float32).expand(n).contiguous()
+            wq = qt.qdata.reshape(n, k).contiguous()
+            if qt.activations == "dynamic":
+                qw = torch._make_per_channel_quantized_tensor(
+                    wq, scale.double(), torch.zeros(n, dtype=torch.long), 0
+                )
+                packed = torch.ops.quantized.linear_prepack(qw, None)
+                return Prepared("int8-dynamic", n, k, {"packed": packed, "wq": wq, "s": scale})
+            return Prepared("int8-weight", n, k, {"wq": wq, "s": scale.to(torch.bfloat16)})
+        if qt.scheme == "int4-group":
+            gs = qt.group_size
+            codes = qt.codes().to(torch.int32)
+            if qt.symmetric:  # signed -8..7 -> 0..15 with zero 8: w = (u - 8) * s
+                codes = codes + 8
+                offset = torch.zeros_like(qt.scale, dtype=torch.float32)
+            else:  # w = (q - z) * s = (q - 8) * s + (8 - z) * s
+                offset = (8.0 - qt.zero_point.to(torch.float32)) * qt.scale.to(torch.float32)
+            packed = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+            sz = torch.stack([qt.scale.to(torch.float32), offset], dim=-1)
+            sz = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # [K/gs, N, 2]
+            return Prepared("int4", n, k, {"packed": packed, "sz": sz, "gs": gs})
+        w = scheme.dequantize(qt)
+        if qt.scheme == "fp16":
+            packed = torch.ops.quantized.linear_prepack_fp16(w.to(torch.float32), None)
+            return Prepared("fp16", n, k, {"packed": packed})
+        return Prepared("bf16", n, k, {"w": w.to(torch.bfloat16)})
+
+    def linear(self, x: torch.Tensor, prepared: Prepared, bias: torch.Tensor | None):
+        p = prepared
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, p.k)
+        y = x2.new_zeros((0, p.n)) if x2.shape[0] == 0 else _KERNELS[p.kind](x2, p)
+        y = y.to(x.dtype)
+        if bias is not None:
+            y = y + bias.to(x.dtype)
+        return y.reshape(*lead, p.n)
+
+
+def _int8_dynamic(x: torch.Tensor, p: Prepared) -> torch.Tensor:
+    if x.shape[0] == 1:
+        return torch.ops.quantized.linear_dynamic(
+            x.to(torch.float32).contiguous(), p.tensors["packed"], False
+        )
+    codes, scale = quantize_per_token(x)
+    acc = torch._int_mm(codes, p.tensors["wq"].t())
+    return acc.to(torch.float32) * (scale * p.tensors["s"])
+
+
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    """bfloat16, contiguous, and 32-byte aligned (the AVX-512 kernels use aligned loads)."""
+    xb = x.to(torch.bfloat16).contiguous()
+    if xb.data_ptr() % 32:
+        xb = xb.clone()
+    return xb
+
+
+def _int8_weight(x: torch.Tensor, p: Prepared) -> torch.Tensor:
+    return torch._weight_int8pack_mm(_bf16(x), p.tensors["wq"], p.tensors["s"])
+
+
+def _int4(x: torch.Tensor, p: Prepared) -> torch.Tensor:
+    t = p.tensors
+    return torch._weight_int4pack_mm_for_cpu(_bf16(x), t["packed"], t["gs"], t["sz"])
+
+
+def _fp16(x: torch.Tensor, p: Prepared) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic_fp16(
+        x.to(torch.float32).contiguous(), p.tensors["packed"]
+    )
+
+
+def _bf16_linear(x: torch.Tensor, p: Prepared) -> torch.Tensor:
+    return F.linear(x.to(torch.bfloat16), p.tensors["w"])
+
+
+_KERNELS = {
+    "int8-dynamic": _int8_dynamic,
+    "int8-weight": _int8_weight,
+    "int4": _int4,
+    "fp16": _fp16,
+    "bf16": _bf16_linear,
+}
+
+
+@hookimpl
+def monoquant_register_backends(register):
+    register(TorchCpuBackend())
