@@ -242,9 +242,10 @@ def _rebuild(
         device = next(iter(weights.values())).device.type
         info = WeightInfo.of(next(iter(qweights.values())), device)
         be_name, _ = engine.choose_backend(info, backend)
-        new_modules[mname] = replacer.replace(
-            module, qweights, engine.backends.get(be_name), scheme
-        )
+        new = replacer.replace(module, qweights, engine.backends.get(be_name), scheme)
+        if isinstance(new, QuantizedModule):
+            new.backend_candidates = engine.ranked_backends()
+        new_modules[mname] = new
     # Check the float tensors against what the rebuilt model expects before touching it.
     expected: dict[str, tuple[int, ...]] = {}
     for k, v in model.state_dict().items():

@@ -23,6 +23,7 @@ from .checkpoint import atomic_write, check_output_path
 from .config import split_key_values
 from .engine import Engine
 from .errors import MonoQuantError, PluginLoadError, PluginLoadWarning, UsageError
+from .host import safe_available
 from .qtensor import sqnr_db
 from .report import format_table, human_bytes
 from .rules import load_rules_file
@@ -463,6 +464,33 @@ def build_cli(engine: Engine) -> click.Group:
 
     @cli.command()
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    def env(as_json):
+        """Show the detected hardware (CPU instruction set, GPUs) and which backends run here."""
+        info = environment(engine)
+        if as_json:
+            click.echo(json.dumps(info, indent=2))
+            return
+        for key in (
+            "monoquant",
+            "torch",
+            "python",
+            "cpu_capability",
+            "threads",
+            "quantized_engines",
+            "cuda",
+            "gpus",
+        ):
+            value = info[key]
+            click.echo(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
+        rows = [
+            [b["name"], str(b["priority"]), b["available"], ", ".join(b["devices"]), b["numerics"]]
+            for b in info["backends"]
+        ]
+        click.echo("")
+        click.echo(format_table(["backend", "priority", "available", "devices", "numerics"], rows))
+
+    @cli.command()
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     def plugins(as_json):
         """List installed plugins: name, distribution, version, hooks, components."""
         data = engine.plugins()
@@ -486,6 +514,43 @@ def build_cli(engine: Engine) -> click.Group:
             click.echo(f"failed to load: {f}")
 
     return cli
+
+
+def environment(engine: Engine) -> dict[str, Any]:
+    """Hardware and backend availability as data (``monoquant env``)."""
+    import platform
+
+    cuda = torch.cuda.is_available()
+    gpus = []
+    if cuda:
+        for i in range(torch.cuda.device_count()):
+            cap = torch.cuda.get_device_capability(i)
+            gpus.append(f"{torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})")
+    backends = []
+    for reg in sorted(engine.backends, key=lambda r: -r.component.priority):
+        be = reg.component
+        ok = safe_available(be)
+        backends.append(
+            {
+                "name": reg.name,
+                "plugin": reg.plugin,
+                "priority": be.priority,
+                "devices": list(be.device_types),
+                "available": "yes" if ok is True else f"no: {ok}",
+                "numerics": be.capabilities.numerics,
+            }
+        )
+    return {
+        "monoquant": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "quantized_engines": list(torch.backends.quantized.supported_engines),
+        "cuda": f"yes ({torch.version.cuda})" if cuda else "no",
+        "gpus": gpus or ["none"],
+        "backends": backends,
+    }
 
 
 def _write_text(path: str, text: str) -> None:

@@ -183,7 +183,9 @@ class QuantizedModule(nn.Module):
 
     Buffers are named ``<param>_<role>`` (``weight_qdata``, ``weight_scale``, ...), so
     ``.to()``, ``state_dict()`` and ``load_state_dict()`` work as for any module. The backend's
-    prepared (kernel) form is derived lazily and dropped whenever the module moves.
+    prepared (kernel) form is derived lazily and dropped whenever the module moves; after a
+    move to another device type the module switches to the best of ``backend_candidates``
+    (set by the Engine, highest priority first) that supports the weight there.
     """
 
     def __init__(self, backend: Backend, scheme: Scheme) -> None:
@@ -192,6 +194,7 @@ class QuantizedModule(nn.Module):
         self.backend = backend
         self.scheme = scheme
         self._prepared: dict[str, Any] = {}
+        self.backend_candidates: list[Backend] = [backend]
 
     def prepared(self, param: str = "weight") -> Any:
         """The backend's kernel form of ``param`` (cached until the module moves)."""
@@ -202,7 +205,28 @@ class QuantizedModule(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         self._prepared = {}
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        self._reselect_backend()
+        return out
+
+    def _reselect_backend(self) -> None:
+        if not self._qmeta:
+            return
+        param = next(iter(self._qmeta))
+        qt = self.qtensor(param)
+        info = WeightInfo.of(qt, qt.qdata.device.type)
+        if info.device in self.backend.device_types and self.backend.supports(info) is None:
+            return
+        for be in self.backend_candidates:
+            if info.device in be.device_types and be.supports(info) is None:
+                self.backend = be
+                return
+        from .errors import CapabilityError
+
+        raise CapabilityError(
+            f"no backend of this module runs a {qt.scheme} weight on {info.device}",
+            "move it back, or install a backend plugin for that device",
+        )
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._prepared = {}

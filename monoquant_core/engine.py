@@ -16,7 +16,7 @@ import pluggy
 import torch
 from torch import nn
 
-from .components import Scheme, WeightInfo
+from .components import QuantizedModule, Scheme, WeightInfo
 from .config import Config, config_to_dict, parse_options
 from .errors import (
     CapabilityError,
@@ -174,6 +174,11 @@ class Engine(PluginHost):
         validate_plan(self, plan, model)
         return plan
 
+    def ranked_backends(self) -> list[Any]:
+        """Available backends, highest priority first (a quantized module's fallbacks)."""
+        ranked = sorted(self.backends, key=lambda r: (-r.component.priority, r.name))
+        return [r.component for r in ranked if safe_available(r.component) is True]
+
     def choose_backend(self, info: WeightInfo, forced: str | None) -> tuple[str, list[str]]:
         """Pick the backend for one weight: ``(name, notes)``; notes say why others were not."""
         if forced is not None:
@@ -316,7 +321,10 @@ class Engine(PluginHost):
             report = self._report(plan, results, before, after, config)
             report.time_s = time.perf_counter() - t0
             self._call_plugin_hook("monoquant_report", report=report, config=config)
+            ranked = self.ranked_backends()
             for res in results:  # the only mutation of the model, after every hook succeeded
+                if isinstance(res.module, QuantizedModule):
+                    res.module.backend_candidates = ranked
                 model = _swap(model, res.entry.name, res.module)
             return QuantResult(model, report)
         finally:
