@@ -19,6 +19,7 @@ in :meth:`supports` or guarded at call time; what the kernels cannot do runs on 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,9 +104,11 @@ class TorchCpuBackend(Backend):
             scale = qt.scale.reshape(-1).to(torch.float32).expand(n).contiguous()
             wq = qt.qdata.reshape(n, k).contiguous()
             if qt.activations == "dynamic":
-                qw = torch._make_per_channel_quantized_tensor(
-                    wq, scale.double(), torch.zeros(n, dtype=torch.long), 0
-                )
+                with warnings.catch_warnings():  # torch deprecates qint8 tensors; the op stays
+                    warnings.simplefilter("ignore", UserWarning)
+                    qw = torch._make_per_channel_quantized_tensor(
+                        wq, scale.double(), torch.zeros(n, dtype=torch.long), 0
+                    )
                 packed = torch.ops.quantized.linear_prepack(qw, None)
                 return Prepared("int8-dynamic", n, k, {"packed": packed, "wq": wq, "s": scale})
             return Prepared("int8-weight", n, k, {"wq": wq, "s": scale.to(torch.bfloat16)})

@@ -1,0 +1,113 @@
+"""torch-cpu backend: every kernel path within a declared error bound of the reference
+backend on the same QTensor, and every unsupported shape or odd input falls back or is
+guarded instead of crashing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from monoquant_core import Engine
+
+# (scheme, options, relative error bound against the reference backend)
+PATHS = [
+    ("int8", {"activations": "dynamic"}, 2e-2),
+    ("int8", {}, 1.5e-2),
+    ("int8", {"granularity": "per-tensor"}, 1.5e-2),
+    ("int4-group", {"group_size": 32}, 1.5e-2),
+    ("int4-group", {"group_size": 64}, 1.5e-2),
+    ("int4-group", {"group_size": 128}, 1.5e-2),
+    ("int4-group", {"group_size": 256}, 1.5e-2),
+    ("int4-group", {"group_size": 128, "symmetric": True}, 1.5e-2),
+    ("int4-group", {"group_size": 128, "zero": "int", "method": "rtn"}, 1.5e-2),
+    ("fp16", {}, 1e-3),
+    ("bf16", {}, 1.5e-2),
+]
+
+
+def _models(scheme, opts, n=96, k=256):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(k, n))
+    state = base.state_dict()
+    fast, _ = Engine().quantize(base, scheme=scheme, scheme_options=opts)
+    torch.manual_seed(0)
+    other = nn.Sequential(nn.Linear(k, n))
+    other.load_state_dict(state)
+    ref, _ = Engine().quantize(other, scheme=scheme, scheme_options=opts, backend="reference")
+    return fast, ref
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("scheme, opts, bound", PATHS)
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_paths_match_reference(scheme, opts, bound, m, dtype):
+    fast, ref = _models(scheme, opts)
+    assert fast[0].backend.name == "torch-cpu", fast[0].backend.name
+    assert torch.equal(fast[0].weight_qdata, ref[0].weight_qdata)  # same QTensor
+    x = torch.randn(m, 256).to(dtype)
+    with torch.no_grad():
+        y, r = fast(x), ref(x)
+    assert y.dtype == dtype and y.shape == r.shape
+    err = _rel(y, r)
+    limit = bound if dtype == torch.float32 else max(bound, 2e-2)
+    assert err < limit, f"{scheme} {opts} M={m} {dtype}: relative error {err:.2e} >= {limit}"
+
+
+def test_numerics_are_declared():
+    be = Engine().backends.get("torch-cpu")
+    assert "bfloat16" in be.capabilities.numerics and "per token" in be.capabilities.numerics
+
+
+@pytest.mark.parametrize(
+    "scheme, opts, shape, reason",
+    [
+        ("int8", {}, (32, 40), "K % 16 != 0 (K=40)"),
+        ("int4-group", {"group_size": 32}, (40, 64), "N % 16 != 0 (N=40)"),
+        ("int4-group", {"group_size": 32}, (32, 72), "K % group_size != 0 (K=72, group_size=32)"),
+        ("int8", {"symmetric": False}, (32, 64), "need symmetric weights"),
+    ],
+)
+def test_unsupported_shapes_fall_back_to_reference_with_a_reason(scheme, opts, shape, reason):
+    n, k = shape
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(k, n))
+    engine = Engine()
+    plan = engine.plan(model, scheme=scheme, scheme_options=opts)
+    entry = plan.get("0")
+    assert entry.backend == "reference"
+    assert any(reason in note and "using reference" in note for note in entry.notes), entry.notes
+    q, _ = engine.quantize(model, scheme=scheme, scheme_options=opts)
+    assert q(torch.randn(2, k)).shape == (2, n)
+
+
+@pytest.mark.parametrize("scheme, opts, bound", [p for p in PATHS if p[0] != "fp16"])
+def test_odd_inputs_are_guarded(scheme, opts, bound):
+    fast, ref = _models(scheme, opts)
+    wide = torch.randn(5, 512)
+    cases = {
+        "non-contiguous": wide[:, ::2],
+        "misaligned": torch.randn(5 * 256 + 1)[1:].view(5, 256),
+        "misaligned bf16": torch.randn(5 * 256 + 1).to(torch.bfloat16)[1:].view(5, 256),
+        "3-D": torch.randn(2, 3, 256),
+        "empty batch": torch.randn(0, 256),
+        "empty 3-D": torch.randn(2, 0, 256),
+    }
+    for label, x in cases.items():
+        with torch.no_grad():
+            y, r = fast(x), ref(x)
+        assert y.shape == r.shape == (*x.shape[:-1], 96), label
+        if x.numel():
+            err = _rel(y, r)
+            assert err < max(bound, 2e-2), f"{label}: relative error {err:.2e}"
+
+
+def test_bias_and_output_dtype():
+    fast, ref = _models("int4-group", {})
+    x = torch.randn(4, 256, dtype=torch.float16)
+    assert fast(x).dtype == torch.float16
+    assert _rel(fast(x), ref(x)) < 2e-2
