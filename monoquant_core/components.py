@@ -65,8 +65,8 @@ class WeightInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: str = "cpu"
-    #: how the layer's inputs are quantized at run time: "none" (weight-only) or "dynamic"
-    #: (int8, per token, computed on every call).
+    #: how the layer's inputs are quantized at run time: "none" (weight-only), "dynamic"
+    #: (int8 per token, on every call) or "dynamic-tensor" (uint8, one scale per call).
     activations: str = "none"
 
     @classmethod
@@ -153,6 +153,9 @@ class Replacer(ABC):
     module_types: ClassVar[tuple[type | str, ...]] = ()
     #: quantize matching modules by default (False = only when selected with ``only``).
     default: ClassVar[bool] = True
+    #: run-time input quantization modes the quantized module honours (see
+    #: ``Scheme.activations``); other modes are refused at plan time with a reason.
+    activations: ClassVar[tuple[str, ...]] = ("none",)
     capabilities: ClassVar[Capabilities] = Capabilities()
 
     def weights(self, module: nn.Module) -> dict[str, torch.Tensor]:

@@ -38,6 +38,7 @@ __all__ = [
     "pack_int4",
     "params_fit",
     "quantize_groups",
+    "quantize_per_tensor_asym",
     "quantize_per_token",
     "round_params",
     "rounding_error",
@@ -293,6 +294,20 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale
 
 
+def quantize_per_tensor_asym(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """Asymmetric uint8 codes of ``x`` with one scale and zero point for the whole tensor.
+
+    The range is widened to include 0, ``scale = (max - min) / 255`` and ``zero = round(-min /
+    scale)``: the ``activations="dynamic-tensor"`` contract (what fbgemm's dynamic linear does).
+    """
+    lo = min(float(x.min()), 0.0)
+    hi = max(float(x.max()), 0.0)
+    scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    zero = round(-lo / scale)
+    codes = torch.round(x.to(torch.float32) / scale + zero).clamp_(0, 255).to(torch.uint8)
+    return codes, scale, zero
+
+
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio ``10 log10(sum ref^2 / sum (ref - approx)^2)`` in dB.
 
@@ -340,7 +355,7 @@ class QTensor:
 
     @property
     def activations(self) -> str:
-        """Run-time input quantization of the layer: ``"none"`` or ``"dynamic"``."""
+        """Run-time input quantization: ``"none"``, ``"dynamic"`` or ``"dynamic-tensor"``."""
         return str(self.meta.get("activations", "none"))
 
     @property

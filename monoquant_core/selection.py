@@ -188,7 +188,7 @@ def _apply_rule(engine: Engine, entry: PlanEntry, rule: Rule) -> None:
         entry.options["observer_options"] = dict(rule.observer_options)
     if rule.backend:
         entry.backend = rule.backend
-    entry.notes.append(f"rule {rule.describe()}")
+    entry.notes.append(f"rule {rule.describe()!r}")
 
 
 def _weight_reason(weights: dict) -> str | None:
@@ -213,6 +213,13 @@ def _finish(
         scheme_cfg = engine.scheme_config(entry.scheme, entry.options.get("scheme_options"))
     notes: list[str] = []
     backend = None
+    act = scheme.activations(scheme_cfg)
+    if act not in replacer.activations:
+        entry.skip(
+            f"{entry.scheme} with activations={act!r}: {entry.module_type} layers quantize "
+            "weights only here (use activations=none for them, e.g. with a rule)"
+        )
+        return
     for p, w in replacer.weights(module).items():
         why = scheme.check(tuple(w.shape), scheme_cfg)
         if why:

@@ -20,13 +20,15 @@ class Int8Config(ComponentConfig):
             (one scale for the whole weight: smaller but loses 3-20 dB on real weights).
         symmetric: signed codes without a zero point (default) or unsigned codes with an
             integer zero point (better on skewed rows).
-        activations: ``none`` (weight-only, default) or ``dynamic``: the layer's inputs are
-            quantized to int8 per token on every call (W8A8), which fast int8 kernels need.
+        activations: ``none`` (weight-only, default); ``dynamic``: the layer's inputs are
+            quantized to int8 per token on every call (W8A8); ``dynamic-tensor``: one scale
+            per call for the whole input (less accurate when tokens differ in range, but the
+            fastest CPU kernel at every batch size).
     """
 
     granularity: Literal["per-channel", "per-tensor"] = "per-channel"
     symmetric: bool = True
-    activations: Literal["none", "dynamic"] = "none"
+    activations: Literal["none", "dynamic", "dynamic-tensor"] = "none"
 
 
 class Int8Scheme(Scheme):

@@ -39,6 +39,7 @@ class LinearReplacer(Replacer):
 
     name = "linear"
     module_types = (nn.Linear,)
+    activations = ("none", "dynamic", "dynamic-tensor")  # backend.linear honours them
 
     def skip_reason(self, name, module, model):
         parent_name = name.rpartition(".")[0]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from monoquant_core import Backend, Capabilities, hookimpl
-from monoquant_core.qtensor import quantize_per_token
+from monoquant_core.qtensor import quantize_per_tensor_asym, quantize_per_token
 
 
 class ReferenceBackend(Backend):
@@ -33,6 +33,9 @@ class ReferenceBackend(Backend):
         if qt.activations == "dynamic" and x.numel():
             codes, scale = quantize_per_token(x.reshape(-1, x.shape[-1]))
             x = (codes.to(torch.float32) * scale).to(x.dtype).reshape(x.shape)
+        elif qt.activations == "dynamic-tensor" and x.numel():
+            codes, s, z = quantize_per_tensor_asym(x)
+            x = ((codes.to(torch.float32) - z) * s).to(x.dtype)
         return F.linear(x, w, b)
 
 

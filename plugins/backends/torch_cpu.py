@@ -6,6 +6,8 @@ What runs where (see docs/performance.md for the measurements):
   one token goes through fbgemm's ``quantized::linear_dynamic`` (``reduce_range=False``; for a
   single row its per-tensor activation scale *is* per token), several tokens through
   ``torch._int_mm`` on per-token int8 codes, with the weight passed as a transposed view.
+* ``int8`` with ``activations="dynamic-tensor"``: fbgemm at every batch size (one activation
+  scale per call: the fastest int8 path, a separate, labelled accuracy trade-off).
 * ``int8`` weight-only: ``torch._weight_int8pack_mm`` with bfloat16 activations.
 * ``int4-group`` (g32/64/128/256, asymmetric or symmetric): ``torch._weight_int4pack_mm_for_cpu``
   with bfloat16 activations; the packed layout depends on the CPU's instruction set, so it is
@@ -60,7 +62,8 @@ class TorchCpuBackend(Backend):
         dtypes=(torch.float32, torch.bfloat16, torch.float16),
         devices=("cpu",),
         numerics=(
-            "int8 dynamic: int8 inputs per token, int32 accumulation; int8 weight-only and "
+            "int8 dynamic: int8 inputs per token (dynamic-tensor: one uint8 scale per call), "
+            "int32 accumulation; int8 weight-only and "
             "int4-group: bfloat16 activations (fp32 inputs are cast), fp32 accumulation; "
             "fp16: fbgemm fp16 weights with fp32 activations; bf16: bfloat16 F.linear"
         ),
@@ -76,7 +79,7 @@ class TorchCpuBackend(Backend):
         if info.scheme == "int8":
             if not info.spec.symmetric:
                 return "int8 kernels need symmetric weights (zero point 0)"
-            if info.activations == "dynamic":
+            if info.activations in ("dynamic", "dynamic-tensor"):
                 return None if _fbgemm() else "fbgemm/x86 quantized engine missing"
             if not _has("_weight_int8pack_mm"):
                 return "torch has no _weight_int8pack_mm"
@@ -103,14 +106,15 @@ class TorchCpuBackend(Backend):
         if qt.scheme == "int8":
             scale = qt.scale.reshape(-1).to(torch.float32).expand(n).contiguous()
             wq = qt.qdata.reshape(n, k).contiguous()
-            if qt.activations == "dynamic":
+            if qt.activations in ("dynamic", "dynamic-tensor"):
                 with warnings.catch_warnings():  # torch deprecates qint8 tensors; the op stays
                     warnings.simplefilter("ignore", UserWarning)
                     qw = torch._make_per_channel_quantized_tensor(
                         wq, scale.double(), torch.zeros(n, dtype=torch.long), 0
                     )
                 packed = torch.ops.quantized.linear_prepack(qw, None)
-                return Prepared("int8-dynamic", n, k, {"packed": packed, "wq": wq, "s": scale})
+                kind = "int8-dynamic" if qt.activations == "dynamic" else "int8-dynamic-tensor"
+                return Prepared(kind, n, k, {"packed": packed, "wq": wq, "s": scale})
             return Prepared("int8-weight", n, k, {"wq": wq, "s": scale.to(torch.bfloat16)})
         if qt.scheme == "int4-group":
             gs = qt.group_size
@@ -151,6 +155,12 @@ def _int8_dynamic(x: torch.Tensor, p: Prepared) -> torch.Tensor:
     return acc.to(torch.float32) * (scale * p.tensors["s"])
 
 
+def _int8_dynamic_tensor(x: torch.Tensor, p: Prepared) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic(
+        x.to(torch.float32).contiguous(), p.tensors["packed"], False
+    )
+
+
 def _bf16(x: torch.Tensor) -> torch.Tensor:
     """bfloat16, contiguous, and 32-byte aligned (the AVX-512 kernels use aligned loads)."""
     xb = x.to(torch.bfloat16).contiguous()
@@ -180,6 +190,7 @@ def _bf16_linear(x: torch.Tensor, p: Prepared) -> torch.Tensor:
 
 _KERNELS = {
     "int8-dynamic": _int8_dynamic,
+    "int8-dynamic-tensor": _int8_dynamic_tensor,
     "int8-weight": _int8_weight,
     "int4": _int4,
     "fp16": _fp16,

@@ -112,6 +112,6 @@ def test_cli_rule_and_rules_file(engine, tmp_path):
     toml = tmp_path / "rules.toml"
     toml.write_text('[[rule]]\npattern = "lm_head"\nscheme = "int8"\n')
     res = CliRunner().invoke(cli, ["plan", "--demo", "--rules", str(toml)])
-    assert res.exit_code == 0 and "rule lm_head=int8" in res.output
+    assert res.exit_code == 0 and "rule 'lm_head=int8'" in res.output
     res = CliRunner().invoke(cli, ["plan", "--demo", "--rule", "lm_head"])
     assert res.exit_code == 1 and "not PATTERN=SCHEME" in res.output

@@ -13,6 +13,7 @@ from monoquant_core import Engine
 # (scheme, options, relative error bound against the reference backend)
 PATHS = [
     ("int8", {"activations": "dynamic"}, 2e-2),
+    ("int8", {"activations": "dynamic-tensor"}, 2e-2),
     ("int8", {}, 1.5e-2),
     ("int8", {"granularity": "per-tensor"}, 1.5e-2),
     ("int4-group", {"group_size": 32}, 1.5e-2),
