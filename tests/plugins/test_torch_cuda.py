@@ -1,0 +1,70 @@
+"""torch-cuda backend: kernel paths against the reference backend on the same QTensor (GPU
+only; every test here is marked ``gpu`` and skips cleanly without CUDA), plus the CPU-side
+behaviour that needs no GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from monoquant_core import CapabilityError, Engine
+
+PATHS = [
+    ("int8", {"activations": "dynamic"}, 2e-2),
+    ("int8", {"activations": "dynamic-tensor"}, 2e-2),
+    ("int8", {}, 1e-2),
+    ("int4-group", {"group_size": 128}, 2e-2),
+    ("int4-group", {"group_size": 32, "symmetric": True}, 2e-2),
+    ("fp16", {}, 2e-3),
+    ("bf16", {}, 2e-2),
+]
+
+
+def test_unavailable_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    engine = Engine()
+    assert "no CUDA device" in str(engine.backends.get("torch-cuda").available())
+    with pytest.raises(CapabilityError, match="'torch-cuda' is not available here: no CUDA"):
+        engine.configure(backend="torch-cuda")
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme, opts, bound", PATHS)
+@pytest.mark.parametrize("m", [1, 5, 64])
+def test_cuda_kernels_match_reference(scheme, opts, bound, m):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(512, 256))
+    q, _ = Engine().quantize(base, scheme=scheme, scheme_options=opts)
+    q = q.to("cuda")
+    assert q[0].backend.name == "torch-cuda", q[0].backend.name
+    ref = Engine().quantize(
+        nn.Sequential(nn.Linear(512, 256)), scheme=scheme, scheme_options=opts, backend="reference"
+    )[0]
+    ref.load_state_dict(q.state_dict())
+    ref = ref.to("cuda")
+    ref[0].backend = Engine().backends.get("reference")
+    x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        err = _rel(q(x), ref(x))
+    assert err < bound, f"{scheme} {opts} M={m}: relative error {err:.2e}"
+
+
+@pytest.mark.gpu
+def test_moving_between_devices_reselects_the_backend():
+    torch.manual_seed(0)
+    q, _ = Engine().quantize(nn.Sequential(nn.Linear(256, 128)), scheme="int4-group")
+    x = torch.randn(3, 256)
+    y_cpu = q(x)
+    assert q[0].backend.name == "torch-cpu"
+    q = q.to("cuda")
+    assert q[0].backend.name == "torch-cuda"
+    y_gpu = q(x.cuda()).cpu()
+    assert _rel(y_gpu, y_cpu) < 3e-2
+    q = q.to("cpu")
+    assert q[0].backend.name == "torch-cpu"
