@@ -186,7 +186,7 @@ class Engine(PluginHost):
             if why:
                 raise CapabilityError(
                     f"backend {forced!r} cannot run this weight: {why}",
-                    "leave --backend out to choose automatically",
+                    "leave --backend (or a rule's backend=) out to choose automatically",
                 )
             return forced, []
         notes = []

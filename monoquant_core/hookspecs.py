@@ -314,7 +314,9 @@ def monoquant_module_done(entry: PlanEntry, result: ModuleResult) -> None:
 def monoquant_report(report: QuantReport, config: Config) -> None:
     """Inspect or extend the final report (add to ``report.extra``).
 
-    Called once per run after all modules are quantized and swapped in.
+    Called once per run after every module (or checkpoint tensor) is quantized and before
+    the result is committed: the model's modules are swapped in, or a checkpoint's output
+    renamed into place, only after this hook returned, so an exception here changes nothing.
 
     Args:
         report: the :class:`~monoquant_core.report.QuantReport`.

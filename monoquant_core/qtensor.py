@@ -360,7 +360,10 @@ class QTensor:
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.symmetric, self.axis, self.group_size)
+        float_zero = self.zero_point is not None and self.zero_point.is_floating_point()
+        return QuantSpec(
+            self.bits, self.symmetric, self.axis, self.group_size, float_zero, self.scale.dtype
+        )
 
     @property
     def numel(self) -> int:

@@ -11,7 +11,9 @@ Selection rules, in order (the first that applies gives the skip reason):
 6. the weight is not a floating tensor, is empty, or is not materialised (meta device);
 7. the replacer vetoes it (``skip_reason``), e.g. a parent that reads the weight directly;
 8. the weight is tied to another module's parameter (quantizing it would untie them);
-9. the scheme vetoes the shape (``Scheme.check``).
+9. the scheme's activation mode is not one the replacer honours (``Replacer.activations``:
+   only Linear layers quantize their inputs);
+10. the scheme vetoes the shape (``Scheme.check``).
 
 A selected module takes the run's scheme / observer / options unless its first matching rule
 overrides them (mixed precision by rule).
@@ -101,7 +103,8 @@ def build_module_plan(engine: Engine, model: nn.Module, config: Config) -> Plan:
     for rule in config.rules:
         if not any(fnmatch.fnmatchcase(e.name, rule.pattern) for e in entries):
             raise UsageError(
-                f"rule {rule.describe()!r} matches no module of the model",
+                f"rule {rule.describe()!r} matches no module of the model"
+                + _container_hint(model, rule.pattern),
                 "check the names with `monoquant plan` (patterns are fnmatch globs)",
             )
     for pat, hits in only_hits.items():
@@ -116,10 +119,18 @@ def build_module_plan(engine: Engine, model: nn.Module, config: Config) -> Plan:
                 "change the --only pattern, or install a plugin with a replacer for " + tname,
             )
         raise UsageError(
-            f"--only {pat!r} matches no module of the model",
+            f"--only {pat!r} matches no module of the model" + _container_hint(model, pat),
             "check the names with `monoquant plan` (patterns are fnmatch globs on module names)",
         )
     return Plan(entries=entries, config=config)
+
+
+def _container_hint(model: nn.Module, pattern: str) -> str:
+    """' ('blocks.0' is a container; 'blocks.0.*' matches the layers in it)' or ''."""
+    for name, _ in model.named_modules():
+        if name and fnmatch.fnmatchcase(name, pattern):
+            return f" ({name!r} is a container; {pattern + '.*'!r} matches the layers in it)"
+    return ""
 
 
 def _select(
@@ -281,11 +292,16 @@ def _tensor_default_reason(module: str, param: str, shape: tuple[int, ...]) -> s
         return "weight is empty"
     if "norm" in last or last.startswith("ln"):
         return "normalisation layer: kept in float (small and precision-sensitive)"
-    if "embed" in last or "position" in last or last in ("wte", "wpe", "pos"):
+    if _embedding_like(module):
         return "embedding: kept in float by default (sensitive); select it with a rule"
     if last in ("lm_head", "output", "head") and module.count(".") == 0:
         return "output head: kept in float by default; select it with a rule"
     return None
+
+
+def _embedding_like(module: str) -> bool:
+    last = module.rpartition(".")[2].lower()
+    return "embed" in last or "position" in last or last in ("wte", "wpe", "pos")
 
 
 def _tensor_match(module: str, name: str, patterns: tuple[str, ...]) -> str | None:
@@ -346,7 +362,14 @@ def _tensor_scheme(
         if (entry.scheme != config.scheme or "scheme_options" in entry.options)
         else config.scheme_config
     )
-    why = engine.schemes.get(entry.scheme).check(shape, scheme_cfg)
+    scheme = engine.schemes.get(entry.scheme)
+    act = scheme.activations(scheme_cfg)
+    if act != "none" and (len(shape) != 2 or _embedding_like(entry.name.rpartition(".")[0])):
+        return (
+            f"{entry.scheme} with activations={act!r}: only Linear-like weights quantize "
+            "their inputs (use activations=none for this tensor, e.g. with a rule)"
+        )
+    why = scheme.check(shape, scheme_cfg)
     return f"{entry.scheme}: {why}" if why else None
 
 

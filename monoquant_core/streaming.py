@@ -111,14 +111,24 @@ def check_paths(source: CheckpointSource, dst: str, overwrite: bool) -> str:
 
 
 def _write_output(
-    source: CheckpointSource, dst: str, overwrite: bool, write_shard: ShardWriter
+    source: CheckpointSource,
+    dst: str,
+    overwrite: bool,
+    write_shard: ShardWriter,
+    before_commit: Callable[[int], None] | None = None,
 ) -> int:
-    """Write every shard (+ index, + copied files) and move the result into place atomically."""
+    """Write every shard (+ index, + copied files) and move the result into place atomically.
+
+    ``before_commit(total_bytes)`` runs when everything is written but not yet renamed into
+    place; if it raises, nothing is committed.
+    """
     if source.kind != "folder":
         sizes: list[int] = []
 
         def one(tmp: str) -> None:
             sizes.append(write_shard(source.shards[0], tmp)[1])
+            if before_commit is not None:
+                before_commit(sum(sizes))
 
         atomic_write(dst, one, overwrite)
         return sum(sizes)
@@ -139,6 +149,8 @@ def _write_output(
         for rel in source.copy:
             src = os.path.join(source.path, rel)
             (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, rel))
+        if before_commit is not None:
+            before_commit(total)
         _replace_folder(tmp, dst, overwrite)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -210,13 +222,17 @@ def quantize_checkpoint(
                     engine, shard, path, entries, report, prog, prod, config, allow_nonfinite
                 )
 
+            def before_commit(total: int) -> None:  # the report hook runs before the rename
+                prog.close()
+                report.model_bytes_after = total
+                report.model_bytes_before = prog.bytes
+                report.time_s = time.perf_counter() - t0
+                engine._call_plugin_hook("monoquant_report", report=report, config=config)
+
             try:
-                report.model_bytes_after = _write_output(source, dst, overwrite, write_shard)
+                _write_output(source, dst, overwrite, write_shard, before_commit)
             finally:
                 prog.close()
-            report.model_bytes_before = prog.bytes
-            report.time_s = time.perf_counter() - t0
-            engine._call_plugin_hook("monoquant_report", report=report, config=config)
             return report
         finally:
             engine.config = None

@@ -4,7 +4,7 @@ Two modes, chosen by the spec's granularity:
 
 * **per-tensor** (activations, per-tensor weights): accumulate a histogram over every update and
   pick ``[lo, hi]`` minimising the squared error of quantizing the histogram's mass (bin centres
-  weighted by counts, plus each bin's in-bin spread), searched over a grid of candidate pairs
+  weighted by counts), searched over a grid of candidate pairs
   in one vectorised pass. The raw ``[min, max]`` is a candidate, so under this error model the
   result is never worse than ``minmax``.
 * **per-channel / group-wise** (weights): on the exact values, try ``grid`` shrink ratios

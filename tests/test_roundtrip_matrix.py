@@ -32,7 +32,7 @@ class AllLayers(nn.Module):
         torch.manual_seed(seed)
         self.embed = nn.Embedding(100, 48)
         self.conv1d = nn.Conv1d(48, 40, 3, padding=1)
-        self.conv2d = nn.Conv2d(1, 6, 3, padding=1)
+        self.conv2d = nn.Conv2d(48, 6, 1)
         self.gpt2 = Conv1D(64, 40)
         self.head = nn.Linear(64 + 6 * 4, 10)
 
@@ -40,7 +40,7 @@ class AllLayers(nn.Module):
         x = self.embed(tokens)  # [B, T, 48]
         h = self.conv1d(x.transpose(1, 2)).transpose(1, 2).contiguous()  # [B, T, 40]
         h = self.gpt2(h).mean(1)  # [B, 64]
-        img = self.conv2d(x[:, :4, :4].unsqueeze(1)).flatten(2).mean(-1)  # [B, 6]
+        img = self.conv2d(x.transpose(1, 2).unsqueeze(-1)).flatten(2).mean(-1)  # [B, 6]
         return self.head(torch.cat([h, img.repeat(1, 4)], dim=-1))
 
 

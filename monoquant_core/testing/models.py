@@ -1,7 +1,14 @@
-"""Small seeded models used by the tests (and usable by plugin authors' tests)."""
+"""Small seeded models used by the tests (and usable by plugin authors' tests).
+
+Every builder takes a ``seed`` and returns a fresh model in eval mode, so a test can build the
+same float model twice (once to quantize, once to load a saved file into).
+:func:`tiny_models` bundles them with example inputs.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from itertools import pairwise
 
 import torch
@@ -9,7 +16,18 @@ from torch import nn
 
 from ..demo import TransformerBlock
 
-__all__ = ["CustomWrapperModel", "mlp", "transformer_block"]
+__all__ = [
+    "ConvNet",
+    "CustomWrapperModel",
+    "EmbeddingModel",
+    "TinyModel",
+    "conv_net",
+    "embedding_model",
+    "mlp",
+    "outlier_mlp",
+    "tiny_models",
+    "transformer_block",
+]
 
 
 def mlp(seed: int = 0, dims: tuple[int, ...] = (32, 64, 64, 10)) -> nn.Sequential:
@@ -23,10 +41,64 @@ def mlp(seed: int = 0, dims: tuple[int, ...] = (32, 64, 64, 10)) -> nn.Sequentia
     return nn.Sequential(*layers).eval()
 
 
+def outlier_mlp(seed: int = 0, factor: float = 30.0) -> nn.Sequential:
+    """:func:`mlp` whose Linear weights each have two input columns ``factor`` times larger.
+
+    Outlier input channels stretch every row's range, which is what separates per-channel
+    from group-wise schemes and clipping observers from plain min/max.
+    """
+    model = mlp(seed)
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                layer.weight[:, :2] *= factor
+    return model
+
+
 def transformer_block(seed: int = 0, dim: int = 64, heads: int = 4, hidden: int = 256) -> nn.Module:
     """One pre-norm transformer block: attention (q/k/v/o Linear) + GELU MLP + two LayerNorms."""
     torch.manual_seed(seed)
     return TransformerBlock(dim, heads, hidden).eval()
+
+
+class ConvNet(nn.Module):
+    """Conv2d -> ReLU -> strided Conv2d -> Conv1d over the flattened pixels -> Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv1d(32, 32, 3, padding=1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(torch.relu(self.conv1(x)))
+        h = self.conv3(h.flatten(2))
+        return self.head(h.mean(-1))
+
+
+def conv_net(seed: int = 0) -> ConvNet:
+    """A small CNN with Conv2d and Conv1d layers (inputs ``[B, 3, H, W]``)."""
+    torch.manual_seed(seed)
+    return ConvNet().eval()
+
+
+class EmbeddingModel(nn.Module):
+    """Token embedding -> mean over the sequence -> Linear head (inputs: token ids)."""
+
+    def __init__(self, vocab: int = 100, dim: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens).mean(1))
+
+
+def embedding_model(seed: int = 0) -> EmbeddingModel:
+    """An embedding table plus a head; embeddings are opt-in, so select them with ``only``."""
+    torch.manual_seed(seed)
+    return EmbeddingModel().eval()
 
 
 class GatedLinear(nn.Module):
@@ -59,3 +131,45 @@ class CustomWrapperModel(nn.Module):
         for block in self.body:
             h = h + block(h)
         return self.out(self.norm(h))
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """A seeded model factory with an example input.
+
+    Attributes:
+        name: the key in :func:`tiny_models`.
+        build: returns a fresh float model (same weights on every call).
+        inputs: an example input for ``model(inputs)``.
+        only: ``only`` patterns that select every quantizable layer (opt-in layers such as
+            embeddings included); empty means the default selection.
+    """
+
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: torch.Tensor
+    only: tuple[str, ...] = field(default=())
+
+
+def tiny_models(seed: int = 0) -> dict[str, TinyModel]:
+    """Every tiny model by name: ``mlp``, ``outliers``, ``conv``, ``embedding``,
+    ``transformer`` and ``wrapper`` (Linear layers inside a custom module)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return {
+        m.name: m
+        for m in (
+            TinyModel("mlp", lambda: mlp(seed), torch.randn(4, 32, generator=g)),
+            TinyModel("outliers", lambda: outlier_mlp(seed), torch.randn(4, 32, generator=g)),
+            TinyModel("conv", lambda: conv_net(seed), torch.randn(2, 3, 8, 8, generator=g)),
+            TinyModel(
+                "embedding",
+                lambda: embedding_model(seed),
+                torch.randint(0, 100, (3, 7), generator=g),
+                only=("*",),
+            ),
+            TinyModel(
+                "transformer", lambda: transformer_block(seed), torch.randn(2, 5, 64, generator=g)
+            ),
+            TinyModel("wrapper", lambda: CustomWrapperModel(seed), torch.randn(3, 16, generator=g)),
+        )
+    }

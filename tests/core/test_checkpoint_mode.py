@@ -366,17 +366,17 @@ def _write_named(tmp_path, shapes: dict[str, tuple[int, ...]]):
 
 
 NAMED = {
-    "transformer.wte.weight": (64, 16),
-    "model.embed_tokens.weight": (64, 16),
+    "transformer.wte.weight": (64, 128),
+    "model.embed_tokens.weight": (64, 128),
     "model.layers.0.input_layernorm.weight": (16,),
-    "model.final_norm.weight": (4, 16),
-    "model.layers.0.ln_2.weight": (4, 16),
-    "model.layers.0.self_attn.q_proj.weight": (16, 16),
+    "model.final_norm.weight": (4, 128),
+    "model.layers.0.ln_2.weight": (4, 128),
+    "model.layers.0.self_attn.q_proj.weight": (16, 128),
     "model.layers.0.self_attn.q_proj.bias": (16,),
-    "model.layers.0.mlp.up_proj.weight": (32, 16),
+    "model.layers.0.mlp.up_proj.weight": (32, 128),
     "model.layers.0.mlp.conv.weight": (8, 4, 3),
     "model.layers.0.rotary.inv_freq": (8,),
-    "lm_head.weight": (64, 16),
+    "lm_head.weight": (64, 128),
 }
 
 
@@ -697,13 +697,13 @@ def test_all_zero_rows_round_trip_to_zeros(engine, tmp_path, scheme, options):
     w[2] = 0
     w[9, :128] = 0
     src = tmp_path / "z.safetensors"
-    write_safetensors(str(src), {"a.weight": w, "zero.weight": torch.zeros(8, 64)}, {})
+    write_safetensors(str(src), {"a.weight": w, "zero.weight": torch.zeros(8, 256)}, {})
     out = tmp_path / "q.safetensors"
     report = engine.quantize_checkpoint(
         str(src), str(out), scheme=scheme, scheme_options=options, progress=False
     )
     got = mq.load(str(out), dequantize=True)
-    assert torch.equal(got["zero.weight"], torch.zeros(8, 64))
+    assert torch.equal(got["zero.weight"], torch.zeros(8, 256))
     assert torch.equal(got["a.weight"][2], torch.zeros(256))
     assert torch.equal(got["a.weight"][9, :128], torch.zeros(128))
     assert torch.isfinite(got["a.weight"]).all()
@@ -942,3 +942,20 @@ def test_unselected_tensors_are_copied_without_loading(engine, tmp_path, monkeyp
     for n, t in sd.items():
         if n not in SMALL_SELECTED:
             assert torch.equal(got[n], t), n
+
+
+def test_report_hook_failure_commits_nothing(tmp_path):
+    from monoquant_core import Engine, PluginError, hookimpl
+
+    class Boom:
+        @hookimpl
+        def monoquant_report(self, report, config):
+            raise RuntimeError("report sink down")
+
+    src = tmp_path / "m.safetensors"
+    write_safetensors(str(src), {"a.weight": torch.randn(32, 256)}, {})
+    out = tmp_path / "q.safetensors"
+    with pytest.raises(PluginError, match="report sink down"):
+        Engine(plugins=[Boom()]).quantize_checkpoint(str(src), str(out), progress=False)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]

@@ -48,7 +48,12 @@ def test_output_equals_float_conv_with_dequantized_weight(engine, kind, scheme):
     x = torch.randn(shape)
     with torch.no_grad():
         ref = conv(x)
-    q, _ = _quantize_one(engine, build_copy(conv), scheme, SCHEMES[scheme])
+    q, report = _quantize_one(engine, build_copy(conv), scheme, SCHEMES[scheme])
+    k = conv.weight[0].numel()
+    groups = -(-k // 32)
+    if scheme == "int4-group" and groups * (32 * 4 + 32) / k > 8:  # padding costs > 8 bits/w
+        assert "padding to group_size 32" in dict(report.skipped)["0"], report.skipped
+        return
     assert type(q).__name__ == f"QuantizedConv{conv.weight.dim() - 2}d"
     for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation"):
         assert getattr(q, attr) == getattr(conv, attr), attr
