@@ -148,7 +148,7 @@ class SchemeContract(Contract):
                 f"{self.sqnr_floor_db:.2f} dB"
             )
 
-    @pytest.mark.parametrize("shape", [(48, 96), (8, 100), (6, 4, 3, 3)])
+    @pytest.mark.parametrize("shape", [(48, 96), (8, 100), (6, 8, 3, 3)])
     def test_qtensor_is_consistent(self, contract_engine, shape):
         sch = self._scheme(contract_engine)
         caps = sch.capabilities
@@ -238,8 +238,9 @@ class SchemeContract(Contract):
             qt.validate()
             db = sqnr_db(w, sch.dequantize(qt))
             assert db > 0, f"group_size={g}: SQNR {db:.2f} dB"
-            plan = contract_engine.plan(mlp(), **self._options(**{self.group_size_option: g}))
-            assert plan.selected, f"group_size={g}: nothing planned"
+            model = nn.Sequential(nn.Linear(2 * g, 16))
+            plan = contract_engine.plan(model, **self._options(**{self.group_size_option: g}))
+            assert plan.selected, f"group_size={g}: a [16, {2 * g}] weight is not planned"
 
     def test_undeclared_group_sizes_fail_before_any_compute(self, contract_engine):
         sch = self._scheme(contract_engine)

@@ -56,7 +56,7 @@ class SerializerContract(Contract):
     """
 
     serializer: ClassVar[str] = ""
-    models: ClassVar[tuple[str, ...]] = ("mlp", "embedding")
+    models: ClassVar[tuple[str, ...]] = ("transformer", "embedding")
 
     @pytest.fixture(autouse=True)
     def _declared(self) -> None:
