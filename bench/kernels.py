@@ -6,7 +6,8 @@
 Linear 4096x4096 and 4096->11008 at M = 1, 8, 32, 128 tokens. Weights are cold: every call
 uses the next of several copies of the layer, together larger than the L3 cache, so each call
 streams its weight from DRAM as in a real model. Each cell is the median of the timed calls,
-measured in one run with fp32 ``nn.Linear`` as the baseline (speed-up = fp32 time / time).
+measured in one run, round-robin (a few calls of each variant in turn, so the machine's drift
+hits all alike), with fp32 ``nn.Linear`` as the baseline (speed-up = fp32 time / time).
 At M=1 the table also gives the fraction of the memory-bandwidth limit: weight bytes /
 latency / read bandwidth, the bandwidth measured here by ``tensor.sum()`` over 1 GiB.
 
@@ -72,16 +73,42 @@ def pool_of(module: nn.Module, per_copy: int) -> list[nn.Module]:
 
 
 def time_pool(pool: list[nn.Module], x: torch.Tensor, calls: int) -> float:
+    """Median latency of ``calls`` calls, cycling through the pool (after a warm-up pass)."""
     with torch.no_grad():
         for m in pool:  # warm-up: prepares kernel layouts, touches every copy once
             m(x)
-        times = []
-        for i in range(calls):
-            m = pool[i % len(pool)]
-            t0 = time.perf_counter()
-            m(x)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return statistics.median(_calls(pool, x, 0, calls))
+
+
+def _calls(pool: list[nn.Module], x: torch.Tensor, start: int, calls: int) -> list[float]:
+    times = []
+    for i in range(start, start + calls):
+        m = pool[i % len(pool)]
+        t0 = time.perf_counter()
+        m(x)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def interleaved(variants: list[tuple], x_of, rounds: int, quick: bool) -> list[float]:
+    """Median latency per variant, measured round-robin: every round runs a few calls of each
+    variant in turn (after one untimed call), so drift in the machine's speed (other tenants,
+    clocks) hits all of them alike and the ratios stay fair."""
+    times: list[list[float]] = [[] for _ in variants]
+    with torch.no_grad():
+        for *_, pool, dtype in variants:
+            for m in pool:
+                m(x_of(dtype))
+        for r in range(rounds):
+            for i, (_, backend, pool, dtype) in enumerate(variants):
+                slow = backend == "reference"
+                if slow and r >= 3:
+                    continue
+                n = 1 if slow else (2 if quick else 4)
+                if not slow:  # one untimed call after switching variants
+                    _calls(pool, x_of(dtype), r * (n + 1), 1)
+                times[i] += _calls(pool, x_of(dtype), r * (n + 1) + 1, n)
+    return [statistics.median(t) for t in times]
 
 
 def linear_table(n: int, k: int, ms: list[int], bw: float, quick: bool) -> str:
@@ -100,19 +127,14 @@ def linear_table(n: int, k: int, ms: list[int], bw: float, quick: bool) -> str:
             nn.Sequential(copy.deepcopy(base)), scheme=scheme, scheme_options=opts, backend=backend
         )
         variants.append((label, backend, pool_of(q, weight_bytes(q)), torch.float32))
-    base_times = {}
-    for label, backend, pool, dtype in variants:
-        cells, first = [], None
-        for m in ms:
-            x = torch.randn(m, k, dtype=dtype)
-            calls = 3 if (backend == "reference" or quick) else 20
-            t = time_pool(pool, x, calls)
-            if label.startswith("fp32"):
-                base_times[m] = t
-            first = first if first is not None else t
-            cells.append(f"{t * 1e3:.2f} ({base_times[m] / t:.1f}x)")
+    by_m = {}
+    for m in ms:
+        xs = {dt: torch.randn(m, k, dtype=dt) for dt in (torch.float32, torch.bfloat16)}
+        by_m[m] = interleaved(variants, xs.__getitem__, 3 if quick else 8, quick)
+    for i, (label, backend, pool, _) in enumerate(variants):
+        cells = [f"{by_m[m][i] * 1e3:.2f} ({by_m[m][0] / by_m[m][i]:.1f}x)" for m in ms]
         wb = weight_bytes(pool[0])
-        frac = wb / first / (bw * 1e9)
+        frac = wb / by_m[ms[0]][i] / (bw * 1e9)
         rows.append(
             f"| {label} | {backend} | {wb / (n * k):.2f} | "
             + " | ".join(cells)
@@ -138,49 +160,56 @@ class Model(nn.Module):
         return x
 
 
-def model_table() -> str:
+def model_table(quick: bool = False) -> str:
+    """End-to-end latency at batch 1, fp32 vs quantized, measured round-robin in one run; the
+    error columns compare each output with fp32 and with the reference backend running the
+    very same QTensors (the kernel's own error)."""
     torch.manual_seed(0)
     base = Model().eval()
     x = torch.randn(1, 1, 1024)
     fp32_bytes = sum(p.numel() * 4 for p in base.parameters())
-    rows = []
-    variants = [("fp32", None, {}, None)] + [
-        (label, scheme, opts, backend)
-        for label, scheme, opts, backend in [
-            ("int8 dynamic per token", "int8", {"activations": "dynamic"}, "torch-cpu"),
-            ("int8 dynamic per tensor", "int8", {"activations": "dynamic-tensor"}, "torch-cpu"),
-            ("int8 weight-only", "int8", {}, "torch-cpu"),
-            ("int4-group g128", "int4-group", {}, "torch-cpu"),
-            ("int8 weight-only", "int8", {}, "reference"),
-        ]
+    configs = [
+        ("int8 dynamic per token", "int8", {"activations": "dynamic"}, "torch-cpu"),
+        ("int8 dynamic per tensor", "int8", {"activations": "dynamic-tensor"}, "torch-cpu"),
+        ("int8 weight-only", "int8", {}, "torch-cpu"),
+        ("int4-group g128", "int4-group", {}, "torch-cpu"),
+        ("int8 weight-only", "int8", {}, "reference"),
     ]
-    t_fp32 = None
+    variants = [("fp32", "-", pool_of(base, fp32_bytes), torch.float32)]
+    errors = [("0", "-")]
     with torch.no_grad():
-        ref = base(x)
-    for label, scheme, opts, backend in variants:
-        if scheme is None:
-            m = base
-        else:
+        want = base(x)
+        for label, scheme, opts, backend in configs:
             m, _ = Engine().quantize(
                 copy.deepcopy(base), scheme=scheme, scheme_options=opts, backend=backend
             )
-        pool = pool_of(m, fp32_bytes if scheme is None else weight_bytes(m))
-        t = time_pool(pool, x, 10 if backend == "reference" else 30)
-        t_fp32 = t_fp32 or t
-        with torch.no_grad():
-            err = ((m(x) - ref).norm() / ref.norm()).item()
-        rows.append(
-            f"| {label} | {backend or '-'} | {t * 1e3:.2f} | {t_fp32 / t:.2f}x | {err:.1e} |"
-        )
+            ref, _ = Engine().quantize(
+                copy.deepcopy(base), scheme=scheme, scheme_options=opts, backend="reference"
+            )
+            ref.load_state_dict(m.state_dict())
+            y, r = m(x), ref(x)
+            errors.append(
+                (f"{_rel(y, want):.1e}", f"{_rel(y, r):.1e}" if backend != "reference" else "-")
+            )
+            variants.append((label, backend, pool_of(m, weight_bytes(m)), torch.float32))
+    times = interleaved(variants, lambda dt: x, 3 if quick else 10, quick)
+    rows = [
+        f"| {label} | {backend} | {t * 1e3:.2f} | {times[0] / t:.2f}x | {e_fp} | {e_ref} |"
+        for (label, backend, _, _), t, (e_fp, e_ref) in zip(variants, times, errors)
+    ]
     return "\n".join(
         [
             "End-to-end: 4 transformer blocks, hidden 1024, MLP 4096, one token (batch 1)",
             "",
-            "| model | backend | ms | x fp32 | relative output error |",
-            "|---|---|---|---|---|",
+            "| model | backend | ms | x fp32 | rel. error vs fp32 | rel. error vs reference |",
+            "|---|---|---|---|---|---|",
             *rows,
         ]
     )
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def main() -> None:
@@ -206,7 +235,7 @@ def main() -> None:
         print(f"## {nt} thread(s); read bandwidth {bw:.1f} GB/s (tensor.sum over 1 GiB)\n")
         for n, k in shapes:
             print(linear_table(n, k, [1, 8, 32, 128], bw, args.quick), "\n")
-        print(model_table(), "\n")
+        print(model_table(args.quick), "\n")
 
 
 if __name__ == "__main__":

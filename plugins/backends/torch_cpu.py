@@ -139,9 +139,10 @@ class TorchCpuBackend(Backend):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, p.k)
         y = x2.new_zeros((0, p.n)) if x2.shape[0] == 0 else _KERNELS[p.kind](x2, p)
-        y = y.to(x.dtype)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         if bias is not None:
-            y = y + bias.to(x.dtype)
+            y = y.add_(bias) if bias.dtype == y.dtype else y + bias.to(y.dtype)
         return y.reshape(*lead, p.n)
 
 
@@ -150,10 +151,11 @@ def _int8_dynamic(x: torch.Tensor, p: Prepared) -> torch.Tensor:
     own max |x| (so one per-tensor scale has every token's resolution), and the output row
     multiplied back; ``W (x / a) * a = W x``."""
     x = x.to(torch.float32)
-    amax = x.abs().amax(dim=1, keepdim=True)
-    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
-    y = torch.ops.quantized.linear_dynamic((x / amax).contiguous(), p.tensors["packed"], False)
-    return y * amax
+    if x.shape[0] == 1:  # one token: the per-call scale already is its own
+        return torch.ops.quantized.linear_dynamic(x.contiguous(), p.tensors["packed"], False)
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).clamp_min_(1e-30)
+    y = torch.ops.quantized.linear_dynamic(x / amax, p.tensors["packed"], False)
+    return y.mul_(amax)
 
 
 def _int8_dynamic_tensor(x: torch.Tensor, p: Prepared) -> torch.Tensor:
