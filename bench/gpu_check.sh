@@ -4,6 +4,7 @@
 # marked `gpu`, the whole suite with CUDA present, and bench/cuda_kernels.py.
 #
 #     bash bench/gpu_check.sh [LOGDIR]      # logs to LOGDIR (default: ./gpu-check)
+#     SKIP_BENCH=1 bash bench/gpu_check.sh  # tests only
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG=${1:-gpu-check}
@@ -16,7 +17,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 "$PY" -c "import monoquant_core.cli as c; c.main()" env 2>&1 | tee "$LOG/env.txt"
 echo "== tests marked gpu"
 "$PY" -m pytest -p no:cacheprovider -q -rA -m gpu tests 2>&1 | tail -60 | tee "$LOG/gpu-tests.txt"
-echo "== bench/cuda_kernels.py"
-timeout 180 "$PY" bench/cuda_kernels.py 2>&1 | tee "$LOG/cuda-kernels.md"
+if [ -z "${SKIP_BENCH:-}" ]; then
+  echo "== bench/cuda_kernels.py"
+  timeout 180 "$PY" bench/cuda_kernels.py 2>&1 | tee "$LOG/cuda-kernels.md"
+fi
 echo "== whole suite with CUDA present"
 timeout 300 "$PY" -m pytest -p no:cacheprovider -q -x -n 8 -m "not slow" tests 2>&1 | tail -25 | tee "$LOG/suite.txt"
