@@ -5,6 +5,7 @@
 #
 #     bash bench/gpu_check.sh [LOGDIR]      # logs to LOGDIR (default: ./gpu-check)
 #     SKIP_BENCH=1 bash bench/gpu_check.sh  # tests only
+#     SUITE='tests/plugins' bash bench/gpu_check.sh   # fewer paths for the last step
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG=${1:-gpu-check}
@@ -21,5 +22,7 @@ if [ -z "${SKIP_BENCH:-}" ]; then
   echo "== bench/cuda_kernels.py"
   timeout 180 "$PY" bench/cuda_kernels.py 2>&1 | tee "$LOG/cuda-kernels.md"
 fi
-echo "== whole suite with CUDA present"
-timeout 300 "$PY" -m pytest -p no:cacheprovider -q -x -n 8 -m "not slow" tests 2>&1 | tail -25 | tee "$LOG/suite.txt"
+echo "== the suite (or \$SUITE's paths) with CUDA present"
+# shellcheck disable=SC2086
+timeout "${SUITE_TIMEOUT:-300}" "$PY" -m pytest -p no:cacheprovider -q -n 8 -m "not slow" \
+  ${SUITE:-tests} 2>&1 | tail -25 | tee "$LOG/suite.txt"

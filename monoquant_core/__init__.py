@@ -36,6 +36,7 @@ _warnings.filterwarnings("ignore", message="Failed to initialize NumPy", categor
 from torch import nn  # noqa: E402
 
 from .artifacts import ArtifactReader, ArtifactWriter, TensorSource  # noqa: E402
+from .calibration import CalibrationWarning  # noqa: E402
 from .capabilities import Capabilities  # noqa: E402
 from .components import (  # noqa: E402
     Artifact,
@@ -70,6 +71,7 @@ __all__ = [
     "ArtifactReader",
     "ArtifactWriter",
     "Backend",
+    "CalibrationWarning",
     "Capabilities",
     "CapabilityError",
     "ComponentConfig",
@@ -124,6 +126,8 @@ def quantize(
     observer_options: dict[str, Any] | None = None,
     plugin_options: dict[str, dict[str, Any]] | None = None,
     rules: Iterable[Any] | None = None,
+    calibration: Any = None,
+    sequential: bool = False,
     engine: Engine | None = None,
 ) -> Any:
     """Quantize a model and return it; also usable as a decorator of a model factory.
@@ -133,7 +137,9 @@ def quantize(
             function when used as ``@quantize`` / ``@quantize(bits=8)``.
         bits: 8 (``int8``), 4 (``int4-group``) or 16 (``fp16``), when ``scheme`` is not given.
         scheme, observer, backend, only, skip, scheme_options, observer_options,
-            plugin_options, rules: as for :meth:`Engine.quantize` / :meth:`Engine.configure`.
+            plugin_options, rules, calibration, sequential: as for :meth:`Engine.quantize` /
+            :meth:`Engine.configure` (``calibration``: batches of model inputs, see
+            docs/calibration.md).
         engine: an existing :class:`Engine` (default: a new one with all installed plugins).
 
     Returns:
@@ -159,6 +165,8 @@ def quantize(
         observer_options=observer_options,
         plugin_options=plugin_options,
         rules=rules,
+        calibration=calibration,
+        sequential=sequential,
         engine=engine,
     )
     if model is None:
@@ -208,6 +216,8 @@ def quantize(
         observer_options=observer_options,
         plugin_options=plugin_options,
         rules=rules,
+        calibration=calibration,
+        sequential=sequential,
     ).model
 
 

@@ -54,16 +54,28 @@ class PluginOptionGroup:
         self.options: list[click.Option] = []
 
     def add_option(self, *param_decls: str, **attrs: Any) -> None:
-        """Add a ``click.Option``; long names must start with ``--<plugin>-``."""
+        """Add a ``click.Option``; long names are ``--<plugin>`` or start with ``--<plugin>-``.
+
+        The option's parameter name (click's, or an explicit one among ``param_decls``) must
+        be ``<plugin>_<key>``: it reaches the plugin as ``config.plugin_options[plugin][key]``.
+        """
         prefix = f"--{self.plugin}-"
         longs = [d for d in param_decls if d.startswith("--")]
-        if not longs or not all(d.startswith(prefix) for d in longs):
+        if not longs or not all(d.startswith(prefix) or d == prefix[:-1] for d in longs):
             raise PluginLoadError(
                 f"plugin {self.plugin!r} adds CLI option {param_decls}, which does not start "
                 f"with {prefix!r}",
-                f"name plugin options {prefix}<name>",
+                f"name plugin options {prefix}<name> (or exactly {prefix[:-1]})",
             )
-        self.options.append(click.Option(list(param_decls), **attrs))
+        opt = click.Option(list(param_decls), **attrs)
+        stem = self.plugin.replace("-", "_") + "_"
+        if not (opt.name or "").startswith(stem) or opt.name == stem:
+            raise PluginLoadError(
+                f"plugin {self.plugin!r} adds CLI option {param_decls} with parameter name "
+                f"{opt.name!r}, which does not start with {stem!r}",
+                f"give it an explicit name such as '{stem}enable' among the declarations",
+            )
+        self.options.append(opt)
 
 
 def plugin_cli_options(engine: Engine) -> list[tuple[str, click.Option]]:
@@ -92,19 +104,20 @@ def plugin_cli_options(engine: Engine) -> list[tuple[str, click.Option]]:
 # ---------------------------------------------------------------------------- model sources
 
 
-def _import_factory(spec: str) -> Callable[[], nn.Module]:
+def _import_factory(spec: str, flag: str = "--model", what: str = "the model") -> Callable[[], Any]:
     mod_name, sep, attr = spec.partition(":")
     if not sep or not mod_name or not attr:
+        kind, example = ("factory", "build_model") if flag == "--model" else ("function", "batches")
         raise UsageError(
-            f"--model {spec!r} is not 'package.module:factory'",
-            "write e.g. --model mypkg.models:build_model",
+            f"{flag} {spec!r} is not 'package.module:{kind}'",
+            f"write e.g. {flag} mypkg.models:{example}",
         )
     sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(mod_name)
     except ImportError as e:
         raise UsageError(
-            f"--model: cannot import {mod_name!r} ({e})",
+            f"{flag}: cannot import {mod_name!r} ({e})",
             "install the package or run from the folder that contains it",
         ) from e
     finally:
@@ -113,15 +126,63 @@ def _import_factory(spec: str) -> Callable[[], nn.Module]:
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise UsageError(
-                f"--model: {mod_name!r} has no attribute {attr!r}",
-                "name a function or class that returns the model",
+                f"{flag}: {mod_name!r} has no attribute {attr!r}",
+                f"name a function or class that returns {what}",
             )
         obj = getattr(obj, part)
     if not callable(obj):
         raise UsageError(
-            f"--model: {spec!r} is not callable", "name a function that returns the model"
+            f"{flag}: {spec!r} is not callable", f"name a function that returns {what}"
         )
     return obj
+
+
+def _natural(name: str) -> tuple[Any, ...]:
+    import re
+
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def _load_calibration(spec: str) -> Any:
+    """``--calibration``: a .pt / .safetensors file, or ``pkg.module:function`` (a callable
+    returning an iterable of batches)."""
+    if not os.path.exists(spec) and ":" in spec and not spec.endswith((".pt", ".safetensors")):
+        fn = _import_factory(spec, "--calibration", "an iterable of batches")
+        try:
+            return fn()
+        except MonoQuantError:
+            raise
+        except Exception as e:
+            raise UsageError(
+                f"--calibration {spec!r} raised {type(e).__name__}: {e}",
+                "fix the function; it must return an iterable of batches (a generator is fine)",
+            ) from e
+    if not os.path.isfile(spec):
+        raise UsageError(
+            f"--calibration file {spec!r} does not exist",
+            "give a .pt or .safetensors file, or a package.module:function that yields batches",
+        )
+    if spec.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(spec)
+        except SafetensorError as e:
+            raise UsageError(
+                f"--calibration {spec!r} is not a valid safetensors file ({e})", "check the file"
+            ) from None
+        return [state[k] for k in sorted(state, key=_natural)]
+    try:
+        data = torch.load(spec, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(
+            f"--calibration {spec!r} is not loadable with torch.load(weights_only=True) "
+            f"({type(e).__name__})",
+            "save a tensor or a list of tensors / tuples / dicts with torch.save, or use "
+            ".safetensors",
+        ) from None
+    return data
 
 
 def _load_weights(model: nn.Module, path: str) -> None:
@@ -310,12 +371,35 @@ def build_cli(engine: Engine) -> click.Group:
         is_flag=True,
         help="Keep tensors holding NaN/Inf in float instead of refusing the run.",
     )
+    @click.option(
+        "--calibration",
+        metavar="FILE|PKG.MODULE:FN",
+        help="Calibration data for --model/--demo: a .pt file (a tensor, or a list of tensors / "
+        "tuples / dicts of model inputs, one per batch), a .safetensors file (one batch per "
+        "tensor, in name order), or a function returning an iterable of batches.",
+    )
+    @click.option(
+        "--sequential",
+        is_flag=True,
+        help="With --calibration: calibrate and quantize layer by layer in execution order, "
+        "each layer seeing the outputs of the already quantized ones.",
+    )
+    @click.option(
+        "--calibration-min-rows",
+        type=click.IntRange(min=1),
+        default=32,
+        show_default=True,
+        help="Warn when a layer saw fewer calibration input rows than this.",
+    )
     @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (no progress).")
     def quantize(
         source,
         demo,
         model_spec,
         weights,
+        calibration,
+        sequential,
+        calibration_min_rows,
         output,
         overwrite,
         report_path,
@@ -340,6 +424,12 @@ def build_cli(engine: Engine) -> click.Group:
                     "SOURCE and --demo/--model/--weights are exclusive",
                     "give either a checkpoint path or a model",
                 )
+            if calibration or sequential:
+                raise UsageError(
+                    "--calibration/--sequential need a model to run, and checkpoint mode "
+                    "(a SOURCE file) has none: it is weight-only",
+                    "pass --model PKG.MODULE:FACTORY --weights FILE instead of SOURCE",
+                )
             if not output:
                 raise UsageError("checkpoint mode needs an output", "pass -o OUTPUT")
             report = engine.quantize_checkpoint(
@@ -355,10 +445,20 @@ def build_cli(engine: Engine) -> click.Group:
         else:
             if output:
                 check_output_path(output, overwrite)
+            if sequential and not calibration:
+                raise UsageError("--sequential needs --calibration", "pass --calibration DATA")
             model, sample, label = _model_from_options(demo, model_spec, weights)
+            data = _load_calibration(calibration) if calibration else None
             with torch.no_grad():
                 ref = model(sample) if sample is not None else None
-                qmodel, report = engine.quantize(model, config=config)
+                qmodel, report = engine.quantize(
+                    model,
+                    config=config,
+                    calibration=data,
+                    sequential=sequential,
+                    min_rows=calibration_min_rows,
+                    progress=not quiet,
+                )
                 if sample is not None:
                     report.extra["output_sqnr_db"] = sqnr_db(ref, qmodel(sample))
             if output:

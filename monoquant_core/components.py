@@ -7,6 +7,7 @@ components through these methods.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -66,7 +67,8 @@ class WeightInfo:
     dtype: torch.dtype
     device: str = "cpu"
     #: how the layer's inputs are quantized at run time: "none" (weight-only), "dynamic"
-    #: (int8 per token, on every call) or "dynamic-tensor" (uint8, one scale per call).
+    #: (int8 per token, on every call), "dynamic-tensor" (uint8, one scale per call) or
+    #: "static" (uint8 with the calibrated per-tensor ``act_scale`` / ``act_zero_point``).
     activations: str = "none"
 
     @classmethod
@@ -88,9 +90,29 @@ class Scheme(ABC):
 
     def activations(self, config: Any) -> str:
         """How the layer's inputs are quantized at run time with ``config``: ``"none"``
-        (weight-only, the default) or ``"dynamic"`` (int8 per token on every call). The
-        scheme records it in ``QTensor.meta["activations"]``; backends honour it."""
+        (weight-only, the default), ``"dynamic"`` (int8 per token on every call),
+        ``"dynamic-tensor"`` or ``"static"`` (one scale / zero point from calibration, stored
+        with the weight). The scheme records it in ``QTensor.meta["activations"]``; backends
+        honour it (and refuse modes they cannot run in ``supports``)."""
         return "none"
+
+    def needs_calibration(self, config: Any) -> bool:
+        """True when ``config`` needs calibration data (default: ``activations == "static"``).
+
+        A run with such an entry and no calibration data fails before any compute; an entry
+        that saw no data during calibration falls back to :meth:`weight_only`.
+        """
+        return self.activations(config) == "static"
+
+    def weight_only(self, config: Any) -> Any | None:
+        """The weight-only variant of ``config`` (used when a layer saw no calibration data).
+
+        Default: ``config`` with ``activations="none"`` when its dataclass has that field, else
+        None (no weight-only variant: the layer is kept in float, with the reason).
+        """
+        if dataclasses.is_dataclass(config) and hasattr(config, "activations"):
+            return dataclasses.replace(config, activations="none")
+        return None
 
     def validate_config(self, config: Any) -> None:
         """Reject impossible option combinations at configure time (raise CapabilityError)."""

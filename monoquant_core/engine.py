@@ -274,7 +274,15 @@ class Engine(PluginHost):
         return qt
 
     def quantize(
-        self, model: nn.Module, *, config: Config | None = None, **options: Any
+        self,
+        model: nn.Module,
+        *,
+        config: Config | None = None,
+        calibration: Any = None,
+        sequential: bool = False,
+        min_rows: int = 32,
+        progress: bool = True,
+        **options: Any,
     ) -> QuantResult:
         """Quantize ``model`` in place, transactionally, and report.
 
@@ -286,50 +294,181 @@ class Engine(PluginHost):
             model: any ``nn.Module``.
             config: a :class:`Config` from :meth:`configure`, or pass its keyword arguments
                 (``scheme``, ``observer``, ``backend``, ``only``, ``skip``, ``scheme_options``,
-                ``observer_options``, ``plugin_options``).
+                ``observer_options``, ``plugin_options``, ``rules``).
+            calibration: calibration data (a tensor, a list of tensors / tuples / dicts of
+                model inputs, any iterable or ``DataLoader``; see
+                :mod:`monoquant_core.calibration`). Plugins' ``monoquant_collectors`` see each
+                planned layer's inputs. Needed by ``activations="static"``.
+            sequential: calibrate and quantize one layer at a time in execution order (found
+                with one forward pass), each layer's statistics collected with every earlier
+                layer already quantized. Needs ``calibration``. Modules are swapped in as they
+                are done, and all restored if anything fails.
+            min_rows: warn when a layer saw fewer calibration input rows than this.
+            progress: progress line over calibration batches (only on a terminal).
 
         Returns:
             ``QuantResult(model, report)``.
         """
         config = config or self.configure(**options)
+        if sequential and calibration is None:
+            raise UsageError(
+                "sequential=True needs calibration data",
+                "pass calibration=<batches> (CLI: --calibration FILE), or drop --sequential",
+            )
         t0 = time.perf_counter()
         self.config = config
         self.pm.hook.monoquant_configure.call_historic(kwargs={"config": config})
+        swapped: list[tuple[str, nn.Module]] = []
+        original = model
         try:
             plan = self._plan(model, config)
+            self._check_calibration_need(plan, calibration)
             before = _state_bytes(model)
-            results = []
-            for entry in plan.selected:
-                module = model.get_submodule(entry.name)
-                t1 = time.perf_counter()
-                res = self._call_plugin_hook(
-                    "monoquant_quantize_module", entry=entry, module=module, engine=self
+            calib = dict(min_rows=min_rows, progress=progress)
+            if sequential:
+                results, deltas, model = self._quantize_sequential(
+                    model, plan, calibration, swapped, calib
                 )
-                if not isinstance(res, ModuleResult):
-                    raise PluginError(
-                        f"monoquant_quantize_module returned {type(res).__name__} for "
-                        f"{entry.name!r}, expected a ModuleResult",
-                        "return the ModuleResult (or None to defer) from every implementation",
-                    )
-                res.time_s = time.perf_counter() - t1
-                self._call_plugin_hook("monoquant_module_done", entry=entry, result=res)
-                results.append(res)
-            after = before + sum(
-                _state_bytes(r.module) - _state_bytes(model.get_submodule(r.entry.name))
-                for r in results
-            )
-            report = self._report(plan, results, before, after, config)
+            else:
+                if calibration is not None:
+                    self._calibrate_entries(model, plan, plan.selected, calibration, calib)
+                results = [self._quantize_entry(model, e) for e in plan.selected]
+                deltas = [
+                    _state_bytes(r.module) - _state_bytes(model.get_submodule(r.entry.name))
+                    for r in results
+                ]
+            report = self._report(plan, results, before, before + sum(deltas), config)
+            if calibration is not None:
+                from .calibration import CalibrationSummary
+
+                report.extra["calibration"] = CalibrationSummary.of(plan).to_dict()
             report.time_s = time.perf_counter() - t0
             self._call_plugin_hook("monoquant_report", report=report, config=config)
             ranked = self.ranked_backends()
             for res in results:  # the only mutation of the model, after every hook succeeded
                 if isinstance(res.module, QuantizedModule):
                     res.module.backend_candidates = ranked
-                model = _swap(model, res.entry.name, res.module)
+                if not sequential:
+                    model = _swap(model, res.entry.name, res.module)
             return QuantResult(model, report)
+        except BaseException:
+            for name, old in reversed(swapped):  # sequential: put every float module back
+                if name:
+                    _swap(original, name, old)
+            raise
         finally:
             self.config = None
             self.pm.hook.monoquant_unconfigure(config=config)
+
+    def calibrate(
+        self,
+        model: nn.Module,
+        data: Any,
+        *,
+        config: Config | None = None,
+        min_rows: int = 32,
+        progress: bool = True,
+        **options: Any,
+    ) -> Plan:
+        """Run calibration only: the :class:`Plan` with each entry's collected statistics.
+
+        Plans ``model`` like :meth:`quantize`, calls ``monoquant_collectors`` and runs ``data``
+        through the model (the model is not changed). Each selected entry gets ``collected``
+        and ``calibration_rows``; entries that saw no data and need it are switched to their
+        weight-only variant with the reason in ``notes``. Use it to inspect what calibration
+        sees; :meth:`quantize` with ``calibration=data`` does the same before quantizing.
+        """
+        config = config or self.configure(**options)
+        self.config = config
+        self.pm.hook.monoquant_configure.call_historic(kwargs={"config": config})
+        try:
+            plan = self._plan(model, config)
+            calib = dict(min_rows=min_rows, progress=progress)
+            self._calibrate_entries(model, plan, plan.selected, data, calib)
+            return plan
+        finally:
+            self.config = None
+            self.pm.hook.monoquant_unconfigure(config=config)
+
+    def _check_calibration_need(self, plan: Plan, calibration: Any) -> None:
+        if calibration is not None:
+            return
+        for entry in plan.selected:
+            cfg, _ = self.component_configs(entry)
+            if self.schemes.get(entry.scheme).needs_calibration(cfg):
+                raise UsageError(
+                    f"{entry.name or '(root)'}: {entry.scheme} with "
+                    f"activations={self.schemes.get(entry.scheme).activations(cfg)!r} needs "
+                    "calibration data",
+                    "pass calibration=<batches> (CLI: --calibration FILE), or use "
+                    "activations=dynamic (no data needed)",
+                )
+
+    def _calibrate_entries(
+        self,
+        model: nn.Module,
+        plan: Plan,
+        entries: list[PlanEntry],
+        data: Any,
+        calib: dict[str, Any],
+        warn: bool = True,
+    ) -> list[Any]:
+        from .calibration import apply_fallbacks, iter_batches, model_device, run_calibration
+
+        total = _sized(data)
+        if isinstance(data, _Materialized):
+            batches = data
+        else:
+            batches = iter_batches(data, model_device(model))
+        states = run_calibration(self, model, entries, batches, total=total, warn=warn, **calib)
+        apply_fallbacks(self, plan, model, entries)
+        return states
+
+    def _quantize_entry(self, model: nn.Module, entry: PlanEntry) -> ModuleResult:
+        module = model.get_submodule(entry.name)
+        t1 = time.perf_counter()
+        res = self._call_plugin_hook(
+            "monoquant_quantize_module", entry=entry, module=module, engine=self
+        )
+        if not isinstance(res, ModuleResult):
+            raise PluginError(
+                f"monoquant_quantize_module returned {type(res).__name__} for "
+                f"{entry.name!r}, expected a ModuleResult",
+                "return the ModuleResult (or None to defer) from every implementation",
+            )
+        res.time_s = time.perf_counter() - t1
+        self._call_plugin_hook("monoquant_module_done", entry=entry, result=res)
+        return res
+
+    def _quantize_sequential(
+        self,
+        model: nn.Module,
+        plan: Plan,
+        data: Any,
+        swapped: list[tuple[str, nn.Module]],
+        calib: dict[str, Any],
+    ) -> tuple[list[ModuleResult], list[int], nn.Module]:
+        """Layer by layer in execution order; each swapped in (and recorded) when done."""
+        from .calibration import iter_batches, model_device, warn_calibration
+
+        batches = _Materialized(iter_batches(data, model_device(model)))
+        order = _execution_order(model, plan.selected, batches[0])
+        results, deltas, states = [], [], []
+        ranked = self.ranked_backends()
+        for entry in order:
+            states += self._calibrate_entries(model, plan, [entry], batches, calib, warn=False)
+            if not entry.selected:
+                continue
+            res = self._quantize_entry(model, entry)
+            old = model.get_submodule(entry.name)
+            deltas.append(_state_bytes(res.module) - _state_bytes(old))
+            if isinstance(res.module, QuantizedModule):
+                res.module.backend_candidates = ranked
+            model = _swap(model, entry.name, res.module)
+            swapped.append((entry.name, old))
+            results.append(res)
+        warn_calibration(states, calib["min_rows"])
+        return results, deltas, model
 
     #: the Config of the run in progress (None outside ``quantize``).
     config: Config | None = None
@@ -473,6 +612,49 @@ class Engine(PluginHost):
         from .checkpoint import load_model
 
         return load_model(self, path, model, dequantize=dequantize, backend=backend)
+
+
+class _Materialized(list):
+    """Calibration batches held in memory (sequential mode runs them once per layer)."""
+
+
+def _sized(data: Any) -> int | None:
+    if isinstance(data, torch.Tensor):
+        return 1
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def _execution_order(model: nn.Module, entries: list[PlanEntry], batch: Any) -> list[PlanEntry]:
+    """``entries`` in the order their modules first run on ``batch`` (unseen ones last)."""
+    seen: list[str] = []
+    handles = []
+    modes = {m: m.training for m in model.modules()}
+
+    def record(name: str) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            if name not in seen:
+                seen.append(name)
+
+        return hook
+
+    try:
+        for e in entries:
+            handles.append(model.get_submodule(e.name).register_forward_pre_hook(record(e.name)))
+        model.eval()
+        with torch.no_grad():
+            from .calibration import run_batch
+
+            run_batch(model, batch[0], batch[1], 0)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    by_name = {e.name: e for e in entries}
+    return [by_name[n] for n in seen] + [e for e in entries if e.name not in seen]
 
 
 def _patterns(p: Iterable[str] | str) -> tuple[str, ...]:

@@ -10,6 +10,9 @@ Call order of one ``Engine.quantize`` run::
     monoquant_register_*          once per Engine (at construction)
     monoquant_configure           historic: also replayed to plugins registered later
     monoquant_modify_plan
+    only with calibration data (``calibration=...`` / ``--calibration``):
+        monoquant_collectors      once per selected entry, before the batches run
+                                  (with ``sequential=True``: per entry, right before its batches)
     for each selected entry:
         monoquant_quantize_module     firstresult; the core's pipeline plugin is the trylast default
         monoquant_module_done
@@ -247,6 +250,59 @@ def monoquant_modify_plan(plan: Plan, model: nn.Module | None, config: Config) -
                     entry.skip("lm_head kept in float by my-plugin")
 
     Built-ins: none.
+    """
+
+
+@hookspec
+def monoquant_collectors(
+    entry: PlanEntry, module: nn.Module, config: Config, engine: Engine
+) -> dict[str, Any] | None:
+    """Ask for statistics of a planned module's inputs during calibration.
+
+    Called once per selected entry (module mode only), and only when calibration data is
+    given (``Engine.quantize(model, calibration=data)``, ``Engine.calibrate``,
+    ``--calibration``), after ``monoquant_modify_plan`` and before any batch runs. With
+    ``sequential=True`` it is called for one entry at a time, in execution order, right before
+    that entry's batches (every earlier layer is already quantized). Not firstresult: every
+    plugin may add collectors.
+
+    The core attaches ONE forward pre-hook per planned module and, on every batch, calls
+    ``collector.update(x)`` of every collector of that module with the module's first
+    positional input: detached, unchanged shape, on the module's device (batches holding
+    NaN/Inf are not fed, and warned about). The hooks are removed when calibration ends, also
+    when a batch raises. Afterwards ``entry.collected[name]`` holds each collector and
+    ``entry.calibration_rows`` the number of input rows the module saw (``numel // last
+    dim``; 0 = it never ran); read them in ``monoquant_quantize_module``.
+
+    Args:
+        entry: the selected :class:`~monoquant_core.plan.PlanEntry`.
+        module: the float module (do not modify it).
+        config: the run's :class:`~monoquant_core.config.Config`.
+        engine: the running :class:`~monoquant_core.Engine` (registries, e.g.
+            ``engine.observers.get(entry.observer)``, and ``engine.component_configs(entry)``).
+
+    Returns:
+        A dict of collector name -> collector (any object with ``update(x: torch.Tensor) ->
+        None``), or None for none. Use names prefixed with your plugin name; the same name
+        from two plugins for one entry is a :class:`~monoquant_core.errors.PluginConflictError`
+        naming both.
+
+    Example::
+
+        class AbsMax:
+            def __init__(self):
+                self.value = None
+
+            def update(self, x):
+                a = x.abs().reshape(-1, x.shape[-1]).amax(0)
+                self.value = a if self.value is None else torch.maximum(self.value, a)
+
+        @hookimpl
+        def monoquant_collectors(entry, module, config):
+            return {"example.absmax": AbsMax()}
+
+    Built-ins: ``int8`` (the activation observer of ``activations="static"``),
+    ``outlier`` (per-column absolute maxima) and ``gptq`` (the input Hessian ``2 X^T X``).
     """
 
 

@@ -29,6 +29,10 @@ class PlanEntry:
         options: per-entry options (plugins may add their own keys).
         skip_reason: None when selected, else why the module stays in float.
         notes: extra remarks shown in the plan (e.g. why a backend was chosen).
+        collected: calibration collectors by name (see ``monoquant_collectors``), filled when
+            calibration ran; not printed, not in ``to_dict``, not compared.
+        calibration_rows: None when no calibration ran, else the number of input rows the
+            module saw (``numel // last dim`` of its first input, summed over batches).
     """
 
     name: str
@@ -41,6 +45,8 @@ class PlanEntry:
     options: dict[str, Any] = field(default_factory=dict)
     skip_reason: str | None = None
     notes: list[str] = field(default_factory=list)
+    collected: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    calibration_rows: int | None = None
 
     @property
     def selected(self) -> bool:
@@ -52,6 +58,7 @@ class PlanEntry:
         self.scheme = self.observer = self.backend = None
 
     def to_dict(self) -> dict[str, Any]:
+        rows = {} if self.calibration_rows is None else {"calibration_rows": self.calibration_rows}
         return {
             "name": self.name,
             "module_type": self.module_type,
@@ -64,6 +71,7 @@ class PlanEntry:
             "options": self.options,
             "skip_reason": self.skip_reason,
             "notes": list(self.notes),
+            **rows,
         }
 
 

@@ -14,6 +14,11 @@ Layout (see docs/formats.md):
   two per ``uint8``, low nibble first, along ``K`` (signed 4-bit codes in two's complement).
   16-bit "codes" are the weight itself in ``float16`` / ``bfloat16`` (scale 1, no zero point).
 * ``w = (q - zero_point) * scale`` (``w = q * scale`` when ``zero_point`` is None).
+* Float columns (mixed precision, e.g. the ``outlier`` plugin): a 2-D ``[out, in]`` weight may
+  carry the extras ``float_cols`` (int64 ``[n]``, sorted input-column indices) and
+  ``float_values`` (``[out, n]``, a float dtype). Those columns' codes are 0 and
+  :meth:`QTensor.dequantize` puts the float values back; a Linear layer computes them in
+  floating point and the rest with the integer codes.
 
 Kernel-specific layouts are never stored here: backends derive them when a model is prepared.
 """
@@ -33,6 +38,7 @@ __all__ = [
     "Scratch",
     "dequantize_groups",
     "error_stats",
+    "fake_quantize_static",
     "from_groups",
     "minmax_qparams",
     "pack_int4",
@@ -43,6 +49,7 @@ __all__ = [
     "round_params",
     "rounding_error",
     "sqnr_db",
+    "static_act_params",
     "to_groups",
     "unpack_int4",
 ]
@@ -308,6 +315,34 @@ def quantize_per_tensor_asym(x: torch.Tensor) -> tuple[torch.Tensor, float, int]
     return codes, scale, zero
 
 
+def fake_quantize_static(x: torch.Tensor, qt: QTensor) -> torch.Tensor:
+    """``x`` through the calibrated uint8 activation quantizer of a static ``qt`` (float32).
+
+    ``codes = clamp(round(x / act_scale) + act_zero_point, 0, 255)``, back as ``(codes -
+    act_zero_point) * act_scale``: the ``activations="static"`` contract every backend follows.
+
+    Raises:
+        ValueError: ``qt`` has no ``act_scale`` / ``act_zero_point`` extras.
+    """
+    scale, zero = static_act_params(qt)
+    codes = (torch.round(x.to(torch.float32) / scale) + zero).clamp_(0, 255)
+    return (codes - zero) * scale
+
+
+def static_act_params(qt: QTensor) -> tuple[float, int]:
+    """``(act_scale, act_zero_point)`` of a static ``qt``; ValueError when missing/invalid."""
+    s, z = qt.extra.get("act_scale"), qt.extra.get("act_zero_point")
+    if s is None or z is None or s.numel() != 1 or z.numel() != 1:
+        raise ValueError(
+            "int8 weight with activations='static' lacks its act_scale / act_zero_point "
+            "(quantize it with calibration data)"
+        )
+    scale, zero = float(s.reshape(())), int(z.reshape(()))
+    if not (math.isfinite(scale) and scale > 0 and 0 <= zero <= 255):
+        raise ValueError(f"invalid static activation parameters scale={scale}, zero={zero}")
+    return scale, zero
+
+
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio ``10 log10(sum ref^2 / sum (ref - approx)^2)`` in dB.
 
@@ -355,7 +390,8 @@ class QTensor:
 
     @property
     def activations(self) -> str:
-        """Run-time input quantization: ``"none"``, ``"dynamic"`` or ``"dynamic-tensor"``."""
+        """Run-time input quantization: ``"none"``, ``"dynamic"``, ``"dynamic-tensor"`` or
+        ``"static"`` (calibrated ``act_scale`` / ``act_zero_point`` in :attr:`extra`)."""
         return str(self.meta.get("activations", "none"))
 
     @property
@@ -408,14 +444,29 @@ class QTensor:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rebuild the float tensor ``(q - zero_point) * scale`` in ``dtype`` (default: original).
 
-        Computed in float32 so the result is deterministic and identical on every call.
+        Computed in float32 so the result is deterministic and identical on every call. Float
+        columns (``float_cols`` / ``float_values`` extras) are put back in place.
         """
         c = self.channels
         q = self.codes().to(torch.float32).reshape(c, self.scale.shape[-1], -1)
         if self.zero_point is not None:
             q = q - self.zero_point.to(torch.float32).unsqueeze(-1)
         w = q * self.scale.to(torch.float32).unsqueeze(-1)
-        return from_groups(w, self.shape, self.axis).to(dtype or self.dtype)
+        w = from_groups(w, self.shape, self.axis)
+        if self.has_float_columns:
+            w = w.clone()
+            w[:, self.extra["float_cols"]] = self.extra["float_values"].to(torch.float32)
+        return w.to(dtype or self.dtype)
+
+    @property
+    def has_float_columns(self) -> bool:
+        """True when some input columns are stored in float (``float_cols`` extra)."""
+        return "float_cols" in self.extra
+
+    def without_float_columns(self) -> QTensor:
+        """This QTensor without its float columns: the integer part only (their codes are 0)."""
+        extra = {k: v for k, v in self.extra.items() if k not in ("float_cols", "float_values")}
+        return replace(self, extra=extra)
 
     def to(self, device: torch.device | str) -> QTensor:
         """A copy on ``device`` (dtypes are part of the format and never change)."""
@@ -450,6 +501,8 @@ class QTensor:
                 f"zero_point shape {tuple(self.zero_point.shape)} != scale shape "
                 f"{tuple(self.scale.shape)}"
             )
+        if self.has_float_columns or "float_values" in self.extra:
+            self._validate_float_columns()
         if self.bits == 16:
             if self.qdata.dtype not in (torch.float16, torch.bfloat16):
                 raise ValueError(f"16-bit qdata must be float16/bfloat16, not {self.qdata.dtype}")
@@ -464,3 +517,21 @@ class QTensor:
             want = torch.int8 if (self.bits == 8 and self.symmetric) else torch.uint8
             if self.qdata.dtype != want:
                 raise ValueError(f"qdata dtype {self.qdata.dtype} != expected {want}")
+
+    def _validate_float_columns(self) -> None:
+        cols, vals = self.extra.get("float_cols"), self.extra.get("float_values")
+        if cols is None or vals is None:
+            raise ValueError("float_cols and float_values must come together")
+        if len(self.shape) != 2 or self.axis not in (0, None):
+            raise ValueError(f"float columns need a 2-D [out, in] weight, not shape {self.shape}")
+        if cols.dtype != torch.int64 or cols.dim() != 1:
+            raise ValueError(f"float_cols must be 1-D int64, not {cols.dtype} {tuple(cols.shape)}")
+        n = cols.numel()
+        if n and (int(cols.min()) < 0 or int(cols.max()) >= self.shape[1]):
+            raise ValueError(f"float_cols out of range for {self.shape[1]} input columns")
+        if n > 1 and not bool((cols[1:] > cols[:-1]).all()):
+            raise ValueError("float_cols must be sorted and unique")
+        if not vals.is_floating_point() or tuple(vals.shape) != (self.shape[0], n):
+            raise ValueError(
+                f"float_values shape {tuple(vals.shape)} != expected {(self.shape[0], n)}"
+            )

@@ -364,6 +364,13 @@ def _tensor_scheme(
     )
     scheme = engine.schemes.get(entry.scheme)
     act = scheme.activations(scheme_cfg)
+    if scheme.needs_calibration(scheme_cfg):
+        raise UsageError(
+            f"{entry.name}: {entry.scheme} with activations={act!r} needs calibration data, "
+            "and checkpoint mode has no model to run it through (it is weight-only)",
+            "use activations=dynamic or none here, or quantize in module mode with --model "
+            "PKG.MODULE:FACTORY --weights FILE --calibration DATA",
+        )
     if act != "none" and (len(shape) != 2 or _embedding_like(entry.name.rpartition(".")[0])):
         return (
             f"{entry.scheme} with activations={act!r}: only Linear-like weights quantize "

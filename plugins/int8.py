@@ -1,4 +1,10 @@
-"""``int8`` scheme: 8-bit integer weights, symmetric per-channel by default."""
+"""``int8`` scheme: 8-bit integer weights, symmetric per-channel by default.
+
+With ``activations="static"`` the plugin also collects the layer's input range during
+calibration (``monoquant_collectors``: an instance of the entry's observer on a per-tensor
+asymmetric 8-bit spec) and, in a ``monoquant_quantize_module`` wrapper, stores the resulting
+``act_scale`` / ``act_zero_point`` with the weight (saved and loaded with the model).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,21 @@ from typing import Literal
 
 import torch
 
-from monoquant_core import Capabilities, ComponentConfig, QTensor, QuantSpec, Scheme, hookimpl
+from monoquant_core import (
+    Capabilities,
+    ComponentConfig,
+    QTensor,
+    QuantSpec,
+    Scheme,
+    UsageError,
+    hookimpl,
+)
 from monoquant_core.qtensor import quantize_groups, to_groups
+
+#: the collector name of the static activation observer in ``entry.collected``
+ACT_COLLECTOR = "int8.activations"
+#: how static activations are quantized: one uint8 scale / zero point per tensor (fbgemm's)
+ACT_SPEC = QuantSpec(bits=8, symmetric=False, axis=None)
 
 
 @dataclass(frozen=True)
@@ -24,12 +43,16 @@ class Int8Config(ComponentConfig):
         activations: ``none`` (weight-only, default); ``dynamic``: the layer's inputs are
             quantized to int8 per token on every call (W8A8); ``dynamic-tensor``: one scale
             per call for the whole input (less accurate when tokens differ in range, but the
-            fastest CPU kernel at every batch size).
+            fastest CPU kernel at every batch size); ``static``: one uint8 scale and zero point
+            per layer input, fixed from calibration data by the run's observer (``minmax``,
+            ``minmax`` with ``averaging_constant`` = moving average, or ``histogram``), stored
+            with the weight as ``act_scale`` / ``act_zero_point``. ``static`` needs
+            calibration data (``calibration=...`` / ``--calibration``).
     """
 
     granularity: Literal["per-channel", "per-tensor"] = "per-channel"
     symmetric: bool = True
-    activations: Literal["none", "dynamic", "dynamic-tensor"] = "none"
+    activations: Literal["none", "dynamic", "dynamic-tensor", "static"] = "none"
 
 
 class Int8Scheme(Scheme):
@@ -73,3 +96,49 @@ class Int8Scheme(Scheme):
 @hookimpl
 def monoquant_register_schemes(register):
     register(Int8Scheme())
+
+
+def _static(entry, engine) -> bool:
+    if entry.scheme != "int8":
+        return False
+    cfg, _ = engine.component_configs(entry)
+    return cfg.activations == "static"
+
+
+@hookimpl
+def monoquant_collectors(entry, engine):
+    """The static activation observer: the entry's observer on :data:`ACT_SPEC`."""
+    if not _static(entry, engine):
+        return None
+    _, obs_cfg = engine.component_configs(entry)
+    return {ACT_COLLECTOR: engine.observers.get(entry.observer)(ACT_SPEC, obs_cfg)}
+
+
+@hookimpl(wrapper=True)
+def monoquant_quantize_module(entry, module, engine):
+    """Attach the calibrated ``act_scale`` / ``act_zero_point`` to a static int8 weight."""
+    result = yield
+    if result is None or not _static(entry, engine):
+        return result
+    observer = entry.collected.get(ACT_COLLECTOR)
+    if observer is None:
+        raise UsageError(
+            f"{entry.name}: int8 activations='static' but no activation statistics were collected",
+            "pass calibration data (calibration=... / --calibration FILE)",
+        )
+    qp = observer.qparams()
+    scale = qp.scale.reshape(1).to(torch.float32)
+    zero = qp.zero_point.reshape(1).round().clamp(0, 255).to(torch.uint8)
+    for qt in result.qtensors.values():
+        qt.extra["act_scale"] = scale.clone()
+        qt.extra["act_zero_point"] = zero.clone()
+    replacer = engine.replacers.get(entry.replacer)
+    result.module = replacer.replace(
+        module,
+        result.qtensors,
+        engine.backends.get(entry.backend),
+        engine.schemes.get(entry.scheme),
+    )
+    result.metrics["act_scale"] = float(scale)
+    result.metrics["act_zero_point"] = int(zero)
+    return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from monoquant_core import QuantizedModule, Replacer, hookimpl
@@ -12,7 +13,9 @@ class QuantizedLinear(QuantizedModule):
     """Drop-in ``nn.Linear`` with a quantized weight, run by a backend.
 
     Keeps ``in_features`` / ``out_features`` and the float ``bias``; the output dtype is the
-    input dtype.
+    input dtype. A weight with float columns (``float_cols`` / ``float_values``, see
+    :mod:`monoquant_core.qtensor`) is computed as ``backend(x with those columns zeroed) +
+    x[..., cols] @ float_values^T``: any backend runs the integer part.
     """
 
     def __init__(self, in_features, out_features, qweight, bias, backend, scheme):
@@ -23,7 +26,21 @@ class QuantizedLinear(QuantizedModule):
         self.set_bias(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backend.linear(x, self.prepared("weight"), self.bias)
+        if "float_cols" not in self._qmeta["weight"]["roles"]:
+            return self.backend.linear(x, self.prepared("weight"), self.bias)
+        # Mixed precision: float input columns in floating point, the rest on the backend
+        # (whose run-time activation quantization then never sees those columns).
+        cols = self.weight_float_cols
+        y = self.backend.linear(x.index_fill(-1, cols, 0), self.prepared("weight"), self.bias)
+        return y + F.linear(x.index_select(-1, cols), self.weight_float_values.to(x.dtype))
+
+    def prepared(self, param: str = "weight"):
+        """The backend's form of the integer part (float columns are computed here)."""
+        p = self._prepared.get(param)
+        if p is None:
+            qt = self.qtensor(param).without_float_columns()
+            p = self._prepared[param] = self.backend.prepare(qt, self.scheme)
+        return p
 
     def extra_repr(self) -> str:
         qt = self._qmeta["weight"]
@@ -39,7 +56,7 @@ class LinearReplacer(Replacer):
 
     name = "linear"
     module_types = (nn.Linear,)
-    activations = ("none", "dynamic", "dynamic-tensor")  # backend.linear honours them
+    activations = ("none", "dynamic", "dynamic-tensor", "static")  # backend.linear honours them
 
     def skip_reason(self, name, module, model):
         parent_name = name.rpartition(".")[0]

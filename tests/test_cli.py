@@ -148,3 +148,17 @@ def test_model_factory_and_weights(run, tmp_path, monkeypatch):
     write_safetensors(str(tmp_path / "bad.safetensors"), bad.state_dict(), {})
     res = run("quantize", "--model", "mymodels:build", "--weights", "bad.safetensors")
     assert res.exit_code == 1 and "does not fit the model" in res.output
+
+
+def test_plugin_cli_option_names_are_checked():
+    from monoquant_core.cli import PluginOptionGroup
+    from monoquant_core.errors import PluginLoadError
+
+    group = PluginOptionGroup("my-plugin")
+    group.add_option("--my-plugin-level", type=int)  # parameter my_plugin_level -> key "level"
+    group.add_option("--my-plugin", "--my-plugin-enable", "my_plugin_enable", is_flag=True)
+    assert [o.name for o in group.options] == ["my_plugin_level", "my_plugin_enable"]
+    with pytest.raises(PluginLoadError, match="does not start with '--my-plugin-'"):
+        group.add_option("--level", type=int)
+    with pytest.raises(PluginLoadError, match="parameter name 'my_plugin'"):
+        group.add_option("--my-plugin", is_flag=True)  # no key: needs an explicit name

@@ -17,10 +17,13 @@ from torch import nn
 from ..demo import TransformerBlock
 
 __all__ = [
+    "ActivationTransformer",
     "ConvNet",
     "CustomWrapperModel",
     "EmbeddingModel",
     "TinyModel",
+    "activation_batches",
+    "activation_transformer",
     "conv_net",
     "embedding_model",
     "mlp",
@@ -59,6 +62,64 @@ def transformer_block(seed: int = 0, dim: int = 64, heads: int = 4, hidden: int 
     """One pre-norm transformer block: attention (q/k/v/o Linear) + GELU MLP + two LayerNorms."""
     torch.manual_seed(seed)
     return TransformerBlock(dim, heads, hidden).eval()
+
+
+#: hidden dimensions given outlier activations, and how many times the typical magnitude
+OUTLIER_CHANNELS = ((7, 20.0), (123, 50.0), (301, 100.0))
+
+
+class ActivationTransformer(nn.Module):
+    """A stack of pre-norm transformer blocks on hidden states ``[B, T, dim]``.
+
+    With ``outliers=True`` a few hidden dimensions (:data:`OUTLIER_CHANNELS`: 20x, 50x and
+    100x) of every LayerNorm output are scaled up, as observed in LLMs, so the q/k/v and fc1
+    layers see activation outlier channels; the weights are the same either way.
+    """
+
+    def __init__(self, dim: int, heads: int, hidden: int, depth: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, hidden) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def activation_transformer(
+    seed: int = 0,
+    outliers: bool = False,
+    dim: int = 384,
+    heads: int = 6,
+    hidden: int = 768,
+    depth: int = 2,
+) -> ActivationTransformer:
+    """The activation-quantization benchmark model (``bench/activations.py``); see
+    :class:`ActivationTransformer`. 3 outlier channels of 384 = 0.78% of the input columns."""
+    torch.manual_seed(seed)
+    model = ActivationTransformer(dim, heads, hidden, depth)
+    if outliers:
+        with torch.no_grad():
+            for block in model.blocks:
+                for ln in (block.ln1, block.ln2):
+                    for ch, factor in OUTLIER_CHANNELS:
+                        if ch < dim:
+                            ln.weight[ch] *= factor
+    return model.eval()
+
+
+def activation_batches(
+    n: int = 16, batch: int = 4, tokens: int = 32, dim: int = 384, seed: int = 0, df: int = 5
+) -> list[torch.Tensor]:
+    """``n`` seeded batches ``[batch, tokens, dim]`` of heavy-tailed (Student-t, ``df``
+    degrees of freedom) hidden states: inputs of :func:`activation_transformer`."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        z = torch.randn(batch, tokens, dim, generator=g)
+        chi = torch.randn(df, batch, tokens, dim, generator=g).square().sum(0) / df
+        out.append(z / chi.sqrt())
+    return out
 
 
 class ConvNet(nn.Module):

@@ -9,8 +9,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from monoquant_core import Backend, Capabilities, hookimpl
-from monoquant_core.qtensor import quantize_per_tensor_asym, quantize_per_token
+from monoquant_core import Backend, Capabilities, FormatError, hookimpl
+from monoquant_core.qtensor import (
+    fake_quantize_static,
+    quantize_per_tensor_asym,
+    quantize_per_token,
+    static_act_params,
+)
 
 
 class ReferenceBackend(Backend):
@@ -20,10 +25,16 @@ class ReferenceBackend(Backend):
     capabilities = Capabilities(
         numerics="dequantizes the weight in float32 on every call, then F.linear in the "
         "input dtype (exact; slow); with activations='dynamic' the inputs are first "
-        "quantized per token to int8 and dequantized (the W8A8 ground truth)",
+        "quantized per token to int8 and dequantized (the W8A8 ground truth); with "
+        "activations='static' through the calibrated uint8 act_scale / act_zero_point",
     )
 
     def prepare(self, qt, scheme):
+        if qt.activations == "static":
+            try:
+                static_act_params(qt)
+            except ValueError as e:
+                raise FormatError(str(e), "quantize it again with calibration data") from None
         return (qt, scheme)
 
     def linear(self, x, prepared, bias):
@@ -36,6 +47,8 @@ class ReferenceBackend(Backend):
         elif qt.activations == "dynamic-tensor" and x.numel():
             codes, s, z = quantize_per_tensor_asym(x)
             x = ((codes.to(torch.float32) - z) * s).to(x.dtype)
+        elif qt.activations == "static":
+            x = fake_quantize_static(x, qt).to(x.dtype)
         return F.linear(x, w, b)
 
 

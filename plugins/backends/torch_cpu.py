@@ -8,6 +8,11 @@ What runs where (see docs/performance.md for the measurements):
   per-token resolution at fbgemm's speed (``torch._int_mm`` is 3-5x slower at small M here).
 * ``int8`` with ``activations="dynamic-tensor"``: fbgemm at every batch size (one activation
   scale per call: the fastest int8 path, a separate, labelled accuracy trade-off).
+* ``int8`` with ``activations="static"`` (calibrated uint8 ``act_scale`` / ``act_zero_point``):
+  fbgemm's ``quantized::linear_with_input_q_dq_qweight_dq_output_fp32`` (static input
+  quantization, int32 accumulation, fp32 output). Checked against the reference on a probe input
+  at prepare time; on a mismatch (e.g. u8 x s8 saturation on some ISAs) the layer runs the
+  reference numerics instead, with a warning.
 * ``int8`` weight-only: ``torch._weight_int8pack_mm`` with bfloat16 activations.
 * ``int4-group`` (g32/64/128/256, asymmetric or symmetric): ``torch._weight_int4pack_mm_for_cpu``
   with bfloat16 activations; the packed layout depends on the CPU's instruction set, so it is
@@ -28,8 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from monoquant_core import Backend, Capabilities, hookimpl
-from monoquant_core.qtensor import QTensor
+from monoquant_core import Backend, Capabilities, FormatError, hookimpl
+from monoquant_core.qtensor import QTensor, fake_quantize_static, static_act_params
 
 _GROUPS = (32, 64, 128, 256)
 
@@ -52,6 +57,17 @@ def _fbgemm() -> bool:
     return any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm"))
 
 
+_STATIC_OP = "linear_with_input_q_dq_qweight_dq_output_fp32"
+
+
+def _static_op() -> bool:
+    try:
+        getattr(torch.ops.quantized, _STATIC_OP)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 class TorchCpuBackend(Backend):
     name = "torch-cpu"
     device_types = ("cpu",)
@@ -62,7 +78,8 @@ class TorchCpuBackend(Backend):
         dtypes=(torch.float32, torch.bfloat16, torch.float16),
         devices=("cpu",),
         numerics=(
-            "int8 dynamic: int8 inputs per token (dynamic-tensor: one uint8 scale per call), "
+            "int8 dynamic: int8 inputs per token (dynamic-tensor: one uint8 scale per call; "
+            "static: the calibrated uint8 scale / zero point), "
             "int32 accumulation; int8 weight-only and "
             "int4-group: bfloat16 activations (fp32 inputs are cast), fp32 accumulation; "
             "fp16: fbgemm fp16 weights with fp32 activations; bf16: bfloat16 F.linear"
@@ -81,6 +98,12 @@ class TorchCpuBackend(Backend):
                 return "int8 kernels need symmetric weights (zero point 0)"
             if info.activations in ("dynamic", "dynamic-tensor"):
                 return None if _fbgemm() else "fbgemm/x86 quantized engine missing"
+            if info.activations == "static":
+                if not _fbgemm():
+                    return "fbgemm/x86 quantized engine missing"
+                return None if _static_op() else f"torch has no quantized::{_STATIC_OP}"
+            if info.activations != "none":
+                return f"no CPU kernel for int8 activations={info.activations!r}"
             if not _has("_weight_int8pack_mm"):
                 return "torch has no _weight_int8pack_mm"
             return None if k % 16 == 0 else f"K % 16 != 0 (K={k})"
@@ -106,13 +129,15 @@ class TorchCpuBackend(Backend):
         if qt.scheme == "int8":
             scale = qt.scale.reshape(-1).to(torch.float32).expand(n).contiguous()
             wq = qt.qdata.reshape(n, k).contiguous()
-            if qt.activations in ("dynamic", "dynamic-tensor"):
+            if qt.activations in ("dynamic", "dynamic-tensor", "static"):
                 with warnings.catch_warnings():  # torch deprecates qint8 tensors; the op stays
                     warnings.simplefilter("ignore", UserWarning)
                     qw = torch._make_per_channel_quantized_tensor(
                         wq, scale.double(), torch.zeros(n, dtype=torch.long), 0
                     )
                 packed = torch.ops.quantized.linear_prepack(qw, None)
+                if qt.activations == "static":
+                    return _static_prepare(qt, scheme, packed, n, k)
                 kind = "int8-dynamic" if qt.activations == "dynamic" else "int8-dynamic-tensor"
                 return Prepared(kind, n, k, {"packed": packed, "wq": wq, "s": scale})
             return Prepared("int8-weight", n, k, {"wq": wq, "s": scale.to(torch.bfloat16)})
@@ -158,6 +183,41 @@ def _int8_dynamic(x: torch.Tensor, p: Prepared) -> torch.Tensor:
     return y.mul_(amax)
 
 
+def _static_prepare(qt: QTensor, scheme, packed: Any, n: int, k: int) -> Prepared:
+    try:
+        xs, xz = static_act_params(qt)
+    except ValueError as e:
+        raise FormatError(f"{e}", "quantize the layer again with calibration data") from None
+    p = Prepared("int8-static", n, k, {"packed": packed, "xs": xs, "xz": xz})
+    # Probe: codes spread over the whole uint8 range, against the reference numerics.
+    gen = torch.Generator().manual_seed(0)
+    probe = (torch.randint(0, 256, (8, k), generator=gen).float() - xz) * xs
+    w = scheme.dequantize(qt).to(torch.float32)
+    ref = F.linear(fake_quantize_static(probe, qt), w)
+    got = _int8_static(probe, p)
+    tol = 1e-4 * float(ref.abs().max()) + 1e-6
+    if float((got - ref).abs().max()) <= tol:
+        return p
+    warnings.warn(
+        f"torch-cpu: fbgemm's static int8 linear did not match the reference for a {n}x{k} "
+        "weight; this layer runs the reference numerics instead",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return Prepared("int8-static-ref", n, k, {"qt": qt, "w": w})
+
+
+def _int8_static(x: torch.Tensor, p: Prepared) -> torch.Tensor:
+    t = p.tensors
+    return getattr(torch.ops.quantized, _STATIC_OP)(
+        x.to(torch.float32).contiguous(), t["xs"], t["xz"], t["packed"]
+    )
+
+
+def _int8_static_ref(x: torch.Tensor, p: Prepared) -> torch.Tensor:
+    return F.linear(fake_quantize_static(x, p.tensors["qt"]), p.tensors["w"])
+
+
 def _int8_dynamic_tensor(x: torch.Tensor, p: Prepared) -> torch.Tensor:
     return torch.ops.quantized.linear_dynamic(
         x.to(torch.float32).contiguous(), p.tensors["packed"], False
@@ -194,6 +254,8 @@ def _bf16_linear(x: torch.Tensor, p: Prepared) -> torch.Tensor:
 _KERNELS = {
     "int8-dynamic": _int8_dynamic,
     "int8-dynamic-tensor": _int8_dynamic_tensor,
+    "int8-static": _int8_static,
+    "int8-static-ref": _int8_static_ref,
     "int8-weight": _int8_weight,
     "int4": _int4,
     "fp16": _fp16,

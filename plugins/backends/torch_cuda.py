@@ -66,6 +66,8 @@ class TorchCudaBackend(Backend):
         if info.scheme == "int8":
             if not info.spec.symmetric:
                 return "int8 kernels need symmetric weights (zero point 0)"
+            if info.activations not in ("none", "dynamic", "dynamic-tensor"):
+                return f"no CUDA kernel for int8 activations={info.activations!r}"
             if info.activations != "none" and (k % 8 or n % 8):
                 return f"torch._int_mm needs K and N multiples of 8 (K={k}, N={n})"
             return None

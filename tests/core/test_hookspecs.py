@@ -18,8 +18,8 @@ HOOKS_MD = Path(__file__).resolve().parents[2] / "docs" / "plugins" / "hooks.md"
 SPEC_NAMES = sorted(n for n, f in vars(specs).items() if n.startswith("monoquant_") and callable(f))
 
 
-def test_there_are_twelve_hooks():
-    assert len(SPEC_NAMES) == 12, SPEC_NAMES
+def test_there_are_thirteen_hooks():
+    assert len(SPEC_NAMES) == 13, SPEC_NAMES
 
 
 @pytest.mark.parametrize("name", SPEC_NAMES)
@@ -38,6 +38,17 @@ def test_hook_docstring_is_complete(name):
     first = getattr(specs, name).monoquant_spec
     if first.get("firstresult"):
         assert "firstresult" in doc.lower()
+
+
+class _Counter:
+    """A collector that records each update (with its input shape) in the call list."""
+
+    def __init__(self, calls, name):
+        self.calls, self.name, self.shapes = calls, name, []
+
+    def update(self, x):
+        self.shapes.append(tuple(x.shape))
+        self.calls.append(f"update:{self.name}")
 
 
 class Recorder:
@@ -79,6 +90,11 @@ class Recorder:
     @hookimpl
     def monoquant_modify_plan(self, plan, model, config):
         self.calls.append("modify_plan")
+
+    @hookimpl
+    def monoquant_collectors(self, entry, module, config):
+        self.calls.append(f"collectors:{entry.name}")
+        return {"recorder.count": _Counter(self.calls, entry.name)}
 
     @hookimpl(wrapper=True)
     def monoquant_quantize_module(self, entry, module, engine):
@@ -132,6 +148,44 @@ def test_lifecycle_call_order():
     rec.calls.clear()
     engine.plan(mlp())
     assert rec.calls == ["configure", "modify_plan", "unconfigure"]
+
+
+def test_lifecycle_call_order_with_calibration():
+    rec = Recorder()
+    engine = Engine(plugins=[rec], entry_points=True)
+    rec.calls.clear()
+    x = torch.randn(2, 5, 32)
+    _, report = engine.quantize(mlp(), calibration=[x, x], min_rows=1)
+    assert rec.calls == [
+        "configure",
+        "modify_plan",
+        "collectors:0",
+        "collectors:2",
+        "collectors:4",
+        *["update:0", "update:2", "update:4"] * 2,
+        "quantize_module:0",
+        "module_done:0",
+        "quantize_module:2",
+        "module_done:2",
+        "quantize_module:4",
+        "module_done:4",
+        "report",
+        "unconfigure",
+    ]
+    assert report.extra["calibration"]["rows"] == {"0": 20, "2": 20, "4": 20}
+    rec.calls.clear()
+    engine.quantize(mlp(), calibration=x, sequential=True, min_rows=1)
+    per_layer = [
+        [f"collectors:{n}", f"update:{n}", f"quantize_module:{n}", f"module_done:{n}"]
+        for n in ("0", "2", "4")
+    ]
+    assert rec.calls == [
+        "configure",
+        "modify_plan",
+        *[c for layer in per_layer for c in layer],
+        "report",
+        "unconfigure",
+    ]
 
 
 def test_add_cli_options_reaches_configure():

@@ -100,3 +100,31 @@ def test_saved_model_loads_onto_cuda(tmp_path, scheme):
     loaded = loaded.to("cuda")
     assert loaded[0].backend.name == "torch-cuda"
     assert _rel(loaded(x.cuda()).cpu(), want) < 3e-2
+
+
+def test_static_int8_is_declined_by_torch_cuda_with_the_reason():
+    from monoquant_core.components import WeightInfo
+    from monoquant_core.qtensor import QuantSpec
+
+    be = Engine().backends.get("torch-cuda")
+    spec = QuantSpec(bits=8, symmetric=True, axis=0)
+    info = WeightInfo("int8", spec, (64, 64), torch.float32, "cuda", "static")
+    assert be.supports(info) == "no CUDA kernel for int8 activations='static'"
+
+
+@pytest.mark.gpu
+def test_static_int8_model_moved_to_cuda_runs_on_reference():
+    torch.manual_seed(0)
+    calib = [torch.randn(16, 256) for _ in range(4)]
+    q, _ = Engine().quantize(
+        nn.Sequential(nn.Linear(256, 128)),
+        scheme="int8",
+        scheme_options={"activations": "static"},
+        calibration=calib,
+        progress=False,
+    )
+    x = torch.randn(3, 256)
+    y_cpu = q(x)
+    q = q.to("cuda")
+    assert q[0].backend.name == "reference"
+    assert _rel(q(x.cuda()).cpu(), y_cpu) < 2e-2
