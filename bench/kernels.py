@@ -6,8 +6,9 @@
 Linear 4096x4096 and 4096->11008 at M = 1, 8, 32, 128 tokens. Weights are cold: every call
 uses the next of several copies of the layer, together larger than the L3 cache, so each call
 streams its weight from DRAM as in a real model. Each cell is the median of the timed calls,
-measured in one run, round-robin (a few calls of each variant in turn, so the machine's drift
-hits all alike), with fp32 ``nn.Linear`` as the baseline (speed-up = fp32 time / time).
+measured in one run, round-robin (a few calls of each variant in turn, in a shuffled order,
+so the machine's drift hits all alike), with fp32 ``nn.Linear`` as the baseline (speed-up =
+fp32 time / time). A bare ``torch.ao`` fbgemm dynamic Linear row shows the kernel's own speed.
 At M=1 the table also gives the fraction of the memory-bandwidth limit: weight bytes /
 latency / read bandwidth, the bandwidth measured here by ``tensor.sum()`` over 1 GiB.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import random
 import statistics
 import sys
 import time
@@ -92,22 +94,25 @@ def _calls(pool: list[nn.Module], x: torch.Tensor, start: int, calls: int) -> li
 
 def interleaved(variants: list[tuple], x_of, rounds: int, quick: bool) -> list[float]:
     """Median latency per variant, measured round-robin: every round runs a few calls of each
-    variant in turn (after one untimed call), so drift in the machine's speed (other tenants,
-    clocks) hits all of them alike and the ratios stay fair."""
+    variant in turn, in a shuffled order, after two untimed calls, so drift in the machine's
+    speed (other tenants, clocks) hits all of them alike and the ratios stay fair."""
     times: list[list[float]] = [[] for _ in variants]
     with torch.no_grad():
         for *_, pool, dtype in variants:
             for m in pool:
                 m(x_of(dtype))
+        order = list(range(len(variants)))
         for r in range(rounds):
-            for i, (_, backend, pool, dtype) in enumerate(variants):
+            random.Random(r).shuffle(order)  # no variant always follows the same one
+            for i in order:
+                _, backend, pool, dtype = variants[i]
                 slow = backend == "reference"
                 if slow and r >= 3:
                     continue
                 n = 1 if slow else (2 if quick else 4)
-                if not slow:  # one untimed call after switching variants
-                    _calls(pool, x_of(dtype), r * (n + 1), 1)
-                times[i] += _calls(pool, x_of(dtype), r * (n + 1) + 1, n)
+                if not slow:  # untimed calls after switching variants
+                    _calls(pool, x_of(dtype), r * (n + 2), 2)
+                times[i] += _calls(pool, x_of(dtype), r * (n + 2) + 2, n)
     return [statistics.median(t) for t in times]
 
 
@@ -127,13 +132,16 @@ def linear_table(n: int, k: int, ms: list[int], bw: float, quick: bool) -> str:
             nn.Sequential(copy.deepcopy(base)), scheme=scheme, scheme_options=opts, backend=backend
         )
         variants.append((label, backend, pool_of(q, weight_bytes(q)), torch.float32))
+        if label.startswith("int8 dynamic per token"):  # the bare kernel, for our overhead
+            raw = _raw_fbgemm(base)
+            variants.append(("(bare fbgemm dynamic Linear)", "torch.ao", raw, torch.float32))
     by_m = {}
     for m in ms:
         xs = {dt: torch.randn(m, k, dtype=dt) for dt in (torch.float32, torch.bfloat16)}
         by_m[m] = interleaved(variants, xs.__getitem__, 3 if quick else 8, quick)
     for i, (label, backend, pool, _) in enumerate(variants):
         cells = [f"{by_m[m][i] * 1e3:.2f} ({by_m[m][0] / by_m[m][i]:.1f}x)" for m in ms]
-        wb = weight_bytes(pool[0])
+        wb = n * k if backend == "torch.ao" else weight_bytes(pool[0])  # packed: not a buffer
         frac = wb / by_m[ms[0]][i] / (bw * 1e9)
         rows.append(
             f"| {label} | {backend} | {wb / (n * k):.2f} | "
@@ -147,6 +155,19 @@ def linear_table(n: int, k: int, ms: list[int], bw: float, quick: bool) -> str:
     )
     sep = "|---|---|---|" + "---|" * len(ms) + "---|"
     return "\n".join([f"Linear {k} -> {n} (N={n}, K={k})", "", head, sep, *rows])
+
+
+def _raw_fbgemm(base: nn.Linear) -> list[nn.Module]:
+    """PyTorch's own ``torch.ao`` dynamic int8 Linear (fbgemm, per-call activation scale),
+    with no Mono Quant code around it: the ceiling our int8 W8A8 layers are compared with."""
+    import warnings
+
+    import torch.ao.nn.quantized.dynamic as nnqd
+
+    with warnings.catch_warnings():  # torch deprecates quantized tensor creation
+        warnings.simplefilter("ignore", UserWarning)
+        one = nnqd.Linear(base.in_features, base.out_features, bias_=False, dtype=torch.qint8)
+        return pool_of(one, base.out_features * base.in_features)  # 1 byte per weight
 
 
 class Model(nn.Module):

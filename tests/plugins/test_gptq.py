@@ -462,7 +462,12 @@ def test_layer_that_saw_no_data_falls_back_with_the_reason(engine):
 
     torch.manual_seed(0)
     model = Branchy()
-    with pytest.warns(GptqWarning, match="unused: saw no calibration data"):
+    from monoquant_core.calibration import CalibrationWarning
+
+    with (
+        pytest.warns(GptqWarning, match="unused: saw no calibration data"),
+        pytest.warns(CalibrationWarning, match="1 planned layer.* saw no data: 'unused'"),
+    ):
         q, report = engine.quantize(
             model,
             scheme="int4-group",
@@ -488,13 +493,22 @@ def test_nan_in_activations_never_reaches_the_weights(engine):
     torch.manual_seed(0)
     bad = [x[..., :128].clone() for x in CALIB]
     bad[2][0, 3, 5] = float("nan")
-    q, report = engine.quantize(
-        Branchy(),
-        scheme="int4-group",
-        plugin_options={"gptq": {}},
-        calibration=bad,
-        progress=False,
-    )
+    from monoquant_plugins.gptq import GptqWarning
+
+    from monoquant_core.calibration import CalibrationWarning
+
+    with (
+        pytest.warns(CalibrationWarning, match="NaN/Inf in the inputs of 'used' \\(1\\)"),
+        pytest.warns(CalibrationWarning, match="saw no data: 'unused'"),
+        pytest.warns(GptqWarning, match="unused: saw no calibration data"),
+    ):
+        q, report = engine.quantize(
+            Branchy(),
+            scheme="int4-group",
+            plugin_options={"gptq": {}},
+            calibration=bad,
+            progress=False,
+        )
     assert report.extra["gptq"]["layers"]["used"]["method"] == "gptq"
     assert torch.isfinite(q.used.qtensor("weight").dequantize()).all()
     # every batch broken: the layer falls back, still finite
