@@ -32,7 +32,7 @@ from monoquant_plugins.gptq import gptq_solve
 
 from monoquant_core import Engine, QuantSpec, minmax_qparams, sqnr_db
 from monoquant_core.qtensor import round_params, to_groups
-from monoquant_core.testing.models import activation_transformer
+from monoquant_core.testing.models import activation_transformer, correlated_batches
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,18 +52,8 @@ ROWS = [
 
 
 def structured_batches(n: int, dim: int = 384, seed: int = 0, batch: int = 4, tokens: int = 64):
-    """Correlated, heavy-tailed hidden states ``[batch, tokens, dim]`` (the same rotation and
-    spectrum for every seed: seed 0 calibrates, seed 1 evaluates)."""
-    g = torch.Generator().manual_seed(1234)
-    rot, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))
-    mix = rot * torch.logspace(0, -1.5, dim).unsqueeze(0)
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        z = torch.randn(batch, tokens, dim, generator=g)
-        chi = torch.randn(5, batch, tokens, dim, generator=g).square().mean(0)
-        out.append((z / chi.sqrt()) @ mix.T * 4.0)
-    return out
+    """Correlated, heavy-tailed hidden states (the test kit's ``correlated_batches``)."""
+    return correlated_batches(n, dim, seed, batch, tokens)
 
 
 def run_rows(engine, make_model, calib, evaluate, group_sizes, rows=ROWS):

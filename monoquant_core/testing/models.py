@@ -25,6 +25,7 @@ __all__ = [
     "activation_batches",
     "activation_transformer",
     "conv_net",
+    "correlated_batches",
     "embedding_model",
     "mlp",
     "outlier_mlp",
@@ -119,6 +120,24 @@ def activation_batches(
         z = torch.randn(batch, tokens, dim, generator=g)
         chi = torch.randn(df, batch, tokens, dim, generator=g).square().sum(0) / df
         out.append(z / chi.sqrt())
+    return out
+
+
+def correlated_batches(
+    n: int, dim: int = 384, seed: int = 0, batch: int = 4, tokens: int = 32
+) -> list[torch.Tensor]:
+    """``n`` batches ``[batch, tokens, dim]`` of correlated, heavy-tailed hidden states: the
+    same rotation and spectrum for every seed (so seed 0 can calibrate and seed 1 evaluate),
+    the kind of input whose Hessian GPTQ exploits."""
+    g = torch.Generator().manual_seed(1234)
+    rot, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))
+    mix = rot * torch.logspace(0, -1.5, dim).unsqueeze(0)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        z = torch.randn(batch, tokens, dim, generator=g)
+        chi = torch.randn(5, batch, tokens, dim, generator=g).square().mean(0)
+        out.append((z / chi.sqrt()) @ mix.T * 4.0)
     return out
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from monoquant_core import QParams, QuantSpec, minmax_qparams, sqnr_db
 from monoquant_core.qtensor import round_params, to_groups
+from monoquant_core.testing.models import correlated_batches
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -330,16 +331,7 @@ def test_4096_layer_under_two_seconds_single_thread(act_order):
 
 def hidden_states(n: int, dim: int, seed: int, batch: int = 4, tokens: int = 32):
     """Correlated heavy-tailed hidden states (fixed rotation and spectrum, seeded samples)."""
-    g = torch.Generator().manual_seed(1234)
-    rot, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))
-    mix = rot * torch.logspace(0, -1.5, dim).unsqueeze(0)
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        z = torch.randn(batch, tokens, dim, generator=g)
-        chi = torch.randn(5, batch, tokens, dim, generator=g).square().mean(0)
-        out.append((z / chi.sqrt()) @ mix.T * 4.0)
-    return out
+    return correlated_batches(n, dim, seed, batch, tokens)
 
 
 def small_transformer():
