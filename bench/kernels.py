@@ -2,6 +2,7 @@
 
     python bench/kernels.py                       # 1 thread and all threads, both shapes
     python bench/kernels.py --threads 1 --quick   # one shape, fewer repetitions
+    python bench/kernels.py --overhead            # our int8 layers vs the bare fbgemm kernel
 
 Linear 4096x4096 and 4096->11008 at M = 1, 8, 32, 128 tokens. Weights are cold: every call
 uses the next of several copies of the layer, together larger than the L3 cache, so each call
@@ -170,6 +171,42 @@ def _raw_fbgemm(base: nn.Linear) -> list[nn.Module]:
         return pool_of(one, base.out_features * base.in_features)  # 1 byte per weight
 
 
+def overhead_table(rounds: int = 20) -> str:
+    """Our int8 W8A8 layers against the bare fbgemm kernel they call, 4096x4096, measured
+    round-robin with many rounds: what Mono Quant's wrapper costs per call."""
+    torch.manual_seed(0)
+    base = nn.Linear(4096, 4096, bias=False)
+    variants = [("fp32 nn.Linear", "-", pool_of(base, 4096 * 4096 * 4), torch.float32)]
+    variants.append(("(bare fbgemm dynamic Linear)", "torch.ao", _raw_fbgemm(base), torch.float32))
+    for label, act in [
+        ("int8 W8A8 per token", "dynamic"),
+        ("int8 W8A8 per tensor", "dynamic-tensor"),
+    ]:
+        q, _ = Engine().quantize(
+            nn.Sequential(copy.deepcopy(base)), scheme="int8", scheme_options={"activations": act}
+        )
+        variants.append((label, "torch-cpu", pool_of(q, weight_bytes(q)), torch.float32))
+    rows = []
+    cols = {}
+    for m in (1, 8, 128):
+        x = torch.randn(m, 4096)
+        cols[m] = interleaved(variants, lambda dt, x=x: x, rounds, False)
+    for i, (label, backend, _, _) in enumerate(variants):
+        cells = [
+            f"{cols[m][i] * 1e3:.3f} ({cols[m][i] / cols[m][1]:.2f}x bare)" for m in (1, 8, 128)
+        ]
+        rows.append(f"| {label} | {backend} | " + " | ".join(cells) + " |")
+    return "\n".join(
+        [
+            "Wrapper overhead: Linear 4096x4096, int8 W8A8 against the bare fbgemm kernel",
+            "",
+            "| method | backend | M=1 ms | M=8 ms | M=128 ms |",
+            "|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+
+
 class Model(nn.Module):
     def __init__(self, dim=1024, depth=4):
         super().__init__()
@@ -243,7 +280,16 @@ def main() -> None:
         help="thread counts to run (default: 1 and all)",
     )
     ap.add_argument("--quick", action="store_true", help="one shape, fewer calls")
+    ap.add_argument(
+        "--overhead",
+        action="store_true",
+        help="only our int8 W8A8 layers against the bare fbgemm kernel (many rounds)",
+    )
     args = ap.parse_args()
+    if args.overhead:
+        torch.set_num_threads((args.threads or [1])[0])
+        print(overhead_table())
+        return
     threads = args.threads or sorted({1, os.cpu_count() or 1})
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)]
     print(
