@@ -228,6 +228,35 @@ class Engine(PluginHost):
             )
         return scheme_cfg, obs_cfg
 
+    def quantize_entry_weights(
+        self,
+        entry: PlanEntry,
+        module: nn.Module,
+        weights: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, QTensor]:
+        """Quantize ``weights`` (default: every weight the entry's replacer names on
+        ``module``) as the plan entry says: its scheme, observer, options and channel axes.
+
+        This is what the default ``monoquant_quantize_module`` does; a plugin that computes some
+        weights itself (e.g. ``gptq``, the ``weight``) quantizes the others with it.
+        """
+        replacer = self.replacers.get(entry.replacer)
+        scheme_cfg, observer_cfg = self.component_configs(entry)
+        if weights is None:
+            weights = replacer.weights(module)
+        return {
+            param: self.quantize_weight(
+                weight,
+                entry.scheme,
+                entry.observer,
+                axis=replacer.channel_axis(module, param),
+                scheme_config=scheme_cfg,
+                observer_config=observer_cfg,
+                name=f"{entry.name}.{param}" if entry.name else param,
+            )
+            for param, weight in weights.items()
+        }
+
     def quantize_weight(
         self,
         weight: torch.Tensor,

@@ -21,19 +21,8 @@ def monoquant_quantize_module(entry: PlanEntry, module: nn.Module, engine: Engin
     from .engine import ModuleResult
 
     replacer = engine.replacers.get(entry.replacer)
-    scheme_cfg, observer_cfg = engine.component_configs(entry)
     originals = replacer.weights(module)
-    qweights = {}
-    for param, weight in originals.items():
-        qweights[param] = engine.quantize_weight(
-            weight,
-            entry.scheme,
-            entry.observer,
-            axis=replacer.channel_axis(module, param),
-            scheme_config=scheme_cfg,
-            observer_config=observer_cfg,
-            name=f"{entry.name}.{param}" if entry.name else param,
-        )
+    qweights = engine.quantize_entry_weights(entry, module, originals)
     new = replacer.replace(
         module, qweights, engine.backends.get(entry.backend), engine.schemes.get(entry.scheme)
     )

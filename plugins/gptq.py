@@ -729,18 +729,8 @@ def _quantize(entry, module, engine, run, col):
         **qt.meta,
         "gptq": {k: v for k, v in info.items() if k in ("damp", "rows", "act_order")},
     }
-    qweights = {"weight": qt}
-    for param, other in originals.items():
-        if param != "weight":
-            qweights[param] = engine.quantize_weight(
-                other,
-                entry.scheme,
-                entry.observer,
-                axis=replacer.channel_axis(module, param),
-                scheme_config=scheme_cfg,
-                observer_config=obs_cfg,
-                name=f"{entry.name}.{param}" if entry.name else param,
-            )
+    others = {p: w for p, w in originals.items() if p != "weight"}
+    qweights = {"weight": qt, **engine.quantize_entry_weights(entry, module, others)}
     new = replacer.replace(module, qweights, engine.backends.get(entry.backend), scheme)
     run.layers[entry.name] = info
     return ModuleResult(entry=entry, module=new, qtensors=qweights, originals=originals), None
