@@ -36,12 +36,15 @@ from monoquant_core import Engine
 from monoquant_core.demo import TransformerBlock
 
 POOL_BYTES = 512 * 2**20
+W4A8 = {"activations": "dynamic"}  # int4-group with int8 inputs per token (cpu-vnni backend)
 METHODS = [  # label, scheme, options, backend
     ("int8 dynamic per token (W8A8)", "int8", {"activations": "dynamic"}, "torch-cpu"),
     ("int8 dynamic per tensor (W8A8)", "int8", {"activations": "dynamic-tensor"}, "torch-cpu"),
     ("int8 weight-only", "int8", {}, "torch-cpu"),
     ("int4-group g128", "int4-group", {"group_size": 128}, "torch-cpu"),
     ("int4-group g32", "int4-group", {"group_size": 32}, "torch-cpu"),
+    ("int4-group g128 W4A8", "int4-group", {"group_size": 128, **W4A8}, "cpu-vnni"),
+    ("int4-group g32 W4A8", "int4-group", {"group_size": 32, **W4A8}, "cpu-vnni"),
     ("fp16", "fp16", {}, "torch-cpu"),
     ("int8 weight-only", "int8", {}, "reference"),
     ("int4-group g128", "int4-group", {"group_size": 128}, "reference"),
@@ -128,7 +131,7 @@ def linear_table(n: int, k: int, ms: list[int], bw: float, quick: bool) -> str:
         ("fp32 nn.Linear", "-", fp32, torch.float32),
         ("bf16 nn.Linear", "-", bf16, torch.bfloat16),
     ]
-    for label, scheme, opts, backend in METHODS:
+    for label, scheme, opts, backend in _runnable(METHODS):
         q, _ = engine.quantize(
             nn.Sequential(copy.deepcopy(base)), scheme=scheme, scheme_options=opts, backend=backend
         )
@@ -231,8 +234,10 @@ def model_table(quick: bool = False) -> str:
         ("int8 dynamic per tensor", "int8", {"activations": "dynamic-tensor"}, "torch-cpu"),
         ("int8 weight-only", "int8", {}, "torch-cpu"),
         ("int4-group g128", "int4-group", {}, "torch-cpu"),
+        ("int4-group g128 W4A8", "int4-group", W4A8, "cpu-vnni"),
         ("int8 weight-only", "int8", {}, "reference"),
     ]
+    configs = _runnable(configs)
     variants = [("fp32", "-", pool_of(base, fp32_bytes), torch.float32)]
     errors = [("0", "-")]
     with torch.no_grad():
@@ -264,6 +269,18 @@ def model_table(quick: bool = False) -> str:
             *rows,
         ]
     )
+
+
+def _runnable(methods: list[tuple]) -> list[tuple]:
+    """The methods whose backend is available here (a missing one is said on stderr)."""
+    engine, out = Engine(), []
+    for method in methods:
+        ok = engine.backends.get(method[-1]).available()
+        if ok is True:
+            out.append(method)
+        else:
+            print(f"skipping {method[0]} on {method[-1]}: {ok}", file=sys.stderr)
+    return out
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -28,6 +28,12 @@ class Capabilities:
         dtypes: floating dtypes of the weights / activations handled.
         devices: device types (``"cpu"``, ``"cuda"``).
         needs_calibration: True when activation statistics are required.
+        schemes: (backends) the schemes it is meant for. A backend selection passes over a
+            backend not meant for a weight's scheme silently; one that is meant for it but
+            cannot run it (``supports()`` gives a reason, or it is unavailable) is named in the
+            plan with that reason.
+        activations: (backends) the input quantization modes it is meant for (``"none"``,
+            ``"dynamic"``, ...), with the same effect on selection notes as ``schemes``.
         numerics: how a backend computes (e.g. ``"fp32 dequantize"``, ``"bf16 activations"``).
     """
 
@@ -38,7 +44,15 @@ class Capabilities:
     dtypes: tuple[torch.dtype, ...] = _FLOATS
     devices: tuple[str, ...] = ()
     needs_calibration: bool = False
+    schemes: tuple[str, ...] = ()
+    activations: tuple[str, ...] = ()
     numerics: str = ""
+
+    def meant_for(self, scheme: str, activations: str) -> bool:
+        """False when ``schemes`` / ``activations`` are declared and exclude these."""
+        return (not self.schemes or scheme in self.schemes) and (
+            not self.activations or activations in self.activations
+        )
 
     def require(self, owner: str, field_name: str, value: object) -> None:
         """Raise ``CapabilityError`` unless ``value`` is one of the declared ``field_name``."""
@@ -60,6 +74,8 @@ class Capabilities:
             "dtypes": [str(d).replace("torch.", "") for d in self.dtypes],
             "devices": list(self.devices),
             "needs_calibration": self.needs_calibration,
+            "schemes": list(self.schemes),
+            "activations": list(self.activations),
             "numerics": self.numerics,
         }
 

@@ -195,6 +195,8 @@ class Engine(PluginHost):
             be = reg.component
             if info.device not in be.device_types:
                 continue
+            if not be.capabilities.meant_for(info.scheme, info.activations):
+                continue  # not a backend for this kind of weight: nothing to explain
             ok = safe_available(be)
             why = be.supports(info) if ok is True else ok
             if why:

@@ -109,6 +109,8 @@ class TorchCpuBackend(Backend):
             return None if k % 16 == 0 else f"K % 16 != 0 (K={k})"
         if info.scheme == "int4-group":
             gs = info.spec.group_size
+            if info.activations != "none":
+                return f"no int4 kernel with activations={info.activations!r} (cpu-vnni has W4A8)"
             if not _has("_weight_int4pack_mm_for_cpu"):
                 return "torch has no _weight_int4pack_mm_for_cpu"
             if gs not in _GROUPS:

@@ -72,6 +72,8 @@ class TorchCudaBackend(Backend):
                 return f"torch._int_mm needs K and N multiples of 8 (K={k}, N={n})"
             return None
         if info.scheme == "int4-group":
+            if info.activations != "none":
+                return f"no int4 kernel with activations={info.activations!r}"
             if not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
                 return "torch has no _weight_int4pack_mm"
             gs = info.spec.group_size

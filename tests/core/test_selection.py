@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from monoquant_core import Backend, CapabilityError, Engine, UsageError, hookimpl
+from monoquant_core import Backend, Capabilities, CapabilityError, Engine, UsageError, hookimpl
 from monoquant_core.demo import demo_model
 from monoquant_core.testing import mlp, transformer_block
 
@@ -149,8 +149,35 @@ def test_backend_choice_is_data_with_reasons():
     assert model[0].backend.name == "picky" and model[2].backend.name == "reference"
 
 
+class Int4OnlyBackend(PickyBackend):
+    name = "int4-only"
+    priority = 30
+    capabilities = Capabilities(schemes=("int4-group",), activations=("dynamic",))
+
+    def available(self):
+        return "needs a special CPU"
+
+
+def test_backends_not_meant_for_a_weight_are_passed_over_silently():
+    class Plugin:
+        @hookimpl
+        def monoquant_register_backends(self, register):
+            register(Int4OnlyBackend())
+
+    engine = Engine(plugins=[Plugin()])
+    int8 = engine.plan(mlp(dims=(256, 64, 10)), scheme="int8").get("0")
+    assert not any("int4-only" in n for n in int8.notes), int8.notes  # not meant for int8
+    weight_only = engine.plan(mlp(dims=(256, 64, 10)), scheme="int4-group").get("0")
+    assert not any("int4-only" in n for n in weight_only.notes)  # nor for weight-only int4
+    w4a8 = engine.plan(
+        mlp(dims=(256, 64, 10)), scheme="int4-group", scheme_options={"activations": "dynamic"}
+    ).get("0")
+    assert w4a8.notes[0].startswith("int4-only: needs a special CPU, using "), w4a8.notes
+    assert Int4OnlyBackend.capabilities.to_dict()["schemes"] == ["int4-group"]
+
+
 def test_forced_backend_errors_name_what_is_missing():
-    engine = Engine(plugins=[Backends()], disable=["torch-cpu"])
+    engine = Engine(plugins=[Backends()], disable=["torch-cpu", "cpu-vnni"])
     with pytest.raises(CapabilityError, match="'fake-gpu' is not available here: no CUDA device"):
         engine.configure(backend="fake-gpu")
     with pytest.raises(UsageError, match=r"unknown backend 'tpu' \(available: fake-gpu, picky"):

@@ -156,3 +156,14 @@ class TestTorchCpuContract(BackendContract):
 class TestTorchCudaContract(BackendContract):
     backend = "torch-cuda"
     sqnr_floor_db = 30.0  # bfloat16 activations on tinygemm; kernel tests skip without a GPU
+
+
+class TestCpuVnniContract(BackendContract):
+    backend = "cpu-vnni"
+    sqnr_floor_db = 80.0  # the reference's int8 codes and integer dot products: float rounding only
+    cases = tuple(
+        ("int4-group", {"group_size": gs, "activations": "dynamic", **extra})
+        for gs in (32, 64, 128, 256)
+        for extra in ({}, {"symmetric": True})
+    )
+    shapes = ((48, 256), (37, 512))
