@@ -139,6 +139,8 @@ def linear_table(n: int, k: int, ms: list[int], bw: float, quick: bool) -> str:
         if label.startswith("int8 dynamic per token"):  # the bare kernel, for our overhead
             raw = _raw_fbgemm(base)
             variants.append(("(bare fbgemm dynamic Linear)", "torch.ao", raw, torch.float32))
+            read = pool_of(ReadBytes(n, k), n * k)
+            variants.append(("(only read 1 byte/weight: sum)", "memory", read, torch.float32))
     by_m = {}
     for m in ms:
         xs = {dt: torch.randn(m, k, dtype=dt) for dt in (torch.float32, torch.bfloat16)}
@@ -172,6 +174,18 @@ def _raw_fbgemm(base: nn.Linear) -> list[nn.Module]:
         warnings.simplefilter("ignore", UserWarning)
         one = nnqd.Linear(base.in_features, base.out_features, bias_=False, dtype=torch.qint8)
         return pool_of(one, base.out_features * base.in_features)  # 1 byte per weight
+
+
+class ReadBytes(nn.Module):
+    """Reads as many bytes as an int8 weight of [n, k] (``sum`` over a float32 view), in the
+    same cold pool as the layers: the M=1 ceiling of any 1-byte-per-weight kernel here."""
+
+    def __init__(self, n: int, k: int):
+        super().__init__()
+        self.register_buffer("w", torch.ones(n, k // 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w.sum()
 
 
 def overhead_table(rounds: int = 20) -> str:

@@ -73,6 +73,67 @@ static void group_sums(const int8_t *xq, int64_t m, int64_t k, int64_t gs, float
         }
 }
 
+#define INLINE static inline __attribute__((always_inline))
+
+/* The scales of chunk c for its low and high 64 codes (groups of 32, 64, or >= 128). */
+INLINE void chunk_scales(const float *sr, int64_t c, int64_t gs, __m512 *slo, __m512 *shi) {
+    if (gs >= 128) {
+        *slo = *shi = _mm512_set1_ps(sr[(c * 128) >> (gs == 256 ? 8 : 7)]);
+    } else if (gs == 64) {
+        *slo = _mm512_set1_ps(sr[2 * c]);
+        *shi = _mm512_set1_ps(sr[2 * c + 1]);
+    } else { /* gs == 32: lanes 0-7 hold the first group of 32, lanes 8-15 the second */
+        const __m512i il = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        const __m512i ih = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
+        __m512 s4 = _mm512_castps128_ps512(_mm_loadu_ps(sr + 4 * c));
+        *slo = _mm512_permutexvar_ps(il, s4);
+        *shi = _mm512_permutexvar_ps(ih, s4);
+    }
+}
+
+/* Chunk c (128 inputs) of one weight row against NT tokens, accumulated into f[j]. */
+INLINE void chunk_dots(const uint8_t *wr, const int8_t *xb, int64_t k, const float *sr,
+                       int64_t gs, int prefetch, int64_t c, const int NT, __m512 f[TOKENS]) {
+    const __m512i nib = _mm512_set1_epi8(0x0F);
+    if (PF_AHEAD && prefetch) _mm_prefetch((const char *)(wr + 64 * c) + PF_AHEAD, _MM_HINT_T0);
+    __m512i pk = _mm512_loadu_si512((const void *)(wr + 64 * c));
+    __m512i lo = _mm512_and_si512(pk, nib);
+    __m512i hi = _mm512_and_si512(_mm512_srli_epi16(pk, 4), nib);
+    __m512 slo, shi;
+    chunk_scales(sr, c, gs, &slo, &shi);
+    for (int j = 0; j < NT; j++) {
+        const int8_t *xr = xb + j * k + 128 * c;
+        __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
+                                        _mm512_loadu_si512((const void *)xr));
+        if (gs >= 128) { /* one scale for the chunk: add the integers first */
+            a = _mm512_dpbusd_epi32(a, hi, _mm512_loadu_si512((const void *)(xr + 64)));
+            f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), slo, f[j]);
+        } else {
+            __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi,
+                                            _mm512_loadu_si512((const void *)(xr + 64)));
+            f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), slo, f[j]);
+            f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), shi, f[j]);
+        }
+    }
+}
+
+/* One weight row against NT tokens. NT is a compile-time constant at every call, so the
+ * accumulators stay in registers; two accumulators per token (even / odd chunks) halve the
+ * loop-carried FMA latency chain, which bounds the one-token case. */
+INLINE void row_dots(const uint8_t *wr, const int8_t *xb, int64_t k, const float *sr, int64_t gs,
+                     int prefetch, const int NT, __m512 out[TOKENS]) {
+    __m512 f0[TOKENS], f1[TOKENS];
+    for (int j = 0; j < NT; j++) f0[j] = f1[j] = _mm512_setzero_ps();
+    const int64_t chunks = k / 128;
+    int64_t c = 0;
+    for (; c + 2 <= chunks; c += 2) {
+        chunk_dots(wr, xb, k, sr, gs, prefetch, c, NT, f0);
+        chunk_dots(wr, xb, k, sr, gs, prefetch, c + 1, NT, f1);
+    }
+    if (c < chunks) chunk_dots(wr, xb, k, sr, gs, prefetch, c, NT, f0);
+    for (int j = 0; j < NT; j++) out[j] = _mm512_add_ps(f0[j], f1[j]);
+}
+
 /* y [M, N] = sx[t] * sum_g (s[n,g] * sum_{k in g} u[n,k] xq[t,k] + o[n,g] * xsum[t,g]).
  * gs in {32, 64, 128, 256}; K % 128 == 0 and K % gs == 0. */
 void mq_w4a8(const float *x, int64_t m, int64_t k, int8_t *xq, float *sx, float *xsum,
@@ -80,52 +141,24 @@ void mq_w4a8(const float *x, int64_t m, int64_t k, int8_t *xq, float *sx, float 
              int nthreads) {
     quantize_rows(x, m, k, xq, sx);
     group_sums(xq, m, k, gs, xsum);
-    const int64_t g = k / gs, chunks = k / 128, rowbytes = k / 2;
-    const __m512i nib = _mm512_set1_epi8(0x0F);
+    const int64_t g = k / gs, rowbytes = k / 2;
     int64_t nblocks = (n + ROWS - 1) / ROWS;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t b = 0; b < nblocks; b++) {
         int64_t r1 = (b + 1) * ROWS < n ? (b + 1) * ROWS : n;
         for (int64_t t0 = 0; t0 < m; t0 += TOKENS) {
             int nt = m - t0 < TOKENS ? (int)(m - t0) : TOKENS;
+            const int8_t *xb = xq + t0 * k;
             for (int64_t r = b * ROWS; r < r1; r++) {
                 const uint8_t *wr = w + r * rowbytes;
                 const float *sr = s + r * g, *orow = o + r * g;
                 __m512 f[TOKENS];
-                for (int j = 0; j < TOKENS; j++) f[j] = _mm512_setzero_ps();
-                for (int64_t c = 0; c < chunks; c++) {
-                    if (PF_AHEAD && t0 == 0) _mm_prefetch((const char *)(wr + 64 * c) + PF_AHEAD, _MM_HINT_T0);
-                    __m512i pk = _mm512_loadu_si512((const void *)(wr + 64 * c));
-                    __m512i lo = _mm512_and_si512(pk, nib);
-                    __m512i hi = _mm512_and_si512(_mm512_srli_epi16(pk, 4), nib);
-                    __m512 slo, shi;
-                    if (gs >= 128) {
-                        slo = _mm512_set1_ps(sr[(128 * c) / gs]);
-                        for (int j = 0; j < nt; j++) {
-                            const int8_t *xr = xq + (t0 + j) * k + 128 * c;
-                            __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
-                                                            _mm512_loadu_si512((const void *)xr));
-                            a = _mm512_dpbusd_epi32(a, hi, _mm512_loadu_si512((const void *)(xr + 64)));
-                            f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), slo, f[j]);
-                        }
-                        continue;
-                    }
-                    if (gs == 64) {
-                        slo = _mm512_set1_ps(sr[2 * c]);
-                        shi = _mm512_set1_ps(sr[2 * c + 1]);
-                    } else { /* gs == 32: lanes 0-7 are the first group of 32, 8-15 the second */
-                        slo = _mm512_insertf32x8(_mm512_set1_ps(sr[4 * c]), _mm256_set1_ps(sr[4 * c + 1]), 1);
-                        shi = _mm512_insertf32x8(_mm512_set1_ps(sr[4 * c + 2]), _mm256_set1_ps(sr[4 * c + 3]), 1);
-                    }
-                    for (int j = 0; j < nt; j++) {
-                        const int8_t *xr = xq + (t0 + j) * k + 128 * c;
-                        __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
-                                                        _mm512_loadu_si512((const void *)xr));
-                        __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi,
-                                                        _mm512_loadu_si512((const void *)(xr + 64)));
-                        f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), slo, f[j]);
-                        f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), shi, f[j]);
-                    }
+                int pf = t0 == 0;
+                switch (nt) {
+                case 1: row_dots(wr, xb, k, sr, gs, pf, 1, f); break;
+                case 2: row_dots(wr, xb, k, sr, gs, pf, 2, f); break;
+                case 3: row_dots(wr, xb, k, sr, gs, pf, 3, f); break;
+                default: row_dots(wr, xb, k, sr, gs, pf, 4, f); break;
                 }
                 for (int j = 0; j < nt; j++) {
                     const float *xs = xsum + (t0 + j) * g;
