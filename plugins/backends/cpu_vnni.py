@@ -80,10 +80,11 @@ def cache_dir() -> Path:
 def _compile(cc: str, out: Path, openmp: bool) -> str | None:
     """Build the shared library at ``out`` (atomically); None on success, else the error."""
     flags = ["-O3", *ISA_FLAGS, "-fPIC", "-shared", *(["-fopenmp"] if openmp else [])]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
         proc = subprocess.run(
             [cc, *flags, "-o", tmp, str(SOURCE), "-lm"],
             capture_output=True,
@@ -98,7 +99,7 @@ def _compile(cc: str, out: Path, openmp: bool) -> str | None:
     except (OSError, subprocess.SubprocessError) as e:
         return str(e)
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 

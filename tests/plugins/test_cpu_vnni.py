@@ -203,3 +203,13 @@ def test_pack_chunks_layout():
     c = packed.reshape(3, 2, 64)
     lo, hi = c & 15, c >> 4
     assert torch.equal(torch.cat([lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1]], 1), codes)
+
+
+@pytest.mark.skipif(cpu_vnni.cpu_reason() is not None, reason="needs an AVX512-VNNI CPU")
+def test_unwritable_cache_is_a_reason_not_an_exception(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("MONOQUANT_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setattr(cpu_vnni.tempfile, "tempdir", str(blocker / "tmp"))
+    lib, reason = cpu_vnni._build()
+    assert lib is None and reason.startswith("building the kernel with ")
