@@ -115,9 +115,12 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
         cc_id = version.stdout.splitlines()[0] if version.stdout else cc
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"{cc} --version failed: {e}"
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + f"{cc}|{cc_id}|{ISA_FLAGS}|{sys.platform}".encode()
-    ).hexdigest()[:16]
+    try:
+        source = SOURCE.read_bytes()
+    except OSError:
+        return None, f"the kernel source {SOURCE.name} is missing from the installed package"
+    key = hashlib.sha256(source + f"{cc}|{cc_id}|{ISA_FLAGS}|{sys.platform}".encode()).hexdigest()
+    key = key[:16]
     errors = []
     for openmp in (True, False):
         name = f"vnni-{key}{'-omp' if openmp else ''}.so"
