@@ -16,6 +16,7 @@ from ..engine import Engine
 from ..qtensor import QTensor
 from .asserts import assert_sqnr
 from .contract_base import Contract
+from .models import odd_inputs
 
 __all__ = ["BackendContract"]
 
@@ -168,6 +169,32 @@ class BackendContract(Contract):
             x = torch.zeros(0, qt.shape[1], device=device)
             y = be.linear(x, be.prepare(qt, sch), None)
             assert y.shape == (0, qt.shape[0]) and y.dtype == x.dtype, f"{what}: {y.shape}"
+
+    def test_odd_inputs_match_reference(self, contract_engine):
+        """Non-contiguous, misaligned, half-precision, 3-D, all-zero and empty inputs give the
+        reference's result (or a fallback's) with the input's dtype, and never crash."""
+        device = self._device(contract_engine)
+        be = self._be(contract_engine)
+        for what, qt, sch in self._supported(contract_engine, device):
+            n, k = qt.shape
+            prepared = be.prepare(qt, sch)
+            for label, x in odd_inputs(k, device).items():
+                if be.capabilities.dtypes and x.dtype not in be.capabilities.dtypes:
+                    continue
+                y = be.linear(x, prepared, None)
+                assert y.shape == (*x.shape[:-1], n) and y.dtype == x.dtype, (
+                    f"{what}, {label}: output {y.dtype} {tuple(y.shape)}"
+                )
+                if not x.numel():
+                    continue
+                ref = self._reference(contract_engine, x.float(), qt, sch, None)
+                if not ref.any():
+                    assert not y.float().cpu().any(), f"{what}, {label}: expected zeros"
+                    continue
+                floor = self.sqnr_floor_db
+                if x.dtype != torch.float32:  # half-precision inputs: rounding, as for bf16
+                    floor = min(floor, 30.0)
+                assert_sqnr(ref, y.cpu().float(), floor, f"{what} {label}")
 
     def test_weight_matches_dequantize(self, contract_engine):
         device = self._device(contract_engine)

@@ -28,6 +28,7 @@ __all__ = [
     "correlated_batches",
     "embedding_model",
     "mlp",
+    "odd_inputs",
     "outlier_mlp",
     "tiny_models",
     "transformer_block",
@@ -252,4 +253,31 @@ def tiny_models(seed: int = 0) -> dict[str, TinyModel]:
             ),
             TinyModel("wrapper", lambda: CustomWrapperModel(seed), torch.randn(3, 16, generator=g)),
         )
+    }
+
+
+def odd_inputs(
+    k: int, device: str | torch.device = "cpu", seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Inputs of width ``k`` that fused kernels get wrong most often, by label.
+
+    A non-contiguous view, a view whose data pointer is misaligned (offset by one element),
+    the same in bfloat16, float16, a 3-D batch, all-zero rows, an empty batch and an empty
+    3-D batch. A backend must return the reference backend's result (within its declared
+    numerics) or fall back, never crash; :class:`BackendContract` checks that.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device)
+
+    return {
+        "non-contiguous": randn(5, 2 * k)[:, ::2],
+        "misaligned": randn(5 * k + 1)[1:].view(5, k),
+        "misaligned bfloat16": randn(5 * k + 1).to(torch.bfloat16)[1:].view(5, k),
+        "float16": randn(5, k).to(torch.float16),
+        "3-D": randn(2, 3, k),
+        "zero rows": torch.zeros(3, k, device=device),
+        "empty batch": torch.zeros(0, k, device=device),
+        "empty 3-D": torch.zeros(2, 0, k, device=device),
     }

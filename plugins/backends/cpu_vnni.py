@@ -195,9 +195,7 @@ class CpuVnniBackend(Backend):
         return True if lib is not None else reason
 
     def supports(self, info):
-        if info.scheme != "int4-group":
-            return f"no W4A8 kernel for scheme {info.scheme!r} (int4-group only)"
-        if info.activations != "dynamic":
+        if not self.capabilities.meant_for(info.scheme, info.activations):  # e.g. when forced
             return "runs int4-group with activations=dynamic (int8 inputs) only"
         if len(info.shape) != 2 or info.spec.axis not in (0, None):
             return "needs a 2-D [out, in] weight (nn.Linear layout)"

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from monoquant_core import Engine
+from monoquant_core.testing import odd_inputs
 
 # (scheme, options, relative error bound against the reference backend)
 PATHS = [
@@ -89,16 +90,7 @@ def test_unsupported_shapes_fall_back_to_reference_with_a_reason(scheme, opts, s
 @pytest.mark.parametrize("scheme, opts, bound", [p for p in PATHS if p[0] != "fp16"])
 def test_odd_inputs_are_guarded(scheme, opts, bound):
     fast, ref = _models(scheme, opts)
-    wide = torch.randn(5, 512)
-    cases = {
-        "non-contiguous": wide[:, ::2],
-        "misaligned": torch.randn(5 * 256 + 1)[1:].view(5, 256),
-        "misaligned bf16": torch.randn(5 * 256 + 1).to(torch.bfloat16)[1:].view(5, 256),
-        "3-D": torch.randn(2, 3, 256),
-        "empty batch": torch.randn(0, 256),
-        "empty 3-D": torch.randn(2, 0, 256),
-    }
-    for label, x in cases.items():
+    for label, x in odd_inputs(256).items():
         with torch.no_grad():
             y, r = fast(x), ref(x)
         assert y.shape == r.shape == (*x.shape[:-1], 96), label
