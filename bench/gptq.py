@@ -31,7 +31,8 @@ import torch
 from monoquant_plugins.gptq import gptq_solve
 
 from monoquant_core import Engine, QuantSpec, minmax_qparams, sqnr_db
-from monoquant_core.qtensor import round_params, to_groups
+from monoquant_core.affine import round_params
+from monoquant_core.layout import to_groups
 from monoquant_core.testing.models import activation_transformer, correlated_batches
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -17,8 +17,9 @@ from torch import nn
 
 from .artifacts import Artifact, ArtifactReader, ArtifactWriter
 from .capabilities import Capabilities
-from .config import ComponentConfig
-from .qtensor import QParams, QTensor, QuantSpec, minmax_qparams
+from .errors import CapabilityError
+from .options import ComponentConfig
+from .qtensor import QParams, QTensor, QuantSpec
 
 __all__ = [
     "Artifact",
@@ -29,7 +30,6 @@ __all__ = [
     "Scheme",
     "Serializer",
     "WeightInfo",
-    "minmax_qparams",
 ]
 
 
@@ -246,8 +246,6 @@ class QuantizedModule(nn.Module):
             if info.device in be.device_types and be.supports(info) is None:
                 self.backend = be
                 return
-        from .errors import CapabilityError
-
         raise CapabilityError(
             f"no backend of this module runs a {qt.scheme} weight on {info.device}",
             "move it back, or install a backend plugin for that device",

@@ -1,31 +1,26 @@
-"""Resolved run configuration and per-component option parsing.
+"""The resolved configuration of one run, how user arguments become one, and the one rule for
+which scheme / observer options a plan entry uses.
 
-Each component declares a frozen dataclass ``config_class`` (subclass of
-:class:`ComponentConfig`, with a ``version``). Options from Python (``scheme_options={...}``) or
-the CLI (``--scheme-opt KEY=VALUE``) are validated against it: an unknown key is an error that
-lists the valid keys, a value that does not parse names the expected type.
+:func:`build_config` validates every name and option before any hook runs (an unknown scheme,
+option key or plugin in ``plugin_options`` is a one-line error listing the valid choices);
+:func:`entry_configs` is the only place that decides an entry's component configs.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from .errors import UsageError
-from .rules import Rule
+from .errors import CapabilityError, MonoQuantError, UsageError
+from .options import PluginOptions, config_to_dict, parse_options
+from .registry import Registries, Registry, safe_available
+from .rules import Rule, parse_rules
 
-__all__ = ["ComponentConfig", "Config", "config_to_dict", "parse_options", "split_key_values"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .plan import PlanEntry
 
-
-@dataclass(frozen=True)
-class ComponentConfig:
-    """Base of every component's options dataclass. ``version`` is the schema version."""
-
-    version: int = 1
+__all__ = ["Config", "build_config", "entry_configs", "resolve_plugin_options", "scheme_config"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +35,8 @@ class Config:
         skip: fnmatch patterns of names never quantized.
         scheme_config: the scheme's validated ``config_class`` instance.
         observer_config: the observer's validated ``config_class`` instance.
-        plugin_options: options plugins added to the CLI, by plugin name.
+        plugin_options: plugin name -> its validated :class:`PluginOptions` (only plugins the
+            user named; read them with ``run.options(name)``).
         rules: per-layer overrides, first match wins (see :mod:`monoquant_core.rules`).
     """
 
@@ -51,7 +47,7 @@ class Config:
     skip: tuple[str, ...] = ()
     scheme_config: Any = None
     observer_config: Any = None
-    plugin_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    plugin_options: Mapping[str, PluginOptions] = field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,97 +59,135 @@ class Config:
             "skip": list(self.skip),
             "scheme_config": config_to_dict(self.scheme_config),
             "observer_config": config_to_dict(self.observer_config),
-            "plugin_options": {k: dict(v) for k, v in self.plugin_options.items()},
+            "plugin_options": {k: config_to_dict(v) for k, v in self.plugin_options.items()},
             "rules": [r.to_dict() for r in self.rules],
         }
 
 
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """A JSON-friendly dict of a component config (empty for None)."""
-    if cfg is None:
-        return {}
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+def build_config(
+    registries: Registries,
+    scheme: str = "int8",
+    observer: str | None = None,
+    backend: str | None = None,
+    only: Iterable[str] | str = (),
+    skip: Iterable[str] | str = (),
+    scheme_options: Mapping[str, Any] | None = None,
+    observer_options: Mapping[str, Any] | None = None,
+    plugin_options: Mapping[str, Any] | None = None,
+    rules: Iterable[Any] | None = None,
+) -> Config:
+    """Validate names and options into a frozen :class:`Config` (no hooks are called)."""
+    sch = registries.schemes.get(scheme)
+    observer = observer or sch.default_observer
+    obs = registries.observers.get(observer)
+    if backend is not None:
+        ok = safe_available(registries.backends.get(backend))
+        if ok is not True:
+            raise CapabilityError(
+                f"backend {backend!r} is not available here: {ok}",
+                f"choose another backend ({', '.join(registries.backends.names())}) "
+                "or leave --backend out to pick one automatically",
+            )
+    return Config(
+        scheme=scheme,
+        observer=observer,
+        backend=backend,
+        only=_patterns(only),
+        skip=_patterns(skip),
+        scheme_config=scheme_config(registries.schemes, scheme, scheme_options),
+        observer_config=parse_options(obs.config_class, observer_options, f"observer {observer!r}"),
+        plugin_options=resolve_plugin_options(registries, plugin_options),
+        rules=_check_rules(registries, parse_rules(rules)),
+    )
 
 
-def split_key_values(pairs: tuple[str, ...] | list[str], flag: str) -> dict[str, str]:
-    """Parse ``["k=v", ...]`` from the CLI into a dict (error names ``flag`` on bad syntax)."""
-    out: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"{flag} {pair!r} is not KEY=VALUE", f"write it as {flag} key=value")
-        out[key.strip()] = value.strip()
+def scheme_config(schemes: Registry, scheme: str, options: Mapping[str, Any] | None = None) -> Any:
+    """Parse ``options`` for ``scheme`` into its ``config_class`` and let the scheme veto it."""
+    sch = schemes.get(scheme)
+    cfg = parse_options(sch.config_class, options, f"scheme {scheme!r}")
+    sch.validate_config(cfg)
+    return cfg
+
+
+def entry_configs(
+    config: Config, entry: PlanEntry, schemes: Registry, observers: Registry
+) -> tuple[Any, Any]:
+    """``(scheme_config, observer_config)`` of a plan entry.
+
+    The run's configs, unless the entry uses another scheme / observer than the run or carries
+    its own ``scheme_options`` / ``observer_options`` (set by a rule or a plugin): then those
+    options alone, parsed for the entry's component (a rule's options replace the run's).
+    """
+    scheme_cfg, obs_cfg = config.scheme_config, config.observer_config
+    if entry.scheme != config.scheme or "scheme_options" in entry.options:
+        scheme_cfg = scheme_config(schemes, entry.scheme, entry.options.get("scheme_options"))
+    if entry.observer != config.observer or "observer_options" in entry.options:
+        obs = observers.get(entry.observer)
+        obs_cfg = parse_options(
+            obs.config_class, entry.options.get("observer_options"), f"observer {entry.observer!r}"
+        )
+    return scheme_cfg, obs_cfg
+
+
+def resolve_plugin_options(
+    registries: Registries, raw: Mapping[str, Any] | None
+) -> dict[str, PluginOptions]:
+    """``plugin_options`` as given by the user -> validated options dataclasses by plugin.
+
+    A key enables that plugin; its value is a mapping of options (``{}`` for the defaults) or
+    an instance of the plugin's options class.
+
+    Raises:
+        UsageError: an unknown plugin name, a plugin that takes no options, a value that is not
+            a mapping, or an unknown option key (each listing the valid choices).
+    """
+    out: dict[str, PluginOptions] = {}
+    if raw is not None and not isinstance(raw, Mapping):
+        raise UsageError(
+            f"plugin_options is a {type(raw).__name__}, not a dict",
+            'pass plugin_options={"PLUGIN": {"key": value}}',
+        )
+    takers = ", ".join(registries.options.names()) or "none installed"
+    for name, opts in (raw or {}).items():
+        if name not in registries.options:
+            what = "takes no options" if name in registries.plugins else "is not installed"
+            raise UsageError(
+                f"plugin_options names plugin {name!r}, which {what} "
+                f"(plugins that take options: {takers})",
+                "check the name (`monoquant plugins` lists the installed plugins)",
+            )
+        cls = registries.options.get(name)
+        if isinstance(opts, cls):
+            out[name] = opts
+            continue
+        if opts is not None and not isinstance(opts, Mapping):
+            raise UsageError(
+                f"plugin_options[{name!r}] is a {type(opts).__name__}, not a dict of options",
+                f"pass {{}} to enable {name!r} with its defaults, or {{'key': value}}",
+            )
+        out[name] = parse_options(cls, opts, f"plugin {name!r}")
     return out
 
 
-def parse_options(cls: type, options: Mapping[str, Any] | None, owner: str) -> Any:
-    """Build ``cls`` (a ComponentConfig dataclass) from user options, with clear errors.
-
-    Args:
-        cls: the component's ``config_class``.
-        options: key -> value; string values are converted by the field's annotation.
-        owner: e.g. ``"scheme 'int8'"``, used in messages.
-    """
-    options = dict(options or {})
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "version" and f.init}
-    valid = ", ".join(sorted(fields)) or "(none)"
-    values: dict[str, Any] = {}
-    for raw_key, raw in options.items():
-        key = raw_key.replace("-", "_")
-        if key not in fields:
-            raise UsageError(
-                f"unknown option {raw_key!r} for {owner} (valid keys: {valid})",
-                "use one of the valid keys",
-            )
-        values[key] = _convert(raw, hints[key], f"{owner} option {raw_key!r}")
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"invalid options for {owner}: {e}", f"valid keys: {valid}") from None
-
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _convert(raw: Any, hint: Any, what: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        is_none = raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null"))
-        if is_none and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(raw, a, what)
-            except UsageError as e:
-                errors.append(e)
-        raise errors[0] if errors else UsageError(f"{what}: cannot parse {raw!r}")
-    if origin is Literal:
-        for choice in args:
-            if raw == choice or (isinstance(raw, str) and str(choice) == raw):
-                return choice
-        shown = ", ".join(str(a) for a in args)
-        raise UsageError(f"{what} is {raw!r}, not one of: {shown}", f"use one of {shown}")
-    if hint is bool:
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and raw.lower() in _TRUE | _FALSE:
-            return raw.lower() in _TRUE
-        raise UsageError(f"{what} is {raw!r}, not a boolean", "use true or false")
-    if hint in (int, float):
-        if isinstance(raw, bool):
-            raise UsageError(f"{what} is {raw!r}, not a number", f"give a {hint.__name__}")
-        if isinstance(raw, (int, float)) and (hint is float or float(raw).is_integer()):
-            return hint(raw)
+def _check_rules(registries: Registries, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+    for rule in rules:
         try:
-            return hint(raw)
-        except (TypeError, ValueError):
-            raise UsageError(f"{what} is {raw!r}, not a {hint.__name__}", "give a number") from None
-    if hint is str:
-        return str(raw)
-    return raw
+            if rule.scheme:
+                scheme_config(registries.schemes, rule.scheme, rule.scheme_options or None)
+            elif rule.scheme_options:
+                raise UsageError("scheme options need a scheme", "name the scheme first")
+            if rule.observer or rule.observer_options:
+                name = rule.observer or registries.schemes.get(rule.scheme).default_observer
+                obs = registries.observers.get(name)
+                parse_options(obs.config_class, rule.observer_options, f"observer {name!r}")
+            if rule.backend:
+                registries.backends.get(rule.backend)
+        except MonoQuantError as e:
+            raise type(e)(f"rule {rule.describe()!r}: {e.problem}", e.fix) from None
+    return rules
+
+
+def _patterns(p: Iterable[str] | str) -> tuple[str, ...]:
+    if isinstance(p, str):
+        p = [p]
+    return tuple(x for x in p if x)

@@ -1,25 +1,36 @@
 """The hook specifications of Mono Quant (pluggy project name ``"monoquant"``).
 
 This file is the plugin author's manual: each hook says when it is called, what every argument
-is, what the return value means, whether it is ``firstresult``, and which built-in uses it.
-Implement a hook with ``@monoquant_core.hookimpl`` on a function (or method) of the same name;
-pluggy passes only the arguments your function names, so you may omit the ones you don't use.
+is, what the return value means, whether it is ``firstresult``, and which built-in plugins
+implement it (checked by a test against what is actually registered). Implement a hook with
+``@monoquant_core.hookimpl`` on a function (or method) of the same name; pluggy passes only the
+arguments your function names, so you may omit the ones you don't use.
 
 Call order of one ``Engine.quantize`` run::
 
     monoquant_register_*          once per Engine (at construction)
-    monoquant_configure           historic: also replayed to plugins registered later
+    monoquant_configure           once per run, first (every verb: quantize, plan, calibrate,
+                                  checkpoint mode)
     monoquant_modify_plan
     only with calibration data (``calibration=...`` / ``--calibration``):
         monoquant_collectors      once per selected entry, before the batches run
                                   (with ``sequential=True``: per entry, right before its batches)
     for each selected entry:
-        monoquant_quantize_module     firstresult; the core's pipeline plugin is the trylast default
+        monoquant_quantize_weights    firstresult; the core plugin is the trylast default
+        (the core builds the replacement module with the entry's replacer)
         monoquant_module_done
     monoquant_report
-    monoquant_unconfigure         always, also when the run failed
+    monoquant_unconfigure         once per run, last, also when the run failed
 
 ``monoquant_add_cli_options`` is called once when the CLI is built.
+
+Every lifecycle hook receives the :class:`~monoquant_core.run.Run` of the run in progress: its
+``config``, its registries, the plugins' options (``run.options(name)``) and per-run plugin
+state (``run.state``). Hooks that are not ``firstresult`` are called plugin by plugin (a failure
+names its plugin) and take no wrappers; only ``monoquant_quantize_weights`` may be wrapped.
+
+This module imports nothing from the project at run time (the names below are for type
+checkers only).
 """
 
 from __future__ import annotations
@@ -31,10 +42,9 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch.nn as nn
 
-    from .config import Config
-    from .engine import Engine, ModuleResult
-    from .plan import Plan, PlanEntry
+    from .plan import ModuleResult, Plan, PlanEntry
     from .report import QuantReport
+    from .run import Run
 
 hookspec = pluggy.HookspecMarker("monoquant")
 
@@ -63,7 +73,7 @@ def monoquant_register_observers(register: Any) -> None:
         def monoquant_register_observers(register):
             register(MinMaxObserver)
 
-    Built-ins: ``minmax``.
+    Built-ins: ``minmax``, ``histogram``.
     """
 
 
@@ -88,7 +98,7 @@ def monoquant_register_schemes(register: Any) -> None:
         def monoquant_register_schemes(register):
             register(Int8Scheme())
 
-    Built-ins: ``int8``.
+    Built-ins: ``int8``, ``int4-group``, ``fp16`` (the ``fp16`` and ``bf16`` schemes).
     """
 
 
@@ -113,7 +123,7 @@ def monoquant_register_replacers(register: Any) -> None:
         def monoquant_register_replacers(register):
             register(LinearReplacer())
 
-    Built-ins: ``linear`` (``nn.Linear`` -> ``QuantizedLinear``).
+    Built-ins: ``linear``, ``conv``, ``embedding``, ``gpt2-conv1d``.
     """
 
 
@@ -145,7 +155,7 @@ def monoquant_register_serializers(register: Any) -> None:
 def monoquant_register_backends(register: Any) -> None:
     """Register hardware backends that run quantized layers.
 
-    Called once per Engine, after plugin loading. Per layer, the Engine picks the available
+    Called once per Engine, after plugin loading. Per layer, the core picks the available
     backend with the highest ``priority`` whose ``supports()`` accepts the weight, unless the
     user forces one (``backend=`` / ``--backend``).
 
@@ -163,7 +173,41 @@ def monoquant_register_backends(register: Any) -> None:
         def monoquant_register_backends(register):
             register(ReferenceBackend())
 
-    Built-ins: ``reference`` (dequantize + ``F.linear``; the ground truth).
+    Built-ins: ``reference``, ``torch-cpu``, ``torch-cuda``, ``cpu-vnni``.
+    """
+
+
+@hookspec
+def monoquant_register_options(register: Any) -> None:
+    """Register the plugin's options: one frozen dataclass, named after the plugin.
+
+    Called once per Engine, after plugin loading. A plugin that registers options is enabled
+    for a run only when the user names it: ``plugin_options={"NAME": {...}}`` in Python
+    (``{}`` for the defaults, ``{"enable": False}`` to turn it off), ``--NAME`` and
+    ``--NAME-opt KEY=VALUE`` on the command line (generated by the core for every plugin
+    that registers options). Keys are validated against the dataclass: an unknown key, or an
+    unknown plugin name in ``plugin_options``, is a one-line error listing the valid ones.
+
+    Args:
+        register: call ``register(OptionsClass)`` once, with a frozen dataclass deriving from
+            :class:`~monoquant_core.options.PluginOptions` (every field with a default; the
+            ``enable`` field comes from the base class).
+
+    Returns:
+        Nothing. Not firstresult. Read the options of a run with ``run.options("NAME")``:
+        the dataclass instance, or None when the plugin is not enabled.
+
+    Example::
+
+        @dataclass(frozen=True)
+        class ExampleOptions(PluginOptions):
+            verbose: bool = False
+
+        @hookimpl
+        def monoquant_register_options(register):
+            register(ExampleOptions)
+
+    Built-ins: ``outlier``, ``gptq``.
     """
 
 
@@ -172,15 +216,19 @@ def monoquant_register_backends(register: Any) -> None:
 
 @hookspec
 def monoquant_add_cli_options(group: Any) -> None:
-    """Add plugin options to the ``quantize`` and ``plan`` commands.
+    """Add extra command-line flags for the plugin's options (``quantize`` and ``plan``).
 
-    Called once when the CLI is built, after plugins are loaded.
+    Called once when the CLI is built, after plugins are loaded. Every plugin that registers
+    options already gets ``--NAME`` and ``--NAME-opt KEY=VALUE``; use this hook only for
+    friendlier spellings of single options (``--outlier-threshold 6``). A flag's value goes
+    to the option of the same name, so it is validated like any other.
 
     Args:
-        group: call ``group.add_option("--<plugin>-<name>", ..., help=...)`` with the arguments
-            of :func:`click.option`. Option names must start with ``--<your plugin name>-`` so
-            plugins cannot collide. Parsed values arrive in
-            ``config.plugin_options["<plugin>"]["<name>"]`` (dashes become underscores).
+        group: call ``group.add_option("--<plugin>-<key>", ..., help=...)`` with the arguments
+            of :func:`click.option`. The names must start with ``--<your plugin name>-``, the
+            parameter name must be ``<plugin>_<key>`` (dashes become underscores), and
+            ``<key>`` must be a field of your options dataclass. Giving the flag enables the
+            plugin, like ``--NAME``.
 
     Returns:
         Nothing. Not firstresult.
@@ -189,54 +237,24 @@ def monoquant_add_cli_options(group: Any) -> None:
 
         @hookimpl
         def monoquant_add_cli_options(group):
-            group.add_option("--example-verbose", is_flag=True, help="Print more.")
+            group.add_option("--example-verbose", is_flag=True, default=None, help="Print more.")
 
-    Built-ins: none.
-    """
-
-
-@hookspec(historic=True)
-def monoquant_configure(config: Config) -> None:
-    """Receive the resolved configuration at the start of a run.
-
-    Called at the start of every ``Engine.quantize`` / ``Engine.plan`` run, before planning.
-    Historic: a plugin registered later (``engine.register(...)``) is called with past
-    configurations too.
-
-    Args:
-        config: the frozen :class:`~monoquant_core.config.Config` of this run.
-
-    Returns:
-        Nothing. Not firstresult.
-
-    Example::
-
-        class ExamplePlugin:
-            @hookimpl
-            def monoquant_configure(self, config):
-                self.verbose = config.plugin_options.get("example", {}).get("verbose", False)
-
-    Built-ins: none.
+    Built-ins: ``outlier``.
     """
 
 
 @hookspec
-def monoquant_modify_plan(plan: Plan, model: nn.Module | None, config: Config) -> None:
-    """Change the plan before anything is computed.
+def monoquant_configure(run: Run) -> None:
+    """Open a run: set up per-run state from the run's configuration.
 
-    Called once per run after the Engine builds the default plan (every module with
-    parameters: selected with its scheme and observer, or skipped with a reason). Change entries
-    in place: ``entry.skip(reason)`` keeps a layer in float; setting ``entry.scheme``,
-    ``entry.observer``, ``entry.options["scheme_options"]`` or ``entry.backend`` (forces that
-    backend) changes how it is quantized. Afterwards the Engine re-validates every selected
-    entry (scheme veto, capabilities) and chooses backends, so a bad edit fails before any
-    compute.
+    Called once at the start of every run (``Engine.quantize``, ``plan``, ``calibrate``,
+    checkpoint mode), before planning, plugin by plugin. Not historic: a plugin registered
+    later only sees later runs. Paired with ``monoquant_unconfigure``: every plugin whose
+    configure returned gets its unconfigure at the end of the run, also when the run failed.
 
     Args:
-        plan: the :class:`~monoquant_core.plan.Plan` (mutable).
-        model: the model being quantized (do not modify it here), or None in checkpoint
-            mode (``quantize_checkpoint``), where the entries are tensors of the file.
-        config: the run's :class:`~monoquant_core.config.Config`.
+        run: the :class:`~monoquant_core.run.Run` (``run.config``, ``run.options(name)``);
+            keep per-run state in ``run.state[<plugin name>]``, never in module globals.
 
     Returns:
         Nothing. Not firstresult.
@@ -244,19 +262,51 @@ def monoquant_modify_plan(plan: Plan, model: nn.Module | None, config: Config) -
     Example::
 
         @hookimpl
-        def monoquant_modify_plan(plan, model, config):
-            for entry in plan.selected:
-                if entry.name.endswith("lm_head"):
-                    entry.skip("lm_head kept in float by my-plugin")
+        def monoquant_configure(run):
+            opts = run.options("example")
+            if opts is not None:
+                run.state["example"] = {"verbose": opts.verbose, "seen": []}
 
-    Built-ins: none.
+    Built-ins: ``gptq``.
     """
 
 
 @hookspec
-def monoquant_collectors(
-    entry: PlanEntry, module: nn.Module, config: Config, engine: Engine
-) -> dict[str, Any] | None:
+def monoquant_modify_plan(plan: Plan, model: nn.Module | None, run: Run) -> None:
+    """Change the plan before anything is computed.
+
+    Called once per run after the core builds the default plan (every module with parameters:
+    selected with its scheme and observer, or skipped with a reason). Change entries in place:
+    ``entry.skip(reason)`` keeps a layer in float; setting ``entry.scheme``,
+    ``entry.observer``, ``entry.options["scheme_options"]`` or ``entry.backend`` (forces that
+    backend) changes how it is quantized. Afterwards the core re-validates every selected
+    entry (scheme veto, capabilities) and chooses backends, so a bad edit fails before any
+    compute.
+
+    Args:
+        plan: the :class:`~monoquant_core.plan.Plan` (mutable).
+        model: the model being quantized (do not modify it here), or None in checkpoint
+            mode (``quantize_checkpoint``), where the entries are tensors of the file.
+        run: the :class:`~monoquant_core.run.Run` (``run.entry_configs(entry)`` gives an
+            entry's scheme / observer configs).
+
+    Returns:
+        Nothing. Not firstresult.
+
+    Example::
+
+        @hookimpl
+        def monoquant_modify_plan(plan, model, run):
+            for entry in plan.selected:
+                if entry.name.endswith("lm_head"):
+                    entry.skip("lm_head kept in float by my-plugin")
+
+    Built-ins: ``outlier``, ``gptq``.
+    """
+
+
+@hookspec
+def monoquant_collectors(entry: PlanEntry, module: nn.Module, run: Run) -> dict[str, Any] | None:
     """Ask for statistics of a planned module's inputs during calibration.
 
     Called once per selected entry (module mode only), and only when calibration data is
@@ -272,14 +322,13 @@ def monoquant_collectors(
     NaN/Inf are not fed, and warned about). The hooks are removed when calibration ends, also
     when a batch raises. Afterwards ``entry.collected[name]`` holds each collector and
     ``entry.calibration_rows`` the number of input rows the module saw (``numel // last
-    dim``; 0 = it never ran); read them in ``monoquant_quantize_module``.
+    dim``; 0 = it never ran); read them in ``monoquant_quantize_weights``.
 
     Args:
         entry: the selected :class:`~monoquant_core.plan.PlanEntry`.
         module: the float module (do not modify it).
-        config: the run's :class:`~monoquant_core.config.Config`.
-        engine: the running :class:`~monoquant_core.Engine` (registries, e.g.
-            ``engine.observers.get(entry.observer)``, and ``engine.component_configs(entry)``).
+        run: the :class:`~monoquant_core.run.Run` (registries, e.g.
+            ``run.observers.get(entry.observer)``, and ``run.entry_configs(entry)``).
 
     Returns:
         A dict of collector name -> collector (any object with ``update(x: torch.Tensor) ->
@@ -298,60 +347,67 @@ def monoquant_collectors(
                 self.value = a if self.value is None else torch.maximum(self.value, a)
 
         @hookimpl
-        def monoquant_collectors(entry, module, config):
+        def monoquant_collectors(entry, module, run):
             return {"example.absmax": AbsMax()}
 
-    Built-ins: ``int8`` (the activation observer of ``activations="static"``),
-    ``outlier`` (per-column absolute maxima) and ``gptq`` (the input Hessian ``2 X^T X``).
+    Built-ins: ``int8``, ``outlier``, ``gptq``.
     """
 
 
 @hookspec(firstresult=True)
-def monoquant_quantize_module(entry: PlanEntry, module: nn.Module, engine: Engine) -> Any:
-    """Quantize one planned module and return its replacement.
+def monoquant_quantize_weights(entry: PlanEntry, module: nn.Module, run: Run) -> Any:
+    """Quantize the weights of one planned module.
 
     Called once per selected plan entry, in plan order (module mode only: checkpoint mode
-    has no modules and quantizes each selected tensor with ``engine.quantize_weight``).
-    firstresult: the first implementation that returns a non-None value wins. The core's
-    pipeline plugin is the ``trylast`` default (observe -> quantize -> replace). Use
-    ``wrapper=True`` to run code around it (e.g. to add extra tensors to the result) with
-    ``result = yield``.
+    has no modules and quantizes each selected tensor with ``run.quantize_weight``).
+    firstresult: the first implementation that returns a non-None value wins. The core
+    plugin is the ``trylast`` default (observe -> quantize every weight the entry's replacer
+    names). Use ``wrapper=True`` to change the default's result (``result = yield``: add
+    extras to a QTensor, replace one weight's QTensor).
+
+    Only the weights are produced here: the core then builds the replacement module once, with
+    the entry's replacer and backend, stamps each QTensor's provenance (producing plugin,
+    configs) where a plugin did not, and swaps the modules in only after every entry
+    succeeded.
 
     Args:
-        entry: the :class:`~monoquant_core.plan.PlanEntry`.
-        module: the original float module (must not be modified: the swap happens only after
-            every entry succeeded, so a failure leaves the model untouched).
-        engine: the running :class:`~monoquant_core.Engine` (its registries, helpers such as
-            ``engine.quantize_weight``).
+        entry: the :class:`~monoquant_core.plan.PlanEntry` (its ``collected`` statistics when
+            calibration ran).
+        module: the original float module (must not be modified).
+        run: the :class:`~monoquant_core.run.Run` (``run.quantize_weight``,
+            ``run.quantize_entry_weights``, ``run.entry_configs``, ``run.options``).
 
     Returns:
-        A :class:`~monoquant_core.engine.ModuleResult` (``module`` = the replacement,
-        ``qtensors`` = the quantized weights by parameter name, ``metrics``), or None to let
-        the next implementation handle it.
+        A :class:`~monoquant_core.plan.ModuleResult` (``qtensors``: every weight the
+        replacer names, by parameter name; ``originals``: the float weights; ``metrics``:
+        values for the report), or None to let the next implementation handle it.
 
     Example::
 
         @hookimpl(wrapper=True)
-        def monoquant_quantize_module(entry, module, engine):
+        def monoquant_quantize_weights(entry, module, run):
             result = yield
             result.metrics["note"] = "seen by my plugin"
             return result
 
-    Built-ins: the core pipeline (``monoquant_core.pipeline``).
+    Built-ins: ``core``, ``int8``, ``outlier``, ``gptq``.
     """
 
 
 @hookspec
-def monoquant_module_done(entry: PlanEntry, result: ModuleResult) -> None:
-    """Observe a finished module (progress bars, per-layer logging, extra metrics).
+def monoquant_module_done(entry: PlanEntry, result: ModuleResult, run: Run) -> None:
+    """Observe a finished module (progress display, per-layer logging, extra metrics).
 
-    Called after ``monoquant_quantize_module`` returned for ``entry``, before the next entry
-    (module mode only).
+    Called after the weights of ``entry`` were quantized and its replacement module built,
+    before the next entry (module mode only). It exists so that a plugin can follow a run
+    layer by layer, or add metrics, without taking part in quantizing (no built-in needs it).
 
     Args:
         entry: the :class:`~monoquant_core.plan.PlanEntry`.
-        result: the :class:`~monoquant_core.engine.ModuleResult` (its ``metrics`` dict may be
-            extended; the values appear in the report's ``extra``).
+        result: the :class:`~monoquant_core.plan.ModuleResult` (``module`` is the replacement;
+            its ``metrics`` dict may be extended: the values appear in the report's
+            ``extra["modules"]``).
+        run: the :class:`~monoquant_core.run.Run`.
 
     Returns:
         Nothing. Not firstresult.
@@ -360,14 +416,14 @@ def monoquant_module_done(entry: PlanEntry, result: ModuleResult) -> None:
 
         @hookimpl
         def monoquant_module_done(entry, result):
-            print("done", entry.name)
+            print("done", entry.name, f"{result.time_s:.2f} s")
 
     Built-ins: none.
     """
 
 
 @hookspec
-def monoquant_report(report: QuantReport, config: Config) -> None:
+def monoquant_report(report: QuantReport, run: Run) -> None:
     """Inspect or extend the final report (add to ``report.extra``).
 
     Called once per run after every module (or checkpoint tensor) is quantized and before
@@ -376,7 +432,8 @@ def monoquant_report(report: QuantReport, config: Config) -> None:
 
     Args:
         report: the :class:`~monoquant_core.report.QuantReport`.
-        config: the run's :class:`~monoquant_core.config.Config`.
+        run: the :class:`~monoquant_core.run.Run` (its ``state`` holds what your plugin
+            gathered during the run).
 
     Returns:
         Nothing. Not firstresult.
@@ -384,21 +441,25 @@ def monoquant_report(report: QuantReport, config: Config) -> None:
     Example::
 
         @hookimpl
-        def monoquant_report(report, config):
+        def monoquant_report(report, run):
             report.extra["my-plugin"] = {"layers": len(report.layers)}
 
-    Built-ins: none.
+    Built-ins: ``gptq``.
     """
 
 
 @hookspec
-def monoquant_unconfigure(config: Config) -> None:
-    """Clean up at the end of a run.
+def monoquant_unconfigure(run: Run) -> None:
+    """Close a run: release what ``monoquant_configure`` set up.
 
-    Called once per run, last, whether the run succeeded or raised.
+    Called once per run, last, whether the run succeeded or raised, for every plugin whose
+    ``monoquant_configure`` returned (a plugin that does not implement configure counts as
+    configured once the configure phase reached it). Per-run state in ``run.state`` needs no
+    cleanup (it dies with the run); this hook is for resources outside the run (open files,
+    worker threads, device memory), which is why it exists although no built-in holds any.
 
     Args:
-        config: the run's :class:`~monoquant_core.config.Config`.
+        run: the :class:`~monoquant_core.run.Run`.
 
     Returns:
         Nothing. Not firstresult.
@@ -407,7 +468,7 @@ def monoquant_unconfigure(config: Config) -> None:
 
         class CachingPlugin:
             @hookimpl
-            def monoquant_unconfigure(self, config):
+            def monoquant_unconfigure(self, run):
                 self.cache.clear()
 
     Built-ins: none.

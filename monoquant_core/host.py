@@ -1,19 +1,23 @@
-"""The plugin host: one pluggy PluginManager, plugin loading, and the validated registries.
+"""The plugin host: one pluggy PluginManager, plugin loading and naming, the validated
+registries, and the one run setup/teardown every verb goes through.
 
-:class:`~monoquant_core.engine.Engine` extends it with the quantization flow. There is no
-module-global state: two hosts in one process are independent.
+There is no module-global state: two hosts in one process are independent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pluggy
 
 from . import hookspecs, pipeline
-from .errors import PluginConflictError, PluginLoadError
+from .config import Config
+from .errors import MonoQuantError, PluginConflictError, PluginLoadError
+from .hooks import WRAPPABLE, plugin_error
 from .loading import (
     PluginInfo,
     disabled_from_env,
@@ -22,21 +26,16 @@ from .loading import (
     report_failure,
     strict_from_env,
 )
-from .registry import Registered, Registry, ReplacerRegistry
+from .markers import PROJECT
+from .registry import KINDS, Registered, Registries, Registry
+from .run import Run
+from .version import __version__
 
-__all__ = ["PluginHost", "safe_available"]
-
-KINDS = {
-    "observer": "monoquant_register_observers",
-    "scheme": "monoquant_register_schemes",
-    "replacer": "monoquant_register_replacers",
-    "serializer": "monoquant_register_serializers",
-    "backend": "monoquant_register_backends",
-}
+__all__ = ["PluginHost", "plugin_name"]
 
 
 class PluginHost:
-    """Loads plugins (entry points + objects) and collects their components.
+    """Loads plugins (entry points + objects), collects their components, and runs runs.
 
     Args: see :class:`~monoquant_core.engine.Engine`.
     """
@@ -49,18 +48,14 @@ class PluginHost:
         disable: Iterable[str] = (),
         strict: bool | None = None,
     ):
-        self.pm = pluggy.PluginManager("monoquant")
+        self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.strict = strict_from_env() if strict is None else bool(strict)
         self.disabled = disabled_from_env() | {d.strip().lower() for d in disable}
         self.failures: list[PluginLoadError] = []
-        self._infos: dict[str, PluginInfo] = {}
-        self.observers = Registry("observer")
-        self.schemes = Registry("scheme")
-        self.replacers = ReplacerRegistry()
-        self.serializers = Registry("serializer")
-        self.backends = Registry("backend")
-        self._add(PluginInfo("core", pipeline, "monoquant", _version(), source="core"))
+        self.registries = Registries()
+        self._infos = self.registries.plugins
+        self._add(PluginInfo("core", pipeline, "monoquant", __version__, source="core"))
         if entry_points:
             for ep, dname, dver in iter_entry_points(self.disabled):
                 try:
@@ -68,16 +63,45 @@ class PluginHost:
                 except PluginLoadError as e:
                     self._failed(e)
         for obj in plugins:
-            self._add(PluginInfo(_plugin_name(obj), obj, None, None, source="argument"))
+            self._add(PluginInfo(plugin_name(obj), obj, None, None, source="argument"))
         self._check_pending()
         for info in list(self._infos.values()):
             self._collect(info)
 
+    # ------------------------------------------------------------------ registries
+
+    @property
+    def observers(self) -> Registry:
+        return self.registries.observers
+
+    @property
+    def schemes(self) -> Registry:
+        return self.registries.schemes
+
+    @property
+    def replacers(self) -> Any:
+        return self.registries.replacers
+
+    @property
+    def serializers(self) -> Registry:
+        return self.registries.serializers
+
+    @property
+    def backends(self) -> Registry:
+        return self.registries.backends
+
+    def registry(self, kind: str) -> Registry:
+        """The registry of ``kind`` (``observer``, ``scheme``, ``replacer``, ...)."""
+        return self.registries.of(kind)
+
     # ------------------------------------------------------------------ plugins
 
     def register(self, plugin: Any, name: str | None = None) -> None:
-        """Register one more plugin object after construction (its components included)."""
-        info = PluginInfo(name or _plugin_name(plugin), plugin, None, None, source="argument")
+        """Register one more plugin object after construction (its components included).
+
+        It takes part in runs that start afterwards (``monoquant_configure`` is not replayed).
+        """
+        info = PluginInfo(name or plugin_name(plugin), plugin, None, None, source="argument")
         self._add(info)
         self._check_pending()
         self._collect(info)
@@ -101,7 +125,21 @@ class PluginHost:
                 )
             )
             return
-        info.hooks = sorted(h.name for h in self.pm.get_hookcallers(info.plugin) or [])
+        callers = self.pm.get_hookcallers(info.plugin) or []
+        for caller in callers:
+            for impl in caller.get_hookimpls():
+                wraps = impl.wrapper or impl.hookwrapper
+                if impl.plugin_name == info.name and wraps and caller.name not in WRAPPABLE:
+                    self.pm.unregister(name=info.name)
+                    self._failed(
+                        PluginLoadError(
+                            f"{info.origin} implements {caller.name} as a wrapper; only "
+                            f"{', '.join(sorted(WRAPPABLE))} takes wrappers",
+                            "implement it as a plain hook (use tryfirst/trylast for ordering)",
+                        )
+                    )
+                    return
+        info.hooks = sorted(c.name for c in callers)
         self._infos[info.name] = info
 
     def _failed(self, err: PluginLoadError) -> None:
@@ -140,7 +178,7 @@ class PluginHost:
                 registry = self.registry(kind)
 
                 def register(component: Any, _kind: str = kind, _reg: Registry = registry) -> None:
-                    name = getattr(component, "name", None)
+                    name = info.name if _kind == "options" else getattr(component, "name", None)
                     _reg.add(
                         Registered(
                             _kind, name, component, info.name, info.distribution, info.version
@@ -161,16 +199,6 @@ class PluginHost:
                             f"MONOQUANT_DISABLE_PLUGINS={info.name}",
                         )
                     )
-
-    def registry(self, kind: str) -> Registry:
-        """The registry of ``kind`` (``observer``, ``scheme``, ``replacer``, ...)."""
-        return {
-            "observer": self.observers,
-            "scheme": self.schemes,
-            "replacer": self.replacers,
-            "serializer": self.serializers,
-            "backend": self.backends,
-        }[kind]
 
     def plugins(self) -> list[dict[str, Any]]:
         """Name, distribution, version, hooks and components of every loaded plugin."""
@@ -196,29 +224,56 @@ class PluginHost:
     def plugin_info(self, name: str) -> PluginInfo:
         return self._infos[name]
 
+    # ------------------------------------------------------------------ runs
 
-def _version() -> str:
-    from . import __version__
+    @contextlib.contextmanager
+    def run(self, config: Config) -> Iterator[Run]:
+        """The one run setup/teardown: ``monoquant_configure`` for every plugin, the body,
+        then ``monoquant_unconfigure`` for every plugin that was configured, also when the
+        body (or a later plugin's configure) raised. A failing plugin is named."""
+        run = Run(config, self.registries, self.pm)
+        impls = list(reversed(self.pm.hook.monoquant_configure.get_hookimpls()))
+        for i, impl in enumerate(impls):
+            try:
+                impl.function(*[{"run": run}[a] for a in impl.argnames])
+            except BaseException as e:
+                self._unconfigure(run, {x.plugin_name for x in impls[i:]}, raising=False)
+                if isinstance(e, MonoQuantError) or not isinstance(e, Exception):
+                    raise
+                raise plugin_error(impl.plugin_name, "monoquant_configure", e) from e
+        try:
+            yield run
+        except BaseException:
+            self._unconfigure(run, set(), raising=False)
+            raise
+        self._unconfigure(run, set(), raising=True)
 
-    return __version__
+    def _unconfigure(self, run: Run, exclude: set[str], raising: bool) -> None:
+        """Every plugin's ``monoquant_unconfigure`` (all are called even if one fails)."""
+        first: MonoQuantError | None = None
+        for impl in reversed(self.pm.hook.monoquant_unconfigure.get_hookimpls()):
+            if impl.plugin_name in exclude:
+                continue
+            try:
+                impl.function(*[{"run": run}[a] for a in impl.argnames])
+            except Exception as e:
+                err = e if isinstance(e, MonoQuantError) else None
+                err = err or plugin_error(impl.plugin_name, "monoquant_unconfigure", e)
+                if raising and first is None:
+                    first = err
+                elif not raising:
+                    warnings.warn(f"monoquant: {err} (after the run had failed)", stacklevel=3)
+        if first is not None:
+            raise first
 
 
-def _plugin_name(obj: Any) -> str:
+def plugin_name(obj: Any) -> str:
     """``monoquant_plugin_name``, else the module's last name part, else the class name;
-    lower-cased with ``_`` -> ``-`` (it prefixes the plugin's CLI options)."""
+    lower-cased with ``_`` -> ``-`` (it prefixes the plugin's CLI options and is written into
+    files, so built-in and third-party plugins declare ``monoquant_plugin_name``)."""
     name = getattr(obj, "monoquant_plugin_name", None)
     if not name:
         name = obj.__name__.rpartition(".")[2] if isinstance(obj, types.ModuleType) else None
     if not name:
         name = type(obj).__name__
     return str(name).lower().replace("_", "-")
-
-
-def safe_available(backend: Any) -> bool | str:
-    try:
-        ok = backend.available()
-    except Exception as e:
-        return f"available() raised {type(e).__name__}: {e}"
-    if ok is True:
-        return True
-    return ok if isinstance(ok, str) and ok else "not available on this machine"

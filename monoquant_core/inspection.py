@@ -8,26 +8,24 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .checkpoint import dequantize_qtensor
 from .errors import UsageError
+from .files import dequantize_qtensor
+from .metrics import sqnr_db
 from .progress import Progress
-from .qtensor import sqnr_db
-from .report import format_table, human_bytes
+from .registry import Registries
 from .sources import open_source
+from .tables import format_table, human_bytes
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Engine
-
-__all__ = ["inspect_path", "render_inspect", "render_verify", "verify_paths"]
+__all__ = ["inspect_path", "render_inspect", "render_verify", "verify_failed", "verify_paths"]
 
 
-def inspect_path(engine: Engine, path: str) -> dict[str, Any]:
+def inspect_path(registries: Registries, path: str) -> dict[str, Any]:
     """Per-tensor facts of a file or folder, from headers (nothing is loaded)."""
-    source = open_source(engine, path)
+    source = open_source(registries, path)
     try:
         tensors: list[dict[str, Any]] = []
         producers: dict[str, Any] = {}
@@ -132,12 +130,12 @@ def render_inspect(info: dict[str, Any]) -> str:
 
 
 def verify_paths(
-    engine: Engine, original: str, quantized: str, progress: bool = True
+    registries: Registries, original: str, quantized: str, progress: bool = True
 ) -> dict[str, Any]:
     """Compare every tensor of ``original`` with ``quantized`` (re-read through the loader)."""
-    orig = open_source(engine, original)
+    orig = open_source(registries, original)
     try:
-        quant = open_source(engine, quantized)
+        quant = open_source(registries, quantized)
     except BaseException:
         orig.close()
         raise
@@ -169,7 +167,9 @@ def verify_paths(
             qshard, is_q = where.pop(name)
             if is_q:
                 qt = qshard.reader.qtensor(name)
-                got = dequantize_qtensor(engine, qshard.path, name, qt, qshard.reader.producers)
+                got = dequantize_qtensor(
+                    registries.schemes, qshard.path, name, qt, qshard.reader.producers
+                )
                 scheme = qt.scheme
             else:
                 got, scheme = qshard.reader.source(name).load(), None

@@ -93,6 +93,14 @@ def load_entry_point(ep: md.EntryPoint, dname: str | None, dver: str | None) -> 
             f"upgrade or uninstall {dname or 'it'}, or skip it with "
             f"MONOQUANT_DISABLE_PLUGINS={ep.name}",
         ) from e
+    declared = getattr(obj, "monoquant_plugin_name", None)
+    if declared is not None and declared != ep.name:
+        raise PluginLoadError(
+            f"entry point {ep.name!r} of {dname or 'an unknown distribution'} loads a plugin "
+            f"that names itself {declared!r}",
+            "make the entry point name and monoquant_plugin_name the same (the name prefixes "
+            "the plugin's CLI options and is written into files)",
+        )
     return PluginInfo(name=ep.name, plugin=obj, distribution=dname, version=dver)
 
 

@@ -1,29 +1,138 @@
-"""The core's essential plugin: the default ``monoquant_quantize_module`` (observe -> quantize
--> replace). Registered by every Engine under the name ``core``; it runs ``trylast`` so any
-plugin can take over a module first, or wrap this one with ``wrapper=True``.
+"""The default per-weight quantization (observe -> quantize) and the core's own plugin.
+
+:func:`quantize_weight` is the single per-tensor code path: module mode, checkpoint mode and
+plugins that quantize some weights themselves all go through it. The core plugin (registered by
+every host under the name ``core``) implements ``monoquant_quantize_weights`` as the ``trylast``
+default, so any plugin can take over an entry first (return a result) or wrap it
+(``wrapper=True``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
-from . import hookimpl
+from .components import Scheme
+from .errors import MonoQuantError, UsageError
+from .markers import hookimpl
+from .metrics import all_finite, count_nonfinite
+from .options import config_to_dict
+from .plan import ModuleResult, PlanEntry
+from .qtensor import QTensor
+from .registry import Registries
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Engine, ModuleResult
-    from .plan import PlanEntry
+    from .run import Run
+
+__all__ = [
+    "monoquant_quantize_weights",
+    "provenance",
+    "quantize_entry_weights",
+    "quantize_weight",
+]
+
+#: this module is the core plugin; its name is fixed
+monoquant_plugin_name = "core"
+
+
+def provenance(
+    registries: Registries,
+    scheme: str,
+    scheme_config: Any,
+    observer: str | None,
+    observer_config: Any,
+) -> dict[str, Any]:
+    """The metadata every stored QTensor carries: producing plugin, layout and configs."""
+    reg = registries.schemes.entry(scheme)
+    return {
+        "plugin": reg.plugin,
+        "layout": "affine" if type(reg.component).dequantize is Scheme.dequantize else "custom",
+        "scheme_config": config_to_dict(scheme_config),
+        "observer": observer,
+        "observer_config": config_to_dict(observer_config),
+    }
+
+
+def quantize_weight(
+    registries: Registries,
+    weight: torch.Tensor,
+    scheme: str,
+    observer: str,
+    axis: int = 0,
+    scheme_config: Any = None,
+    observer_config: Any = None,
+    name: str = "weight",
+) -> QTensor:
+    """Observe and quantize one float tensor, and stamp its provenance.
+
+    Raises:
+        UsageError: the weight holds NaN or Inf (named in the message).
+    """
+    sch = registries.schemes.get(scheme)
+    obs_cls = registries.observers.get(observer)
+    scheme_config = scheme_config or sch.config_class()
+    observer_config = observer_config or obs_cls.config_class()
+    w = weight.detach()
+    if not all_finite(w):
+        raise UsageError(
+            f"weight {name!r} contains {count_nonfinite(w)} NaN/Inf value(s); quantizing it "
+            "would hide a broken model",
+            f"fix the weights, or exclude it with --skip '{name.rsplit('.', 1)[0]}'",
+        )
+    try:
+        with torch.no_grad():
+            spec = sch.spec(tuple(w.shape), axis, scheme_config)
+            obs = obs_cls(spec, observer_config)
+            obs.update(w)
+            qt = sch.quantize(w, obs.qparams(), spec, scheme_config)
+    except MonoQuantError as e:  # name the tensor in a component's error
+        raise type(e)(f"{name}: {e.problem}", e.fix) from None
+    qt.meta = {
+        **provenance(registries, scheme, scheme_config, observer, observer_config),
+        **qt.meta,
+    }
+    return qt
+
+
+def quantize_entry_weights(
+    run: Run,
+    entry: PlanEntry,
+    module: nn.Module,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> dict[str, QTensor]:
+    """Quantize ``weights`` (default: every weight the entry's replacer names on ``module``)
+    as the plan entry says: its scheme, observer, options and channel axes.
+
+    A plugin that computes some weights itself (e.g. ``gptq``, the ``weight``) quantizes the
+    others with this (``run.quantize_entry_weights``).
+    """
+    replacer = run.replacers.get(entry.replacer)
+    scheme_cfg, observer_cfg = run.entry_configs(entry)
+    if weights is None:
+        weights = replacer.weights(module)
+    return {
+        param: quantize_weight(
+            run.registries,
+            weight,
+            entry.scheme,
+            entry.observer,
+            axis=replacer.channel_axis(module, param),
+            scheme_config=scheme_cfg,
+            observer_config=observer_cfg,
+            name=f"{entry.name}.{param}" if entry.name else param,
+        )
+        for param, weight in weights.items()
+    }
 
 
 @hookimpl(trylast=True)
-def monoquant_quantize_module(entry: PlanEntry, module: nn.Module, engine: Engine) -> ModuleResult:
-    from .engine import ModuleResult
-
-    replacer = engine.replacers.get(entry.replacer)
-    originals = replacer.weights(module)
-    qweights = engine.quantize_entry_weights(entry, module, originals)
-    new = replacer.replace(
-        module, qweights, engine.backends.get(entry.backend), engine.schemes.get(entry.scheme)
+def monoquant_quantize_weights(entry: PlanEntry, module: nn.Module, run: Run) -> ModuleResult:
+    """The default: every weight of the entry through :func:`quantize_weight`."""
+    originals = run.replacers.get(entry.replacer).weights(module)
+    return ModuleResult(
+        entry=entry,
+        qtensors=quantize_entry_weights(run, entry, module, originals),
+        originals=originals,
     )
-    return ModuleResult(entry=entry, module=new, qtensors=qweights, originals=originals)

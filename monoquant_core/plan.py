@@ -1,19 +1,28 @@
-"""Plan / PlanEntry: what will be quantized, how, and why not.
+"""The plan types: what will be quantized, how, and why not; and what quantizing produced.
 
 Every module that owns parameters appears in the plan: either selected (scheme, observer,
 backend) or skipped with a human-readable ``skip_reason``. Nothing is touched silently.
+:class:`ModuleResult` is what quantizing one entry gives, :class:`QuantResult` what
+``Engine.quantize`` returns.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from torch import nn
 
 from .config import Config
-from .report import format_table
+from .qtensor import QTensor
+from .tables import format_table
 
-__all__ = ["Plan", "PlanEntry"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .report import QuantReport
+
+__all__ = ["ModuleResult", "Plan", "PlanEntry", "QuantResult"]
 
 
 @dataclass
@@ -77,7 +86,11 @@ class PlanEntry:
 
 @dataclass
 class Plan:
-    """The ordered list of :class:`PlanEntry` for one run, plus its :class:`Config`."""
+    """The ordered list of :class:`PlanEntry` for one run.
+
+    ``config`` records the run's :class:`Config` for whoever receives the plan (``monoquant
+    plan --json`` prints it); plugins read the configuration from ``run.config``.
+    """
 
     entries: list[PlanEntry]
     config: Config
@@ -121,3 +134,33 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "entries": [e.to_dict() for e in self.entries]}
+
+
+@dataclass
+class ModuleResult:
+    """What quantizing one plan entry produced (``monoquant_quantize_weights`` returns it).
+
+    Attributes:
+        entry: the plan entry.
+        qtensors: quantized weights by parameter name (every weight the entry's replacer names).
+        originals: the float weights they came from (for the report's error metrics).
+        metrics: free-form per-module values plugins may add (reported under
+            ``report.extra["modules"][entry.name]``).
+        module: the replacement module; the core builds it with the entry's replacer after the
+            hook returned (None until then). It is swapped in after every entry succeeded.
+        time_s: seconds spent quantizing the entry (set by the core).
+    """
+
+    entry: PlanEntry
+    qtensors: dict[str, QTensor]
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    module: nn.Module | None = None
+    time_s: float = 0.0
+
+
+class QuantResult(NamedTuple):
+    """``Engine.quantize`` result: unpack as ``model, report = engine.quantize(...)``."""
+
+    model: nn.Module
+    report: QuantReport

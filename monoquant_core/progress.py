@@ -9,7 +9,7 @@ import sys
 import time
 from typing import TextIO
 
-from .report import human_bytes
+from .tables import human_bytes
 
 __all__ = ["Progress"]
 

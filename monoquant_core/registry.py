@@ -1,4 +1,5 @@
-"""Validated component registries (one per kind), stamped with the registering plugin."""
+"""Validated component registries (one per kind), stamped with the registering plugin, and
+how a backend is chosen for a weight."""
 
 from __future__ import annotations
 
@@ -9,9 +10,31 @@ from typing import Any
 
 from torch import nn
 
-from .errors import PluginConflictError, PluginLoadError, UsageError
+from .components import Backend, WeightInfo
+from .errors import CapabilityError, PluginConflictError, PluginLoadError, UsageError
+from .loading import PluginInfo
 
-__all__ = ["NAME_RE", "Registered", "Registry", "ReplacerRegistry"]
+__all__ = [
+    "KINDS",
+    "NAME_RE",
+    "Registered",
+    "Registries",
+    "Registry",
+    "ReplacerRegistry",
+    "choose_backend",
+    "ranked_backends",
+    "safe_available",
+]
+
+#: component kind -> the registration hook that fills its registry
+KINDS = {
+    "observer": "monoquant_register_observers",
+    "scheme": "monoquant_register_schemes",
+    "replacer": "monoquant_register_replacers",
+    "serializer": "monoquant_register_serializers",
+    "backend": "monoquant_register_backends",
+    "options": "monoquant_register_options",
+}
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")
 
@@ -140,3 +163,97 @@ class ReplacerRegistry(Registry):
 
 def _type_name(t: type | str) -> str:
     return t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}"
+
+
+class Registries:
+    """Every registry of one plugin host, plus the loaded plugins' facts.
+
+    Attributes:
+        observers / schemes / replacers / serializers / backends: component registries.
+        options: plugin name -> the :class:`~monoquant_core.options.PluginOptions` dataclass
+            that plugin registered (one per plugin, named after it).
+        plugins: plugin name -> :class:`~monoquant_core.loading.PluginInfo` (distribution,
+            version; written into files as their producers).
+    """
+
+    def __init__(self) -> None:
+        self.observers = Registry("observer")
+        self.schemes = Registry("scheme")
+        self.replacers = ReplacerRegistry()
+        self.serializers = Registry("serializer")
+        self.backends = Registry("backend")
+        self.options = Registry("options")
+        self.plugins: dict[str, PluginInfo] = {}
+
+    def of(self, kind: str) -> Registry:
+        """The registry of ``kind`` (a key of :data:`KINDS`)."""
+        return {
+            "observer": self.observers,
+            "scheme": self.schemes,
+            "replacer": self.replacers,
+            "serializer": self.serializers,
+            "backend": self.backends,
+            "options": self.options,
+        }[kind]
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def safe_available(backend: Backend) -> bool | str:
+    """``backend.available()``: True, or the reason it is not (never raises)."""
+    try:
+        ok = backend.available()
+    except Exception as e:
+        return f"available() raised {type(e).__name__}: {e}"
+    if ok is True:
+        return True
+    return ok if isinstance(ok, str) and ok else "not available on this machine"
+
+
+def ranked_backends(backends: Registry) -> list[Backend]:
+    """Available backends, highest priority first (a quantized module's fallbacks)."""
+    ranked = sorted(backends, key=lambda r: (-r.component.priority, r.name))
+    return [r.component for r in ranked if safe_available(r.component) is True]
+
+
+def choose_backend(
+    backends: Registry, info: WeightInfo, forced: str | None = None
+) -> tuple[str, list[str]]:
+    """The backend for one weight: ``(name, notes)``; notes say why better ones were not.
+
+    ``forced`` must support the weight. Otherwise the available backend with the highest
+    ``priority`` that is meant for the weight (``capabilities.schemes`` / ``activations``) and
+    ``supports()`` it wins.
+
+    Raises:
+        CapabilityError: the forced backend cannot run the weight, or no backend can.
+    """
+    if forced is not None:
+        why = backends.get(forced).supports(info)
+        if why:
+            raise CapabilityError(
+                f"backend {forced!r} cannot run this weight: {why}",
+                "leave --backend (or a rule's backend=) out to choose automatically",
+            )
+        return forced, []
+    notes: list[str] = []
+    for reg in sorted(backends, key=lambda r: (-r.component.priority, r.name)):
+        be = reg.component
+        if info.device not in be.device_types:
+            continue
+        if not be.capabilities.meant_for(info.scheme, info.activations):
+            continue  # not a backend for this kind of weight: nothing to explain
+        ok = safe_available(be)
+        why = be.supports(info) if ok is True else ok
+        if why:
+            notes.append(f"{reg.name}: {why}")
+            continue
+        if notes:
+            notes[-1] += f", using {reg.name}"
+        return reg.name, notes
+    raise CapabilityError(
+        f"no installed backend can run a {info.scheme} weight of shape {info.shape} on "
+        f"{info.device} ({'; '.join(notes) or 'none registered for this device'})",
+        "install a backend plugin for this device, or move the model to the CPU",
+    )

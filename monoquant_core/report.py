@@ -1,48 +1,22 @@
-"""QuantReport: per-layer metrics and totals, as a terminal table and as JSON."""
+"""QuantReport: per-layer metrics and totals, as a terminal table and as JSON, and building it
+from the results of a module-mode run."""
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from .qtensor import QTensor, error_stats
+from .metrics import error_stats
+from .plan import ModuleResult, Plan
+from .qtensor import QTensor
+from .registry import Registry
+from .tables import format_table, human_bytes
 
-__all__ = ["LayerReport", "QuantReport", "format_table", "human_bytes", "layer_report"]
-
-
-_NUMERIC = re.compile(r"^[-+]?(\d[\d.,x]*(e[-+]?\d+)?|inf)( [KMGT]?i?B)?$")
-
-
-def format_table(headers: list[str], rows: list[list[str]]) -> str:
-    """A plain monospace table (no dependencies); right-aligns cells that look numeric."""
-    widths = [len(h) for h in headers]
-    for r in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, r)]
-
-    def fmt(cells: list[str]) -> str:
-        out = []
-        for i, (c, w) in enumerate(zip(cells, widths)):
-            numeric = i > 0 and _NUMERIC.match(c) is not None
-            out.append(c.rjust(w) if numeric else c.ljust(w))
-        return "  ".join(out).rstrip()
-
-    lines = [fmt(headers), "  ".join("-" * w for w in widths)]
-    lines += [fmt(r) for r in rows]
-    return "\n".join(lines)
-
-
-def human_bytes(n: float) -> str:
-    """``1.50 MiB`` style sizes."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"  # pragma: no cover
+__all__ = ["LayerReport", "QuantReport", "build_report", "layer_report"]
 
 
 def _db(x: float | None) -> str:
@@ -188,3 +162,38 @@ class QuantReport:
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
+
+
+def build_report(
+    schemes: Registry,
+    plan: Plan,
+    results: list[ModuleResult],
+    before: int,
+    after: int,
+) -> QuantReport:
+    """The report of a module-mode run: one row per quantized weight, the skipped entries with
+    their reasons, and plugins' per-module metrics under ``extra["modules"]``."""
+    rep = QuantReport(
+        model_bytes_before=before, model_bytes_after=after, config=plan.config.to_dict()
+    )
+    for res in results:
+        e = res.entry
+        for p, qt in res.qtensors.items():
+            w = res.originals.get(p)
+            deq = schemes.get(qt.scheme).dequantize(qt)
+            rep.layers.append(
+                layer_report(
+                    f"{e.name}.{p}" if e.name else p,
+                    e.module_type,
+                    e.observer or "",
+                    e.backend or "",
+                    w if w is not None else deq,
+                    qt,
+                    deq,
+                    res.time_s / max(len(res.qtensors), 1),
+                )
+            )
+        if res.metrics:
+            rep.extra.setdefault("modules", {})[e.name] = res.metrics
+    rep.skipped = [(e.name, e.skip_reason or "") for e in plan.skipped]
+    return rep

@@ -18,16 +18,15 @@ import json
 import os
 import pickle
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from .artifacts import Artifact, ArtifactReader
 from .errors import FormatError, MonoQuantError, UsageError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Engine
+from .files import serializer_for_read
+from .registry import Registries
 
 __all__ = ["CheckpointSource", "Shard", "open_source"]
 
@@ -62,27 +61,18 @@ class CheckpointSource:
                 s.reader.close()
 
 
-def _reader_for(engine: Engine, path: str) -> ArtifactReader:
-    for reg in engine.serializers:
-        try:
-            ok = reg.component.sniff(path)
-        except OSError as e:
-            raise UsageError(f"cannot read {path!r}: {e.strerror or e}", "check permissions") from e
-        if ok:
-            return reg.component.open_reader(path)
-    raise FormatError(
-        f"{path!r} is not a safetensors file (or any format an installed serializer reads)",
-        "give a .safetensors file, a folder of shards, or a .pt state_dict",
-    )
+def _reader_for(registries: Registries, path: str) -> ArtifactReader:
+    fix = "give a .safetensors file, a folder of shards, or a .pt state_dict"
+    return serializer_for_read(registries.serializers, path, fix).open_reader(path)
 
 
-def open_source(engine: Engine, path: str, trust_pickle: bool = False) -> CheckpointSource:
+def open_source(registries: Registries, path: str, trust_pickle: bool = False) -> CheckpointSource:
     """Inspect ``path`` and open every shard's reader (headers validated, nothing loaded)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise UsageError(f"{path!r} does not exist", "check the path")
     if os.path.isdir(path):
-        src = _folder(engine, path)
+        src = _folder(path)
     elif path.endswith(PICKLE_SUFFIXES):
         reader = PickleReader(path, trust_pickle)
         out = os.path.splitext(os.path.basename(path))[0] + ".safetensors"
@@ -92,7 +82,7 @@ def open_source(engine: Engine, path: str, trust_pickle: bool = False) -> Checkp
     try:
         for shard in src.shards:
             if shard.reader is None:
-                shard.reader = _reader_for(engine, shard.path)
+                shard.reader = _reader_for(registries, shard.path)
         _check_unique(src)
         if src.index is not None:
             _check_index(src)
@@ -102,7 +92,7 @@ def open_source(engine: Engine, path: str, trust_pickle: bool = False) -> Checkp
     return src
 
 
-def _folder(engine: Engine, path: str) -> CheckpointSource:
+def _folder(path: str) -> CheckpointSource:
     names = sorted(os.listdir(path))
     indexes = [n for n in names if n.endswith(".safetensors.index.json")]
     if len(indexes) > 1:

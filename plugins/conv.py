@@ -118,6 +118,10 @@ class ConvReplacer(Replacer):
         return _QUANTIZED[_base(module)](module, qweights["weight"], backend, scheme)
 
 
+#: this plugin's name, whatever the loading path (entry point or object)
+monoquant_plugin_name = "conv"
+
+
 @hookimpl
 def monoquant_register_replacers(register):
     register(ConvReplacer())

@@ -65,6 +65,10 @@ class GPT2Conv1DReplacer(Replacer):
         )
 
 
+#: this plugin's name, whatever the loading path (entry point or object)
+monoquant_plugin_name = "gpt2-conv1d"
+
+
 @hookimpl
 def monoquant_register_replacers(register):
     register(GPT2Conv1DReplacer())

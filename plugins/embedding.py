@@ -138,6 +138,10 @@ class EmbeddingReplacer(Replacer):
         return QuantizedEmbedding(module, qt, backend, scheme)
 
 
+#: this plugin's name, whatever the loading path (entry point or object)
+monoquant_plugin_name = "embedding"
+
+
 @hookimpl
 def monoquant_register_replacers(register):
     register(EmbeddingReplacer())

@@ -97,6 +97,10 @@ class Bf16Scheme(_CastScheme):
     overflow_fix = "keep the layer in float with --skip"
 
 
+#: this plugin's name, whatever the loading path (entry point or object)
+monoquant_plugin_name = "fp16"
+
+
 @hookimpl
 def monoquant_register_schemes(register):
     register(Fp16Scheme())

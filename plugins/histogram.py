@@ -21,13 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from monoquant_core import Capabilities, ComponentConfig, Observer, QParams, UsageError, hookimpl
-from monoquant_core.qtensor import (
-    Scratch,
-    minmax_qparams,
-    round_params,
-    rounding_error,
-    to_groups,
-)
+from monoquant_core.affine import Scratch, minmax_qparams, round_params, rounding_error
+from monoquant_core.layout import to_groups
 
 _BLOCK_ELEMS = 1 << 19  # rows per block so a block's temporaries stay in cache
 _TENSOR_GRID = 32  # candidates per side in per-tensor mode (32 x 32 pairs)
@@ -183,6 +178,10 @@ def search_groups(g: torch.Tensor, spec, grid: int, max_shrink: float) -> QParam
         if zeros is not None:
             zeros[r0 : r0 + rows] = best_z
     return QParams(scales, zeros)
+
+
+#: this plugin's name, whatever the loading path (entry point or object)
+monoquant_plugin_name = "histogram"
 
 
 @hookimpl

@@ -32,7 +32,8 @@ from monoquant_core import (
     Scheme,
     hookimpl,
 )
-from monoquant_core.qtensor import Scratch, params_fit, round_params, to_groups
+from monoquant_core.affine import Scratch, params_fit, round_params
+from monoquant_core.layout import to_groups
 
 from .weight_optimizers import hqq, lloyd, ls_refit, ls_refit_symmetric
 
@@ -227,6 +228,10 @@ def _integer_zero(x, scale, zero, qmax):
     den = torch.linalg.vector_norm(centred, dim=-1).square_()
     s = torch.where(den > 0, torch.linalg.vecdot(centred, x) / den.clamp_min(1e-30), scale)
     return torch.where(s > 0, s, scale), z
+
+
+#: this plugin's name, whatever the loading path (entry point or object)
+monoquant_plugin_name = "int4-group"
 
 
 @hookimpl

@@ -2,7 +2,7 @@
 
 With ``activations="static"`` the plugin also collects the layer's input range during
 calibration (``monoquant_collectors``: an instance of the entry's observer on a per-tensor
-asymmetric 8-bit spec) and, in a ``monoquant_quantize_module`` wrapper, stores the resulting
+asymmetric 8-bit spec) and, in a ``monoquant_quantize_weights`` wrapper, stores the resulting
 ``act_scale`` / ``act_zero_point`` with the weight (saved and loaded with the model).
 """
 
@@ -22,7 +22,8 @@ from monoquant_core import (
     UsageError,
     hookimpl,
 )
-from monoquant_core.qtensor import quantize_groups, to_groups
+from monoquant_core.affine import quantize_groups
+from monoquant_core.layout import to_groups
 
 #: the collector name of the static activation observer in ``entry.collected``
 ACT_COLLECTOR = "int8.activations"
@@ -93,32 +94,36 @@ class Int8Scheme(Scheme):
         )
 
 
+#: this plugin's name, whatever the loading path (entry point or object)
+monoquant_plugin_name = "int8"
+
+
 @hookimpl
 def monoquant_register_schemes(register):
     register(Int8Scheme())
 
 
-def _static(entry, engine) -> bool:
+def _static(entry, run) -> bool:
     if entry.scheme != "int8":
         return False
-    cfg, _ = engine.component_configs(entry)
+    cfg, _ = run.entry_configs(entry)
     return cfg.activations == "static"
 
 
 @hookimpl
-def monoquant_collectors(entry, engine):
+def monoquant_collectors(entry, run):
     """The static activation observer: the entry's observer on :data:`ACT_SPEC`."""
-    if not _static(entry, engine):
+    if not _static(entry, run):
         return None
-    _, obs_cfg = engine.component_configs(entry)
-    return {ACT_COLLECTOR: engine.observers.get(entry.observer)(ACT_SPEC, obs_cfg)}
+    _, obs_cfg = run.entry_configs(entry)
+    return {ACT_COLLECTOR: run.observers.get(entry.observer)(ACT_SPEC, obs_cfg)}
 
 
 @hookimpl(wrapper=True)
-def monoquant_quantize_module(entry, module, engine):
+def monoquant_quantize_weights(entry, run):
     """Attach the calibrated ``act_scale`` / ``act_zero_point`` to a static int8 weight."""
     result = yield
-    if result is None or not _static(entry, engine):
+    if result is None or not _static(entry, run):
         return result
     observer = entry.collected.get(ACT_COLLECTOR)
     if observer is None:
@@ -132,13 +137,6 @@ def monoquant_quantize_module(entry, module, engine):
     for qt in result.qtensors.values():
         qt.extra["act_scale"] = scale.clone()
         qt.extra["act_zero_point"] = zero.clone()
-    replacer = engine.replacers.get(entry.replacer)
-    result.module = replacer.replace(
-        module,
-        result.qtensors,
-        engine.backends.get(entry.backend),
-        engine.schemes.get(entry.scheme),
-    )
     result.metrics["act_scale"] = float(scale)
     result.metrics["act_zero_point"] = int(zero)
     return result

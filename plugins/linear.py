@@ -79,6 +79,10 @@ class LinearReplacer(Replacer):
         )
 
 
+#: this plugin's name, whatever the loading path (entry point or object)
+monoquant_plugin_name = "linear"
+
+
 @hookimpl
 def monoquant_register_replacers(register):
     register(LinearReplacer())

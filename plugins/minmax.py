@@ -15,7 +15,7 @@ from monoquant_core import (
     hookimpl,
     minmax_qparams,
 )
-from monoquant_core.qtensor import to_groups
+from monoquant_core.layout import to_groups
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,10 @@ class MinMaxObserver(Observer):
         if self.min is None or self.max is None:
             raise UsageError("the minmax observer saw no data", "call update() before qparams()")
         return minmax_qparams(self.min, self.max, self.spec)
+
+
+#: this plugin's name, whatever the loading path (entry point or object)
+monoquant_plugin_name = "minmax"
 
 
 @hookimpl

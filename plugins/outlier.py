@@ -6,11 +6,12 @@ features, and every other feature of the token loses most of its resolution. Thi
 those input columns and keeps them out of the integer path: their weight columns are stored in
 float16 and computed in floating point, everything else in int8.
 
+* ``monoquant_register_options``: :class:`OutlierOptions` (``threshold``, ``max_fraction``).
 * ``monoquant_modify_plan``: marks the Linear entries quantized with ``int8`` and run-time
   activations (``dynamic`` / ``dynamic-tensor``) with ``entry.options["outlier"]``.
 * ``monoquant_collectors``: with calibration data, the per-column maximum ``|x|`` of each
   marked layer's input (``outlier.absmax``).
-* ``monoquant_quantize_module`` (wrapper): columns whose maximum ``|x|`` reaches the threshold
+* ``monoquant_quantize_weights`` (wrapper): columns whose maximum ``|x|`` reaches the threshold
   (default 6.0, LLM.int8()'s value) become float columns, at most ``max_fraction`` of the input
   columns (the largest first). Without data (or for a layer that saw none) a data-free
   criterion is used instead: columns whose largest ``|w|`` is ``threshold`` times the median
@@ -18,25 +19,49 @@ float16 and computed in floating point, everything else in int8.
   ``float_cols`` / ``float_values`` extras (the QTensor's float-columns layout) and the
   ``outlier_threshold`` / ``outlier_source`` metadata, so a saved model loads with its split.
 
-Any of its options enables it: ``plugin_options={"outlier": {"enable": True}}`` (threshold 6.0),
-``{"threshold": 6.0, "max_fraction": 0.01}`` in Python; ``--outlier-enable``,
-``--outlier-threshold T``, ``--outlier-max-fraction F`` on the command line.
+Enable it like any plugin with options: ``plugin_options={"outlier": {}}`` (the defaults) or
+``{"threshold": 6.0, "max_fraction": 0.01}`` in Python; ``--outlier`` and
+``--outlier-opt threshold=6`` on the command line (``--outlier-threshold T`` and
+``--outlier-max-fraction F`` are kept as shorter spellings).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from monoquant_core import UsageError, hookimpl
+from monoquant_core import PluginOptions, UsageError, hookimpl
 
 COLLECTOR = "outlier.absmax"
-DEFAULT_THRESHOLD = 6.0
-DEFAULT_MAX_FRACTION = 0.01
 _ACTIVATIONS = ("dynamic", "dynamic-tensor")
+
+#: this plugin's name, whatever the loading path (entry point or object)
+monoquant_plugin_name = "outlier"
+
+
+@dataclass(frozen=True)
+class OutlierOptions(PluginOptions):
+    """LLM.int8()-style decomposition: input columns with outlier activations stay in float16
+    (int8 Linear layers with activations=dynamic or dynamic-tensor).
+
+    Attributes:
+        threshold: activation magnitude that makes an input column an outlier (LLM.int8()'s
+            6.0); without calibration data, the ratio of a column's largest ``|w|`` to the
+            median column's.
+        max_fraction: most input columns per layer kept in float16, the largest first.
+    """
+
+    threshold: float = 6.0
+    max_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.threshold) and self.threshold > 0):
+            raise ValueError(f"threshold {self.threshold} is not a positive number (e.g. 6.0)")
+        if not 0.0 < self.max_fraction <= 1.0:
+            raise ValueError(f"max_fraction {self.max_fraction} is not in (0, 1] (e.g. 0.01)")
 
 
 class ColumnAbsMax:
@@ -52,90 +77,56 @@ class ColumnAbsMax:
         self.value = a if self.value is None else torch.maximum(self.value, a)
 
 
-def _options(config: Any) -> dict[str, Any] | None:
-    """The plugin's options when it is enabled for this run, else None."""
-    raw = dict(config.plugin_options.get("outlier", {}) or {})
-    unknown = set(raw) - {"enable", "threshold", "max_fraction"}
-    if unknown:
-        raise UsageError(
-            f"unknown outlier option(s) {sorted(unknown)}",
-            "use enable, threshold, max_fraction (--outlier-enable, --outlier-threshold, "
-            "--outlier-max-fraction)",
-        )
-    threshold = raw.get("threshold")
-    if not raw.get("enable") and threshold is None and raw.get("max_fraction") is None:
-        return None
-    threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
-    frac = raw.get("max_fraction")
-    frac = DEFAULT_MAX_FRACTION if frac is None else float(frac)
-    if not (math.isfinite(threshold) and threshold > 0):
-        raise UsageError(
-            f"--outlier-threshold {threshold} is not a positive number", "use e.g. 6.0"
-        )
-    if not 0.0 < frac <= 1.0:
-        raise UsageError(
-            f"--outlier-max-fraction {frac} is not in (0, 1]", "use e.g. 0.01 (1% of columns)"
-        )
-    return {"threshold": threshold, "max_fraction": frac}
+@hookimpl
+def monoquant_register_options(register):
+    register(OutlierOptions)
 
 
 @hookimpl
 def monoquant_add_cli_options(group):
-    group.add_option(
-        "--outlier-enable",
-        is_flag=True,
-        default=False,
-        help="LLM.int8()-style decomposition: input columns with outlier activations stay in "
-        "float16 (needs int8 with activations=dynamic or dynamic-tensor).",
-    )
+    group.add_option("--outlier-enable", is_flag=True, default=None, help="Same as --outlier.")
     group.add_option(
         "--outlier-threshold",
         type=float,
         default=None,
-        help=f"Activation magnitude that makes a column an outlier (default "
-        f"{DEFAULT_THRESHOLD}; implies --outlier-enable).",
+        help="Same as --outlier-opt threshold=T (default 6.0).",
     )
     group.add_option(
         "--outlier-max-fraction",
         type=float,
         default=None,
-        help=f"Most input columns per layer kept in float16, the largest first (default "
-        f"{DEFAULT_MAX_FRACTION}; implies --outlier-enable).",
+        help="Same as --outlier-opt max_fraction=F (default 0.01).",
     )
 
 
 @hookimpl
-def monoquant_modify_plan(plan, model, config):
-    opts = _options(config)
+def monoquant_modify_plan(plan, model, run):
+    opts = run.options("outlier")
     if opts is None:
         return
     if model is None:
         raise UsageError(
             "the outlier decomposition needs a model (checkpoint mode is weight-only)",
-            "pass --model PKG.MODULE:FACTORY --weights FILE, or drop --outlier-*",
+            "pass --model PKG.MODULE:FACTORY --weights FILE, or drop --outlier",
         )
     marked = 0
     for entry in plan.selected:
-        scheme = entry.scheme or plan.config.scheme
+        scheme = entry.scheme or run.config.scheme
         if scheme != "int8" or not isinstance(model.get_submodule(entry.name), nn.Linear):
             continue
-        if "scheme_options" in entry.options:  # a rule's options replace the run's
-            act = (entry.options["scheme_options"] or {}).get("activations", "none")
-        elif scheme == plan.config.scheme:
-            act = getattr(plan.config.scheme_config, "activations", "none")
-        else:
-            act = "none"
+        cfg = run.entry_configs(entry)[0] if entry.scheme else run.config.scheme_config
+        act = getattr(cfg, "activations", "none")
         if act not in _ACTIVATIONS:
             entry.notes.append(f"outlier: not applied (activations={act!r})")
             continue
-        entry.options["outlier"] = dict(opts)
-        entry.notes.append(f"outlier decomposition (threshold {opts['threshold']:g})")
+        entry.options["outlier"] = {"threshold": opts.threshold, "max_fraction": opts.max_fraction}
+        entry.notes.append(f"outlier decomposition (threshold {opts.threshold:g})")
         marked += 1
     if not marked:
         raise UsageError(
             "the outlier decomposition applies to int8 Linear layers with activations=dynamic "
             "or dynamic-tensor, and this plan has none",
-            "add --scheme int8 --scheme-opt activations=dynamic, or drop --outlier-*",
+            "add --scheme int8 --scheme-opt activations=dynamic, or drop --outlier",
         )
 
 
@@ -164,7 +155,8 @@ def weight_score(weight: torch.Tensor) -> torch.Tensor:
 
 
 @hookimpl(wrapper=True)
-def monoquant_quantize_module(entry, module, engine):
+def monoquant_quantize_weights(entry, module, run):
+    """Re-quantize the weight without its outlier columns; store those in float16."""
     result = yield
     opts = entry.options.get("outlier")
     if result is None or not opts or entry.scheme != "int8":
@@ -176,31 +168,20 @@ def monoquant_quantize_module(entry, module, engine):
     else:
         score, source = weight_score(weight), "weight-magnitude"
     cols = select_columns(score, opts["threshold"], opts["max_fraction"]).to(weight.device)
-    k = weight.shape[1]
     result.metrics["outlier_columns"] = int(cols.numel())
-    result.metrics["outlier_fraction"] = cols.numel() / k
+    result.metrics["outlier_fraction"] = cols.numel() / weight.shape[1]
     result.metrics["outlier_source"] = source
     if cols.numel() == 0:
         return result
     rest = weight.clone()
     rest[:, cols] = 0
-    scheme_cfg, observer_cfg = engine.component_configs(entry)
-    qt = engine.quantize_weight(
-        rest,
-        entry.scheme,
-        entry.observer,
-        axis=0,
-        scheme_config=scheme_cfg,
-        observer_config=observer_cfg,
-        name=f"{entry.name}.weight" if entry.name else "weight",
-    )
+    scheme_cfg, observer_cfg = run.entry_configs(entry)
+    name = f"{entry.name}.weight" if entry.name else "weight"
+    qt = run.quantize_weight(rest, "int8", entry.observer, 0, scheme_cfg, observer_cfg, name)
     qt.extra["float_cols"] = cols.cpu().to(qt.qdata.device)
     qt.extra["float_values"] = weight[:, cols].to(torch.float16).contiguous()
     qt.meta["outlier_threshold"] = opts["threshold"]
     qt.meta["outlier_source"] = source
     qt.validate()
     result.qtensors["weight"] = qt
-    result.module = engine.replacers.get(entry.replacer).replace(
-        module, result.qtensors, engine.backends.get(entry.backend), engine.schemes.get("int8")
-    )
     return result

@@ -317,6 +317,10 @@ def _json(base: str, meta: dict[str, str], key: str) -> dict[str, Any]:
     return value
 
 
+#: this plugin's name, whatever the loading path (entry point or object)
+monoquant_plugin_name = "safetensors"
+
+
 @hookimpl
 def monoquant_register_serializers(register):
     register(SafetensorsSerializer())

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from monoquant_core.qtensor import Scratch
+from monoquant_core.affine import Scratch
 
 __all__ = ["hqq", "lloyd", "ls_refit", "ls_refit_symmetric"]
 

@@ -81,7 +81,7 @@ def test_sequential_flag(run, engine, tmp_path, model_args):
     "extra, message",
     [
         ([*STATIC], "activations='static' needs calibration data"),
-        (["--sequential"], "--sequential needs --calibration"),
+        (["--sequential"], "sequential=True needs calibration data"),
         (["--calibration", "missing.pt"], "--calibration file 'missing.pt' does not exist"),
         (["--calibration", "nopkg_xyz.mod:fn"], "--calibration: cannot import 'nopkg_xyz.mod'"),
         (["--calibration", "BAD"], "does not exist"),

@@ -74,7 +74,7 @@ _CONTRACTS = {
 
 def __getattr__(name: str) -> Any:
     if name in _CONTRACTS:
-        from . import contracts
+        from . import contracts  # deferred: the contract suites import pytest
 
         return getattr(contracts, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

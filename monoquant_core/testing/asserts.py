@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..components import QuantizedModule
-from ..qtensor import QTensor, sqnr_db
+from ..metrics import sqnr_db
+from ..qtensor import QTensor
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import Engine

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from .. import hookimpl as _hookimpl
-from ..config import ComponentConfig
 from ..engine import Engine
+from ..markers import hookimpl as _hookimpl
+from ..options import ComponentConfig
 from ..plan import PlanEntry
 from .engines import hermetic_engine
 
@@ -60,7 +60,7 @@ class Contract:
 
 
 class QuantizeSpy:
-    """A plugin that counts ``monoquant_quantize_module`` calls (to prove nothing was
+    """A plugin that counts ``monoquant_quantize_weights`` calls (to prove nothing was
     computed) and can fail the run in ``monoquant_module_done`` of one entry."""
 
     monoquant_plugin_name = "contract-spy"
@@ -70,7 +70,7 @@ class QuantizeSpy:
         self.fail_on = fail_on
 
     @_hookimpl(wrapper=True)
-    def monoquant_quantize_module(self, entry: PlanEntry, module: nn.Module, engine: Engine):
+    def monoquant_quantize_weights(self, entry: PlanEntry, module: nn.Module):
         self.calls += 1
         return (yield)
 

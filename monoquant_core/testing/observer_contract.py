@@ -8,10 +8,12 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
+from ..affine import dequantize_groups, quantize_groups
 from ..components import Observer
-from ..config import parse_options
 from ..errors import MonoQuantError
-from ..qtensor import QuantSpec, dequantize_groups, quantize_groups, to_groups
+from ..layout import to_groups
+from ..options import parse_options
+from ..qtensor import QuantSpec
 from .asserts import assert_sqnr
 from .contract_base import Contract, check_config_class
 from .models import tiny_models

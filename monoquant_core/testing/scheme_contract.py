@@ -14,10 +14,11 @@ from torch import nn
 
 from ..capabilities import Capabilities
 from ..components import QuantizedModule, Scheme
-from ..config import config_to_dict
 from ..engine import Engine
 from ..errors import CapabilityError, FormatError, MonoQuantError
-from ..qtensor import QTensor, sqnr_db
+from ..metrics import sqnr_db
+from ..options import config_to_dict
+from ..qtensor import QTensor
 from .asserts import assert_qtensor_equal, assert_roundtrip_exact, assert_sqnr
 from .contract_base import (
     Contract,

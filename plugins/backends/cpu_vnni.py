@@ -243,6 +243,10 @@ class CpuVnniBackend(Backend):
         return y.reshape(*lead, p.n)
 
 
+#: this plugin's name, whatever the loading path (entry point or object)
+monoquant_plugin_name = "cpu-vnni"
+
+
 @hookimpl
 def monoquant_register_backends(register):
     register(CpuVnniBackend())

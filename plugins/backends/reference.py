@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from monoquant_core import Backend, Capabilities, FormatError, hookimpl
-from monoquant_core.qtensor import (
+from monoquant_core.activations import (
     fake_quantize_static,
     quantize_per_tensor_asym,
     quantize_per_token,
@@ -50,6 +50,10 @@ class ReferenceBackend(Backend):
         elif qt.activations == "static":
             x = fake_quantize_static(x, qt).to(x.dtype)
         return F.linear(x, w, b)
+
+
+#: this plugin's name, whatever the loading path (entry point or object)
+monoquant_plugin_name = "reference"
 
 
 @hookimpl

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from monoquant_core import Backend, Capabilities, FormatError, hookimpl
-from monoquant_core.qtensor import QTensor, fake_quantize_static, static_act_params
+from monoquant_core.activations import fake_quantize_static, static_act_params
+from monoquant_core.qtensor import QTensor
 
 _GROUPS = (32, 64, 128, 256)
 
@@ -263,6 +264,10 @@ _KERNELS = {
     "fp16": _fp16,
     "bf16": _bf16_linear,
 }
+
+
+#: this plugin's name, whatever the loading path (entry point or object)
+monoquant_plugin_name = "torch-cpu"
 
 
 @hookimpl

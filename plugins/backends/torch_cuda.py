@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from monoquant_core import Backend, Capabilities, hookimpl
-from monoquant_core.qtensor import QTensor, quantize_per_tensor_asym, quantize_per_token
+from monoquant_core.activations import quantize_per_tensor_asym, quantize_per_token
+from monoquant_core.qtensor import QTensor
 
 _GROUPS = (32, 64, 128, 256)
 _INT_MM_MIN_ROWS = 17
@@ -194,6 +195,10 @@ _KERNELS = {
     "int4": _int4,
     "dense": _dense,
 }
+
+
+#: this plugin's name, whatever the loading path (entry point or object)
+monoquant_plugin_name = "torch-cuda"
 
 
 @hookimpl

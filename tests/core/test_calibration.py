@@ -36,7 +36,7 @@ class Collecting:
         self.by_entry = {}
 
     @hookimpl
-    def monoquant_collectors(self, entry, module, config):
+    def monoquant_collectors(self, entry, module, run):
         c = self.by_entry[entry.name] = Rows()
         return {self.name: c}
 
@@ -105,7 +105,7 @@ def test_calibration_runs_in_eval_mode_and_restores_training_flags():
 
     class Mode:
         @hookimpl
-        def monoquant_collectors(self, entry, module, config):
+        def monoquant_collectors(self, entry, module, run):
             class C:
                 def update(self, x):
                     seen.append(module.training)
@@ -198,7 +198,7 @@ def test_sequential_runs_in_execution_order_and_sees_quantized_earlier_layers():
 
     class Watch:
         @hookimpl
-        def monoquant_collectors(self, entry, module, config, engine):
+        def monoquant_collectors(self, entry, module, run):
             order.append(entry.name)
             return None
 

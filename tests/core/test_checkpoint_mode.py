@@ -18,7 +18,7 @@ from monoquant_plugins.safetensors_io import SafetensorsReader
 from safetensors import safe_open
 
 import monoquant_core as mq
-from monoquant_core import CapabilityError, Engine, FormatError, MonoQuantError, UsageError
+from monoquant_core import CapabilityError, Engine, FormatError, MonoQuantError, Run, UsageError
 from monoquant_core.demo import demo_model
 
 INDEX = "model.safetensors.index.json"
@@ -901,16 +901,16 @@ def test_crash_midway_leaves_nothing(engine, tmp_path, monkeypatch, kind):
         dst.mkdir()
         (dst / "previous.txt").write_text("previous output")
     before = sorted(os.listdir(tmp_path))
-    real = Engine.quantize_weight
+    real = Run.quantize_weight
     calls = []
 
     def crash_on_third(self, *args, **kwargs):
-        calls.append(kwargs.get("name"))
+        calls.append(args[-1])
         if len(calls) == 3:
             raise RuntimeError("simulated crash")
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(Engine, "quantize_weight", crash_on_third)
+    monkeypatch.setattr(Run, "quantize_weight", crash_on_third)
     with pytest.raises(RuntimeError, match="simulated crash"):
         engine.quantize_checkpoint(str(src), str(dst), overwrite=True, progress=False)
     assert len(calls) == 3
@@ -949,7 +949,7 @@ def test_report_hook_failure_commits_nothing(tmp_path):
 
     class Boom:
         @hookimpl
-        def monoquant_report(self, report, config):
+        def monoquant_report(self, report, run):
             raise RuntimeError("report sink down")
 
     src = tmp_path / "m.safetensors"

@@ -6,7 +6,7 @@ from typing import Literal
 import pytest
 
 from monoquant_core import ComponentConfig, UsageError
-from monoquant_core.config import parse_options, split_key_values
+from monoquant_core.options import parse_options, split_key_values
 
 
 @dataclass(frozen=True)

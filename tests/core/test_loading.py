@@ -24,7 +24,7 @@ SCHEME_PLUGIN = textwrap.dedent(
     """
     import torch
     from monoquant_core import QTensor, QuantSpec, Scheme, hookimpl
-    from monoquant_core.qtensor import to_groups
+    from monoquant_core.layout import to_groups
 
     class Round8Scheme(Scheme):
         name = "round8"

@@ -7,14 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monoquant_core.qtensor import (
-    QTensor,
-    from_groups,
-    pack_int4,
-    sqnr_db,
-    to_groups,
-    unpack_int4,
-)
+from monoquant_core.layout import from_groups, pack_int4, to_groups, unpack_int4
+from monoquant_core.metrics import sqnr_db
+from monoquant_core.qtensor import QTensor
 
 
 @settings(max_examples=60, deadline=None)

@@ -70,8 +70,9 @@ def inputs(seed: int = 1, batches: int = 4) -> list[torch.Tensor]:
 
 
 def main() -> None:  # pragma: no cover - run by hand, see the module docstring
-    from monoquant_core import Engine, load
     from monoquant_plugins.safetensors_format import write_safetensors
+
+    from monoquant_core import Engine, load
 
     engine = Engine()
     model, _ = engine.quantize(

@@ -15,7 +15,7 @@ from monoquant_plugins.backends import cpu_vnni
 from torch import nn
 
 from monoquant_core import CapabilityError, Engine, load, save
-from monoquant_core.qtensor import error_stats
+from monoquant_core.metrics import error_stats
 from monoquant_core.testing import odd_inputs
 
 AVAILABLE = Engine().backends.get("cpu-vnni").available()

@@ -13,11 +13,12 @@ import time
 
 import pytest
 import torch
-from monoquant_plugins.gptq import GptqConfig, HessianCollector, gptq_solve, parse_config
+from monoquant_plugins.gptq import GptqOptions, HessianCollector, gptq_solve
 from torch import nn
 
 from monoquant_core import QParams, QuantSpec, minmax_qparams, sqnr_db
-from monoquant_core.qtensor import round_params, to_groups
+from monoquant_core.affine import round_params
+from monoquant_core.layout import to_groups
 from monoquant_core.testing.models import correlated_batches
 
 
@@ -286,20 +287,20 @@ def test_conv_hessian_reproduces_output_energy(conv):
 # --------------------------------------------------------------------------- options
 
 
-def test_options_from_python_and_cli_pairs():
-    cfg = parse_config({"damp": 0.05, "opt": ("block_size=64", "act_order=true")})
-    assert cfg == GptqConfig(damp=0.05, block_size=64, act_order=True)
+def test_options_from_python_values_and_cli_strings(engine):
+    cfg = engine.configure(plugin_options={"gptq": {"damp": 0.05, "block_size": "64"}})
+    assert cfg.plugin_options["gptq"] == GptqOptions(damp=0.05, block_size=64)
+    cfg = engine.configure(plugin_options={"gptq": GptqOptions(act_order=False)})
+    assert cfg.plugin_options["gptq"].act_order is False
 
 
-def test_unknown_option_lists_the_valid_keys():
+def test_unknown_option_lists_the_valid_keys(engine):
     from monoquant_core import UsageError
 
-    with pytest.raises(UsageError, match="valid keys: act_order, block_size, damp"):
-        parse_config({"opt": ("dampening=0.1",)})
-    with pytest.raises(UsageError, match="not KEY=VALUE"):
-        parse_config({"opt": ("damp",)})
+    with pytest.raises(UsageError, match="valid keys: act_order, block_size, damp, enable"):
+        engine.configure(plugin_options={"gptq": {"dampening": 0.1}})
     with pytest.raises(UsageError, match="damp must be a positive"):
-        parse_config({"damp": 0})
+        engine.configure(plugin_options={"gptq": {"damp": 0}})
 
 
 # --------------------------------------------------------------------------- timing

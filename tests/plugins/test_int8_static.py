@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from monoquant_core import FormatError, sqnr_db
-from monoquant_core.qtensor import fake_quantize_static
+from monoquant_core.activations import fake_quantize_static
 from monoquant_core.testing import mlp
 from monoquant_core.testing.models import activation_batches, activation_transformer
 

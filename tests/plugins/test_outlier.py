@@ -114,7 +114,7 @@ def test_mixed_layer_is_int8_rest_plus_float_columns(engine):
     layer, qt = qmodel[0], qmodel[0].qtensor()
     assert qt.extra["float_cols"].tolist() == [5]
     assert torch.all(qt.qdata[:, 5] == 0)
-    from monoquant_core.qtensor import quantize_per_token
+    from monoquant_core.activations import quantize_per_token
 
     rest = x.clone()
     rest[:, 5] = 0
@@ -142,7 +142,7 @@ def test_plan_notes_and_errors(engine):
     assert all("outlier decomposition (threshold 6)" in e.notes for e in plan.selected)
     with pytest.raises(UsageError, match="activations=dynamic or dynamic-tensor"):
         engine.quantize(mlp(), plugin_options=OUTLIER)
-    with pytest.raises(UsageError, match="--outlier-threshold -1.0 is not a positive number"):
+    with pytest.raises(UsageError, match="plugin 'outlier': threshold -1.0 is not a positive"):
         engine.plan(mlp(), scheme_options=DYNAMIC, plugin_options={"outlier": {"threshold": -1}})
     # without the option the plugin does nothing
     qmodel, _ = engine.quantize(mlp(), scheme_options=DYNAMIC)

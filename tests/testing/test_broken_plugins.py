@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import textwrap
 
+from monoquant_core.registry import ranked_backends
+
 pytest_plugins = ["monoquant_core.testing.plugin"]
 
 BROKEN = "raise RuntimeError('boom at import')\n"
@@ -120,4 +122,4 @@ def test_backend_whose_available_raises_is_marked_unavailable(
     )
     engine = type(mq_engine)()
     assert "flaky" in engine.backends
-    assert all(b.name != "flaky" for b in engine.ranked_backends())
+    assert all(b.name != "flaky" for b in ranked_backends(engine.backends))

@@ -1,19 +1,36 @@
-"""monoquant-example: a Mono Quant plugin adding the ``nf4`` scheme and ``--example-verbose``.
+"""monoquant-example: a Mono Quant plugin adding the ``nf4`` scheme and a verbose report.
 
-Declared in ``pyproject.toml`` as the entry point ``example`` of the group ``monoquant``; the
-entry point's name is the plugin's name, so its CLI options start with ``--example-`` and
-arrive in ``config.plugin_options["example"]``.
+Declared in ``pyproject.toml`` as the entry point ``example`` of the group ``monoquant``. Its
+name is fixed by ``monoquant_plugin_name`` (the same as the entry point's), so it is the same
+whether the plugin is installed or passed as an object: the CLI generates ``--example`` and
+``--example-opt KEY=VALUE`` for its options, and Python enables it with
+``plugin_options={"example": {...}}``.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
-from monoquant_core import hookimpl
+from monoquant_core import PluginOptions, hookimpl
 
 from .nf4 import NF4Config, NF4Scheme
 
-__all__ = ["NF4Config", "NF4Scheme"]
+__all__ = ["ExampleOptions", "NF4Config", "NF4Scheme"]
+
+#: the plugin's name (must equal the entry point's name)
+monoquant_plugin_name = "example"
+
+
+@dataclass(frozen=True)
+class ExampleOptions(PluginOptions):
+    """Print the SQNR of every nf4 layer on stderr (monoquant-example).
+
+    Attributes:
+        verbose: print one line per nf4 layer (and count them in ``report.extra``).
+    """
+
+    verbose: bool = True
 
 
 @hookimpl
@@ -22,17 +39,19 @@ def monoquant_register_schemes(register):
 
 
 @hookimpl
-def monoquant_add_cli_options(group):
-    group.add_option(
-        "--example-verbose",
-        is_flag=True,
-        help="Print the SQNR of every nf4 layer on stderr (monoquant-example).",
-    )
+def monoquant_register_options(register):
+    register(ExampleOptions)
 
 
 @hookimpl
-def monoquant_report(report, config):
-    if not config.plugin_options.get("example", {}).get("verbose"):
+def monoquant_add_cli_options(group):
+    group.add_option("--example-verbose", is_flag=True, default=None, help="Same as --example.")
+
+
+@hookimpl
+def monoquant_report(report, run):
+    opts = run.options("example")
+    if opts is None or not opts.verbose:
         return
     layers = [layer for layer in report.layers if layer.scheme == "nf4"]
     report.extra["example"] = {"nf4_layers": len(layers)}

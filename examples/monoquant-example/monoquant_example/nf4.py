@@ -19,7 +19,8 @@ from typing import Literal
 import torch
 
 from monoquant_core import Capabilities, ComponentConfig, QTensor, QuantSpec, Scheme
-from monoquant_core.qtensor import from_groups, pack_int4, params_fit, to_groups, unpack_int4
+from monoquant_core.affine import params_fit
+from monoquant_core.layout import from_groups, pack_int4, to_groups, unpack_int4
 
 #: the NF4 codebook of QLoRA (bitsandbytes), ascending.
 LEVELS = (

@@ -23,7 +23,8 @@ def test_monoquant_plugins_lists_the_distribution():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = [line.split() for line in proc.stdout.splitlines()]
-    assert ["example", "monoquant-example", "0.1.0", "scheme:", "nf4"] in rows, proc.stdout
+    want = ["example", "monoquant-example", "0.1.0", "scheme:", "nf4;", "options:", "example"]
+    assert want in rows, proc.stdout
 
 
 def test_quantize_nf4_from_the_cli(cli_runner, tmp_path):
@@ -46,10 +47,25 @@ def test_scheme_options_from_the_cli(cli_runner):
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["config"]["scheme_config"]["group_size"] == 128
-    assert "example" not in report["extra"]  # --example-verbose not given
+    assert "example" not in report["extra"]  # --example not given
     res = cli_runner.invoke("plan", "--demo", "--scheme", "nf4", "--scheme-opt", "group_size=48")
     assert res.exit_code == 1
     assert "does not support group size 48 (supported: 32, 64, 128, 256)" in res.stderr
+
+
+def test_options_from_python_and_the_generated_flags(cli_runner, capsys):
+    _, report = Engine().quantize(mlp(), scheme="nf4", plugin_options={"example": {}})
+    assert report.extra["example"] == {"nf4_layers": 3}
+    assert "example: 0.weight: nf4 " in capsys.readouterr().err
+    _, report = Engine().quantize(
+        mlp(), scheme="nf4", plugin_options={"example": {"verbose": False}}
+    )
+    assert "example" not in report.extra
+    res = cli_runner.invoke("quantize", "--demo", "--scheme", "nf4", "--example", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["extra"]["example"]["nf4_layers"] > 0
+    res = cli_runner.invoke("plan", "--demo", "--example-opt", "loud=1")
+    assert res.exit_code == 1
+    assert "unknown option 'loud' for plugin 'example' (valid keys: enable, verbose)" in res.stderr
 
 
 def test_python_api_save_and_load(tmp_path, tiny_models, assert_roundtrip_exact):

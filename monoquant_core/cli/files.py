@@ -1,0 +1,75 @@
+"""``monoquant inspect``, ``verify`` and ``dequantize``: working with saved files."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..engine import Engine
+from ..errors import UsageError
+from ..inspection import render_inspect, render_verify, verify_failed
+from ..tables import human_bytes
+
+__all__ = ["add_file_commands"]
+
+
+def add_file_commands(cli: click.Group, engine: Engine) -> None:
+    """Add ``inspect``, ``verify`` and ``dequantize`` to ``cli``."""
+
+    @cli.command()
+    @click.argument("path", type=click.Path())
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    def inspect(path: str, as_json: bool) -> None:
+        """Show what a file or folder holds: format version, producers, per-tensor scheme,
+        size and bits per weight (reads headers only)."""
+        info = engine.inspect(path)
+        click.echo(json.dumps(info, indent=2) if as_json else render_inspect(info))
+
+    @cli.command()
+    @click.argument("original", type=click.Path())
+    @click.argument("quantized", type=click.Path())
+    @click.option(
+        "--min-sqnr",
+        type=float,
+        default=None,
+        metavar="DB",
+        help="Fail (exit 1) if any quantized tensor's SQNR is below DB.",
+    )
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
+    def verify(
+        original: str, quantized: str, min_sqnr: float | None, as_json: bool, quiet: bool
+    ) -> None:
+        """Re-read QUANTIZED with the loader and report each tensor's SQNR against ORIGINAL
+        and the compression ratio; exit 1 when a check fails (CI quality gate)."""
+        res = engine.verify(original, quantized, progress=not quiet)
+        click.echo(
+            json.dumps(res, indent=2, default=str) if as_json else render_verify(res, min_sqnr)
+        )
+        if verify_failed(res, min_sqnr):
+            low = res["min_sqnr_db"]
+            raise UsageError(
+                "verification failed: "
+                + (f"min SQNR {low:.2f} dB" if low is not None else "no quantized tensor")
+                + (f" (threshold {min_sqnr:.2f} dB)" if min_sqnr is not None else "")
+                + (f", {len(res['missing'])} tensor(s) missing" if res["missing"] else "")
+                + (
+                    f", {len(res['mismatched_copies'])} copied tensor(s) altered"
+                    if res["mismatched_copies"]
+                    else ""
+                ),
+                "quantize with a finer scheme (e.g. int8, or int4-group with group_size=32) or "
+                "lower --min-sqnr",
+            )
+
+    @cli.command()
+    @click.argument("quantized", type=click.Path())
+    @click.argument("out", type=click.Path())
+    @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+    @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+    def dequantize(quantized: str, out: str, overwrite: bool, quiet: bool) -> None:
+        """Write QUANTIZED back as plain float safetensors (same shards) for other tools."""
+        n = engine.dequantize_checkpoint(quantized, out, overwrite=overwrite, progress=not quiet)
+        if not quiet:
+            click.echo(f"wrote {out} ({human_bytes(n)} of float tensors)")

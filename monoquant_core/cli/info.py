@@ -1,0 +1,70 @@
+"""``monoquant env`` and ``monoquant plugins``: this machine and the installed plugins."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..engine import Engine
+from ..hardware import environment
+from ..tables import format_table
+
+__all__ = ["add_info_commands"]
+
+_ENV_KEYS = (
+    "monoquant",
+    "torch",
+    "python",
+    "cpu_capability",
+    "threads",
+    "quantized_engines",
+    "cuda",
+    "gpus",
+)
+
+
+def add_info_commands(cli: click.Group, engine: Engine) -> None:
+    """Add ``env`` and ``plugins`` to ``cli``."""
+
+    @cli.command()
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    def env(as_json: bool) -> None:
+        """Show the detected hardware (CPU instruction set, GPUs) and which backends run here."""
+        info = environment(engine.registries)
+        if as_json:
+            click.echo(json.dumps(info, indent=2))
+            return
+        for key in _ENV_KEYS:
+            value = info[key]
+            click.echo(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
+        rows = [
+            [b["name"], str(b["priority"]), b["available"], ", ".join(b["devices"]), b["numerics"]]
+            for b in info["backends"]
+        ]
+        click.echo("")
+        click.echo(format_table(["backend", "priority", "available", "devices", "numerics"], rows))
+
+    @cli.command()
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    def plugins(as_json: bool) -> None:
+        """List installed plugins: name, distribution, version, hooks, components."""
+        data = engine.plugins()
+        failed = [str(f) for f in engine.failures]
+        if as_json:
+            click.echo(json.dumps({"plugins": data, "failed": failed}, indent=2))
+            return
+        rows = []
+        for p in data:
+            comps = "; ".join(f"{k}: {', '.join(v)}" for k, v in p["components"].items())
+            rows.append(
+                [
+                    p["name"],
+                    p["distribution"] or f"({p['source']})",
+                    p["version"] or "",
+                    comps or ", ".join(h.removeprefix("monoquant_") for h in p["hooks"]),
+                ]
+            )
+        click.echo(format_table(["plugin", "distribution", "version", "provides"], rows))
+        for f in failed:
+            click.echo(f"failed to load: {f}")

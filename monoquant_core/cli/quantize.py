@@ -1,0 +1,157 @@
+"""``monoquant quantize``: a model (module mode) or a checkpoint (checkpoint mode)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+import torch
+
+from ..atomic import atomic_write, check_output_path
+from ..engine import Engine
+from ..errors import UsageError
+from ..metrics import sqnr_db
+from ..report import QuantReport
+from .inputs import load_calibration, model_from_options, write_text
+from .options import PluginFlags, attach_plugin_flags, config_from, model_options
+
+__all__ = ["add_quantize"]
+
+
+def add_quantize(cli: click.Group, engine: Engine, flags: list[PluginFlags]) -> None:
+    """Add the ``quantize`` command to ``cli``."""
+
+    @cli.command()
+    @click.argument("source", required=False, type=click.Path())
+    @model_options
+    @click.option(
+        "-o",
+        "--output",
+        type=click.Path(),
+        help="Write the quantized model here (a folder for a folder SOURCE).",
+    )
+    @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+    @click.option(
+        "--report",
+        "report_path",
+        type=click.Path(dir_okay=False),
+        help="Also write the report as JSON.",
+    )
+    @click.option(
+        "--trust-pickle",
+        is_flag=True,
+        help="Allow a .pt SOURCE that needs full unpickling (runs code from the file).",
+    )
+    @click.option(
+        "--allow-nonfinite",
+        is_flag=True,
+        help="Keep tensors holding NaN/Inf in float instead of refusing the run.",
+    )
+    @click.option(
+        "--calibration",
+        metavar="FILE|PKG.MODULE:FN",
+        help="Calibration data for --model/--demo: a .pt file (a tensor, or a list of tensors / "
+        "tuples / dicts of model inputs, one per batch), a .safetensors file (one batch per "
+        "tensor, in name order), or a function returning an iterable of batches.",
+    )
+    @click.option(
+        "--sequential",
+        is_flag=True,
+        help="With --calibration: calibrate and quantize layer by layer in execution order, "
+        "each layer seeing the outputs of the already quantized ones.",
+    )
+    @click.option(
+        "--calibration-min-rows",
+        type=click.IntRange(min=1),
+        default=32,
+        show_default=True,
+        help="Warn when a layer saw fewer calibration input rows than this.",
+    )
+    @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (no progress).")
+    def quantize(source: str | None, report_path: str | None, **kw: Any) -> None:
+        """Quantize a model or a checkpoint and print the report.
+
+        SOURCE is a checkpoint: a .safetensors file, a folder of shards, or a .pt state_dict
+        (checkpoint mode: no model class needed, streamed tensor by tensor). Without SOURCE,
+        give --demo or --model.
+        """
+        config = config_from(engine, flags, kw)
+        if report_path:
+            check_output_path(report_path, overwrite=True)
+        if source is not None:
+            report, label = _checkpoint_mode(engine, config, source, kw)
+        else:
+            report, label = _module_mode(engine, config, kw)
+        if report_path:
+            text = report.to_json()
+            atomic_write(report_path, lambda tmp: write_text(tmp, text))
+        if not kw["quiet"]:
+            _show(report, f"{label}: {config.scheme} / {config.observer}", kw)
+
+    attach_plugin_flags(engine, quantize, flags)
+
+
+def _checkpoint_mode(
+    engine: Engine, config: Any, source: str, kw: dict[str, Any]
+) -> tuple[QuantReport, str]:
+    if kw["demo"] or kw["model_spec"] or kw["weights"]:
+        raise UsageError(
+            "SOURCE and --demo/--model/--weights are exclusive",
+            "give either a checkpoint path or a model",
+        )
+    if kw["calibration"] or kw["sequential"]:
+        raise UsageError(
+            "--calibration/--sequential need a model to run, and checkpoint mode (a SOURCE "
+            "file) has none: it is weight-only",
+            "pass --model PKG.MODULE:FACTORY --weights FILE instead of SOURCE",
+        )
+    if not kw["output"]:
+        raise UsageError("checkpoint mode needs an output", "pass -o OUTPUT")
+    report = engine.quantize_checkpoint(
+        source,
+        kw["output"],
+        config=config,
+        overwrite=kw["overwrite"],
+        trust_pickle=kw["trust_pickle"],
+        allow_nonfinite=kw["allow_nonfinite"],
+        progress=not kw["quiet"],
+    )
+    return report, source
+
+
+def _module_mode(engine: Engine, config: Any, kw: dict[str, Any]) -> tuple[QuantReport, str]:
+    output = kw["output"]
+    if output:
+        check_output_path(output, kw["overwrite"])
+    model, sample, label = model_from_options(kw["demo"], kw["model_spec"], kw["weights"])
+    data = load_calibration(kw["calibration"]) if kw["calibration"] else None
+    with torch.no_grad():
+        ref = model(sample) if sample is not None else None
+        qmodel, report = engine.quantize(
+            model,
+            config=config,
+            calibration=data,
+            sequential=kw["sequential"],
+            min_rows=kw["calibration_min_rows"],
+            progress=not kw["quiet"],
+        )
+        if sample is not None:
+            report.extra["output_sqnr_db"] = sqnr_db(ref, qmodel(sample))
+    if output:
+        engine.save(qmodel, output, overwrite=kw["overwrite"])
+    return report, label
+
+
+def _show(report: QuantReport, title: str, kw: dict[str, Any]) -> None:
+    if kw["as_json"]:
+        click.echo(report.to_json())
+        return
+    click.echo(title)
+    click.echo(report.render())
+    if "output_sqnr_db" in report.extra:
+        click.echo(
+            "model output vs float32 on sample inputs: SQNR "
+            f"{report.extra['output_sqnr_db']:.2f} dB"
+        )
+    output = kw["output"]
+    click.echo(f"saved to {output}" if output else "not saved (pass -o FILE.safetensors to save)")

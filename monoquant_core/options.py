@@ -1,0 +1,138 @@
+"""Component and plugin options: frozen dataclasses, parsed from Python values or CLI strings.
+
+Each component declares a frozen dataclass ``config_class`` (a :class:`ComponentConfig`, with a
+``version``), and each plugin that takes options registers a :class:`PluginOptions` dataclass.
+Options from Python (``scheme_options={...}``, ``plugin_options={"gptq": {...}}``) or the CLI
+(``--scheme-opt KEY=VALUE``, ``--gptq-opt KEY=VALUE``) are validated against it: an unknown key
+is an error that lists the valid keys, a value that does not parse names the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .errors import UsageError
+
+__all__ = [
+    "ComponentConfig",
+    "PluginOptions",
+    "config_to_dict",
+    "parse_options",
+    "split_key_values",
+]
+
+
+@dataclass(frozen=True)
+class ComponentConfig:
+    """Base of every component's options dataclass. ``version`` is the schema version."""
+
+    version: int = 1
+
+
+@dataclass(frozen=True)
+class PluginOptions(ComponentConfig):
+    """Base of a plugin's options dataclass (registered with ``monoquant_register_options``).
+
+    A plugin that takes options is enabled for a run when its name is a key of
+    ``plugin_options`` (CLI: ``--NAME``, or any ``--NAME-opt KEY=VALUE``);
+    ``{"enable": False}`` (``--NAME-opt enable=false``) turns it off again. Plugins read their
+    options with ``run.options("NAME")``, which is None when the plugin is not enabled.
+    """
+
+    enable: bool = True
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-friendly dict of a component config (empty for None)."""
+    if cfg is None:
+        return {}
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def split_key_values(pairs: tuple[str, ...] | list[str], flag: str) -> dict[str, str]:
+    """Parse ``["k=v", ...]`` from the CLI into a dict (error names ``flag`` on bad syntax)."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{flag} {pair!r} is not KEY=VALUE", f"write it as {flag} key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def parse_options(cls: type, options: Mapping[str, Any] | None, owner: str) -> Any:
+    """Build ``cls`` (a ComponentConfig dataclass) from user options, with clear errors.
+
+    Args:
+        cls: the component's ``config_class``.
+        options: key -> value; string values are converted by the field's annotation.
+        owner: e.g. ``"scheme 'int8'"``, used in messages.
+    """
+    options = dict(options or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "version" and f.init}
+    valid = ", ".join(sorted(fields)) or "(none)"
+    values: dict[str, Any] = {}
+    for raw_key, raw in options.items():
+        key = raw_key.replace("-", "_")
+        if key not in fields:
+            raise UsageError(
+                f"unknown option {raw_key!r} for {owner} (valid keys: {valid})",
+                "use one of the valid keys",
+            )
+        values[key] = _convert(raw, hints[key], f"{owner} option {raw_key!r}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"invalid options for {owner}: {e}", f"valid keys: {valid}") from None
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _convert(raw: Any, hint: Any, what: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        is_none = raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(raw, a, what)
+            except UsageError as e:
+                errors.append(e)
+        raise errors[0] if errors else UsageError(f"{what}: cannot parse {raw!r}")
+    if origin is Literal:
+        for choice in args:
+            if raw == choice or (isinstance(raw, str) and str(choice) == raw):
+                return choice
+        shown = ", ".join(str(a) for a in args)
+        raise UsageError(f"{what} is {raw!r}, not one of: {shown}", f"use one of {shown}")
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in _TRUE | _FALSE:
+            return raw.lower() in _TRUE
+        raise UsageError(f"{what} is {raw!r}, not a boolean", "use true or false")
+    if hint in (int, float):
+        if isinstance(raw, bool):
+            raise UsageError(f"{what} is {raw!r}, not a number", f"give a {hint.__name__}")
+        if isinstance(raw, (int, float)) and (hint is float or float(raw).is_integer()):
+            return hint(raw)
+        try:
+            return hint(raw)
+        except (TypeError, ValueError):
+            raise UsageError(f"{what} is {raw!r}, not a {hint.__name__}", "give a number") from None
+    if hint is str:
+        return str(raw)
+    return raw

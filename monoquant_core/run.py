@@ -1,0 +1,135 @@
+"""The run context: what every lifecycle hook and every core helper of one run receives.
+
+A :class:`Run` is created by the host for one verb (``quantize``, ``plan``, ``calibrate``,
+checkpoint mode) and lives until that verb returns: ``monoquant_configure(run)`` opens it and
+``monoquant_unconfigure(run)`` closes it. It is narrow on purpose: the registries, the frozen
+:class:`~monoquant_core.config.Config`, the plugins' validated options, per-run plugin state,
+and one way to call hooks with error attribution. Nothing in it outlives the run, so two runs
+(of one Engine or of two) never share state.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+import torch
+from torch import nn
+
+from .components import WeightInfo
+from .config import Config, entry_configs, scheme_config
+from .errors import PluginError
+from .hooks import call_each, call_hook
+from .options import PluginOptions
+from .pipeline import quantize_entry_weights, quantize_weight
+from .qtensor import QTensor
+from .registry import Registries, Registry, choose_backend
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .plan import PlanEntry
+
+__all__ = ["Run"]
+
+
+class Run:
+    """One run's context.
+
+    Attributes:
+        config: the run's frozen :class:`~monoquant_core.config.Config`.
+        registries: every registry (also as ``run.schemes``, ``run.observers``, ...).
+        state: per-run state of plugins, by plugin name (``run.state["gptq"] = ...`` in
+            ``monoquant_configure``); dropped with the run. Plugins keep no run state anywhere
+            else.
+    """
+
+    def __init__(self, config: Config, registries: Registries, pm: pluggy.PluginManager):
+        self.config = config
+        self.registries = registries
+        self.state: dict[str, Any] = {}
+        self._pm = pm
+
+    # ------------------------------------------------------------------ registries
+
+    @property
+    def observers(self) -> Registry:
+        return self.registries.observers
+
+    @property
+    def schemes(self) -> Registry:
+        return self.registries.schemes
+
+    @property
+    def replacers(self) -> Any:
+        return self.registries.replacers
+
+    @property
+    def serializers(self) -> Registry:
+        return self.registries.serializers
+
+    @property
+    def backends(self) -> Registry:
+        return self.registries.backends
+
+    # ------------------------------------------------------------------ configuration
+
+    def options(self, plugin: str) -> Any:
+        """The validated options of ``plugin`` when the user enabled it for this run, else None.
+
+        Raises:
+            PluginError: ``plugin`` registered no options class (a bug in the caller).
+        """
+        if plugin not in self.registries.options:
+            raise PluginError(
+                f"run.options({plugin!r}): no plugin named {plugin!r} registered options",
+                "register an options dataclass with monoquant_register_options",
+            )
+        opts: PluginOptions | None = self.config.plugin_options.get(plugin)
+        return opts if opts is not None and opts.enable else None
+
+    def entry_configs(self, entry: PlanEntry) -> tuple[Any, Any]:
+        """``(scheme_config, observer_config)`` of a plan entry (rules and plugin edits
+        included): the one rule, :func:`monoquant_core.config.entry_configs`."""
+        return entry_configs(self.config, entry, self.schemes, self.observers)
+
+    def scheme_config(self, scheme: str, options: Any = None) -> Any:
+        """Parse and validate ``options`` for ``scheme`` into its ``config_class``."""
+        return scheme_config(self.schemes, scheme, options)
+
+    # ------------------------------------------------------------------ quantizing
+
+    def quantize_weight(
+        self,
+        weight: torch.Tensor,
+        scheme: str,
+        observer: str,
+        axis: int = 0,
+        scheme_config: Any = None,
+        observer_config: Any = None,
+        name: str = "weight",
+    ) -> QTensor:
+        """Observe and quantize one float tensor (the single per-tensor code path)."""
+        return quantize_weight(
+            self.registries, weight, scheme, observer, axis, scheme_config, observer_config, name
+        )
+
+    def quantize_entry_weights(
+        self, entry: PlanEntry, module: nn.Module, weights: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, QTensor]:
+        """Quantize ``weights`` (default: all of the entry's) as the plan entry says."""
+        return quantize_entry_weights(self, entry, module, weights)
+
+    def choose_backend(self, info: WeightInfo, forced: str | None = None) -> tuple[str, list[str]]:
+        """The backend for one weight and notes on why better-ranked ones were not chosen."""
+        return choose_backend(self.backends, info, forced)
+
+    # ------------------------------------------------------------------ hooks
+
+    def call(self, hook: str, **kwargs: Any) -> Any:
+        """Call a ``firstresult`` hook through pluggy (``run=self`` is passed along); a failure
+        names the plugin."""
+        return call_hook(self._pm, hook, run=self, **kwargs)
+
+    def call_each(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call every implementation of ``hook`` in order (``run=self`` is passed along):
+        ``[(plugin, result), ...]``; a failure names the plugin."""
+        return call_each(self._pm, hook, run=self, **kwargs)
