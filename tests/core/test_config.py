@@ -56,3 +56,47 @@ def test_split_key_values():
     assert split_key_values(["a=1", " b = x=y "], "--scheme-opt") == {"a": "1", "b": "x=y"}
     with pytest.raises(UsageError, match="not KEY=VALUE"):
         split_key_values(["oops"], "--scheme-opt")
+
+
+# --------------------------------------------------------------------------- plugin options
+
+
+def test_a_plugin_options_key_enables_the_plugin_and_enable_false_disables_it(engine):
+    from monoquant_plugins.outlier import OutlierOptions
+
+    cfg = engine.configure(plugin_options={"outlier": {}})
+    assert cfg.plugin_options == {"outlier": OutlierOptions()}
+    with engine.run(cfg) as run:
+        assert run.options("outlier") == OutlierOptions()
+        assert run.options("gptq") is None  # registered options, not named by the user
+    with engine.run(engine.configure(plugin_options={"outlier": {"enable": False}})) as run:
+        assert run.options("outlier") is None
+    cfg = engine.configure(plugin_options={"outlier": OutlierOptions(threshold=3.0)})
+    assert cfg.plugin_options["outlier"].threshold == 3.0
+    assert cfg.to_dict()["plugin_options"] == {
+        "outlier": {"version": 1, "enable": True, "threshold": 3.0, "max_fraction": 0.01}
+    }
+
+
+def test_unknown_plugin_names_and_keys_are_one_line_errors_listing_the_valid_ones(engine):
+    with pytest.raises(UsageError) as e:
+        engine.configure(plugin_options={"no-such-plugin": {"x": 1}})
+    msg = str(e.value)
+    assert "plugin_options names plugin 'no-such-plugin', which is not installed" in msg
+    assert "(plugins that take options: " in msg and "gptq" in msg and "outlier" in msg
+    assert "\n" not in msg
+    with pytest.raises(UsageError, match="plugin 'int8', which takes no options"):
+        engine.configure(plugin_options={"int8": {}})
+    with pytest.raises(UsageError, match=r"unknown option 'treshold' for plugin 'outlier' \("):
+        engine.configure(plugin_options={"outlier": {"treshold": 6}})
+    with pytest.raises(UsageError, match=r"plugin_options\['outlier'\] is a bool, not a dict"):
+        engine.configure(plugin_options={"outlier": True})
+    with pytest.raises(UsageError, match="plugin_options is a list, not a dict"):
+        engine.configure(plugin_options=["outlier"])
+
+
+def test_run_options_of_a_plugin_without_options_is_a_plugin_bug(engine):
+    from monoquant_core import PluginError
+
+    with engine.run(engine.configure()) as run, pytest.raises(PluginError, match="no plugin"):
+        run.options("int8")

@@ -206,3 +206,29 @@ def test_engines_share_no_state():
     a.register(Extra(), name="extra")
     assert "other-minmax" in a.observers
     assert a.observers.entry("other-minmax").plugin == "extra"
+
+
+def test_plugin_names_are_the_same_whatever_the_loading_path():
+    """Through entry points or passed as objects, every built-in keeps its one name."""
+    from monoquant_core.loading import iter_entry_points
+
+    eps = {ep.name: ep for ep, dname, _ in iter_entry_points(set()) if dname == "monoquant"}
+    assert {"gpt2-conv1d", "safetensors", "int4-group", "torch-cpu"} <= set(eps)
+    objects = [ep.load() for ep in eps.values()]
+    engine = Engine(plugins=objects, entry_points=False)
+    assert set(engine.registries.plugins) == {"core", *eps}
+    # and the name is what prefixes the generated CLI options and is written into files
+    assert engine.replacers.entry("gpt2-conv1d").plugin == "gpt2-conv1d"
+    assert engine.serializers.entry("safetensors").plugin == "safetensors"
+
+
+def test_an_entry_point_named_unlike_its_plugin_is_a_load_error(tmp_path, monkeypatch):
+    root = make_fake_distribution(
+        tmp_path,
+        "monoquant-misnamed",
+        entry_points={"misnamed": "mq_misnamed"},
+        modules={"mq_misnamed": "monoquant_plugin_name = 'other-name'\n"},
+    )
+    monkeypatch.syspath_prepend(str(root))
+    with pytest.raises(PluginLoadError, match="'misnamed' .* names itself 'other-name'"):
+        Engine(strict=True)

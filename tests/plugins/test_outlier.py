@@ -183,3 +183,29 @@ def test_cli_outlier_threshold_and_calibration_file(engine, tmp_path):
     loaded = engine.load(str(out), mlp())
     assert loaded[0].qtensor().extra["float_cols"].tolist() == [3]
     assert loaded[0].qtensor().meta["outlier_threshold"] == 10.0
+
+
+def test_plugin_options_key_enables_it_in_python_and_the_cli_flag_does_the_same(engine, tmp_path):
+    """The acceptance example of the core redesign: ``plugin_options={"outlier": {}}``."""
+    calib = activation_batches(4, seed=1)
+    model, report = engine.quantize(
+        activation_transformer(outliers=True),
+        scheme="int8",
+        scheme_options={"activations": "dynamic"},
+        calibration=calib,
+        plugin_options={"outlier": {}},
+        progress=False,
+    )
+    assert _float_fraction(model) > 0
+    assert any("outlier_columns" in m for m in report.extra["modules"].values())
+    cli = build_cli(engine)
+    runner = CliRunner()
+    args = ["plan", "--demo", "--scheme-opt", "activations=dynamic"]
+    for flag in (["--outlier"], ["--outlier-opt", "threshold=5"], ["--outlier-threshold", "5"]):
+        res = runner.invoke(cli, [*args, *flag])
+        assert res.exit_code == 0, res.output
+        assert "outlier decomposition (threshold " in res.output, flag
+    res = runner.invoke(cli, args)
+    assert "outlier decomposition" not in res.output
+    res = runner.invoke(cli, [*args, "--outlier-opt", "threshold=5", "--outlier-threshold", "4"])
+    assert res.exit_code == 1 and "set the same option" in res.output
