@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1
 
 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-"$PY" -c "import monoquant_core.cli as c; c.main()" env 2>&1 | tee "$LOG/env.txt"
+"$PY" -m monoquant_core env 2>&1 | tee "$LOG/env.txt"
 echo "== tests marked gpu"
 "$PY" -m pytest -p no:cacheprovider -q -rA -m gpu tests 2>&1 | tail -60 | tee "$LOG/gpu-tests.txt"
 if [ -z "${SKIP_BENCH:-}" ]; then

@@ -7,17 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from .config import Config, build_config, scheme_config
+from .config import Config, build_config
+from .errors import UsageError
 from .files import load_model, save_model
 from .host import PluginHost
 from .inspection import inspect_path, verify_paths
 from .module_mode import calibrate_model, plan_model, quantize_model
-from .pipeline import quantize_weight
 from .plan import Plan, QuantResult
-from .qtensor import QTensor
 from .report import QuantReport
 from .streaming import dequantize_checkpoint, plan_checkpoint, quantize_checkpoint
 
@@ -48,30 +46,21 @@ class Engine(PluginHost):
         """
         return build_config(self.registries, scheme, **options)
 
-    def scheme_config(self, scheme: str, options: Any = None) -> Any:
-        """Parse and validate ``options`` for ``scheme`` into its ``config_class``."""
-        return scheme_config(self.schemes, scheme, options)
-
-    def quantize_weight(
-        self,
-        weight: torch.Tensor,
-        scheme: str,
-        observer: str,
-        axis: int = 0,
-        scheme_config: Any = None,
-        observer_config: Any = None,
-        name: str = "weight",
-    ) -> QTensor:
-        """Observe and quantize one float tensor (the single per-tensor code path)."""
-        return quantize_weight(
-            self.registries, weight, scheme, observer, axis, scheme_config, observer_config, name
-        )
+    def _config(self, config: Config | None, options: dict[str, Any]) -> Config:
+        if config is None:
+            return self.configure(**options)
+        if options:
+            raise UsageError(
+                f"both config= and keyword options ({', '.join(sorted(options))}) were given",
+                "pass a Config from Engine.configure(...), or the keywords, not both",
+            )
+        return config
 
     # ------------------------------------------------------------------ module mode
 
     def plan(self, model: nn.Module, config: Config | None = None, **options: Any) -> Plan:
         """Dry run: the :class:`Plan` for ``model`` (configure, modify_plan, unconfigure)."""
-        with self.run(config or self.configure(**options)) as run:
+        with self.run(self._config(config, options)) as run:
             return plan_model(run, model)
 
     def quantize(
@@ -95,7 +84,7 @@ class Engine(PluginHost):
         ``sequential``: calibrate and quantize one layer at a time in execution order (needs
         ``calibration``). ``min_rows``: warn when a layer saw fewer calibration rows.
         """
-        with self.run(config or self.configure(**options)) as run:
+        with self.run(self._config(config, options)) as run:
             return quantize_model(
                 run,
                 model,
@@ -118,7 +107,7 @@ class Engine(PluginHost):
         """Calibration only (the model is not changed): the :class:`Plan` whose selected entries
         hold ``collected`` and ``calibration_rows``; entries that saw no data and need it are
         switched to their weight-only variant, with the reason in ``notes``."""
-        with self.run(config or self.configure(**options)) as run:
+        with self.run(self._config(config, options)) as run:
             return calibrate_model(run, model, data, min_rows=min_rows, progress=progress)
 
     # ------------------------------------------------------------------ checkpoint mode
@@ -143,7 +132,7 @@ class Engine(PluginHost):
         complete. ``trust_pickle`` allows ``.pt`` files that need full unpickling;
         ``allow_nonfinite`` keeps tensors holding NaN/Inf in float instead of refusing.
         """
-        with self.run(config or self.configure(**options)) as run:
+        with self.run(self._config(config, options)) as run:
             return quantize_checkpoint(
                 run,
                 src,
@@ -158,7 +147,7 @@ class Engine(PluginHost):
         self, src: str, *, config: Config | None = None, trust_pickle: bool = False, **options: Any
     ) -> Plan:
         """The checkpoint-mode plan of ``src`` (reads headers only)."""
-        with self.run(config or self.configure(**options)) as run:
+        with self.run(self._config(config, options)) as run:
             return plan_checkpoint(run, src, trust_pickle)
 
     def dequantize_checkpoint(self, src: str, dst: str, **kwargs: Any) -> int:

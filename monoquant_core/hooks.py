@@ -63,7 +63,7 @@ def call_hook(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> Any:
     except MonoQuantError:
         raise
     except Exception as e:
-        raise plugin_error(_culprit(pm, hook, e), hook) from e
+        raise plugin_error(_culprit(pm, hook, e), hook, e) from e
 
 
 def _culprit(pm: pluggy.PluginManager, hook: str, exc: Exception) -> str | None:

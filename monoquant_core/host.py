@@ -27,6 +27,7 @@ from .loading import (
     strict_from_env,
 )
 from .markers import PROJECT
+from .pipeline import ComponentAccess
 from .registry import KINDS, Registered, Registries, Registry
 from .run import Run
 from .version import __version__
@@ -34,7 +35,7 @@ from .version import __version__
 __all__ = ["PluginHost", "plugin_name"]
 
 
-class PluginHost:
+class PluginHost(ComponentAccess):
     """Loads plugins (entry points + objects), collects their components, and runs runs.
 
     Args: see :class:`~monoquant_core.engine.Engine`.
@@ -69,26 +70,6 @@ class PluginHost:
             self._collect(info)
 
     # ------------------------------------------------------------------ registries
-
-    @property
-    def observers(self) -> Registry:
-        return self.registries.observers
-
-    @property
-    def schemes(self) -> Registry:
-        return self.registries.schemes
-
-    @property
-    def replacers(self) -> Any:
-        return self.registries.replacers
-
-    @property
-    def serializers(self) -> Registry:
-        return self.registries.serializers
-
-    @property
-    def backends(self) -> Registry:
-        return self.registries.backends
 
     def registry(self, kind: str) -> Registry:
         """The registry of ``kind`` (``observer``, ``scheme``, ``replacer``, ...)."""

@@ -127,12 +127,17 @@ def _convert(raw: Any, hint: Any, what: str) -> Any:
     if hint in (int, float):
         if isinstance(raw, bool):
             raise UsageError(f"{what} is {raw!r}, not a number", f"give a {hint.__name__}")
-        if isinstance(raw, (int, float)) and (hint is float or float(raw).is_integer()):
-            return hint(raw)
+        if isinstance(raw, (int, float)):
+            if hint is float or float(raw).is_integer():
+                return hint(raw)
+            raise UsageError(f"{what} is {raw!r}, not an int", "give a whole number")
         try:
             return hint(raw)
         except (TypeError, ValueError):
-            raise UsageError(f"{what} is {raw!r}, not a {hint.__name__}", "give a number") from None
+            article = "an" if hint is int else "a"
+            raise UsageError(
+                f"{what} is {raw!r}, not {article} {hint.__name__}", "give a number"
+            ) from None
     if hint is str:
         return str(raw)
     return raw

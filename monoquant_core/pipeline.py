@@ -15,18 +15,20 @@ import torch
 from torch import nn
 
 from .components import Scheme
+from .config import scheme_config as _scheme_config
 from .errors import MonoQuantError, UsageError
 from .markers import hookimpl
 from .metrics import all_finite, count_nonfinite
 from .options import config_to_dict
 from .plan import ModuleResult, PlanEntry
 from .qtensor import QTensor
-from .registry import Registries
+from .registry import Registries, Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from .run import Run
 
 __all__ = [
+    "ComponentAccess",
     "monoquant_quantize_weights",
     "provenance",
     "quantize_entry_weights",
@@ -94,6 +96,52 @@ def quantize_weight(
         **qt.meta,
     }
     return qt
+
+
+class ComponentAccess:
+    """The registries and the per-tensor path, for anything that holds ``self.registries``
+    (the plugin host and the run context)."""
+
+    registries: Registries
+
+    @property
+    def observers(self) -> Registry:
+        return self.registries.observers
+
+    @property
+    def schemes(self) -> Registry:
+        return self.registries.schemes
+
+    @property
+    def replacers(self) -> Any:
+        return self.registries.replacers
+
+    @property
+    def serializers(self) -> Registry:
+        return self.registries.serializers
+
+    @property
+    def backends(self) -> Registry:
+        return self.registries.backends
+
+    def scheme_config(self, scheme: str, options: Any = None) -> Any:
+        """Parse and validate ``options`` for ``scheme`` into its ``config_class``."""
+        return _scheme_config(self.schemes, scheme, options)
+
+    def quantize_weight(
+        self,
+        weight: torch.Tensor,
+        scheme: str,
+        observer: str,
+        axis: int = 0,
+        scheme_config: Any = None,
+        observer_config: Any = None,
+        name: str = "weight",
+    ) -> QTensor:
+        """Observe and quantize one float tensor (:func:`quantize_weight`)."""
+        return quantize_weight(
+            self.registries, weight, scheme, observer, axis, scheme_config, observer_config, name
+        )
 
 
 def quantize_entry_weights(

@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 from .components import WeightInfo
-from .config import Config, entry_configs, scheme_config
+from .config import Config, entry_configs
 from .errors import PluginError
 from .hooks import call_each, call_hook
 from .options import PluginOptions
-from .pipeline import quantize_entry_weights, quantize_weight
+from .pipeline import ComponentAccess, quantize_entry_weights
 from .qtensor import QTensor
-from .registry import Registries, Registry, choose_backend
+from .registry import Registries, choose_backend
 
 if TYPE_CHECKING:  # pragma: no cover
     from .plan import PlanEntry
@@ -31,12 +31,13 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Run"]
 
 
-class Run:
+class Run(ComponentAccess):
     """One run's context.
 
     Attributes:
         config: the run's frozen :class:`~monoquant_core.config.Config`.
-        registries: every registry (also as ``run.schemes``, ``run.observers``, ...).
+        registries: every registry (also as ``run.schemes``, ``run.observers``, ...; and
+            ``run.quantize_weight`` / ``run.scheme_config``, as on the Engine).
         state: per-run state of plugins, by plugin name (``run.state["gptq"] = ...`` in
             ``monoquant_configure``); dropped with the run. Plugins keep no run state anywhere
             else.
@@ -47,28 +48,6 @@ class Run:
         self.registries = registries
         self.state: dict[str, Any] = {}
         self._pm = pm
-
-    # ------------------------------------------------------------------ registries
-
-    @property
-    def observers(self) -> Registry:
-        return self.registries.observers
-
-    @property
-    def schemes(self) -> Registry:
-        return self.registries.schemes
-
-    @property
-    def replacers(self) -> Any:
-        return self.registries.replacers
-
-    @property
-    def serializers(self) -> Registry:
-        return self.registries.serializers
-
-    @property
-    def backends(self) -> Registry:
-        return self.registries.backends
 
     # ------------------------------------------------------------------ configuration
 
@@ -91,26 +70,7 @@ class Run:
         included): the one rule, :func:`monoquant_core.config.entry_configs`."""
         return entry_configs(self.config, entry, self.schemes, self.observers)
 
-    def scheme_config(self, scheme: str, options: Any = None) -> Any:
-        """Parse and validate ``options`` for ``scheme`` into its ``config_class``."""
-        return scheme_config(self.schemes, scheme, options)
-
     # ------------------------------------------------------------------ quantizing
-
-    def quantize_weight(
-        self,
-        weight: torch.Tensor,
-        scheme: str,
-        observer: str,
-        axis: int = 0,
-        scheme_config: Any = None,
-        observer_config: Any = None,
-        name: str = "weight",
-    ) -> QTensor:
-        """Observe and quantize one float tensor (the single per-tensor code path)."""
-        return quantize_weight(
-            self.registries, weight, scheme, observer, axis, scheme_config, observer_config, name
-        )
 
     def quantize_entry_weights(
         self, entry: PlanEntry, module: nn.Module, weights: dict[str, torch.Tensor] | None = None

@@ -77,45 +77,43 @@ def load_calibration(spec: str) -> Any:
             f"--calibration file {spec!r} does not exist",
             "give a .pt or .safetensors file, or a package.module:function that yields batches",
         )
+    data = _read(
+        spec,
+        "--calibration",
+        "is not loadable with torch.load(weights_only=True)",
+        "save a tensor or a list of tensors / tuples / dicts with torch.save, or use .safetensors",
+    )
     if spec.endswith(".safetensors"):
-        try:
-            state = load_file(spec)
-        except SafetensorError as e:
-            raise UsageError(
-                f"--calibration {spec!r} is not a valid safetensors file ({e})", "check the file"
-            ) from None
-        return [state[k] for k in sorted(state, key=_natural)]
-    try:
-        data = torch.load(spec, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(
-            f"--calibration {spec!r} is not loadable with torch.load(weights_only=True) "
-            f"({type(e).__name__})",
-            "save a tensor or a list of tensors / tuples / dicts with torch.save, or use "
-            ".safetensors",
-        ) from None
+        return [data[k] for k in sorted(data, key=_natural)]
     return data
 
 
-def load_weights(model: nn.Module, path: str) -> None:
-    if not os.path.isfile(path):
-        raise UsageError(f"--weights file {path!r} does not exist", "check the path")
+def _read(path: str, flag: str, not_torch: str, fix: str) -> Any:
+    """The content of a ``.safetensors`` file (a dict) or of a ``torch.save`` file (loaded
+    with ``weights_only=True``); a bad file is a one-line error naming ``flag``."""
     if path.endswith(".safetensors"):
         try:
-            state = load_file(path)
+            return load_file(path)
         except SafetensorError as e:
             raise UsageError(
-                f"--weights {path!r} is not a valid safetensors file ({e})", "check the file"
+                f"{flag} {path!r} is not a valid safetensors file ({e})", "check the file"
             ) from None
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UsageError(
-                f"--weights {path!r} is not a plain state_dict loadable with weights_only=True "
-                f"({type(e).__name__})",
-                "save it with torch.save(model.state_dict(), path) or as .safetensors",
-            ) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{flag} {path!r} {not_torch} ({type(e).__name__})", fix) from None
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """``--weights``: load a state_dict file into ``model`` (strictly)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--weights file {path!r} does not exist", "check the path")
+    state = _read(
+        path,
+        "--weights",
+        "is not a plain state_dict loadable with weights_only=True",
+        "save it with torch.save(model.state_dict(), path) or as .safetensors",
+    )
     if not isinstance(state, dict):
         raise UsageError(
             f"--weights {path!r} holds a {type(state).__name__}, not a state_dict",

@@ -1,5 +1,5 @@
-"""Calibration: data forms, the collectors hook, hooks always removed, warnings, fallbacks,
-bad input (one-line errors, model unchanged) and sequential mode."""
+"""calibration.py: data forms, the collectors hook, hooks always removed, warnings, fallbacks
+and bad input (one-line errors, model unchanged). Sequential mode: test_module_mode.py."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from monoquant_core import (
     hookimpl,
 )
 from monoquant_core.testing import mlp, transformer_block
+from tests.helpers import Branchy, Terminal, hook_count, same_state, snapshot
 
 
 class Rows:
@@ -39,18 +40,6 @@ class Collecting:
     def monoquant_collectors(self, entry, module, run):
         c = self.by_entry[entry.name] = Rows()
         return {self.name: c}
-
-
-def _hooks(model):
-    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
-
-
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 class TwoInputs(nn.Module):
@@ -88,7 +77,7 @@ def test_data_forms_feed_the_first_input_of_every_planned_layer(data, rows):
         assert entry.calibration_rows == rows
         assert entry.collected["probe.rows"] is probe.by_entry[name]
         assert all(s[-1] == 8 for s in probe.by_entry[name].shapes)
-    assert _hooks(model) == 0
+    assert hook_count(model) == 0
     assert "collected" not in plan.get("a").to_dict()
     assert plan.get("a").to_dict()["calibration_rows"] == rows
 
@@ -134,13 +123,13 @@ def test_bad_calibration_input_is_one_line_and_leaves_the_model_unchanged(data, 
     probe = Collecting()
     engine = Engine(plugins=[probe])
     model = mlp()
-    before = _state(model)
+    before = snapshot(model)
     with pytest.raises(UsageError, match=match) as e:
         engine.quantize(model, calibration=data, scheme_options={"activations": "static"})
     assert "\n" not in str(e.value) and "fix:" in str(e.value)
-    assert _hooks(model) == 0
+    assert hook_count(model) == 0
     assert all(isinstance(m, (nn.Linear, nn.ReLU, nn.Sequential)) for m in model.modules())
-    assert _same(before, model.state_dict())
+    assert same_state(before, model)
 
 
 @pytest.mark.parametrize("sequential", [False, True])
@@ -154,7 +143,7 @@ def test_generator_raising_midway_is_a_clear_error_with_no_hooks_and_no_quantize
 
     engine = Engine(plugins=[Collecting()])
     model = mlp()
-    before = _state(model)
+    before = snapshot(model)
     with pytest.raises(UsageError, match="raised OSError while producing batch 2: disk vanished"):
         engine.quantize(
             model,
@@ -162,66 +151,9 @@ def test_generator_raising_midway_is_a_clear_error_with_no_hooks_and_no_quantize
             sequential=sequential,
             scheme_options={"activations": "static"},
         )
-    assert _hooks(model) == 0
+    assert hook_count(model) == 0
     assert not any(type(m).__name__ == "QuantizedLinear" for m in model.modules())
-    assert _same(before, model.state_dict())
-
-
-def test_a_failure_after_some_sequential_layers_restores_every_module():
-    class Boom:
-        @hookimpl
-        def monoquant_module_done(self, entry, result):
-            if entry.name == "4":
-                raise RuntimeError("late failure")
-
-    engine = Engine(plugins=[Boom()])
-    model = mlp()
-    originals = {n: m for n, m in model.named_children()}
-    before = _state(model)
-    with pytest.raises(PluginError, match="late failure"):
-        engine.quantize(model, calibration=torch.randn(64, 32), sequential=True)
-    assert {n: m for n, m in model.named_children()} == originals
-    assert _same(before, model.state_dict()) and _hooks(model) == 0
-
-
-def test_sequential_runs_in_execution_order_and_sees_quantized_earlier_layers():
-    class Reversed(nn.Module):  # registration order != execution order
-        def __init__(self):
-            super().__init__()
-            self.last = nn.Linear(16, 4)
-            self.first = nn.Linear(8, 16)
-
-        def forward(self, x):
-            return self.last(torch.relu(self.first(x)))
-
-    order = []
-
-    class Watch:
-        @hookimpl
-        def monoquant_collectors(self, entry, module, run):
-            order.append(entry.name)
-            return None
-
-    x = torch.randn(40, 8)
-    engine = Engine(plugins=[Watch()])
-    qmodel, report = engine.quantize(Reversed(), calibration=x, sequential=True)
-    assert order == ["first", "last"]
-    assert type(qmodel.first).__name__ == "QuantizedLinear"
-    assert type(qmodel.last).__name__ == "QuantizedLinear"
-    assert report.extra["calibration"]["rows"] == {"first": 40, "last": 40}
-
-
-def test_sequential_static_statistics_come_from_the_quantized_prefix(engine):
-    x = torch.randn(64, 32)
-    model = mlp()
-    q_seq, _ = engine.quantize(
-        mlp(), calibration=x, sequential=True, scheme_options={"activations": "static"}
-    )
-    q_par, _ = engine.quantize(model, calibration=x, scheme_options={"activations": "static"})
-    s_seq = q_seq[4].qtensor().extra["act_scale"]
-    s_par = q_par[4].qtensor().extra["act_scale"]
-    assert torch.equal(q_seq[0].qtensor().extra["act_scale"], q_par[0].qtensor().extra["act_scale"])
-    assert not torch.equal(s_seq, s_par), "layer 4 must be calibrated on quantized outputs"
+    assert same_state(before, model)
 
 
 def test_collector_name_clash_names_both_plugins():
@@ -245,7 +177,7 @@ def test_a_failing_collector_is_a_plugin_error_and_hooks_are_removed():
     model = mlp()
     with pytest.raises(PluginError, match="plugin 'bad': collector 'bad.c' of '0' raised"):
         Engine(plugins=[Bad()]).quantize(model, calibration=torch.randn(40, 32))
-    assert _hooks(model) == 0
+    assert hook_count(model) == 0
 
 
 def test_a_collector_without_update_is_a_plugin_error():
@@ -275,19 +207,7 @@ def test_nan_inputs_warn_and_are_not_fed(engine):
     with pytest.warns(CalibrationWarning, match="NaN/Inf in the inputs of '0'"):
         plan = engine.calibrate(mlp(), [x, bad], min_rows=1)
     assert plan.get("0").calibration_rows == 40
-    assert len(probe.by_entry["0"].shapes) == 1
-
-
-class Branchy(nn.Module):
-    """An MoE-like model: 'unused' never runs."""
-
-    def __init__(self):
-        super().__init__()
-        self.used = nn.Linear(32, 32)
-        self.unused = nn.Linear(32, 32)
-
-    def forward(self, x):
-        return self.used(x)
+    assert probe.by_entry["0"].shapes == [(40, 32)]  # the batch holding a NaN was not fed
 
 
 def test_a_layer_without_data_falls_back_to_weight_only_with_the_reason(engine):
@@ -318,17 +238,6 @@ def test_static_without_data_fails_before_any_compute(engine):
         engine.quantize(model, sequential=True)
 
 
-def test_checkpoint_mode_refuses_static(engine, tmp_path):
-    from monoquant_plugins.safetensors_format import write_safetensors
-
-    src = tmp_path / "w.safetensors"
-    write_safetensors(str(src), {"fc.weight": torch.randn(16, 32)}, {"format": "pt"})
-    with pytest.raises(UsageError, match="checkpoint mode has no model to run it through"):
-        engine.quantize_checkpoint(
-            str(src), str(tmp_path / "o.safetensors"), scheme_options={"activations": "static"}
-        )
-
-
 def test_transformer_block_calibrates_every_linear(engine):
     block = transformer_block()
     with warnings.catch_warnings():
@@ -338,23 +247,9 @@ def test_transformer_block_calibrates_every_linear(engine):
     assert rows and set(rows.values()) == {48}, rows
 
 
-class _Tty:
-    def __init__(self):
-        self.text = ""
-
-    def isatty(self):
-        return True
-
-    def write(self, s):
-        self.text += s
-
-    def flush(self):
-        pass
-
-
 @pytest.mark.parametrize("sized", [True, False])
 def test_progress_line_counts_batches_on_a_terminal(engine, monkeypatch, sized):
-    tty = _Tty()
+    tty = Terminal()
     monkeypatch.setattr("sys.stderr", tty)
     batches = [torch.randn(16, 32) for _ in range(3)]
     engine.calibrate(mlp(), batches if sized else iter(batches), min_rows=1)

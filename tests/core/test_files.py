@@ -1,28 +1,26 @@
-"""Saving and loading: atomic writes, and every bad file is a one-line FormatError."""
+"""files.py: save -> load is bit-identical (every scheme x replacer), a file records what made
+it, one rule chooses the serializer, and every bad file is a one-line FormatError."""
 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
-from monoquant_plugins.safetensors_format import write_safetensors
+from monoquant_plugins.safetensors_format import SafetensorsSerializer, write_safetensors
 from safetensors import safe_open
+from torch import nn
 
 import monoquant_core as mq
-from monoquant_core import Engine, FormatError, UsageError
-from monoquant_core.testing import make_fake_distribution, mlp
-
-from .test_loading import SCHEME_PLUGIN
-
-
-@pytest.fixture
-def saved(tmp_path, engine):
-    qmodel, _ = engine.quantize(mlp())
-    path = tmp_path / "q.safetensors"
-    engine.save(qmodel, str(path))
-    return path, qmodel
+from monoquant_core import Engine, FormatError, UsageError, hookimpl
+from monoquant_core.files import serializer_for_read, serializer_for_write
+from monoquant_core.testing import (
+    CustomWrapperModel,
+    make_fake_distribution,
+    mlp,
+    transformer_block,
+)
+from tests.helpers import SCHEME_PLUGIN, Conv1D, same_state, snapshot
 
 
 def _rewrite(path, out, edit_meta=None, edit_tensors=None):
@@ -58,39 +56,6 @@ def test_metadata_records_format_scheme_and_producers(saved):
     assert producers["int8"]["distribution"] == "monoquant"
     assert {"0.weight.qdata", "0.weight.scale", "0.bias"} <= keys
     assert "0.weight" not in keys
-
-
-def test_output_in_missing_directory_writes_nothing(tmp_path, saved):
-    _, qmodel = saved
-    target = tmp_path / "missing" / "x.safetensors"
-    with pytest.raises(UsageError, match="does not exist.*mkdir -p"):
-        mq.save(qmodel, str(target))
-    assert not target.parent.exists()
-
-
-def test_failed_write_leaves_nothing_behind(tmp_path, saved, monkeypatch):
-    _, qmodel = saved
-    from monoquant_plugins.safetensors_format import SafetensorsSerializer
-
-    def half_write(self, artifact, path):
-        with open(path, "wb") as f:
-            f.write(b"partial")
-        raise RuntimeError("killed midway")
-
-    monkeypatch.setattr(SafetensorsSerializer, "write", half_write)
-    out = tmp_path / "out"
-    out.mkdir()
-    with pytest.raises(RuntimeError, match="killed midway"):
-        mq.save(qmodel, str(out / "m.safetensors"))
-    assert os.listdir(out) == []
-
-
-def test_existing_output_is_kept_without_overwrite(tmp_path, saved):
-    path, qmodel = saved
-    before = path.read_bytes()
-    with pytest.raises(UsageError, match="already exists.*--overwrite"):
-        mq.save(qmodel, str(path), overwrite=False)
-    assert path.read_bytes() == before
 
 
 def test_not_a_safetensors_file(tmp_path):
@@ -150,10 +115,10 @@ def test_inconsistent_quantization_metadata(tmp_path, saved):
 def test_wrong_model_is_refused_and_left_untouched(saved):
     path, _ = saved
     other = mlp(dims=(32, 64, 64, 11))
-    before = {k: v.clone() for k, v in other.state_dict().items()}
+    before = snapshot(other)
     with pytest.raises(FormatError, match="4.weight has shape"):
         mq.load(str(path), other)
-    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    assert same_state(before, other)
     deeper = mlp(dims=(32, 64, 64, 10, 10))
     with pytest.raises(
         FormatError, match=r"does not match the model: missing \[.6.bias., .6.weight.\]"
@@ -218,3 +183,150 @@ def test_tied_and_non_contiguous_tensors_save(tmp_path, engine):
     mq.save(q, str(path))
     t = torch.tensor([[1, 2, 3]])
     assert torch.equal(mq.load(str(path), Tied())(t), q(t))
+
+
+# --------------------------------------------------------------------------- round trips
+
+MODELS = {
+    "mlp": (lambda: mlp(seed=1), lambda: torch.randn(5, 32)),
+    "transformer_block": (lambda: transformer_block(seed=2), lambda: torch.randn(2, 7, 64)),
+    "custom_wrapper": (lambda: CustomWrapperModel(seed=3), lambda: torch.randn(6, 16)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("opts", [{}, {"granularity": "per-tensor"}, {"symmetric": False}])
+def test_save_load_is_bit_identical(tmp_path, engine, name, opts):
+    build, inputs = MODELS[name]
+    x = inputs()
+    model = build()
+    with torch.no_grad():
+        ref = model(x)
+        qmodel, report = engine.quantize(
+            model, scheme="int8", scheme_options=opts, backend="reference"
+        )
+        y = qmodel(x)
+    assert report.layers, "nothing was quantized"
+    assert mq.sqnr_db(ref, y) > 25.0
+    path = tmp_path / f"{name}.safetensors"
+    engine.save(qmodel, str(path))
+    restored = mq.load(str(path), build(), backend="reference")
+    with torch.no_grad():
+        y2 = restored(x)
+    assert torch.equal(y, y2), f"max diff {(y - y2).abs().max().item()}"
+
+    state = mq.load(str(path), dequantize=True)
+    plain = build()
+    plain.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        y3 = plain(x)
+    assert mq.sqnr_db(ref, y3) > 25.0
+    assert torch.allclose(y3, y, atol=1e-5)
+
+
+class AllLayers(nn.Module):
+    """One layer of every built-in replacer's type."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(100, 48)
+        self.conv1d = nn.Conv1d(48, 40, 3, padding=1)
+        self.conv2d = nn.Conv2d(48, 6, 1)
+        self.gpt2 = Conv1D(64, 40)
+        self.head = nn.Linear(64 + 6 * 4, 10)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)  # [B, T, 48]
+        h = self.conv1d(x.transpose(1, 2)).transpose(1, 2).contiguous()  # [B, T, 40]
+        h = self.gpt2(h).mean(1)  # [B, 64]
+        img = self.conv2d(x.transpose(1, 2).unsqueeze(-1)).flatten(2).mean(-1)  # [B, 6]
+        return self.head(torch.cat([h, img.repeat(1, 4)], dim=-1))
+
+
+SCHEMES = [
+    ("int8", {}),
+    ("int8", {"granularity": "per-tensor"}),
+    ("int8", {"symmetric": False}),
+    ("int4-group", {"group_size": 32}),
+    ("int4-group", {"group_size": 32, "symmetric": True}),
+    ("int4-group", {"group_size": 64, "zero": "int", "method": "rtn"}),
+    ("fp16", {}),
+    ("bf16", {}),
+]
+
+
+@pytest.mark.parametrize("scheme, opts", SCHEMES)
+def test_every_scheme_and_replacer_round_trips(tmp_path, engine, scheme, opts):
+    tokens = torch.randint(0, 100, (3, 8))
+    rules = []
+    if scheme == "int8" and opts.get("granularity") == "per-tensor":
+        rules = ["embed=int8"]  # per-tensor tables gather rows only for unpacked codes
+    model, report = engine.quantize(
+        AllLayers(), scheme=scheme, scheme_options=opts, only=["*"], rules=rules
+    )
+    replaced = {name: type(m).__name__ for name, m in model.named_children()}
+    assert replaced == {
+        "embed": "QuantizedEmbedding",
+        "conv1d": "QuantizedConv1d",
+        "conv2d": "QuantizedConv2d",
+        "gpt2": "QuantizedGPT2Conv1D",
+        "head": "QuantizedLinear",
+    }
+    assert {layer.name for layer in report.layers} == {f"{n}.weight" for n in replaced}
+    with torch.no_grad():
+        y = model(tokens)
+        ref = AllLayers()(tokens)
+    assert mq.sqnr_db(ref, y) > 15, mq.sqnr_db(ref, y)
+    path = tmp_path / "all.safetensors"
+    mq.save(model, str(path))
+    back = mq.load(str(path), AllLayers(seed=1))
+    with torch.no_grad():
+        assert torch.equal(back(tokens), y)
+    plain = AllLayers(seed=2)
+    plain.load_state_dict(mq.load(str(path), dequantize=True), strict=True)
+
+
+# --------------------------------------------------------------------------- serializer choice
+
+
+class OtherFormat(SafetensorsSerializer):
+    name = "other"
+    suffixes = (".other", ".safetensors")
+
+    def sniff(self, path):
+        return path.endswith(".other")
+
+
+class OtherPlugin:
+    @hookimpl
+    def monoquant_register_serializers(self, register):
+        register(OtherFormat())
+
+
+def test_the_serializer_for_writing_is_named_or_chosen_by_suffix(tmp_path):
+    engine = Engine(plugins=[OtherPlugin()])
+    sers = engine.serializers
+    assert serializer_for_write(sers, "m.bin", "other").name == "other"
+    assert serializer_for_write(sers, "m.other").name == "other"
+    # both claim .safetensors: the first by name wins, the same rule every time
+    assert serializer_for_write(sers, "m.safetensors").name == "other"
+    assert serializer_for_write(Engine().serializers, "m.safetensors").name == "safetensors"
+    assert serializer_for_write(sers, "m.bin").name == "safetensors"  # the fallback
+    with pytest.raises(UsageError, match="unknown serializer 'nope'"):
+        serializer_for_write(sers, "m.bin", "nope")
+
+
+def test_the_serializer_for_reading_is_the_one_that_sniffs_the_file(tmp_path, saved):
+    path, _ = saved
+    engine = Engine(plugins=[OtherPlugin()])
+    assert serializer_for_read(engine.serializers, str(path)).name == "safetensors"
+    other = tmp_path / "m.other"
+    other.write_bytes(b"anything")
+    assert serializer_for_read(engine.serializers, str(other)).name == "other"
+    with pytest.raises(UsageError, match="is a directory, not a file"):
+        serializer_for_read(engine.serializers, str(tmp_path))
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"junk")
+    with pytest.raises(FormatError, match=r"not in a format .* \(installed: other, safetensors\)"):
+        serializer_for_read(engine.serializers, str(junk))

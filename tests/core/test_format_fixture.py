@@ -25,9 +25,10 @@ def engine() -> Engine:
     return Engine()
 
 
-def _file_qtensors(engine: Engine):
+def _file_qtensors(engine: Engine, path: str = fixture.FILE):
+    """``(qtensors, float tensors)`` of a saved file, read as stored."""
     ser = engine.serializers.get("safetensors")
-    with ser.open_reader(fixture.FILE) as r:
+    with ser.open_reader(path) as r:
         return {n: r.qtensor(n) for n in r.qtensor_names()}, {
             n: r.source(n).load() for n in r.tensor_names()
         }
@@ -63,18 +64,10 @@ def test_load_into_the_model_keeps_every_stored_bit(engine, tmp_path):
     # saved again by this version: the same tensors and quantization records
     again = tmp_path / "again.safetensors"
     engine.save(model, str(again))
-    qagain, plain_again = _file_qtensors_at(engine, str(again))
+    qagain, plain_again = _file_qtensors(engine, str(again))
     assert set(qagain) == set(qfile) and set(plain_again) == set(plain)
     for k, qt in qfile.items():
         assert_qtensor_equal(qt, qagain[k], f"re-saved {k}")
-
-
-def _file_qtensors_at(engine: Engine, path: str):
-    ser = engine.serializers.get("safetensors")
-    with ser.open_reader(path) as r:
-        return {n: r.qtensor(n) for n in r.qtensor_names()}, {
-            n: r.source(n).load() for n in r.tensor_names()
-        }
 
 
 def test_quantizing_again_reproduces_the_weight_only_layers(engine):

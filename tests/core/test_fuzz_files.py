@@ -143,6 +143,7 @@ def mutate(rng: random.Random, data: bytes, kind: str) -> bytes:
 KINDS = ("flip-anywhere", "header-bytes", "truncate", "length-field", "data-bytes")
 
 
+@pytest.mark.slow  # 1500 corrupted files; test_valid_json_that_lies covers each kind of lie
 @pytest.mark.parametrize("which", ["quantized", "plain"])
 def test_random_corruptions(fz_engine, originals, tmp_path, which):
     rng = random.Random(f"monoquant-fuzz-{which}")

@@ -495,3 +495,25 @@ def test_two_engines_with_different_gptq_options_run_concurrently():
     assert results["b"]["config"]["damp"] == 0.2 and not results["b"]["config"]["act_order"]
     for r in results.values():
         assert sorted(r["layers"]) == ["0", "2", "4"]
+
+
+def test_a_failing_quantize_weights_wrapper_is_named():
+    class Wrap:
+        monoquant_plugin_name = "wrap"
+
+        @hookimpl(wrapper=True)
+        def monoquant_quantize_weights(self, entry, module, run):
+            yield
+            raise KeyError("lost")
+
+    class Takeover:
+        monoquant_plugin_name = "takeover"
+
+        @hookimpl
+        def monoquant_quantize_weights(self, entry, module, run):
+            raise ZeroDivisionError("bad math")
+
+    with pytest.raises(PluginError, match="plugin 'wrap' raised KeyError in monoquant_quantize_w"):
+        Engine(plugins=[Wrap()]).quantize(mlp())
+    with pytest.raises(PluginError, match="plugin 'takeover' raised ZeroDivisionError"):
+        Engine(plugins=[Takeover()]).quantize(mlp())

@@ -1,70 +1,13 @@
-from __future__ import annotations
+"""qtensor.py: QuantSpec code ranges, QTensor validation (naming the broken field), sizes and
+dequantization of the canonical layout."""
 
-import math
+from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from monoquant_core.layout import from_groups, pack_int4, to_groups, unpack_int4
-from monoquant_core.metrics import sqnr_db
-from monoquant_core.qtensor import QTensor
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    rows=st.integers(1, 7),
-    length=st.integers(1, 65),
-    signed=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_int4_pack_unpack_is_exact(rows, length, signed, seed):
-    g = torch.Generator().manual_seed(seed)
-    lo, hi = (-8, 8) if signed else (0, 16)
-    codes = torch.randint(lo, hi, (rows, length), generator=g)
-    packed = pack_int4(codes)
-    assert packed.dtype == torch.uint8
-    assert packed.shape == (rows, (length + 1) // 2)
-    back = unpack_int4(packed, length, signed=signed)
-    assert back.dtype == (torch.int8 if signed else torch.uint8)
-    assert torch.equal(back.to(torch.int64), codes)
-
-
-def test_pack_layout_is_low_nibble_first():
-    packed = pack_int4(torch.tensor([[1, 2, 15, 0]]))
-    assert packed.tolist() == [[0x21, 0x0F]]
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    shape=st.lists(st.integers(1, 9), min_size=1, max_size=4),
-    axis_pick=st.integers(0, 3),
-    per_tensor=st.booleans(),
-    group=st.sampled_from([None, 1, 2, 3, 8]),
-)
-def test_groups_round_trip_with_padding(shape, axis_pick, per_tensor, group):
-    w = torch.randn(*shape)
-    axis = None if per_tensor else axis_pick % len(shape)
-    g = to_groups(w, axis, group)
-    c = 1 if axis is None else shape[axis]
-    assert g.shape[0] == c
-    k = w.numel() // c
-    if group is not None:
-        assert g.shape[1] == math.ceil(k / group) and g.shape[2] == group
-    assert torch.equal(from_groups(g, tuple(shape), axis), w)
-
-
-def test_padding_repeats_last_value_so_ranges_do_not_change():
-    w = torch.tensor([[5.0, 6.0, 7.0]])
-    g = to_groups(w, 0, 2)
-    assert g.tolist() == [[[5.0, 6.0], [7.0, 7.0]]]
-
-
-def test_sqnr_db_values():
-    x = torch.ones(100)
-    assert sqnr_db(x, x) == math.inf
-    assert sqnr_db(x, x * 0.9) == pytest.approx(20.0, abs=1e-5)
+from monoquant_core.layout import pack_int4
+from monoquant_core.qtensor import QTensor, QuantSpec
 
 
 def _qt(**kw):
@@ -83,6 +26,19 @@ def _qt(**kw):
     return QTensor(**base)
 
 
+@pytest.mark.parametrize(
+    "spec, qmin, qmax, granularity",
+    [
+        (QuantSpec(8, True), -128, 127, "per-channel"),
+        (QuantSpec(8, False, None), 0, 255, "per-tensor"),
+        (QuantSpec(4, True, 0, 32), -8, 7, "group-32"),
+        (QuantSpec(4, False, 1, 128), 0, 15, "group-128"),
+    ],
+)
+def test_quant_spec_code_range_and_granularity(spec, qmin, qmax, granularity):
+    assert (spec.qmin, spec.qmax, spec.granularity) == (qmin, qmax, granularity)
+
+
 def test_validate_accepts_consistent_and_names_the_broken_field():
     _qt().validate()
     with pytest.raises(ValueError, match="scale shape"):
@@ -93,6 +49,24 @@ def test_validate_accepts_consistent_and_names_the_broken_field():
         _qt(qdata=torch.zeros(4, 8, dtype=torch.uint8)).validate()
     with pytest.raises(ValueError, match="zero_point shape"):
         _qt(zero_point=torch.zeros(4, 2), qdata=torch.zeros(4, 8, dtype=torch.uint8)).validate()
+
+
+def test_validate_names_axis_groups_and_float_columns():
+    with pytest.raises(ValueError, match="axis 2 out of range"):
+        _qt(axis=2).validate()
+    with pytest.raises(ValueError, match="2 groups of 2 do not cover a row of 8"):
+        _qt(group_size=2, scale=torch.ones(4, 2)).validate()
+    with pytest.raises(ValueError, match="scale has 2 groups but group_size is None"):
+        _qt(scale=torch.ones(4, 2)).validate()
+    with pytest.raises(ValueError, match="float_cols and float_values must come together"):
+        _qt(extra={"float_cols": torch.tensor([1])}).validate()
+    with pytest.raises(ValueError, match="float_cols must be sorted and unique"):
+        _qt(
+            extra={"float_cols": torch.tensor([3, 1]), "float_values": torch.zeros(4, 2)}
+        ).validate()
+    ok = _qt(extra={"float_cols": torch.tensor([1, 3]), "float_values": torch.ones(4, 2)})
+    ok.validate()
+    assert ok.has_float_columns and not ok.without_float_columns().has_float_columns
 
 
 def test_dequantize_affine_and_4bit():
@@ -111,3 +85,27 @@ def test_dequantize_affine_and_4bit():
     qt.validate()
     assert qt.dequantize().tolist() == [[-4.0, 3.5, -0.5, 0.0]]
     assert qt.bits_per_weight == pytest.approx((2 + 4 + 4) * 8 / 4)
+
+
+def test_float_columns_are_put_back_when_dequantizing():
+    qt = _qt(
+        qdata=torch.full((4, 8), 2, dtype=torch.int8),
+        extra={"float_cols": torch.tensor([0, 5]), "float_values": torch.full((4, 2), -1.5)},
+    )
+    w = qt.dequantize()
+    assert w[:, [0, 5]].eq(-1.5).all() and w[:, [1, 2, 3, 4, 6, 7]].eq(2.0).all()
+    assert qt.without_float_columns().dequantize().eq(2.0).all()
+
+
+def test_sizes_and_stored_tensors_by_role():
+    qt = _qt(
+        qdata=torch.zeros(4, 8, dtype=torch.uint8),
+        zero_point=torch.zeros(4, 1, dtype=torch.uint8),
+        dtype=torch.bfloat16,
+    )
+    assert list(qt.tensors()) == ["qdata", "scale", "zero_point"]
+    assert qt.nbytes == 32 + 16 + 4  # 32 codes, 4 float32 scales, 4 uint8 zero points
+    assert qt.bits_per_weight == pytest.approx(8 * 52 / 32)
+    assert (qt.numel, qt.channels, qt.row_length, qt.symmetric) == (32, 4, 8, False)
+    assert qt.dequantize().dtype == torch.bfloat16
+    assert qt.dequantize(torch.float64).dtype == torch.float64

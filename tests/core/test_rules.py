@@ -1,18 +1,18 @@
-"""Per-layer rules: mixed precision by pattern, from Python, the CLI and rules files."""
+"""rules.py: per-layer rules (mixed precision by pattern) in every accepted form, first match
+wins, and rules files. (The CLI flags: tests/cli/test_options.py.)"""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import monoquant_core as mq
-from monoquant_core import CapabilityError, UsageError
-from monoquant_core.cli import build_cli
+from monoquant_core import UsageError
 from monoquant_core.demo import demo_model
-from monoquant_core.rules import Rule, parse_rules
+from monoquant_core.rules import Rule, load_rules_file, parse_rules
 
 
 def test_rule_text_forms():
@@ -21,7 +21,8 @@ def test_rule_text_forms():
     assert r.scheme == "int4-group" and dict(r.scheme_options) == {"group_size": "32"}
     assert r.observer == "histogram" and dict(r.observer_options) == {"grid": "5"}
     assert Rule.parse("embed=skip").skip
-    assert parse_rules([("a", "int8"), ("b", {"scheme": "int8"}), {"pattern": "c", "skip": True}])
+    forms = [("a", "int8"), ("b", {"scheme": "int8"}), {"pattern": "c", "skip": True}]
+    assert [r.describe() for r in parse_rules(forms)] == ["a=int8", "b=int8", "c=skip"]
     for bad in ("nopattern", "x=", "x=skip,a=1", "x=int8,oops"):
         with pytest.raises(UsageError):
             Rule.parse(bad)
@@ -61,17 +62,6 @@ def test_skip_patterns_beat_rules(engine):
     assert plan.get("lm_head").skip_reason == "matched skip pattern 'lm_head'"
 
 
-def test_bad_rules_fail_before_compute(engine):
-    with pytest.raises(UsageError, match="rule 'x=int3': unknown scheme 'int3'"):
-        engine.configure(rules=["x=int3"])
-    with pytest.raises(CapabilityError, match="group size 7"):
-        engine.configure(rules=["x=int4-group,group_size=7"])
-    with pytest.raises(UsageError, match="unknown option 'bogus' for scheme 'int8'"):
-        engine.configure(rules=["x=int8,bogus=1"])
-    with pytest.raises(UsageError, match="matches no module"):
-        engine.plan(demo_model(), rules=["lm_haed=int8"])
-
-
 def test_rules_round_trip_through_save_load(tmp_path, engine):
     x = torch.randint(0, 2048, (2, 16))
     q, _ = engine.quantize(demo_model(), scheme="int4-group", rules=["lm_head=int8"])
@@ -82,36 +72,48 @@ def test_rules_round_trip_through_save_load(tmp_path, engine):
         assert torch.equal(back(x), q(x))
 
 
-def test_cli_rule_and_rules_file(engine, tmp_path):
-    cli = build_cli(engine)
-    rules = tmp_path / "rules.json"
-    rules.write_text(
-        json.dumps(
-            [{"pattern": "lm_head", "scheme": "int8"}, {"pattern": "blocks.0.*", "skip": True}]
-        )
-    )
-    res = CliRunner().invoke(
-        cli,
+def test_rule_forms_and_describe():
+    rules = parse_rules(
         [
-            "quantize",
-            "--demo",
-            "--scheme",
-            "int4-group",
-            "--rules",
-            str(rules),
-            "--rule",
-            "blocks.1.*=int8",
-            "--json",
-        ],
+            Rule("a", skip=True),
+            "b=int4-group,group_size=32,backend=reference",
+            ("c", "skip"),
+            ("d", {"scheme": "int8", "observer": "histogram", "observer_options": {"grid": 5}}),
+            {"pattern": "e", "scheme": "fp16"},
+        ]
     )
-    assert res.exit_code == 0, res.output
-    layers = {lay["name"]: lay["scheme"] for lay in json.loads(res.output)["layers"]}
-    assert layers["lm_head.weight"] == "int8" and layers["blocks.1.mlp.fc1.weight"] == "int8"
-    assert layers["blocks.2.mlp.fc1.weight"] == "int4-group"
-    assert not any(n.startswith("blocks.0.") for n in layers)
-    toml = tmp_path / "rules.toml"
-    toml.write_text('[[rule]]\npattern = "lm_head"\nscheme = "int8"\n')
-    res = CliRunner().invoke(cli, ["plan", "--demo", "--rules", str(toml)])
-    assert res.exit_code == 0 and "rule 'lm_head=int8'" in res.output
-    res = CliRunner().invoke(cli, ["plan", "--demo", "--rule", "lm_head"])
-    assert res.exit_code == 1 and "not PATTERN=SCHEME" in res.output
+    assert [r.describe() for r in rules] == [
+        "a=skip",
+        "b=int4-group,group_size=32,backend=reference",
+        "c=skip",
+        "d=int8,observer=histogram,observer.grid=5",
+        "e=fp16",
+    ]
+    assert rules[1].to_dict()["scheme_options"] == {"group_size": "32"}
+    for bad, needle in (
+        (42, "is not a rule"),
+        (("x", 3), "the action must be a string or a mapping"),
+        ({"scheme": "int8"}, "has no 'pattern'"),
+        ({"pattern": "x", "colour": "red"}, "has unknown keys ['colour']"),
+    ):
+        with pytest.raises(UsageError, match=re.escape(needle)):
+            parse_rules([bad])
+
+
+def test_rules_files_json_and_toml(tmp_path):
+    js = tmp_path / "r.json"
+    js.write_text(json.dumps({"rules": [{"pattern": "lm_head", "scheme": "int8"}, "embed=skip"]}))
+    assert [r.describe() for r in load_rules_file(str(js))] == ["lm_head=int8", "embed=skip"]
+    toml = tmp_path / "r.toml"
+    toml.write_text('[[rule]]\npattern = "x"\nscheme = "fp16"\n')
+    assert load_rules_file(str(toml)) == (Rule("x", scheme="fp16"),)
+    broken = tmp_path / "b.json"
+    broken.write_text("[{")
+    with pytest.raises(UsageError, match="does not parse"):
+        load_rules_file(str(broken))
+    obj = tmp_path / "o.json"
+    obj.write_text('{"pattern": "x"}')
+    with pytest.raises(UsageError, match="holds no list of rules"):
+        load_rules_file(str(obj))
+    with pytest.raises(UsageError, match="does not exist"):
+        load_rules_file(str(tmp_path / "none.json"))

@@ -1,4 +1,5 @@
-"""Layer selection: every skip has a reason; --only/--skip globs; backends chosen as data."""
+"""selection.py: the module-mode plan (every parameter owner listed, every skip with a reason,
+--only / --skip globs, custom modules found by type) and its validation."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from monoquant_core import Backend, Capabilities, CapabilityError, Engine, UsageError, hookimpl
+from monoquant_core import CapabilityError, UsageError
 from monoquant_core.demo import demo_model
-from monoquant_core.testing import mlp, transformer_block
+from monoquant_core.testing import CustomWrapperModel, mlp, transformer_block
 
 
 def test_default_plan_lists_every_parameter_owner_with_a_reason(engine):
@@ -50,7 +51,13 @@ def test_only_matching_nothing_is_a_usage_error(engine):
 
 def test_only_star_does_not_error_on_norms(engine):
     plan = engine.plan(transformer_block(), only=["*"])
-    assert len(plan.selected) == 6
+    assert [e.name for e in plan.selected] == [
+        *(f"attn.{p}_proj" for p in "qkvo"),
+        "mlp.fc1",
+        "mlp.fc2",
+    ]
+    assert {e.name for e in plan.skipped} == {"ln1", "ln2"}
+    assert all(e.skip_reason.startswith("normalisation") for e in plan.skipped)
 
 
 def test_multihead_attention_out_proj_is_skipped_with_reason(engine):
@@ -96,104 +103,11 @@ def test_meta_device_weights_are_skipped(engine):
     assert all("meta device" in e.skip_reason for e in plan)
 
 
-class FakeGpuBackend(Backend):
-    name = "fake-gpu"
-    device_types = ("cpu",)
-    priority = 10
-
-    def available(self):
-        return "no CUDA device found"
-
-    def linear(self, x, prepared, bias):  # pragma: no cover - never selected
-        raise AssertionError("unavailable backend was used")
-
-
-class PickyBackend(Backend):
-    name = "picky"
-    priority = 20
-
-    def supports(self, info):
-        return None if info.shape[0] % 16 == 0 else "N % 16 != 0"
-
-    def linear(self, x, prepared, bias):
-        qt, scheme = prepared
-        return nn.functional.linear(x, scheme.dequantize(qt).to(x.dtype), bias)
-
-
-class RaisingBackend(FakeGpuBackend):
-    name = "raising"
-
-    def available(self):
-        raise OSError("driver exploded")
-
-
-class Backends:
-    @hookimpl
-    def monoquant_register_backends(self, register):
-        register(FakeGpuBackend())
-        register(PickyBackend())
-        register(RaisingBackend())
-
-
-def test_backend_choice_is_data_with_reasons():
-    engine = Engine(plugins=[Backends()], disable=["torch-cpu"])
-    plan = engine.plan(mlp(dims=(32, 64, 10)))
-    first, last = plan.get("0"), plan.get("2")
-    assert first.backend == "picky"
-    assert last.backend == "reference"
-    assert last.notes[0] == "picky: N % 16 != 0"  # highest priority first
-    assert last.notes[-1].endswith(", using reference")
-    assert any("fake-gpu: no CUDA device found" in n for n in last.notes)
-    assert any("raising: available() raised OSError: driver exploded" in n for n in last.notes)
-    model, _ = engine.quantize(mlp(dims=(32, 64, 10)))
-    assert model[0].backend.name == "picky" and model[2].backend.name == "reference"
-
-
-class Int4OnlyBackend(PickyBackend):
-    name = "int4-only"
-    priority = 30
-    capabilities = Capabilities(schemes=("int4-group",), activations=("dynamic",))
-
-    def available(self):
-        return "needs a special CPU"
-
-
-def test_backends_not_meant_for_a_weight_are_passed_over_silently():
-    class Plugin:
-        @hookimpl
-        def monoquant_register_backends(self, register):
-            register(Int4OnlyBackend())
-
-    engine = Engine(plugins=[Plugin()])
-    int8 = engine.plan(mlp(dims=(256, 64, 10)), scheme="int8").get("0")
-    assert not any("int4-only" in n for n in int8.notes), int8.notes  # not meant for int8
-    weight_only = engine.plan(mlp(dims=(256, 64, 10)), scheme="int4-group").get("0")
-    assert not any("int4-only" in n for n in weight_only.notes)  # nor for weight-only int4
-    w4a8 = engine.plan(
-        mlp(dims=(256, 64, 10)), scheme="int4-group", scheme_options={"activations": "dynamic"}
-    ).get("0")
-    assert w4a8.notes[0].startswith("int4-only: needs a special CPU, using "), w4a8.notes
-    assert Int4OnlyBackend.capabilities.to_dict()["schemes"] == ["int4-group"]
-
-
-def test_forced_backend_errors_name_what_is_missing():
-    engine = Engine(plugins=[Backends()], disable=["torch-cpu", "cpu-vnni"])
-    with pytest.raises(CapabilityError, match="'fake-gpu' is not available here: no CUDA device"):
-        engine.configure(backend="fake-gpu")
-    with pytest.raises(UsageError, match=r"unknown backend 'tpu' \(available: fake-gpu, picky"):
-        engine.configure(backend="tpu")
-    with pytest.raises(CapabilityError, match="'picky' cannot run this weight: N % 16 != 0"):
-        engine.plan(mlp(dims=(32, 64, 10)), backend="picky")
-    plan = engine.plan(mlp(dims=(32, 64, 10)), backend="reference")
-    assert {e.backend for e in plan.selected} == {"reference"}
-
-
-def test_unknown_names_list_the_available_ones(engine):
-    with pytest.raises(UsageError) as e:
-        engine.quantize(mlp(), scheme="int3")
-    assert "unknown scheme 'int3' (available: " in str(e.value)
-    assert "int8" in str(e.value)
-    with pytest.raises(UsageError, match=r"unknown observer 'hist' \(available: histogram, minmax"):
-        engine.quantize(mlp(), observer="hist")
-    with pytest.raises(UsageError, match="unknown option 'bits' for scheme 'int8'"):
-        engine.quantize(mlp(), scheme_options={"bits": 4})
+def test_custom_wrapper_layers_found_by_type_and_own_param_reported(engine):
+    model = CustomWrapperModel()
+    plan = engine.plan(model)
+    selected = {e.name for e in plan.selected}
+    assert selected == {"inp", "body.0.value", "body.0.gate", "body.1.value", "body.1.gate", "out"}
+    wrapper = plan.get("body.0")
+    assert not wrapper.selected and "no replacer for GatedLinear" in wrapper.skip_reason
+    assert "normalisation" in plan.get("norm").skip_reason

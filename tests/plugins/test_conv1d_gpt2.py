@@ -1,7 +1,7 @@
 """gpt2-conv1d replacer: HF ``Conv1D`` found by qualified name, quantized per output channel.
 
-``transformers`` is not needed: a local ``Conv1D`` whose ``__module__`` is the real one stands
-in for it (same weight layout ``[in, out]`` and the same ``addmm`` forward).
+``transformers`` is not needed: ``tests.helpers.Conv1D``, whose ``__module__`` is the real one,
+stands in for it (same weight layout ``[in, out]`` and the same ``addmm`` forward).
 """
 
 from __future__ import annotations
@@ -11,25 +11,7 @@ import torch
 from torch import nn
 
 import monoquant_core as mq
-
-
-class Conv1D(nn.Module):
-    """Stand-in for ``transformers.pytorch_utils.Conv1D``: a linear layer with weight [nx, nf]."""
-
-    __module__ = "transformers.pytorch_utils"
-
-    def __init__(self, nf: int, nx: int):
-        super().__init__()
-        self.nf = nf
-        self.nx = nx
-        self.weight = nn.Parameter(torch.empty(nx, nf))
-        self.bias = nn.Parameter(torch.zeros(nf))
-        nn.init.normal_(self.weight, std=0.02)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size_out = (*x.size()[:-1], self.nf)
-        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
-        return x.view(size_out)
+from tests.helpers import Conv1D
 
 
 class OldConv1D(Conv1D):

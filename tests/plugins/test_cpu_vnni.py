@@ -15,28 +15,13 @@ from monoquant_plugins.backends import cpu_vnni
 from torch import nn
 
 from monoquant_core import CapabilityError, Engine, load, save
-from monoquant_core.metrics import error_stats
 from monoquant_core.testing import odd_inputs
+from tests.helpers import fast_and_reference, rel_err
 
 AVAILABLE = Engine().backends.get("cpu-vnni").available()
 needs_kernel = pytest.mark.skipif(AVAILABLE is not True, reason=f"cpu-vnni: {AVAILABLE}")
 
 W4A8 = {"activations": "dynamic"}
-
-
-def _pair(n, k, opts, bias=True, seed=0):
-    torch.manual_seed(seed)
-    base = nn.Sequential(nn.Linear(k, n, bias=bias))
-    state = base.state_dict()
-    fast, _ = Engine().quantize(base, scheme="int4-group", scheme_options=opts)
-    other = nn.Sequential(nn.Linear(k, n, bias=bias))
-    other.load_state_dict(state)
-    ref, _ = Engine().quantize(other, scheme="int4-group", scheme_options=opts, backend="reference")
-    return fast, ref
-
-
-def _rel(got, ref):
-    return error_stats(ref.float(), got.float())[2]  # relative L2 error
 
 
 @needs_kernel
@@ -46,16 +31,17 @@ def _rel(got, ref):
 )
 @pytest.mark.parametrize("m", [1, 4, 5, 19])
 def test_matches_reference_on_the_same_qtensor(gs, extra, m):
-    fast, ref = _pair(80, 512, {"group_size": gs, **W4A8, **extra})
+    fast, ref = fast_and_reference(80, 512, "int4-group", {"group_size": gs, **W4A8, **extra})
     assert fast[0].backend.name == "cpu-vnni" and ref[0].backend.name == "reference"
     assert torch.equal(fast[0].weight_qdata, ref[0].weight_qdata)  # same QTensor
     x = torch.randn(m, 512)
     with torch.no_grad():
         y, r = fast(x), ref(x)
     # Same int8 codes, exact integer dot products: only float rounding differs.
-    assert _rel(y, r) < 1e-5, f"g{gs} {extra} M={m}: {_rel(y, r):.2e}"
+    assert rel_err(y, r) < 1e-5, f"g{gs} {extra} M={m}: {rel_err(y, r):.2e}"
 
 
+@pytest.mark.slow  # a stress test; test_matches_reference_on_the_same_qtensor covers each path
 @needs_kernel
 @settings(max_examples=25, deadline=None)
 @given(
@@ -67,18 +53,20 @@ def test_matches_reference_on_the_same_qtensor(gs, extra, m):
 )
 def test_any_shape_matches_reference(n, chunks, m, gs, scale):
     k = 128 * chunks
-    fast, ref = _pair(n, k, {"group_size": gs, **W4A8}, seed=n * 7 + chunks)
+    fast, ref = fast_and_reference(
+        n, k, "int4-group", {"group_size": gs, **W4A8}, seed=n * 7 + chunks
+    )
     x = torch.randn(m, k) * scale
     with torch.no_grad():
         y, r = fast(x), ref(x)
     assert y.shape == r.shape == (m, n)
     if m:
-        assert _rel(y, r) < 1e-5
+        assert rel_err(y, r) < 1e-5
 
 
 @needs_kernel
 def test_threads_give_identical_results():
-    fast, _ = _pair(256, 1024, {"group_size": 128, **W4A8})
+    fast, _ = fast_and_reference(256, 1024, "int4-group", {"group_size": 128, **W4A8})
     x = torch.randn(6, 1024)
     threads = torch.get_num_threads()
     try:
@@ -93,7 +81,7 @@ def test_threads_give_identical_results():
 
 @needs_kernel
 def test_odd_inputs_are_guarded():
-    fast, ref = _pair(96, 256, {"group_size": 64, **W4A8})
+    fast, ref = fast_and_reference(96, 256, "int4-group", {"group_size": 64, **W4A8})
     for label, x in odd_inputs(256).items():
         with torch.no_grad():
             y, r = fast(x), ref(x)
@@ -101,7 +89,7 @@ def test_odd_inputs_are_guarded():
         assert y.dtype == x.dtype, label
         if x.numel():
             bound = 1e-5 if x.dtype == torch.float32 else 2e-2
-            assert _rel(y, r) < bound or not r.any(), f"{label}: {_rel(y, r):.2e}"
+            assert rel_err(y, r) < bound or not r.any(), f"{label}: {rel_err(y, r):.2e}"
 
 
 def test_selection_says_why_it_is_not_used():
@@ -132,7 +120,7 @@ def test_other_backends_decline_w4a8_so_numerics_stay_the_contract():
 
 @needs_kernel
 def test_save_load_keeps_w4a8(tmp_path):
-    fast, _ = _pair(64, 256, {"group_size": 128, **W4A8})
+    fast, _ = fast_and_reference(64, 256, "int4-group", {"group_size": 128, **W4A8})
     x = torch.randn(3, 256)
     with torch.no_grad():
         y = fast(x)

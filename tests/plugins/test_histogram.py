@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from monoquant_core import QuantSpec, sqnr_db
+from monoquant_core import QuantSpec
+from tests.helpers import quantize_tensor
 
 
 def _tensors():
@@ -40,18 +41,12 @@ CASES = [
 ]
 
 
-def _db(engine, w, scheme, observer, opts):
-    cfg = engine.configure(scheme=scheme, observer=observer, scheme_options=opts)
-    qt = engine.quantize_weight(w, scheme, observer, 0, cfg.scheme_config, cfg.observer_config)
-    return sqnr_db(w, qt.dequantize())
-
-
 @pytest.mark.parametrize("name", sorted(TENSORS))
 @pytest.mark.parametrize("scheme, opts", CASES)
 def test_histogram_never_below_minmax(engine, name, scheme, opts):
     w = TENSORS[name]
-    mm = _db(engine, w, scheme, "minmax", opts)
-    hist = _db(engine, w, scheme, "histogram", opts)
+    mm = quantize_tensor(engine, w, scheme, "minmax", **opts)[1]
+    hist = quantize_tensor(engine, w, scheme, "histogram", **opts)[1]
     assert hist >= mm, f"{name} {scheme} {opts}: histogram {hist:.4f} dB < minmax {mm:.4f} dB"
 
 
@@ -59,17 +54,16 @@ def test_histogram_never_below_minmax(engine, name, scheme, opts):
 def test_histogram_gains_on_heavy_tails_per_tensor_int8(engine, name, gain):
     w = TENSORS[name]
     opts = {"granularity": "per-tensor"}
-    mm = _db(engine, w, "int8", "minmax", opts)
-    hist = _db(engine, w, "int8", "histogram", opts)
+    mm = quantize_tensor(engine, w, "int8", "minmax", **opts)[1]
+    hist = quantize_tensor(engine, w, "int8", "histogram", **opts)[1]
     assert hist - mm >= gain, f"{name}: histogram {hist:.2f} dB vs minmax {mm:.2f} dB"
 
 
 def test_histogram_gains_on_heavy_tailed_int4_groups(engine):
     w = TENSORS["student3"]
     opts = {"method": "rtn"}
-    gain = _db(engine, w, "int4-group", "histogram", opts) - _db(
-        engine, w, "int4-group", "minmax", opts
-    )
+    hist = quantize_tensor(engine, w, "int4-group", "histogram", **opts)[1]
+    gain = hist - quantize_tensor(engine, w, "int4-group", "minmax", **opts)[1]
     assert gain >= 0.3, f"int4 g128 histogram gain over minmax: {gain:.2f} dB"
 
 

@@ -5,17 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from monoquant_core import CapabilityError, Engine, UsageError, sqnr_db
+from monoquant_core import CapabilityError, Engine, UsageError
 from monoquant_core.testing import mlp
-
-
-def _q(engine, w, observer="minmax", **opts):
-    cfg = engine.configure(scheme="int4-group", observer=observer, scheme_options=opts)
-    qt = engine.quantize_weight(
-        w, "int4-group", observer, 0, cfg.scheme_config, cfg.observer_config
-    )
-    qt.validate()
-    return qt, sqnr_db(w, qt.dequantize())
+from tests.helpers import quantize_tensor
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +22,17 @@ def gauss():
 
 
 def test_rtn_minmax_on_gaussian_at_least_19_5_db(engine, gauss):
-    _, db = _q(engine, gauss, method="rtn")
+    _, db = quantize_tensor(engine, gauss, "int4-group", method="rtn")
     assert db >= 19.5, f"int4 g128 minmax RTN on Gaussian weights: {db:.2f} dB"
 
 
 @pytest.mark.parametrize("gs, int_gain, float_gain", [(128, 0.6, 0.6), (32, 1.0, 0.85)])
 def test_default_optimiser_gains_over_round_to_nearest(engine, heavy, gs, int_gain, float_gain):
-    _, rtn_int = _q(engine, heavy, group_size=gs, method="rtn", zero="int")
-    _, rtn_float = _q(engine, heavy, group_size=gs, method="rtn")
-    _, lsq = _q(engine, heavy, group_size=gs)
+    _, rtn_int = quantize_tensor(
+        engine, heavy, "int4-group", group_size=gs, method="rtn", zero="int"
+    )
+    _, rtn_float = quantize_tensor(engine, heavy, "int4-group", group_size=gs, method="rtn")
+    _, lsq = quantize_tensor(engine, heavy, "int4-group", group_size=gs)
     assert lsq - rtn_int >= int_gain, f"g{gs}: lsq {lsq:.2f} dB vs int-zero RTN {rtn_int:.2f} dB"
     assert lsq - rtn_float >= float_gain, (
         f"g{gs}: lsq {lsq:.2f} dB vs float-zero RTN {rtn_float:.2f} dB"
@@ -46,16 +40,18 @@ def test_default_optimiser_gains_over_round_to_nearest(engine, heavy, gs, int_ga
 
 
 def test_hqq_and_symmetric_lsq_improve_on_their_rtn(engine, heavy):
-    _, rtn = _q(engine, heavy, method="rtn")
-    _, h = _q(engine, heavy, method="hqq")
+    _, rtn = quantize_tensor(engine, heavy, "int4-group", method="rtn")
+    _, h = quantize_tensor(engine, heavy, "int4-group", method="hqq")
     assert h > rtn + 0.1, f"hqq {h:.2f} dB vs rtn {rtn:.2f} dB"
-    _, srtn = _q(engine, heavy, symmetric=True, method="rtn")
-    _, slsq = _q(engine, heavy, symmetric=True)
+    _, srtn = quantize_tensor(engine, heavy, "int4-group", symmetric=True, method="rtn")
+    _, slsq = quantize_tensor(engine, heavy, "int4-group", symmetric=True)
     assert slsq > srtn + 0.3, f"symmetric lsq {slsq:.2f} dB vs symmetric rtn {srtn:.2f} dB"
 
 
 def test_smaller_groups_are_monotonically_better(engine, heavy):
-    dbs = [_q(engine, heavy, group_size=g)[1] for g in (32, 64, 128, 256)]
+    dbs = [
+        quantize_tensor(engine, heavy, "int4-group", group_size=g)[1] for g in (32, 64, 128, 256)
+    ]
     assert dbs == sorted(dbs, reverse=True), f"SQNR by group size 32/64/128/256: {dbs}"
 
 
@@ -63,7 +59,7 @@ def test_smaller_groups_are_monotonically_better(engine, heavy):
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_packed_size_matches_theoretical_bits(engine, gs, symmetric):
     w = torch.randn(256, 1024)
-    qt, _ = _q(engine, w, group_size=gs, symmetric=symmetric)
+    qt, _ = quantize_tensor(engine, w, "int4-group", group_size=gs, symmetric=symmetric)
     params = 1 if symmetric else 2
     theory = 4 + params * 16 / gs
     assert abs(qt.bits_per_weight - theory) / theory < 0.01, (qt.bits_per_weight, theory)
@@ -73,7 +69,7 @@ def test_packed_size_matches_theoretical_bits(engine, gs, symmetric):
 
 def test_input_size_not_multiple_of_group_pads_last_group(engine):
     w = torch.randn(16, 200)  # 200 = 128 + 72
-    qt, db = _q(engine, w)
+    qt, db = quantize_tensor(engine, w, "int4-group")
     assert qt.scale.shape == (16, 2) and qt.qdata.shape == (16, 128)
     assert qt.dequantize().shape == (16, 200)
     assert db > 18, db
@@ -89,7 +85,7 @@ def test_zero_rows_and_constant_groups_are_exact(engine, opts):
     w = torch.randn(8, 256)
     w[3] = 0.0
     w[5, :128] = 0.7  # one constant group
-    qt, _ = _q(engine, w, **opts)
+    qt, _ = quantize_tensor(engine, w, "int4-group", **opts)
     deq = qt.dequantize()
     assert torch.isfinite(deq).all()
     assert torch.equal(deq[3], torch.zeros(256))
@@ -99,7 +95,7 @@ def test_zero_rows_and_constant_groups_are_exact(engine, opts):
 
 def test_tiny_weights_fall_back_to_float32_parameters(engine):
     w = torch.randn(8, 128) * 1e-7
-    qt, db = _q(engine, w)
+    qt, db = quantize_tensor(engine, w, "int4-group")
     assert qt.scale.dtype == torch.float32 and qt.meta["param_dtype_fallback"] == "float32"
     assert db > 18, db
 

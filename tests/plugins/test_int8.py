@@ -1,25 +1,17 @@
-"""int8 scheme + minmax observer: accuracy in dB, exactness on edge cases."""
+"""int8 scheme + minmax observer: accuracy in dB, exactness on edge cases. (A NaN weight is
+refused by the per-tensor path: tests/core/test_pipeline.py.)"""
 
 from __future__ import annotations
-
-import re
 
 import pytest
 import torch
 
-from monoquant_core import UsageError, sqnr_db
-
-
-def _q(engine, w, **opts):
-    cfg = engine.configure(scheme="int8", scheme_options=opts)
-    qt = engine.quantize_weight(w, "int8", "minmax", 0, cfg.scheme_config, cfg.observer_config)
-    qt.validate()
-    return qt, sqnr_db(w, qt.dequantize())
+from tests.helpers import quantize_tensor
 
 
 def test_per_channel_gaussian_sqnr_at_least_40_db(engine):
     w = torch.randn(512, 1024)
-    _, db = _q(engine, w)
+    _, db = quantize_tensor(engine, w, "int8")
     assert db >= 40.0, f"int8 per-channel SQNR on Gaussian weights is {db:.2f} dB"
 
 
@@ -27,27 +19,27 @@ def test_per_channel_beats_per_tensor_by_6_db_with_row_scale_spread(engine):
     g = torch.Generator().manual_seed(3)
     rows = 10 ** (torch.rand(256, 1, generator=g) * -2.0)  # row scales over two decades
     w = torch.randn(256, 512, generator=g) * rows
-    _, per_channel = _q(engine, w)
-    _, per_tensor = _q(engine, w, granularity="per-tensor")
+    _, per_channel = quantize_tensor(engine, w, "int8")
+    _, per_tensor = quantize_tensor(engine, w, "int8", granularity="per-tensor")
     gain = per_channel - per_tensor
     assert gain >= 6.0, f"per-channel {per_channel:.2f} dB vs per-tensor {per_tensor:.2f} dB"
 
 
 def test_asymmetric_gains_on_skewed_rows(engine):
     w = torch.rand(128, 256) + 0.5  # all positive: symmetric wastes the negative half
-    _, sym = _q(engine, w)
-    _, asym = _q(engine, w, symmetric=False)
+    _, sym = quantize_tensor(engine, w, "int8")
+    _, asym = quantize_tensor(engine, w, "int8", symmetric=False)
     assert asym >= sym + 3.0, f"asymmetric {asym:.2f} dB vs symmetric {sym:.2f} dB"
 
 
 def test_codes_layout_and_bits_per_weight(engine):
     w = torch.randn(64, 256)
-    qt, _ = _q(engine, w)
+    qt, _ = quantize_tensor(engine, w, "int8")
     assert qt.qdata.dtype == torch.int8 and qt.qdata.shape == (64, 256)
     assert qt.scale.shape == (64, 1) and qt.zero_point is None
     assert qt.qdata.abs().max().item() == 127  # the row maximum maps to the extreme code
     assert qt.bits_per_weight == pytest.approx(8 + 32 / 256)
-    qa, _ = _q(engine, w, symmetric=False)
+    qa, _ = quantize_tensor(engine, w, "int8", symmetric=False)
     assert qa.qdata.dtype == torch.uint8 and qa.zero_point.dtype == torch.uint8
 
 
@@ -56,27 +48,21 @@ def test_all_zero_rows_round_trip_exactly(engine, symmetric):
     w = torch.randn(8, 32)
     w[2] = 0.0
     w[5] = 0.0
-    qt, _ = _q(engine, w, symmetric=symmetric)
+    qt, _ = quantize_tensor(engine, w, "int8", symmetric=symmetric)
     deq = qt.dequantize()
     assert torch.isfinite(qt.scale).all()
     assert torch.equal(deq[2], torch.zeros(32)) and torch.equal(deq[5], torch.zeros(32))
     assert torch.equal(
-        _q(engine, torch.zeros(4, 4), symmetric=symmetric)[0].dequantize(), torch.zeros(4, 4)
+        quantize_tensor(engine, torch.zeros(4, 4), "int8", symmetric=symmetric)[0].dequantize(),
+        torch.zeros(4, 4),
     )
 
 
 def test_half_precision_weights_keep_their_dtype(engine):
     w = torch.randn(32, 64).to(torch.bfloat16)
-    qt, db = _q(engine, w)
+    qt, db = quantize_tensor(engine, w, "int8")
     assert qt.dtype == torch.bfloat16 and qt.dequantize().dtype == torch.bfloat16
     assert db > 35.0
-
-
-def test_nonfinite_weight_is_refused_with_its_name(engine):
-    w = torch.randn(4, 4)
-    w[1, 1] = float("nan")
-    with pytest.raises(UsageError, match=re.escape("'blocks.0.fc.weight' contains 1 NaN/Inf")):
-        engine.quantize_weight(w, "int8", "minmax", name="blocks.0.fc.weight")
 
 
 def test_minmax_moving_average_mode(engine):

@@ -6,11 +6,10 @@ import warnings
 
 import pytest
 import torch
-from click.testing import CliRunner
+from monoquant_plugins.safetensors_format import MonoQuantReader
 
-from monoquant_core import UsageError, sqnr_db
-from monoquant_core.cli import build_cli
-from monoquant_core.testing import mlp, outlier_mlp
+from monoquant_core import Engine, UsageError, sqnr_db
+from monoquant_core.testing import mlp, models, outlier_mlp
 from monoquant_core.testing.models import activation_batches, activation_transformer
 
 DYNAMIC = {"activations": "dynamic"}
@@ -22,16 +21,36 @@ def data():
     return activation_batches(16, seed=1), activation_batches(4, seed=2)
 
 
-def _run(engine, data, **options):
-    _, test = data
-    model = activation_transformer(outliers=True)
-    with torch.no_grad():
-        ref = torch.cat([model(x) for x in test])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            qmodel, report = engine.quantize(model, scheme="int8", progress=False, **options)
-        out = torch.cat([qmodel(x) for x in test])
-    return sqnr_db(ref, out), qmodel, report
+@pytest.fixture(scope="module")
+def outlier_run(data):
+    """``(outlier=bool, backend=None) -> (output SQNR in dB, quantized model, report)`` of the
+    activation transformer (outlier channels) with dynamic int8 inputs, each computed once per
+    module (the tests only read the models)."""
+    calib, test = data
+    engine = Engine()
+    cache = {}
+
+    def quantized(outlier: bool, backend: str | None = None):
+        if (outlier, backend) not in cache:
+            extra = {"calibration": calib, "plugin_options": OUTLIER} if outlier else {}
+            model = activation_transformer(outliers=True)
+            with torch.no_grad():
+                ref = torch.cat([model(x) for x in test])
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    qmodel, report = engine.quantize(
+                        model,
+                        scheme="int8",
+                        scheme_options=DYNAMIC,
+                        backend=backend,
+                        progress=False,
+                        **extra,
+                    )
+                out = torch.cat([qmodel(x) for x in test])
+            cache[(outlier, backend)] = sqnr_db(ref, out), qmodel, report
+        return cache[(outlier, backend)]
+
+    return quantized
 
 
 def _float_fraction(qmodel):
@@ -44,12 +63,9 @@ def _float_fraction(qmodel):
     return cols / total
 
 
-def test_outlier_recovers_10db_over_dynamic_w8a8_with_at_most_1pct_float_columns(engine, data):
-    calib, _ = data
-    plain, _, _ = _run(engine, data, scheme_options=DYNAMIC)
-    mixed, qmodel, report = _run(
-        engine, data, scheme_options=DYNAMIC, calibration=calib, plugin_options=OUTLIER
-    )
+def test_outlier_recovers_10db_over_dynamic_w8a8_with_at_most_1pct_float_columns(outlier_run):
+    plain, _, _ = outlier_run(outlier=False)
+    mixed, qmodel, report = outlier_run(outlier=True)
     frac = _float_fraction(qmodel)
     assert mixed >= plain + 10.0, f"int8+outlier {mixed:.2f} dB vs dynamic W8A8 {plain:.2f} dB"
     assert 0 < frac <= 0.01, f"{100 * frac:.2f}% of input columns kept in float16"
@@ -61,11 +77,11 @@ def test_outlier_recovers_10db_over_dynamic_w8a8_with_at_most_1pct_float_columns
     assert mods["blocks.0.attn.q_proj"]["outlier_fraction"] == pytest.approx(3 / 384)
 
 
-def test_outlier_model_saves_and_loads_bit_identically_without_data(engine, data, tmp_path):
-    calib, test = data
-    _, qmodel, _ = _run(
-        engine, data, scheme_options=DYNAMIC, calibration=calib, plugin_options=OUTLIER
-    )
+def test_outlier_model_saves_and_loads_bit_identically_without_data(
+    outlier_run, engine, data, tmp_path
+):
+    _, test = data
+    _, qmodel, _ = outlier_run(outlier=True)
     path = str(tmp_path / "outlier.safetensors")
     engine.save(qmodel, path)
     loaded = engine.load(path, activation_transformer(outliers=True))
@@ -73,8 +89,6 @@ def test_outlier_model_saves_and_loads_bit_identically_without_data(engine, data
         assert a.dtype == b.dtype and torch.equal(a, b)
     with torch.no_grad():
         assert torch.equal(qmodel(test[0]), loaded(test[0]))
-    from monoquant_plugins.safetensors_format import MonoQuantReader
-
     with MonoQuantReader(path) as r:
         info = r.qinfo("blocks.0.attn.q_proj.weight")
     assert info["outlier_threshold"] == 6.0
@@ -87,11 +101,9 @@ def test_outlier_model_saves_and_loads_bit_identically_without_data(engine, data
     assert sqnr_db(w, got) >= 38.0
 
 
-def test_reference_and_torch_cpu_both_run_the_mixed_layers(engine, data):
-    calib, _ = data
-    opts = dict(scheme_options=DYNAMIC, calibration=calib, plugin_options=OUTLIER)
-    db_ref, q_ref, _ = _run(engine, data, backend="reference", **opts)
-    db_cpu, q_cpu, _ = _run(engine, data, **opts)
+def test_reference_and_torch_cpu_both_run_the_mixed_layers(outlier_run):
+    db_ref, q_ref, _ = outlier_run(outlier=True, backend="reference")
+    db_cpu, q_cpu, _ = outlier_run(outlier=True)
     assert q_ref.blocks[0].attn.q_proj.backend.name == "reference"
     assert q_cpu.blocks[0].attn.q_proj.backend.name == "torch-cpu"
     # torch-cpu's dynamic int8 codes differ from the reference's by design (uint8 on
@@ -149,9 +161,7 @@ def test_plan_notes_and_errors(engine):
     assert not qmodel[0].qtensor().has_float_columns
 
 
-def test_cli_outlier_threshold_and_calibration_file(engine, tmp_path):
-    from monoquant_core.testing import models
-
+def test_cli_outlier_threshold_and_calibration_file(cli, engine, tmp_path):
     calib = tmp_path / "calib.pt"
     x = torch.randn(64, 32)
     x[:, 3] *= 50
@@ -159,25 +169,22 @@ def test_cli_outlier_threshold_and_calibration_file(engine, tmp_path):
     weights = tmp_path / "w.pt"
     torch.save(mlp().state_dict(), weights)
     out = tmp_path / "q.safetensors"
-    result = CliRunner().invoke(
-        build_cli(engine),
-        [
-            "quantize",
-            "--model",
-            f"{models.__name__}:mlp",
-            "--weights",
-            str(weights),
-            "--scheme-opt",
-            "activations=dynamic",
-            "--calibration",
-            str(calib),
-            "--outlier-threshold",
-            "10",
-            "--outlier-max-fraction",
-            "0.05",
-            "-o",
-            str(out),
-        ],
+    result = cli(
+        "quantize",
+        "--model",
+        f"{models.__name__}:mlp",
+        "--weights",
+        weights,
+        "--scheme-opt",
+        "activations=dynamic",
+        "--calibration",
+        calib,
+        "--outlier-threshold",
+        "10",
+        "--outlier-max-fraction",
+        "0.05",
+        "-o",
+        out,
     )
     assert result.exit_code == 0, result.output
     loaded = engine.load(str(out), mlp())
@@ -185,7 +192,7 @@ def test_cli_outlier_threshold_and_calibration_file(engine, tmp_path):
     assert loaded[0].qtensor().meta["outlier_threshold"] == 10.0
 
 
-def test_plugin_options_key_enables_it_in_python_and_the_cli_flag_does_the_same(engine, tmp_path):
+def test_plugin_options_key_enables_it_in_python_and_the_cli_flag_does_the_same(cli, engine):
     """The acceptance example of the core redesign: ``plugin_options={"outlier": {}}``."""
     calib = activation_batches(4, seed=1)
     model, report = engine.quantize(
@@ -198,14 +205,12 @@ def test_plugin_options_key_enables_it_in_python_and_the_cli_flag_does_the_same(
     )
     assert _float_fraction(model) > 0
     assert any("outlier_columns" in m for m in report.extra["modules"].values())
-    cli = build_cli(engine)
-    runner = CliRunner()
     args = ["plan", "--demo", "--scheme-opt", "activations=dynamic"]
     for flag in (["--outlier"], ["--outlier-opt", "threshold=5"], ["--outlier-threshold", "5"]):
-        res = runner.invoke(cli, [*args, *flag])
+        res = cli(*args, *flag)
         assert res.exit_code == 0, res.output
         assert "outlier decomposition (threshold " in res.output, flag
-    res = runner.invoke(cli, args)
+    res = cli(*args)
     assert "outlier decomposition" not in res.output
-    res = runner.invoke(cli, [*args, "--outlier-opt", "threshold=5", "--outlier-threshold", "4"])
+    res = cli(*args, "--outlier-opt", "threshold=5", "--outlier-threshold", "4")
     assert res.exit_code == 1 and "set the same option" in res.output

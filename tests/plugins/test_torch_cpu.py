@@ -10,6 +10,7 @@ from torch import nn
 
 from monoquant_core import Engine
 from monoquant_core.testing import odd_inputs
+from tests.helpers import fast_and_reference, rel_err
 
 # (scheme, options, relative error bound against the reference backend)
 PATHS = [
@@ -28,34 +29,19 @@ PATHS = [
 ]
 
 
-def _models(scheme, opts, n=96, k=256):
-    torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(k, n))
-    state = base.state_dict()
-    fast, _ = Engine().quantize(base, scheme=scheme, scheme_options=opts)
-    torch.manual_seed(0)
-    other = nn.Sequential(nn.Linear(k, n))
-    other.load_state_dict(state)
-    ref, _ = Engine().quantize(other, scheme=scheme, scheme_options=opts, backend="reference")
-    return fast, ref
-
-
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-
-
 @pytest.mark.parametrize("scheme, opts, bound", PATHS)
-@pytest.mark.parametrize("m", [1, 3, 17])
+# M = 1 (decode) and 17 (several row blocks and a remainder) run by default; M = 3 is slow
+@pytest.mark.parametrize("m", [1, pytest.param(3, marks=pytest.mark.slow), 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_paths_match_reference(scheme, opts, bound, m, dtype):
-    fast, ref = _models(scheme, opts)
+    fast, ref = fast_and_reference(96, 256, scheme, opts)
     assert fast[0].backend.name == "torch-cpu", fast[0].backend.name
     assert torch.equal(fast[0].weight_qdata, ref[0].weight_qdata)  # same QTensor
     x = torch.randn(m, 256).to(dtype)
     with torch.no_grad():
         y, r = fast(x), ref(x)
     assert y.dtype == dtype and y.shape == r.shape
-    err = _rel(y, r)
+    err = rel_err(y, r)
     limit = bound if dtype == torch.float32 else max(bound, 2e-2)
     assert err < limit, f"{scheme} {opts} M={m} {dtype}: relative error {err:.2e} >= {limit}"
 
@@ -89,18 +75,18 @@ def test_unsupported_shapes_fall_back_to_reference_with_a_reason(scheme, opts, s
 
 @pytest.mark.parametrize("scheme, opts, bound", [p for p in PATHS if p[0] != "fp16"])
 def test_odd_inputs_are_guarded(scheme, opts, bound):
-    fast, ref = _models(scheme, opts)
+    fast, ref = fast_and_reference(96, 256, scheme, opts)
     for label, x in odd_inputs(256).items():
         with torch.no_grad():
             y, r = fast(x), ref(x)
         assert y.shape == r.shape == (*x.shape[:-1], 96), label
         if x.numel():
-            err = _rel(y, r)
+            err = rel_err(y, r)
             assert err < max(bound, 2e-2), f"{label}: relative error {err:.2e}"
 
 
 def test_bias_and_output_dtype():
-    fast, ref = _models("int4-group", {})
+    fast, ref = fast_and_reference(96, 256, "int4-group", {})
     x = torch.randn(4, 256, dtype=torch.float16)
     assert fast(x).dtype == torch.float16
-    assert _rel(fast(x), ref(x)) < 2e-2
+    assert rel_err(fast(x), ref(x)) < 2e-2

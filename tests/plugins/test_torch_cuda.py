@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from monoquant_core import CapabilityError, Engine
+from tests.helpers import rel_err
 
 PATHS = [
     ("int8", {"activations": "dynamic"}, 2e-2),
@@ -30,10 +31,6 @@ def test_unavailable_without_cuda_is_a_clear_error():
         engine.configure(backend="torch-cuda")
 
 
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme, opts, bound", PATHS)
 @pytest.mark.parametrize("m", [1, 5, 64])
@@ -51,7 +48,7 @@ def test_cuda_kernels_match_reference(scheme, opts, bound, m):
     ref[0].backend = Engine().backends.get("reference")
     x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
-        err = _rel(q(x), ref(x))
+        err = rel_err(q(x), ref(x))
     assert err < bound, f"{scheme} {opts} M={m}: relative error {err:.2e}"
 
 
@@ -65,7 +62,7 @@ def test_moving_between_devices_reselects_the_backend():
     q = q.to("cuda")
     assert q[0].backend.name == "torch-cuda"
     y_gpu = q(x.cuda()).cpu()
-    assert _rel(y_gpu, y_cpu) < 3e-2
+    assert rel_err(y_gpu, y_cpu) < 3e-2
     q = q.to("cpu")
     assert q[0].backend.name == "torch-cpu"
 
@@ -79,7 +76,7 @@ def test_unsupported_shapes_fall_back_on_cuda():
     q = q.to("cuda")
     assert q[0].backend.name == "reference"
     x = torch.ones(2, 200, device="cuda")
-    assert _rel(q(x).cpu(), y_cpu) < 1e-5
+    assert rel_err(q(x).cpu(), y_cpu) < 1e-5
     assert q(x[:0]).shape == (0, 24)
     x3 = torch.randn(2, 3, 200, device="cuda")
     assert q(x3).shape == (2, 3, 24)
@@ -99,7 +96,7 @@ def test_saved_model_loads_onto_cuda(tmp_path, scheme):
     )
     loaded = loaded.to("cuda")
     assert loaded[0].backend.name == "torch-cuda"
-    assert _rel(loaded(x.cuda()).cpu(), want) < 3e-2
+    assert rel_err(loaded(x.cuda()).cpu(), want) < 3e-2
 
 
 def test_static_int8_is_declined_by_torch_cuda_with_the_reason():
@@ -127,4 +124,4 @@ def test_static_int8_model_moved_to_cuda_runs_on_reference():
     y_cpu = q(x)
     q = q.to("cuda")
     assert q[0].backend.name == "reference"
-    assert _rel(q(x.cuda()).cpu(), y_cpu) < 2e-2
+    assert rel_err(q(x.cuda()).cpu(), y_cpu) < 2e-2

@@ -14,6 +14,7 @@ from monoquant_core.testing import (
     SchemeContract,
     SerializerContract,
 )
+from tests.helpers import Conv1D
 
 pytest_plugins = ["monoquant_core.testing.plugin"]
 
@@ -106,28 +107,12 @@ class TestEmbeddingContract(ReplacerContract):
         return torch.randint(0, 50, (3, 7))
 
 
-class Conv1D(nn.Module):
-    """Stand-in for ``transformers.pytorch_utils.Conv1D`` (weight ``[in, out]``)."""
-
-    __module__ = "transformers.pytorch_utils"
-
-    def __init__(self, nf: int, nx: int):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
-        self.bias = nn.Parameter(torch.randn(nf) * 0.01)
-
-    def forward(self, x):
-        size_out = (*x.size()[:-1], self.nf)
-        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
-
-
 class TestGpt2Conv1DContract(ReplacerContract):
     replacer = "gpt2-conv1d"
     sqnr_floor_db = 40.0
 
     def build(self):
-        return Conv1D(48, 96)
+        return Conv1D(48, 96, bias_std=0.01)
 
     def example_input(self):
         return torch.randn(2, 5, 96)

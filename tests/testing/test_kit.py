@@ -6,7 +6,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -26,22 +25,9 @@ from monoquant_core.testing import (
     SerializerContract,
 )
 from monoquant_core.testing.engines import hermetic_engine
+from tests.helpers import SCHEME_PLUGIN
 
 pytest_plugins = ["monoquant_core.testing.plugin"]
-
-ROUND8 = textwrap.dedent(
-    """
-    from monoquant_plugins.int8 import Int8Scheme
-    from monoquant_core import hookimpl
-
-    class Round8Scheme(Int8Scheme):
-        name = "round8"
-
-    @hookimpl
-    def monoquant_register_schemes(register):
-        register(Round8Scheme())
-    """
-)
 
 # ---------------------------------------------------------------------------- fixtures
 
@@ -71,11 +57,13 @@ class TestMqEngineOverrides:
         return (int8,)
 
     def test_only_the_given_plugins(self, mq_engine):
-        assert mq_engine.schemes.names() == ["int8"] and len(mq_engine.observers) == 0
+        assert mq_engine.schemes.names() == ["int8"] and mq_engine.observers.names() == []
 
 
 def test_fake_distribution_is_discovered_and_distributions_filter(fake_distribution):
-    fake_distribution("monoquant-round8", {"round8": "mq_kit_round8"}, {"mq_kit_round8": ROUND8})
+    fake_distribution(
+        "monoquant-round8", {"round8": "mq_kit_round8"}, {"mq_kit_round8": SCHEME_PLUGIN}
+    )
     reg = hermetic_engine().schemes.entry("round8")
     assert (reg.distribution, reg.version) == ("monoquant-round8", "0.1.0")
     assert "round8" not in hermetic_engine(distributions=()).schemes

@@ -1,0 +1,77 @@
+"""report.py: per-weight metrics, skipped layers with their reasons and model totals, as a
+table and as JSON, and building the report of a module-mode run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from monoquant_core import Config, ModuleResult, Plan, PlanEntry, QuantReport
+from monoquant_core.metrics import sqnr_db
+from monoquant_core.report import build_report
+from monoquant_core.testing import mlp
+
+
+def test_report_sizes_and_json(engine):
+    model = mlp(dims=(256, 256, 256))
+    _, report = engine.quantize(model)
+    assert report.compression_ratio > 3.5, report.compression_ratio
+    layer = report.layer("0.weight")
+    assert layer.bits_per_weight == pytest.approx(8 + 32 / 256)
+    assert layer.sqnr_db > 40
+    data = report.to_dict()
+    assert data["layers"][0]["name"] == "0.weight"
+    text = report.render()
+    assert "0.weight" in text and "smaller" in text
+
+
+def test_build_report_has_a_row_per_weight_the_skips_and_plugin_metrics(engine):
+    w0, w1 = torch.randn(8, 16), torch.zeros(4, 8)
+    e0 = PlanEntry("enc.fc", "Linear", "int8", "minmax", "reference", "linear")
+    e1 = PlanEntry("", "Linear", "int8", "minmax", "torch-cpu", "linear")
+    skipped = PlanEntry("norm", "LayerNorm")
+    skipped.skip("normalisation layer")
+    also = PlanEntry("ln2", "LayerNorm")
+    also.skip("normalisation layer")
+    plan = Plan([e0, skipped, e1, also], Config(scheme="int8", observer="minmax"))
+    q0 = engine.quantize_weight(w0, "int8", "minmax")
+    q1 = engine.quantize_weight(w1, "int8", "minmax")
+    results = [
+        ModuleResult(e0, {"weight": q0}, {"weight": w0}, {"note": 1}, time_s=0.5),
+        ModuleResult(e1, {"weight": q1}, {}, time_s=0.25),
+    ]
+    rep = build_report(engine.schemes, plan, results, before=1000, after=250)
+    assert [r.name for r in rep.layers] == ["enc.fc.weight", "weight"]
+    r0, r1 = rep.layers
+    assert (r0.module_type, r0.scheme, r0.observer, r0.backend) == (
+        "Linear",
+        "int8",
+        "minmax",
+        "reference",
+    )
+    assert r0.shape == (8, 16) and r0.numel == 128 and r0.bytes_before == 512
+    assert r0.bytes_after == q0.nbytes and r0.time_s == 0.5
+    assert r0.sqnr_db == pytest.approx(sqnr_db(w0, q0.dequantize()))
+    assert r1.sqnr_db == math.inf  # no original given: compared with itself
+    assert rep.skipped == [("norm", "normalisation layer"), ("ln2", "normalisation layer")]
+    assert rep.extra == {"modules": {"enc.fc": {"note": 1}}}
+    assert rep.compression_ratio == 4.0 and rep.min_sqnr_db == r0.sqnr_db
+    assert rep.config["scheme"] == "int8"
+    text = rep.render()
+    assert "kept in float (2):\n  norm, ln2: normalisation layer" in text
+    assert "1000 B -> 250 B (4.00x smaller), 2 weights quantized" in text
+    data = json.loads(rep.to_json())
+    assert data["layers"][1]["sqnr_db"] == "inf" and data["layers"][0]["shape"] == [8, 16]
+    assert data["skipped"][0] == {"name": "norm", "reason": "normalisation layer"}
+
+
+def test_an_empty_report():
+    rep = QuantReport()
+    assert rep.compression_ratio == 0.0 and rep.min_sqnr_db is None
+    assert rep.to_dict()["min_sqnr_db"] is None
+    assert "0 weights quantized, min SQNR - dB" in rep.render()
+    with pytest.raises(KeyError):
+        rep.layer("fc.weight")

@@ -1,0 +1,252 @@
+"""sources.py: reading checkpoint inputs (a file, a sharded folder with or without its index,
+a .pt file): every bad input is a one-line error, and pickles run no code unless trusted."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from monoquant_plugins.safetensors_format import write_safetensors
+
+import monoquant_core as mq
+from monoquant_core import FormatError, MonoQuantError, UsageError
+from tests.helpers import (
+    INDEX,
+    SMALL_SELECTED,
+    evil_pickle,
+    expect_failure,
+    raw_safetensors,
+    small_state,
+    write_folder,
+)
+
+
+def test_pt_state_dict_input(engine, tmp_path):
+    sd = small_state()
+    sd["model.layers.0.mlp.up_proj.bias"] = torch.randn(128)[::2]  # a strided view
+    sd["model.layers.1.self_attn.k_proj.weight"] = torch.randn(32, 32).t() * 0.02  # not contiguous
+    for suffix in (".pt", ".bin"):
+        src = tmp_path / f"model{suffix}"
+        torch.save(sd, src)
+        out = tmp_path / f"q{suffix}.safetensors"
+        report = engine.quantize_checkpoint(str(src), str(out), progress=False)
+        assert {layer.name for layer in report.layers} == SMALL_SELECTED
+        got = mq.load(str(out), dequantize=True)
+        assert set(got) == set(sd)
+        for n, t in sd.items():
+            if n not in SMALL_SELECTED:
+                assert torch.equal(got[n], t), n
+            else:
+                print(f"{suffix} {n}: SQNR {mq.sqnr_db(t, got[n]):.1f} dB")
+                assert mq.sqnr_db(t, got[n]) > 35
+
+
+def test_pickled_full_model_needs_trust_pickle(engine, tmp_path):
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    src = tmp_path / "full.pt"
+    torch.save(model, src)
+    out = tmp_path / "q.safetensors"
+    expect_failure(
+        lambda: engine.quantize_checkpoint(str(src), str(out), progress=False),
+        out,
+        UsageError,
+        "--trust-pickle",
+    )
+    report = engine.quantize_checkpoint(str(src), str(out), trust_pickle=True, progress=False)
+    assert {layer.name for layer in report.layers} == {"0.weight", "2.weight"}
+    restored = mq.load(
+        str(out),
+        torch.nn.Sequential(*[torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)]),
+    )
+    x = torch.randn(4, 32)
+    db = mq.sqnr_db(model(x), restored(x))
+    print(f"pickled model output SQNR {db:.1f} dB")
+    assert db > 30
+
+
+def test_missing_input_and_folder_without_safetensors(engine, tmp_path):
+    out = tmp_path / "out.safetensors"
+    expect_failure(
+        lambda: engine.quantize_checkpoint(str(tmp_path / "nope.safetensors"), str(out)),
+        out,
+        UsageError,
+        "does not exist",
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    torch.save({"w": torch.ones(2, 2)}, empty / "pytorch_model.bin")
+    expect_failure(
+        lambda: engine.quantize_checkpoint(str(empty), str(tmp_path / "o")),
+        tmp_path / "o",
+        UsageError,
+        "no .safetensors files",
+    )
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"PK\x03\x04 a zip file")
+    expect_failure(lambda: engine.quantize_checkpoint(str(junk), str(out)), out, FormatError)
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda d: "{not json", "not valid JSON"),
+        (
+            lambda d: json.dumps(
+                {"weight_map": {**d["weight_map"], "x.weight": "gone.safetensors"}}
+            ),
+            "gone.safetensors",
+        ),
+        (
+            lambda d: json.dumps(
+                {
+                    "weight_map": {
+                        **d["weight_map"],
+                        "lm_head.weight": "model-00001-of-00003.safetensors",
+                    }
+                }
+            ),
+            "'lm_head.weight'",
+        ),
+        (lambda d: json.dumps({"weight_map": ["a", "b"]}), "weight_map"),
+        (lambda d: json.dumps({"weight_map": {"x": "../model.safetensors"}}), "not a file name"),
+    ],
+    ids=["invalid-json", "missing-shard", "wrong-shard", "weight-map-list", "path-in-shard"],
+)
+def test_broken_index(engine, tmp_path, edit, needle):
+    src = tmp_path / "src"
+    write_folder(src, small_state(), n_shards=3, extra_files=False)
+    doc = json.loads((src / INDEX).read_text())
+    (src / INDEX).write_text(edit(doc))
+    out = tmp_path / "out"
+    expect_failure(lambda: engine.quantize_checkpoint(str(src), str(out)), out, FormatError, needle)
+
+
+def test_index_metadata_that_is_not_an_object_is_a_format_error(engine, tmp_path):
+    """The index's "metadata" is merged with ``{**metadata}``: a string there must be refused
+    as a FormatError, not crash with TypeError after every shard was written."""
+    src = tmp_path / "src"
+    write_folder(src, small_state(), n_shards=2, extra_files=False)
+    doc = json.loads((src / INDEX).read_text())
+    doc["metadata"] = "total_size=1"
+    (src / INDEX).write_text(json.dumps(doc))
+    out = tmp_path / "out"
+    expect_failure(lambda: engine.quantize_checkpoint(str(src), str(out)), out, FormatError, INDEX)
+
+
+def test_same_tensor_in_two_shards_is_refused(engine, tmp_path):
+    """A name stored in two shards makes the output index ambiguous (weight_map can map it to
+    one shard only): the input must be refused, with or without an index."""
+    src = tmp_path / "src"
+    src.mkdir()
+    g = torch.Generator().manual_seed(0)
+    a = {"x.weight": torch.randn(16, 16, generator=g), "y.weight": torch.randn(16, 16, generator=g)}
+    b = {"x.weight": torch.randn(16, 16, generator=g), "z.weight": torch.randn(16, 16, generator=g)}
+    write_safetensors(str(src / "a.safetensors"), a, {})
+    write_safetensors(str(src / "b.safetensors"), b, {})
+    out = tmp_path / "out"
+    expect_failure(
+        lambda: engine.quantize_checkpoint(str(src), str(out)), out, FormatError, "x.weight"
+    )
+    wm = {"x.weight": "a.safetensors", "y.weight": "a.safetensors", "z.weight": "b.safetensors"}
+    (src / INDEX).write_text(json.dumps({"weight_map": wm}))
+    expect_failure(
+        lambda: engine.quantize_checkpoint(str(src), str(out)), out, FormatError, "x.weight"
+    )
+
+
+@pytest.mark.parametrize("where", ["file", "shard"])
+def test_truncated_input(engine, tmp_path, small_file, where):
+    src, sd = small_file
+    data = src.read_bytes()
+    if where == "file":
+        bad = tmp_path / "cut.safetensors"
+        bad.write_bytes(data[: len(data) - 100])
+        out = tmp_path / "out.safetensors"
+    else:
+        bad = tmp_path / "folder"
+        write_folder(bad, sd, n_shards=3, extra_files=False)
+        shard = bad / "model-00002-of-00003.safetensors"
+        shard.write_bytes(shard.read_bytes()[:-7])
+        out = tmp_path / "out"
+    expect_failure(lambda: engine.quantize_checkpoint(str(bad), str(out)), out, FormatError)
+
+
+def _lying_headers():
+    ok = {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}
+    return {
+        "shape-vs-offsets": ({"a.weight": {**ok, "shape": [4, 5]}}, 64, "needs 80 bytes"),
+        "offsets-past-end": (
+            {"a.weight": {**ok, "shape": [8, 4], "data_offsets": [0, 128]}},
+            64,
+            "describes 128 bytes",
+        ),
+        "overlap": ({"a.weight": ok, "b.weight": ok}, 64, "expected 64"),
+        "gap": ({"a.weight": {**ok, "data_offsets": [8, 72]}}, 72, "starts at byte 8"),
+        "negative": ({"a.weight": {**ok, "data_offsets": [-64, 0]}}, 64, "invalid header entry"),
+        "unknown-dtype": ({"a.weight": {**ok, "dtype": "F7"}}, 64, "unknown dtype"),
+        "metadata-not-strings": ({"__metadata__": {"a": 1}, "a.weight": ok}, 64, "__metadata__"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_lying_headers()))
+def test_header_that_lies_about_sizes(engine, tmp_path, case):
+    header, nbytes, needle = _lying_headers()[case]
+    bad = tmp_path / "lie.safetensors"
+    raw_safetensors(bad, header, bytes(nbytes))
+    out = tmp_path / "out.safetensors"
+    expect_failure(lambda: engine.quantize_checkpoint(str(bad), str(out)), out, FormatError, needle)
+    with pytest.raises(FormatError):
+        engine.inspect(str(bad))
+
+
+def test_malicious_pickle_does_not_run(engine, tmp_path):
+    marker = tmp_path / "pwned"
+    src = evil_pickle(tmp_path / "evil.pt", marker)
+    out = tmp_path / "out.safetensors"
+    msg = expect_failure(
+        lambda: engine.quantize_checkpoint(str(src), str(out)), out, UsageError, "--trust-pickle"
+    )
+    print(msg)
+    with pytest.raises(UsageError, match="--trust-pickle"):
+        engine.plan_checkpoint(str(src))
+    with pytest.raises(UsageError, match="--trust-pickle"):
+        engine.inspect(str(src))
+    assert not marker.exists()
+
+
+GARBAGE_PT = {
+    "text": b"this is not a pickle \x00\x01\x02" * 4,  # weights_only unpickler: IndexError
+    "bad-memo": b"\x80\x02" + b"junk" * 10,  # weights_only unpickler: KeyError
+    "random": bytes(random.Random(0).randrange(256) for _ in range(200)),
+    "empty": b"",
+    "zip-header-only": b"PK\x03\x04" + bytes(100),
+}
+
+
+@pytest.mark.parametrize("trust", [False, True], ids=["default", "trust-pickle"])
+@pytest.mark.parametrize("case", list(GARBAGE_PT))
+def test_garbage_pt_file_is_a_format_error(engine, tmp_path, case, trust):
+    """Bytes that are not a torch.save file: a one-line MonoQuantError (a FormatError once
+    trusted unpickling failed too), never the unpickler's IndexError / KeyError /
+    UnpicklingError."""
+    src = tmp_path / "garbage.pt"
+    src.write_bytes(GARBAGE_PT[case])
+    out = tmp_path / "out.safetensors"
+    expect_failure(
+        lambda: engine.quantize_checkpoint(str(src), str(out), trust_pickle=trust),
+        out,
+        FormatError if trust else MonoQuantError,
+    )
+
+
+def test_pt_with_non_string_keys_is_refused(engine, tmp_path):
+    src = tmp_path / "ints.pt"
+    torch.save({0: torch.randn(8, 8), 1: torch.randn(8)}, src)
+    out = tmp_path / "out.safetensors"
+    expect_failure(
+        lambda: engine.quantize_checkpoint(str(src), str(out)), out, (FormatError, UsageError)
+    )
