@@ -25,6 +25,7 @@ from .capabilities import Capabilities
 from .components import (
     Artifact,
     Backend,
+    Kernel,
     Observer,
     QuantizedModule,
     Replacer,
@@ -66,6 +67,7 @@ __all__ = [
     "Config",
     "Engine",
     "FormatError",
+    "Kernel",
     "LayerReport",
     "ModuleResult",
     "MonoQuantError",

@@ -24,6 +24,7 @@ from .qtensor import QParams, QTensor, QuantSpec
 __all__ = [
     "Artifact",
     "Backend",
+    "Kernel",
     "Observer",
     "QuantizedModule",
     "Replacer",
@@ -133,6 +134,31 @@ class Scheme(ABC):
         return qt.dequantize()
 
 
+@dataclass(frozen=True)
+class Kernel:
+    """One kernel a backend runs for a weight, and the input rows (``M``) it serves.
+
+    A layer's input is viewed as ``[M, K]`` (every leading dimension flattened); a backend
+    whose best kernel depends on ``M`` (a GEMV-class kernel for few rows, a GEMM for many)
+    declares one ``Kernel`` per range in :meth:`Backend.kernels`, and picks among them at
+    call time by ``M`` alone (a comparison, no allocation).
+    """
+
+    name: str
+    min_rows: int = 1
+    max_rows: int | None = None  # inclusive; None = no upper bound
+
+    def describe(self) -> str:
+        """``"M 1-31: int8pack GEMV"``, ``"M >= 32: ..."`` or ``"any M: ..."``."""
+        if self.max_rows is None:
+            span = "any M" if self.min_rows <= 1 else f"M >= {self.min_rows}"
+        elif self.min_rows == self.max_rows:
+            span = f"M = {self.min_rows}"
+        else:
+            span = f"M {self.min_rows}-{self.max_rows}"
+        return f"{span}: {self.name}"
+
+
 class Backend(ABC):
     """Runs quantized layers on some hardware. ``reference`` is the ground truth."""
 
@@ -149,11 +175,18 @@ class Backend(ABC):
         """None if this backend can run ``info``, else the reason it cannot."""
         return None
 
+    def kernels(self, info: WeightInfo) -> tuple[Kernel, ...]:
+        """Which kernel runs a supported weight, per range of input rows ``M`` (shown by
+        ``monoquant plan``, the report and ``monoquant env``). Ranges are in order, start at
+        ``M = 1`` and leave no gap. Default: one kernel named after the backend."""
+        return (Kernel(self.name),)
+
     def prepare(self, qt: QTensor, scheme: Scheme) -> Any:
         """Derive the kernel layout of ``qt`` (never stored on disk).
 
-        Called lazily on the first forward and again after the module moves device. ``scheme``
-        is the registered scheme of ``qt`` (its ``dequantize`` is the ground truth).
+        Called when the quantized module is built or loaded, and again after it moves device
+        or its buffers are loaded, so the first forward pays nothing. ``scheme`` is the
+        registered scheme of ``qt`` (its ``dequantize`` is the ground truth).
         """
         return (qt, scheme)
 
@@ -207,10 +240,13 @@ class QuantizedModule(nn.Module):
     """Base of the modules replacers create: stores each QTensor as plain buffers.
 
     Buffers are named ``<param>_<role>`` (``weight_qdata``, ``weight_scale``, ...), so
-    ``.to()``, ``state_dict()`` and ``load_state_dict()`` work as for any module. The backend's
-    prepared (kernel) form is derived lazily and dropped whenever the module moves; after a
-    move to another device type the module switches to the best of ``backend_candidates``
-    (set by the Engine, highest priority first) that supports the weight there.
+    ``.to()``, ``state_dict()`` and ``load_state_dict()`` work as for any module. Dtype casts
+    (``.to(torch.bfloat16)``, ``.half()``) never touch these buffers: their dtypes are part of
+    the format. The backend's prepared (kernel) form is derived when the module is built
+    (:meth:`prepare`, called by the core) and again whenever the module moves or loads new
+    buffers; it is never pickled or saved. After a move to another device type the module
+    switches to the best of ``backend_candidates`` (set by the core, highest priority first)
+    that supports the weight there.
     """
 
     def __init__(self, backend: Backend, scheme: Scheme) -> None:
@@ -222,17 +258,33 @@ class QuantizedModule(nn.Module):
         self.backend_candidates: list[Backend] = [backend]
 
     def prepared(self, param: str = "weight") -> Any:
-        """The backend's kernel form of ``param`` (cached until the module moves)."""
+        """The backend's kernel form of ``param`` (derived once, until the module moves)."""
         p = self._prepared.get(param)
         if p is None:
             p = self._prepared[param] = self.backend.prepare(self.qtensor(param), self.scheme)
         return p
 
+    def prepare(self) -> None:
+        """Derive every quantized parameter's kernel form now (not at the first forward)."""
+        for param in self._qmeta:
+            self.prepared(param)
+
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         self._prepared = {}
+        qbuffers = {n: self._buffers[n] for n in self.qbuffer_names() if n in self._buffers}
         out = super()._apply(fn, recurse)
+        for name, old in qbuffers.items():
+            new = self._buffers.get(name)
+            if new is not None and old is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)  # a move, never a cast
         self._reselect_backend()
+        if self._qmeta:
+            self.prepare()
         return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_prepared": {}}  # kernel layouts are machine-specific: never pickled
 
     def _reselect_backend(self) -> None:
         if not self._qmeta:
@@ -251,9 +303,11 @@ class QuantizedModule(nn.Module):
             "move it back, or install a backend plugin for that device",
         )
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._prepared = {}
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if any(prefix + n in state_dict for n in self.qbuffer_names()):
+            self._prepared = {}  # new codes or scales: derive the kernel form again
+            self.prepare()
 
     def set_qtensor(self, param: str, qt: QTensor) -> None:
         roles = list(qt.tensors())

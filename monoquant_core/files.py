@@ -207,6 +207,7 @@ def _rebuild(
         new = replacer.replace(module, qweights, registries.backends.get(be_name), scheme)
         if isinstance(new, QuantizedModule):
             new.backend_candidates = ranked_backends(registries.backends)
+            new.prepare()
         new_modules[mname] = new
     # Check the float tensors against what the rebuilt model expects before touching it.
     expected: dict[str, tuple[int, ...]] = {}

@@ -38,6 +38,8 @@ class PlanEntry:
         options: per-entry options (plugins may add their own keys).
         skip_reason: None when selected, else why the module stays in float.
         notes: extra remarks shown in the plan (e.g. why a backend was chosen).
+        kernels: the backend's kernel per range of input rows (``"M 1-31: ..."``), set with
+            the backend.
         collected: calibration collectors by name (see ``monoquant_collectors``), filled when
             calibration ran; not printed, not in ``to_dict``, not compared.
         calibration_rows: None when no calibration ran, else the number of input rows the
@@ -54,6 +56,7 @@ class PlanEntry:
     options: dict[str, Any] = field(default_factory=dict)
     skip_reason: str | None = None
     notes: list[str] = field(default_factory=list)
+    kernels: list[str] = field(default_factory=list)
     collected: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     calibration_rows: int | None = None
 
@@ -65,6 +68,7 @@ class PlanEntry:
         """Mark the entry as kept in float, with ``reason`` (plugins call this too)."""
         self.skip_reason = reason
         self.scheme = self.observer = self.backend = None
+        self.kernels = []
 
     def to_dict(self) -> dict[str, Any]:
         rows = {} if self.calibration_rows is None else {"calibration_rows": self.calibration_rows}
@@ -80,6 +84,7 @@ class PlanEntry:
             "options": self.options,
             "skip_reason": self.skip_reason,
             "notes": list(self.notes),
+            "kernels": list(self.kernels),
             **rows,
         }
 
@@ -123,7 +128,8 @@ class Plan:
             shapes = ", ".join("x".join(map(str, s)) for s in e.params.values())
             if e.selected:
                 action = f"{e.scheme} / {e.observer}" + (f" / {e.backend}" if e.backend else "")
-                why = "; ".join(e.notes)
+                shown = e.kernels if len(e.kernels) > 1 else []  # one kernel: the backend says it
+                why = "; ".join([*e.notes, *shown])
             else:
                 action, why = "keep float", e.skip_reason or ""
             rows.append([e.name or "(root)", e.module_type, shapes, action, why])

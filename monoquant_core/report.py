@@ -43,6 +43,7 @@ class LayerReport:
     max_abs_err: float
     rel_err: float
     time_s: float
+    kernels: str = ""
 
 
 def layer_report(
@@ -193,6 +194,7 @@ def build_report(
                     res.time_s / max(len(res.qtensors), 1),
                 )
             )
+            rep.layers[-1].kernels = "; ".join(e.kernels)
         if res.metrics:
             rep.extra.setdefault("modules", {})[e.name] = res.metrics
     rep.skipped = [(e.name, e.skip_reason or "") for e in plan.skipped]

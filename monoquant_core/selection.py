@@ -225,6 +225,7 @@ def check_entry(run: Run, entry: PlanEntry, module: nn.Module, with_backend: boo
     replacer = run.replacers.get(entry.replacer)
     scheme_cfg, _ = run.entry_configs(entry)
     notes: list[str] = []
+    kernels: list[str] = []
     backend = None
     act = scheme.activations(scheme_cfg)
     if act not in replacer.activations:
@@ -243,9 +244,11 @@ def check_entry(run: Run, entry: PlanEntry, module: nn.Module, with_backend: boo
         spec = scheme.spec(tuple(w.shape), replacer.channel_axis(module, p), scheme_cfg)
         info = WeightInfo(entry.scheme, spec, tuple(w.shape), w.dtype, w.device.type, act)
         backend, notes = run.choose_backend(info, entry.backend or run.config.backend)
+        kernels = [k.describe() for k in run.backends.get(backend).kernels(info)]
     if with_backend:
         entry.backend = backend
         entry.notes.extend(notes)
+        entry.kernels = kernels
 
 
 def validate_plan(run: Run, plan: Plan, model: nn.Module) -> None:

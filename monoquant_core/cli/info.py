@@ -7,7 +7,7 @@ import json
 import click
 
 from ..engine import Engine
-from ..hardware import environment
+from ..hardware import SHOWCASE_SHAPE, environment
 from ..tables import format_table
 
 __all__ = ["add_info_commands"]
@@ -17,6 +17,7 @@ _ENV_KEYS = (
     "torch",
     "python",
     "cpu_capability",
+    "isa",
     "threads",
     "quantized_engines",
     "cuda",
@@ -44,6 +45,12 @@ def add_info_commands(cli: click.Group, engine: Engine) -> None:
         ]
         click.echo("")
         click.echo(format_table(["backend", "priority", "available", "devices", "numerics"], rows))
+        w = "x".join(map(str, SHOWCASE_SHAPE))
+        for b in info["backends"]:
+            if b["kernels"]:
+                click.echo(f"\n{b['name']} kernels (a {w} weight, by input rows M):")
+                for label, kernels in b["kernels"].items():
+                    click.echo(f"  {label}: {'; '.join(kernels)}")
 
     @cli.command()
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from monoquant_core import Backend, Capabilities, hookimpl
+from monoquant_core import Backend, Capabilities, Kernel, hookimpl
 from monoquant_core.qtensor import QTensor
 
 SOURCE = Path(__file__).with_name("vnni_kernels.c")
@@ -205,6 +205,9 @@ class CpuVnniBackend(Backend):
         if k % 128 or k % gs:
             return f"K % 128 != 0 or K % group_size != 0 (K={k}, group_size={gs})"
         return None
+
+    def kernels(self, info):
+        return (Kernel("AVX512-VNNI int4 x int8 kernel (C), per-token int8 inputs"),)
 
     def prepare(self, qt: QTensor, scheme) -> Prepared:
         n, k = qt.shape

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from monoquant_core import Backend, Capabilities, FormatError, hookimpl
+from monoquant_core import Backend, Capabilities, FormatError, Kernel, hookimpl
 from monoquant_core.activations import (
     fake_quantize_static,
     quantize_per_tensor_asym,
@@ -28,6 +28,9 @@ class ReferenceBackend(Backend):
         "quantized per token to int8 and dequantized (the W8A8 ground truth); with "
         "activations='static' through the calibrated uint8 act_scale / act_zero_point",
     )
+
+    def kernels(self, info):
+        return (Kernel("float32 dequantize + F.linear"),)
 
     def prepare(self, qt, scheme):
         if qt.activations == "static":

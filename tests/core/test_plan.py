@@ -79,6 +79,7 @@ def test_to_dict_is_json_and_leaves_out_collected_data():
         "options": {},
         "skip_reason": "normalisation layer",
         "notes": [],
+        "kernels": [],
     }
 
 

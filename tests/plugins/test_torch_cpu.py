@@ -29,14 +29,33 @@ PATHS = [
 ]
 
 
+#: the kernel torch-cpu picks for few rows and for many rows (crossover forced to M = 8)
+PICKS = {
+    ("int8", "dynamic"): ("int8-dynamic", "int8-dynamic"),
+    ("int8", "dynamic-tensor"): ("int8-dynamic-tensor", "int8-dynamic-tensor"),
+    ("int8", "none"): ("int8-weight", "int8-gemm"),
+    ("int4-group", "none"): ("int4", "int4-gemm"),
+    ("fp16", "none"): ("fp16", "fp16"),
+    ("bf16", "none"): ("bf16", "bf16"),
+}
+
+
+@pytest.fixture
+def crossover_8(monkeypatch):
+    """Every GEMM path from M = 8 on, so small test layers exercise both kernels."""
+    monkeypatch.setenv("MONOQUANT_TORCH_CPU_CROSSOVER", "int8=8,int4=8")
+
+
 @pytest.mark.parametrize("scheme, opts, bound", PATHS)
-# M = 1 (decode) and 17 (several row blocks and a remainder) run by default; M = 3 is slow
+# M = 1 (decode) and 17 (the GEMM path, several row blocks and a remainder); M = 3 is slow
 @pytest.mark.parametrize("m", [1, pytest.param(3, marks=pytest.mark.slow), 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_paths_match_reference(scheme, opts, bound, m, dtype):
+def test_kernel_paths_match_reference(scheme, opts, bound, m, dtype, crossover_8):
     fast, ref = fast_and_reference(96, 256, scheme, opts)
     assert fast[0].backend.name == "torch-cpu", fast[0].backend.name
     assert torch.equal(fast[0].weight_qdata, ref[0].weight_qdata)  # same QTensor
+    small, large = PICKS[(scheme, opts.get("activations", "none"))]
+    assert fast[0].prepared().pick(m) == (small if m < 8 else large)
     x = torch.randn(m, 256).to(dtype)
     with torch.no_grad():
         y, r = fast(x), ref(x)
@@ -51,11 +70,63 @@ def test_numerics_are_declared():
     assert "bfloat16" in be.capabilities.numerics and "per token" in be.capabilities.numerics
 
 
+@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("scheme, opts", [("int8", {}), ("int4-group", {"group_size": 32})])
+def test_gemm_paths_in_float32_on_cpus_without_native_bf16(scheme, opts, compute, monkeypatch):
+    monkeypatch.setenv("MONOQUANT_TORCH_CPU_CROSSOVER", "int8=1,int4=1")
+    monkeypatch.setattr(
+        "monoquant_plugins.backends.torch_cpu.has_bf16_compute", lambda: compute == torch.bfloat16
+    )
+    fast, ref = fast_and_reference(96, 256, scheme, opts)
+    p = fast[0].prepared()
+    assert p.pick(1).endswith("-gemm") and p.tensors["compute"] == compute
+    x = torch.randn(5, 256)
+    assert rel_err(fast(x), ref(x)) < (1.5e-2 if compute == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize(
+    "scheme, opts, shape, kernel",
+    [
+        ("int8", {}, (32, 40), "any M: int8 rows -> "),
+        ("int4-group", {"group_size": 32}, (40, 64), "any M: int4 rows -> "),
+    ],
+)
+def test_shapes_the_gemv_kernels_refuse_run_the_gemm_path_at_every_m(scheme, opts, shape, kernel):
+    n, k = shape
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(k, n))
+    entry = Engine().plan(model, scheme=scheme, scheme_options=opts).get("0")
+    assert entry.backend == "torch-cpu"
+    assert len(entry.kernels) == 1 and entry.kernels[0].startswith(kernel), entry.kernels
+    fast, ref = fast_and_reference(n, k, scheme, opts)
+    for m in (1, 9):
+        x = torch.randn(m, k)
+        assert rel_err(fast(x), ref(x)) < 1.5e-2
+
+
+def test_crossover_table_and_override(monkeypatch):
+    from monoquant_plugins.backends.cpu_kernels import crossover
+
+    assert crossover("int8", 384, 384) == 64 and crossover("int8", 4096, 4096) == 32
+    assert crossover("int8", 11008, 4096) == 16 and crossover("int4", 4096, 4096) == 48
+    plan = Engine().plan(nn.Sequential(nn.Linear(4096, 4096)), scheme="int8")
+    assert plan.get("0").kernels == [
+        "M 1-31: _weight_int8pack_mm, bf16 inputs",
+        f"M >= 32: int8 rows -> {plan.get('0').kernels[1].split('-> ')[1]}",
+    ]
+    monkeypatch.setenv("MONOQUANT_TORCH_CPU_CROSSOVER", "int8=5")
+    plan = Engine().plan(nn.Sequential(nn.Linear(4096, 4096)), scheme="int8")
+    assert plan.get("0").kernels[0] == "M 1-4: _weight_int8pack_mm, bf16 inputs"
+    monkeypatch.setenv("MONOQUANT_TORCH_CPU_CROSSOVER", "int9=5")
+    from monoquant_core import UsageError
+
+    with pytest.raises(UsageError, match="MONOQUANT_TORCH_CPU_CROSSOVER='int9=5'"):
+        Engine().plan(nn.Sequential(nn.Linear(4096, 4096)), scheme="int8")
+
+
 @pytest.mark.parametrize(
     "scheme, opts, shape, reason",
     [
-        ("int8", {}, (32, 40), "K % 16 != 0 (K=40)"),
-        ("int4-group", {"group_size": 32}, (40, 64), "N % 16 != 0 (N=40)"),
         ("int4-group", {"group_size": 32}, (32, 72), "K % group_size != 0 (K=72, group_size=32)"),
         ("int8", {"symmetric": False}, (32, 64), "need symmetric weights"),
     ],
@@ -74,7 +145,7 @@ def test_unsupported_shapes_fall_back_to_reference_with_a_reason(scheme, opts, s
 
 
 @pytest.mark.parametrize("scheme, opts, bound", [p for p in PATHS if p[0] != "fp16"])
-def test_odd_inputs_are_guarded(scheme, opts, bound):
+def test_odd_inputs_are_guarded(scheme, opts, bound, crossover_8):
     fast, ref = fast_and_reference(96, 256, scheme, opts)
     for label, x in odd_inputs(256).items():
         with torch.no_grad():
@@ -90,3 +161,18 @@ def test_bias_and_output_dtype():
     x = torch.randn(4, 256, dtype=torch.float16)
     assert fast(x).dtype == torch.float16
     assert rel_err(fast(x), ref(x)) < 2e-2
+
+
+def test_without_fbgemm_int8_dynamic_runs_int_mm_with_the_same_codes(monkeypatch):
+    """torch deprecates the fbgemm quantized ops: without them W8A8 runs on torch._int_mm."""
+    monkeypatch.setattr("monoquant_plugins.backends.torch_cpu._fbgemm", lambda: False)
+    opts = {"activations": "dynamic"}
+    fast, ref = fast_and_reference(96, 256, "int8", opts)
+    assert fast[0].backend.name == "torch-cpu"
+    assert fast[0].prepared().kind == "int8-dynamic-intmm"
+    entry = Engine().plan(nn.Sequential(nn.Linear(256, 96)), scheme="int8", scheme_options=opts)
+    assert entry.get("0").kernels == ["any M: torch._int_mm int8 x int8, per-token inputs"]
+    for m in (1, 17):
+        x = torch.randn(m, 256)
+        # same int8 codes, int32 accumulation: only float rounding differs from the reference
+        assert rel_err(fast(x), ref(x)) < 1e-5

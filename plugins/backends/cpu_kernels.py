@@ -1,0 +1,263 @@
+"""The CPU kernels of the ``torch-cpu`` backend, on PyTorch ops only (no compiler needed).
+
+Each kernel takes the input as ``[M, K]`` and a :class:`Prepared` weight and returns ``[M, N]``
+(the caller casts to the input dtype and adds the bias). Two families:
+
+* GEMV-class kernels that read the packed weight once per call and are fastest for few rows
+  (``torch._weight_int8pack_mm``, ``torch._weight_int4pack_mm_for_cpu``, fbgemm's dynamic
+  int8 linear);
+* GEMM paths for many rows: the weight is converted, block of rows by block of rows, into the
+  compute dtype (bfloat16 where the CPU multiplies it natively, else float32) in a reused
+  per-thread scratch buffer, and multiplied with a BLAS GEMM. No full float copy of the
+  weight is ever kept; the conversion costs the same at every ``M``, so it pays off above a
+  crossover (:data:`CROSSOVER`).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from monoquant_core.activations import fake_quantize_static
+
+__all__ = ["CROSSOVER", "KERNELS", "Prepared", "crossover", "scratch"]
+
+#: Input rows (M) from which the GEMM path beats the GEMV-class kernel, by weight size
+#: (``N * K`` elements, first match): measured single-threaded with ``bench/kernels.py
+#: --crossover`` on an AVX512 + AVX512-BF16 CPU (Zen 5). ``MONOQUANT_TORCH_CPU_CROSSOVER``
+#: (``int8=32,int4=48``) overrides them for every size.
+CROSSOVER: dict[str, tuple[tuple[int | None, int], ...]] = {
+    "int8": ((1 << 20, 64), (1 << 24, 32), (None, 16)),
+    "int4": ((1 << 20, 96), (1 << 24, 48), (None, 32)),
+}
+
+_BLOCK_BYTES = 1 << 20  # converted rows per block: about 1 MiB, so a block stays in cache
+_local = threading.local()
+
+
+def crossover(kind: str, n: int, k: int, override: dict[str, int] | None = None) -> int:
+    """The first ``M`` served by the GEMM path of ``kind`` (``int8`` / ``int4``)."""
+    if override and kind in override:
+        return override[kind]
+    for limit, m in CROSSOVER[kind]:
+        if limit is None or n * k <= limit:
+            return m
+    raise AssertionError("unreachable: the last CROSSOVER row has no limit")
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread work buffer of ``shape``, reused across calls (grown when too small): a
+    fresh multi-MiB allocation costs page faults on every call."""
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    n = 1
+    for d in shape:
+        n *= d
+    buf = bufs.get((name, dtype))
+    if buf is None or buf.numel() < n:
+        buf = bufs[(name, dtype)] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+@dataclass
+class Prepared:
+    """Kernel-ready weights of one layer (derived at prepare time, never saved).
+
+    ``kernels``: ``(first M, kernel name)`` pairs in ascending order; :meth:`kind` picks one
+    by the number of input rows.
+    """
+
+    n: int
+    k: int
+    kernels: tuple[tuple[int, str], ...]
+    tensors: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """The kernel of a single row."""
+        return self.kernels[0][1]
+
+    def pick(self, m: int) -> str:
+        kind = self.kernels[0][1]
+        for first, name in self.kernels[1:]:
+            if m >= first:
+                kind = name
+        return kind
+
+
+def bf16(x: torch.Tensor) -> torch.Tensor:
+    """bfloat16, contiguous, and 32-byte aligned (the AVX-512 kernels use aligned loads)."""
+    xb = x.to(torch.bfloat16).contiguous()
+    if xb.data_ptr() % 32:
+        xb = xb.clone()
+    return xb
+
+
+def _rows_per_block(k: int, dtype: torch.dtype) -> int:
+    return max(16, _BLOCK_BYTES // max(1, k * torch.tensor([], dtype=dtype).element_size()))
+
+
+def _gemm_into(out: torch.Tensor, i: int, j: int, x: torch.Tensor, block: torch.Tensor) -> None:
+    """``out[:, i:j] = x @ block^T``; with autograd recording, a fresh copy of the (reused)
+    block, so the gradient with respect to ``x`` stays correct."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        out[:, i:j] = torch.matmul(x, block.clone().t())
+    else:
+        torch.matmul(x, block.t(), out=out[:, i:j])
+
+
+# --------------------------------------------------------------------------- int8
+
+
+def int8_dynamic(x: torch.Tensor, p: Prepared) -> torch.Tensor:
+    """Per-token int8 inputs on fbgemm's per-tensor kernel: each row is first divided by its
+    own max |x| (so one per-tensor scale has every token's resolution), and the output row
+    multiplied back; ``W (x / a) * a = W x``."""
+    x = x.to(torch.float32)
+    if x.shape[0] == 1:  # one token: the per-call scale already is its own
+        return torch.ops.quantized.linear_dynamic(x.contiguous(), p.tensors["packed"], False)
+    amax = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)
+    y = torch.ops.quantized.linear_dynamic(x / amax, p.tensors["packed"], False)
+    return y.mul_(amax)
+
+
+def int8_dynamic_intmm(x: torch.Tensor, p: Prepared) -> torch.Tensor:
+    """Per-token int8 inputs with ``torch._int_mm`` (int32 accumulation): the path where
+    fbgemm's quantized ops are missing. Codes as :func:`~monoquant_core.activations.
+    quantize_per_token` makes them."""
+    x = x.to(torch.float32)
+    amax = x.abs().amax(dim=1, keepdim=True)
+    xs = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    codes = torch.round(x / xs).clamp_(-127, 127).to(torch.int8)
+    y = torch._int_mm(codes, p.tensors["wq"].t())
+    return y.to(torch.float32).mul_(xs).mul_(p.tensors["s"])
+
+
+def int8_dynamic_tensor(x: torch.Tensor, p: Prepared) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic(
+        x.to(torch.float32).contiguous(), p.tensors["packed"], False
+    )
+
+
+def int8_static(x: torch.Tensor, p: Prepared) -> torch.Tensor:
+    t = p.tensors
+    op = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+    return op(x.to(torch.float32).contiguous(), t["xs"], t["xz"], t["packed"])
+
+
+def int8_static_ref(x: torch.Tensor, p: Prepared) -> torch.Tensor:
+    return F.linear(fake_quantize_static(x, p.tensors["qt"]), p.tensors["w"])
+
+
+def int8_weight(x: torch.Tensor, p: Prepared) -> torch.Tensor:
+    return torch._weight_int8pack_mm(bf16(x), p.tensors["wq"], p.tensors["s_bf16"])
+
+
+def int8_gemm(x: torch.Tensor, p: Prepared) -> torch.Tensor:
+    """Weight-only int8 for many rows: ``y = (x @ q^T) * s`` with the codes converted to the
+    compute dtype block by block (exact: |q| <= 127) and one GEMM per block."""
+    t = p.tensors
+    dtype = t["compute"]
+    xc = x.to(dtype).contiguous()
+    wq, n, k = t["wq"], p.n, p.k
+    out = torch.empty(x.shape[0], n, dtype=dtype)
+    rows = _rows_per_block(k, dtype)
+    buf = scratch("int8_gemm", (min(rows, n), k), dtype)
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
+        b = buf[: j - i]
+        b.copy_(wq[i:j])
+        _gemm_into(out, i, j, xc, b)
+    return out * t["s_compute"] if out.requires_grad else out.mul_(t["s_compute"])
+
+
+# --------------------------------------------------------------------------- int4
+
+
+def int4(x: torch.Tensor, p: Prepared) -> torch.Tensor:
+    t = p.tensors
+    return torch._weight_int4pack_mm_for_cpu(bf16(x), t["packed"], t["gs"], t["sz"])
+
+
+def int4_gemm(x: torch.Tensor, p: Prepared) -> torch.Tensor:
+    """Weight-only int4 for many rows: the nibbles of a block of rows are unpacked into two
+    planes (even and odd inputs), dequantized in float32 ``(u - z) * s``, converted to the
+    compute dtype and multiplied with the input whose columns are reordered the same way
+    (even inputs first), so no interleaving pass is needed."""
+    t = p.tensors
+    dtype = t["compute"]
+    n, k, gs = p.n, p.k, t["gs"]
+    groups, half = k // gs, k // 2
+    xc = torch.cat([x[:, 0::2], x[:, 1::2]], dim=1).to(dtype)
+    out = torch.empty(x.shape[0], n, dtype=dtype)
+    rows = _rows_per_block(k, torch.float32)
+    m = min(rows, n)
+    u8 = scratch("int4_gemm.u8", (m, half), torch.uint8)
+    f32 = scratch("int4_gemm.f32", (m, k), torch.float32)
+    low = scratch("int4_gemm.low", (m, k), dtype) if dtype != torch.float32 else f32
+    codes, scale, zs, flip = t["codes"], t["scale"], t["zs"], t["flip"]
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
+        r = j - i
+        p8 = codes[i:j]
+        if flip:  # signed nibbles: u = code ^ 8 is code + 8 in 0..15
+            p8 = torch.bitwise_xor(p8, 0x88, out=scratch("int4_gemm.flip", (r, half), torch.uint8))
+        planes = f32[:r].view(r, 2, half)
+        torch.bitwise_and(p8, 15, out=u8[:r])
+        planes[:, 0].copy_(u8[:r])
+        torch.bitwise_right_shift(p8, 4, out=u8[:r])
+        planes[:, 1].copy_(u8[:r])
+        g = f32[:r].view(r, 2, groups, gs // 2)
+        g.mul_(scale[i:j, None, :, None]).sub_(zs[i:j, None, :, None])
+        if low is not f32:
+            low[:r].copy_(f32[:r])
+        _gemm_into(out, i, j, xc, low[:r])
+    return out
+
+
+# --------------------------------------------------------------------------- 16-bit
+
+
+def fp16(x: torch.Tensor, p: Prepared) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic_fp16(
+        x.to(torch.float32).contiguous(), p.tensors["packed"]
+    )
+
+
+def bf16_linear(x: torch.Tensor, p: Prepared) -> torch.Tensor:
+    return F.linear(x.to(torch.bfloat16), p.tensors["w"])
+
+
+KERNELS = {
+    "int8-dynamic": int8_dynamic,
+    "int8-dynamic-intmm": int8_dynamic_intmm,
+    "int8-dynamic-tensor": int8_dynamic_tensor,
+    "int8-static": int8_static,
+    "int8-static-ref": int8_static_ref,
+    "int8-weight": int8_weight,
+    "int8-gemm": int8_gemm,
+    "int4": int4,
+    "int4-gemm": int4_gemm,
+    "fp16": fp16,
+    "bf16": bf16_linear,
+}
+
+#: what each kernel is, as ``monoquant plan`` shows it
+DESCRIPTIONS = {
+    "int8-dynamic": "fbgemm int8 x int8, per-token inputs",
+    "int8-dynamic-intmm": "torch._int_mm int8 x int8, per-token inputs",
+    "int8-dynamic-tensor": "fbgemm int8 x uint8, one input scale per call",
+    "int8-static": "fbgemm int8 x uint8, calibrated input scale",
+    "int8-static-ref": "reference numerics (fbgemm static did not match)",
+    "int8-weight": "_weight_int8pack_mm, bf16 inputs",
+    "int8-gemm": "int8 rows -> {compute} blocks + {compute} GEMM",
+    "int4": "_weight_int4pack_mm_for_cpu, bf16 inputs",
+    "int4-gemm": "int4 rows -> {compute} blocks + {compute} GEMM",
+    "fp16": "fbgemm fp16 weights, fp32 inputs",
+    "bf16": "bf16 F.linear",
+}
