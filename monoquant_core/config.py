@@ -20,7 +20,17 @@ from .rules import Rule, parse_rules
 if TYPE_CHECKING:  # pragma: no cover
     from .plan import PlanEntry
 
-__all__ = ["Config", "build_config", "entry_configs", "resolve_plugin_options", "scheme_config"]
+__all__ = [
+    "STATS",
+    "Config",
+    "build_config",
+    "entry_configs",
+    "resolve_plugin_options",
+    "scheme_config",
+]
+
+#: the report's statistics modes (see :class:`Config`)
+STATS = ("sample", "full", "off")
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,10 @@ class Config:
         plugin_options: plugin name -> its validated :class:`PluginOptions` (only plugins the
             user named; read them with ``run.options(name)``).
         rules: per-layer overrides, first match wins (see :mod:`monoquant_core.rules`).
+        stats: the report's per-weight error statistics (SQNR, maximum and relative error):
+            ``"sample"`` (default: exact for weights up to about a million elements, larger
+            ones measured on evenly spread blocks of rows holding about a million, with the
+            fraction in the report), ``"full"`` (every element), ``"off"`` (sizes only).
     """
 
     scheme: str
@@ -49,6 +63,7 @@ class Config:
     observer_config: Any = None
     plugin_options: Mapping[str, PluginOptions] = field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
+    stats: str = "sample"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +76,7 @@ class Config:
             "observer_config": config_to_dict(self.observer_config),
             "plugin_options": {k: config_to_dict(v) for k, v in self.plugin_options.items()},
             "rules": [r.to_dict() for r in self.rules],
+            "stats": self.stats,
         }
 
 
@@ -75,6 +91,7 @@ def build_config(
     observer_options: Mapping[str, Any] | None = None,
     plugin_options: Mapping[str, Any] | None = None,
     rules: Iterable[Any] | None = None,
+    stats: str = "sample",
 ) -> Config:
     """Validate names and options into a frozen :class:`Config` (no hooks are called)."""
     sch = registries.schemes.get(scheme)
@@ -98,7 +115,17 @@ def build_config(
         observer_config=parse_options(obs.config_class, observer_options, f"observer {observer!r}"),
         plugin_options=resolve_plugin_options(registries, plugin_options),
         rules=_check_rules(registries, parse_rules(rules)),
+        stats=_stats(stats),
     )
+
+
+def _stats(value: Any) -> str:
+    if value not in STATS:
+        raise UsageError(
+            f"stats={value!r} is not one of {', '.join(STATS)}",
+            "use stats='sample' (default), 'full' or 'off' (CLI: --stats)",
+        )
+    return str(value)
 
 
 def scheme_config(schemes: Registry, scheme: str, options: Mapping[str, Any] | None = None) -> Any:

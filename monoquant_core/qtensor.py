@@ -198,6 +198,27 @@ class QTensor:
         extra = {k: v for k, v in self.extra.items() if k not in ("float_cols", "float_values")}
         return replace(self, extra=extra)
 
+    def channel_rows(self, start: int, stop: int) -> QTensor:
+        """Output channels ``start:stop`` of a weight quantized along axis 0, as a QTensor of
+        its own (codes, scales, zero points and row-aligned extras sliced; views, no copies).
+        Used to dequantize a large weight piece by piece."""
+        if self.axis != 0:
+            raise ValueError(f"channel_rows needs axis 0, not {self.axis}")
+        c = self.channels
+        extra = {
+            k: (v[start:stop] if v.dim() and v.shape[0] == c else v) for k, v in self.extra.items()
+        }
+        if "float_cols" in extra:
+            extra["float_cols"] = self.extra["float_cols"]  # column indices, not rows
+        return replace(
+            self,
+            qdata=self.qdata[start:stop],
+            scale=self.scale[start:stop],
+            zero_point=None if self.zero_point is None else self.zero_point[start:stop],
+            shape=(min(stop, c) - start, *self.shape[1:]),
+            extra=extra,
+        )
+
     def to(self, device: torch.device | str) -> QTensor:
         """A copy on ``device`` (dtypes are part of the format and never change)."""
         d = torch.device(device)

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from .metrics import error_stats
+from .components import Scheme
+from .metrics import ErrorStats
 from .plan import ModuleResult, Plan
 from .qtensor import QTensor
 from .registry import Registry
@@ -39,11 +40,14 @@ class LayerReport:
     bytes_before: int
     bytes_after: int
     bits_per_weight: float
-    sqnr_db: float
-    max_abs_err: float
-    rel_err: float
+    sqnr_db: float | None  # None: statistics were turned off (``stats=False``)
+    max_abs_err: float | None
+    rel_err: float | None
     time_s: float
     kernels: str = ""
+    #: the fraction of the weight's elements the error statistics were computed on (1.0:
+    #: exact; less with ``stats="sample"`` on a large weight: evenly spread blocks of rows)
+    stats_fraction: float = 1.0
 
 
 def layer_report(
@@ -53,12 +57,18 @@ def layer_report(
     backend: str,
     weight: torch.Tensor,
     qt: QTensor,
-    dequantized: torch.Tensor,
+    scheme: Scheme,
     time_s: float = 0.0,
+    stats: str = "sample",
 ) -> LayerReport:
-    """The metrics of one quantized weight (error statistics computed in chunks)."""
-    db, max_err, rel = error_stats(weight, dequantized)
-    return LayerReport(
+    """The metrics of one quantized weight (``stats``: ``"full"``, ``"sample"`` or
+    ``"off"``: see :class:`~monoquant_core.config.Config`)."""
+    db = max_err = rel = None
+    fraction = 0.0
+    if stats != "off":
+        budget = SAMPLE_BUDGET if stats == "sample" else None
+        db, max_err, rel, fraction = weight_stats(scheme, qt, weight, budget)
+    layer = LayerReport(
         name=name,
         module_type=module_type,
         scheme=qt.scheme,
@@ -74,6 +84,43 @@ def layer_report(
         rel_err=rel,
         time_s=time_s,
     )
+    layer.stats_fraction = fraction
+    return layer
+
+
+#: elements dequantized at a time for the statistics
+STATS_PIECE = 1 << 18
+#: with ``stats="sample"``, weights up to this many elements are measured exactly; larger
+#: ones on evenly spread blocks of rows holding about this many
+SAMPLE_BUDGET = 1 << 20
+
+
+def weight_stats(
+    scheme: Scheme, qt: QTensor, weight: torch.Tensor, budget: int | None = None
+) -> tuple[float, float, float, float]:
+    """``(sqnr_db, max_abs_err, rel_err, fraction measured)`` of the scheme's dequantization
+    of ``qt`` against ``weight``.
+
+    Weights in the standard affine layout along axis 0 are dequantized a block of rows at a
+    time (no float copy of the whole weight) and, with a ``budget`` smaller than the weight,
+    only every n-th block is measured (the maximum error is then the sample's). Other layouts
+    are dequantized and measured whole.
+    """
+    acc = ErrorStats()
+    c = qt.channels
+    if type(scheme).dequantize is Scheme.dequantize and qt.axis == 0 and c > 1:
+        w = weight.detach().reshape(c, -1)
+        step = max(1, STATS_PIECE // max(1, w.shape[1]))
+        blocks = range(0, c, step)
+        every = 1 if budget is None else max(1, -(-w.numel() // budget))
+        done = 0
+        for i in blocks[::every]:
+            rows = w[i : i + step]
+            acc.add(rows, qt.channel_rows(i, i + step).dequantize())
+            done += rows.numel()
+        return (*acc.result(), done / max(1, w.numel()))
+    acc.add(weight, scheme.dequantize(qt))
+    return (*acc.result(), 1.0)
 
 
 @dataclass
@@ -98,7 +145,9 @@ class QuantReport:
 
     @property
     def min_sqnr_db(self) -> float | None:
-        return min((layer.sqnr_db for layer in self.layers), default=None)
+        """The lowest SQNR of the quantized weights (None without any, or with stats off)."""
+        known = [layer.sqnr_db for layer in self.layers if layer.sqnr_db is not None]
+        return min(known, default=None)
 
     def layer(self, name: str) -> LayerReport:
         for layer in self.layers:
@@ -116,7 +165,7 @@ class QuantReport:
                 "x".join(map(str, r.shape)),
                 f"{r.bits_per_weight:.2f}",
                 _db(r.sqnr_db),
-                f"{r.max_abs_err:.3g}",
+                "-" if r.max_abs_err is None else f"{r.max_abs_err:.3g}",
                 human_bytes(r.bytes_before),
                 human_bytes(r.bytes_after),
             ]
@@ -131,6 +180,13 @@ class QuantReport:
             for n, why in self.skipped:
                 by_reason.setdefault(why, []).append(n or "(root)")
             out += [f"  {', '.join(names)}: {why}" for why, names in by_reason.items()]
+        sampled = [r for r in self.layers if r.sqnr_db is not None and r.stats_fraction < 1]
+        if sampled:
+            out.append("")
+            out.append(
+                f"SQNR and max error of {len(sampled)} large weight(s) measured on evenly "
+                "spread rows (stats=sample; --stats full for every element)"
+            )
         out.append("")
         out.append(
             f"model: {human_bytes(self.model_bytes_before)} -> "
@@ -180,18 +236,19 @@ def build_report(
     for res in results:
         e = res.entry
         for p, qt in res.qtensors.items():
+            scheme = schemes.get(qt.scheme)
             w = res.originals.get(p)
-            deq = schemes.get(qt.scheme).dequantize(qt)
             rep.layers.append(
                 layer_report(
                     f"{e.name}.{p}" if e.name else p,
                     e.module_type,
                     e.observer or "",
                     e.backend or "",
-                    w if w is not None else deq,
+                    w if w is not None else scheme.dequantize(qt),
                     qt,
-                    deq,
+                    scheme,
                     res.time_s / max(len(res.qtensors), 1),
+                    stats=plan.config.stats,
                 )
             )
             rep.layers[-1].kernels = "; ".join(e.kernels)

@@ -248,9 +248,9 @@ def _quantize_one(
     t1 = time.perf_counter()
     scheme_cfg, obs_cfg = run.entry_configs(entry)
     qt = run.quantize_weight(t, entry.scheme, entry.observer, 0, scheme_cfg, obs_cfg, entry.name)
-    deq = run.schemes.get(qt.scheme).dequantize(qt)
-    layer = layer_report(entry.name, "tensor", entry.observer or "", "", t, qt, deq)
-    del deq
+    scheme = run.schemes.get(qt.scheme)
+    obs = entry.observer or ""
+    layer = layer_report(entry.name, "tensor", obs, "", t, qt, scheme, stats=run.config.stats)
     writer.add_qtensor(entry.name, qt)
     layer.time_s = time.perf_counter() - t1
     return layer

@@ -248,6 +248,7 @@ def config_from(engine: Engine, flags: list[PluginFlags], kw: dict[str, Any]) ->
         observer_options=split_key_values(kw.pop("observer_opt"), "--observer-opt"),
         plugin_options=plugin_options,
         rules=rules,
+        stats=kw.pop("stats", "sample"),
     )
 
 

@@ -67,6 +67,14 @@ def add_quantize(cli: click.Group, engine: Engine, flags: list[PluginFlags]) -> 
         show_default=True,
         help="Warn when a layer saw fewer calibration input rows than this.",
     )
+    @click.option(
+        "--stats",
+        type=click.Choice(["sample", "full", "off"]),
+        default="sample",
+        show_default=True,
+        help="Per-weight error statistics in the report: exact up to ~1M elements and sampled "
+        "rows above (sample), every element (full), or sizes only (off).",
+    )
     @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (no progress).")
     def quantize(source: str | None, report_path: str | None, **kw: Any) -> None:
         """Quantize a model or a checkpoint and print the report.

@@ -36,7 +36,17 @@ def test_chunks_give_the_same_numbers_as_one_pass():
     approx = ref + torch.randn(1000, generator=g) * 0.01
     whole = error_stats(ref, approx)
     chunked = error_stats(ref, approx, chunk=7)
-    assert chunked == pytest.approx(whole, rel=1e-12)
+    assert chunked == pytest.approx(whole, rel=1e-6)  # float32 sums: a few ulps apart
+    exact = error_stats(ref.double(), approx.double(), chunk=7)  # float64 in, float64 sums
+    assert exact == pytest.approx(error_stats(ref.double(), approx.double()), rel=1e-12)
+    assert whole == pytest.approx(exact, rel=1e-6)
+
+
+def test_squares_that_overflow_float32_are_summed_in_float64():
+    ref = torch.tensor([3e38, -2e38, 1.0])
+    db, peak, rel = error_stats(ref, ref * (1 - 2**-10))
+    assert rel == pytest.approx(2**-10, rel=1e-3)
+    assert db == pytest.approx(20 * math.log10(2**10), abs=1e-3) and math.isfinite(peak)
 
 
 def test_all_finite_and_count_nonfinite():

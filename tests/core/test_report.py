@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from monoquant_core import Config, ModuleResult, Plan, PlanEntry, QuantReport
+from monoquant_core import Config, ModuleResult, Plan, PlanEntry, QuantReport, UsageError
 from monoquant_core.metrics import sqnr_db
 from monoquant_core.report import build_report
 from monoquant_core.testing import mlp
@@ -75,3 +75,40 @@ def test_an_empty_report():
     assert "0 weights quantized, min SQNR - dB" in rep.render()
     with pytest.raises(KeyError):
         rep.layer("fc.weight")
+
+
+# --------------------------------------------------------------------------- statistics modes
+
+
+def _big_model():
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(1024, 2048), nn.Linear(256, 64))
+
+
+def test_stats_full_sample_and_off():
+    from monoquant_core import Engine
+    from monoquant_core.metrics import error_stats
+
+    engine = Engine()
+    full = engine.quantize(_big_model(), scheme="int4-group", stats="full")
+    sample = engine.quantize(_big_model(), scheme="int4-group")  # the default
+    off = engine.quantize(_big_model(), scheme="int4-group", stats="off")
+    big_full, big_sample, big_off = (r.report.layer("0.weight") for r in (full, sample, off))
+    qt = full.model[0].qtensor()
+    exact = error_stats(_big_model()[0].weight, qt.dequantize())
+    assert (big_full.sqnr_db, big_full.max_abs_err) == pytest.approx(exact[:2], rel=1e-6)
+    assert big_full.stats_fraction == 1.0
+    assert 0.3 < big_sample.stats_fraction < 0.75  # 2 M elements, a budget of about 1 M
+    assert big_sample.sqnr_db == pytest.approx(big_full.sqnr_db, abs=0.1)
+    assert big_sample.max_abs_err <= big_full.max_abs_err
+    small = sample.report.layer("1.weight")
+    assert small.stats_fraction == 1.0  # small weights are always exact
+    assert small.sqnr_db == full.report.layer("1.weight").sqnr_db
+    assert "measured on evenly spread rows" in sample.report.render()
+    assert (big_off.sqnr_db, big_off.max_abs_err, big_off.rel_err) == (None, None, None)
+    assert off.report.min_sqnr_db is None and "min SQNR - dB" in off.report.render()
+    assert big_off.bytes_after == big_full.bytes_after  # sizes are always reported
+    with pytest.raises(UsageError, match="stats='some' is not one of sample, full, off"):
+        engine.configure(stats="some")

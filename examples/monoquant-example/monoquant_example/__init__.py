@@ -56,4 +56,5 @@ def monoquant_report(report, run):
     layers = [layer for layer in report.layers if layer.scheme == "nf4"]
     report.extra["example"] = {"nf4_layers": len(layers)}
     for layer in layers:
-        print(f"example: {layer.name}: nf4 {layer.sqnr_db:.2f} dB", file=sys.stderr)
+        db = "-" if layer.sqnr_db is None else f"{layer.sqnr_db:.2f}"  # None: --stats off
+        print(f"example: {layer.name}: nf4 {db} dB", file=sys.stderr)
