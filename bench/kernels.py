@@ -3,6 +3,7 @@
     python bench/kernels.py                       # 1 thread and all threads, both shapes
     python bench/kernels.py --threads 1 --quick   # one shape, fewer repetitions
     python bench/kernels.py --overhead            # our int8 layers vs the bare fbgemm kernel
+    python bench/kernels.py --crossover           # torch-cpu's GEMV vs GEMM crossover M
 
 Linear 4096x4096 and 4096->11008 at M = 1, 8, 32, 128 tokens. Weights are cold: every call
 uses the next of several copies of the layer, together larger than the L3 cache, so each call
@@ -301,6 +302,48 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+CROSS_SHAPES = [(384, 384), (1536, 384), (384, 1536), (2048, 2048), (4096, 4096), (11008, 4096)]
+CROSS_MS = [8, 16, 32, 48, 64, 96, 128, 192]
+
+
+def crossover_table() -> str:
+    """torch-cpu's two weight-only kernels of each scheme (GEMV-class / blocked GEMM), timed
+    on the same prepared weight at every M: the first M where the GEMM is faster is the
+    crossover its table (``monoquant_plugins.backends.cpu_kernels.CROSSOVER``) should hold."""
+    from monoquant_plugins.backends.cpu_kernels import KERNELS
+
+    os.environ["MONOQUANT_TORCH_CPU_CROSSOVER"] = "int8=2,int4=2"  # prepare both kernels
+    engine = Engine()
+    head = "| weight | scheme | N*K | " + " | ".join(f"M={m} ms" for m in CROSS_MS)
+    lines = [head + " | crossover |", "|" + "---|" * (len(CROSS_MS) + 4)]
+    for n, k in CROSS_SHAPES:
+        for scheme, gemv, gemm in (
+            ("int8", "int8-weight", "int8-gemm"),
+            ("int4-group", "int4", "int4-gemm"),
+        ):
+            model, _ = engine.quantize(nn.Sequential(nn.Linear(k, n)), scheme=scheme)
+            p = model[0].prepared()
+            cells, first = [], None
+            for m in CROSS_MS:
+                x = torch.randn(m, k)
+                t = [statistics.median(_timed_n(KERNELS[kind], x, p, 5)) for kind in (gemv, gemm)]
+                cells.append(f"{t[0] * 1e3:.2f} / {t[1] * 1e3:.2f}")
+                if first is None and t[1] < t[0]:
+                    first = m
+            lines.append(
+                f"| {n}x{k} | {scheme} | {n * k / 1e6:.1f}M | "
+                + " | ".join(cells)
+                + f" | {first or f'> {CROSS_MS[-1]}'} |"
+            )
+    del os.environ["MONOQUANT_TORCH_CPU_CROSSOVER"]
+    return "GEMV ms / GEMM ms per M (1 thread):\n\n" + "\n".join(lines)
+
+
+def _timed_n(fn, x: torch.Tensor, p, n: int) -> list[float]:
+    fn(x, p)
+    return [_timed(lambda: fn(x, p)) for _ in range(n)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -316,7 +359,16 @@ def main() -> None:
         action="store_true",
         help="only our int8 W8A8 layers against the bare fbgemm kernel (many rounds)",
     )
+    ap.add_argument(
+        "--crossover",
+        action="store_true",
+        help="torch-cpu's GEMV vs GEMM kernels per M (where the GEMM path should start)",
+    )
     args = ap.parse_args()
+    if args.crossover:
+        torch.set_num_threads((args.threads or [1])[0])
+        print(crossover_table())
+        return
     if args.overhead:
         torch.set_num_threads((args.threads or [1])[0])
         print(overhead_table())

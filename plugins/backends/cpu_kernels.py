@@ -27,12 +27,13 @@ from monoquant_core.activations import fake_quantize_static
 __all__ = ["CROSSOVER", "KERNELS", "Prepared", "crossover", "scratch"]
 
 #: Input rows (M) from which the GEMM path beats the GEMV-class kernel, by weight size
-#: (``N * K`` elements, first match): measured single-threaded with ``bench/kernels.py
-#: --crossover`` on an AVX512 + AVX512-BF16 CPU (Zen 5). ``MONOQUANT_TORCH_CPU_CROSSOVER``
-#: (``int8=32,int4=48``) overrides them for every size.
+#: (``N * K`` elements, first match). Measured single-threaded on an AVX512 + AVX512-BF16 CPU
+#: (Zen 5) with ``python bench/kernels.py --crossover`` (it prints both kernels' times per M
+#: for MiniLM-, 2k-, 4k- and 11k-sized weights). ``MONOQUANT_TORCH_CPU_CROSSOVER``
+#: (``int8=32,int4=96``) overrides them for every size.
 CROSSOVER: dict[str, tuple[tuple[int | None, int], ...]] = {
-    "int8": ((1 << 20, 64), (1 << 24, 32), (None, 16)),
-    "int4": ((1 << 20, 96), (1 << 24, 48), (None, 32)),
+    "int8": ((1 << 18, 48), (1 << 20, 40), (1 << 25, 32), (None, 16)),
+    "int4": ((1 << 20, 160), (None, 96)),
 }
 
 _BLOCK_BYTES = 1 << 20  # converted rows per block: about 1 MiB, so a block stays in cache

@@ -107,8 +107,8 @@ def test_shapes_the_gemv_kernels_refuse_run_the_gemm_path_at_every_m(scheme, opt
 def test_crossover_table_and_override(monkeypatch):
     from monoquant_plugins.backends.cpu_kernels import crossover
 
-    assert crossover("int8", 384, 384) == 64 and crossover("int8", 4096, 4096) == 32
-    assert crossover("int8", 11008, 4096) == 16 and crossover("int4", 4096, 4096) == 48
+    assert crossover("int8", 384, 384) == 48 and crossover("int8", 4096, 4096) == 32
+    assert crossover("int8", 11008, 4096) == 16 and crossover("int4", 4096, 4096) == 96
     plan = Engine().plan(nn.Sequential(nn.Linear(4096, 4096)), scheme="int8")
     assert plan.get("0").kernels == [
         "M 1-31: _weight_int8pack_mm, bf16 inputs",
