@@ -16,6 +16,7 @@ import torch
 from monoquant_core import (
     Capabilities,
     ComponentConfig,
+    QParams,
     QTensor,
     QuantSpec,
     Scheme,
@@ -77,11 +78,11 @@ class Int8Scheme(Scheme):
         return QuantSpec(bits=8, symmetric=config.symmetric, axis=None if per_tensor else axis)
 
     def quantize(self, weight, qparams, spec, config):
-        q = quantize_groups(to_groups(weight.to(torch.float32), spec.axis, None), qparams, spec)
         dtype = torch.int8 if spec.symmetric else torch.uint8
         zero = None if spec.symmetric else qparams.zero_point.to(torch.uint8)
+        groups = to_groups(weight, spec.axis, None)  # [C, 1, K], a view when it can be
         return QTensor(
-            qdata=q.reshape(q.shape[0], -1).to(dtype).contiguous(),
+            qdata=_codes(groups, qparams, spec, dtype),
             scale=qparams.scale.to(torch.float32).contiguous(),
             zero_point=zero,
             bits=8,
@@ -96,6 +97,28 @@ class Int8Scheme(Scheme):
 
 #: this plugin's name, whatever the loading path (entry point or object)
 monoquant_plugin_name = "int8"
+
+
+def _codes(groups: torch.Tensor, qp: QParams, spec: QuantSpec, dtype: torch.dtype) -> torch.Tensor:
+    """``[C, K]`` codes computed a block at a time (float32 temporaries of about 2 MiB, so no
+    weight-sized temporary pays page faults), written straight into the ``dtype`` result."""
+    c, _, k = groups.shape
+    out = torch.empty(c, k, dtype=dtype)
+    if c == 1:  # per tensor: blocks of columns
+        for i in range(0, k, _BLOCK):
+            part = groups[:, :, i : i + _BLOCK].to(torch.float32)
+            out[:, i : i + _BLOCK] = quantize_groups(part, qp, spec).reshape(1, -1)
+        return out
+    rows = max(1, _BLOCK // max(k, 1))
+    for r0 in range(0, c, rows):
+        r1 = min(r0 + rows, c)
+        part = groups[r0:r1].to(torch.float32)
+        sub = QParams(qp.scale[r0:r1], None if qp.zero_point is None else qp.zero_point[r0:r1])
+        out[r0:r1] = quantize_groups(part, sub, spec).reshape(r1 - r0, k)
+    return out
+
+
+_BLOCK = 1 << 19  # elements per block
 
 
 @hookimpl

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from monoquant_core import Backend, Capabilities, FormatError, Kernel, UsageError, hookimpl
 from monoquant_core.activations import fake_quantize_static, static_act_params
 from monoquant_core.hardware import has_bf16_compute
+from monoquant_core.layout import unpack_int4
 from monoquant_core.qtensor import QTensor
 
 from .cpu_kernels import DESCRIPTIONS, KERNELS, Prepared, crossover
@@ -231,10 +232,10 @@ def _prepare_int4(qt: QTensor, sched, n: int, k: int) -> Prepared:
     zero = torch.full_like(scale, 8.0) if qt.symmetric else qt.zero_point.to(torch.float32)
     t: dict = {"gs": gs}
     if "int4" in kinds:
-        codes = qt.codes().to(torch.int32)
-        if qt.symmetric:
-            codes = codes + 8
-        packed = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        nibbles = unpack_int4(qt.qdata, k, signed=False)  # raw 0..15
+        if qt.symmetric:  # two's complement nibble ^ 8 = code + 8
+            nibbles = nibbles.bitwise_xor(8)
+        packed = torch._convert_weight_to_int4pack_for_cpu(nibbles.to(torch.int32), 1)
         sz = torch.stack([scale, (8.0 - zero) * scale], dim=-1)
         t["packed"] = packed
         t["sz"] = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # [K/gs, N, 2]
