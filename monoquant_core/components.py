@@ -181,6 +181,14 @@ class Backend(ABC):
         ``M = 1`` and leave no gap. Default: one kernel named after the backend."""
         return (Kernel(self.name),)
 
+    def expected_speedup(self, info: WeightInfo, rows: int) -> float | None:
+        """How much faster this backend is expected to run a weight like ``info`` with
+        ``rows`` input rows than a float ``nn.Linear`` in the weight's dtype (``info.dtype``:
+        float32 or bfloat16 inputs); below 1 means slower. From the backend's own
+        measurements (say which in its docs); None when unknown. ``monoquant plan`` notes every
+        layer expected to be slower than float at the rows of ``--expect-batch``."""
+        return None
+
     def prepare(self, qt: QTensor, scheme: Scheme) -> Any:
         """Derive the kernel layout of ``qt`` (never stored on disk).
 

@@ -52,6 +52,9 @@ class Config:
             ``"sample"`` (default: exact for weights up to about a million elements, larger
             ones measured on evenly spread blocks of rows holding about a million, with the
             fraction in the report), ``"full"`` (every element), ``"off"`` (sizes only).
+        expect_batch: input rows (batch x tokens) the model will run at; the plan notes every
+            layer whose backend expects to be slower than float there
+            (``Backend.expected_speedup``).
     """
 
     scheme: str
@@ -64,6 +67,7 @@ class Config:
     plugin_options: Mapping[str, PluginOptions] = field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
     stats: str = "sample"
+    expect_batch: tuple[int, ...] = (1, 128)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +81,7 @@ class Config:
             "plugin_options": {k: config_to_dict(v) for k, v in self.plugin_options.items()},
             "rules": [r.to_dict() for r in self.rules],
             "stats": self.stats,
+            "expect_batch": list(self.expect_batch),
         }
 
 
@@ -92,6 +97,7 @@ def build_config(
     plugin_options: Mapping[str, Any] | None = None,
     rules: Iterable[Any] | None = None,
     stats: str = "sample",
+    expect_batch: Iterable[int] | int | None = None,
 ) -> Config:
     """Validate names and options into a frozen :class:`Config` (no hooks are called)."""
     sch = registries.schemes.get(scheme)
@@ -116,7 +122,21 @@ def build_config(
         plugin_options=resolve_plugin_options(registries, plugin_options),
         rules=_check_rules(registries, parse_rules(rules)),
         stats=_stats(stats),
+        expect_batch=_rows(expect_batch),
     )
+
+
+def _rows(value: Iterable[int] | int | None) -> tuple[int, ...]:
+    if value is None:
+        return (1, 128)
+    rows = (value,) if isinstance(value, int) else tuple(value)
+    for r in rows:
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise UsageError(
+                f"expect_batch {r!r} is not a positive number of input rows",
+                "give batch x tokens as whole numbers, e.g. --expect-batch 1 --expect-batch 128",
+            )
+    return tuple(sorted(set(rows)))
 
 
 def _stats(value: Any) -> str:

@@ -245,10 +245,27 @@ def check_entry(run: Run, entry: PlanEntry, module: nn.Module, with_backend: boo
         info = WeightInfo(entry.scheme, spec, tuple(w.shape), w.dtype, w.device.type, act)
         backend, notes = run.choose_backend(info, entry.backend or run.config.backend)
         kernels = [k.describe() for k in run.backends.get(backend).kernels(info)]
+        notes += _slow_notes(run, backend, info)
     if with_backend:
         entry.backend = backend
         entry.notes.extend(notes)
         entry.kernels = kernels
+
+
+def _slow_notes(run: Run, backend: str, info: WeightInfo) -> list[str]:
+    """Notes for the ``expect_batch`` rows at which ``backend`` expects to be slower than a
+    float ``nn.Linear`` in the weight's dtype."""
+    out = []
+    be = run.backends.get(backend)
+    dtype = str(info.dtype).replace("torch.", "")
+    for rows in run.config.expect_batch:
+        speed = be.expected_speedup(info, rows)
+        if speed is not None and speed < 1.0:
+            out.append(
+                f"warning: {backend} is expected slower than a {dtype} nn.Linear at "
+                f"M={rows} (about {speed:.1f}x; docs/performance.md)"
+            )
+    return out
 
 
 def validate_plan(run: Run, plan: Plan, model: nn.Module) -> None:

@@ -81,6 +81,15 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--scheme-opt", multiple=True, metavar="KEY=VALUE", help="Scheme option."),
         click.option("--observer-opt", multiple=True, metavar="KEY=VALUE", help="Observer option."),
+        click.option(
+            "--expect-batch",
+            "expect_batch",
+            type=click.IntRange(min=1),
+            multiple=True,
+            metavar="ROWS",
+            help="Input rows (batch x tokens) the model will run at; the plan warns about layers "
+            "expected slower than float there (repeatable; default: 1 and 128).",
+        ),
         click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table."),
     ]
     for opt in reversed(opts):
@@ -249,6 +258,7 @@ def config_from(engine: Engine, flags: list[PluginFlags], kw: dict[str, Any]) ->
         plugin_options=plugin_options,
         rules=rules,
         stats=kw.pop("stats", "sample"),
+        expect_batch=kw.pop("expect_batch") or None,
     )
 
 

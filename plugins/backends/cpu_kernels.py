@@ -24,7 +24,15 @@ import torch.nn.functional as F
 
 from monoquant_core.activations import fake_quantize_static
 
-__all__ = ["CROSSOVER", "KERNELS", "Prepared", "crossover", "scratch"]
+__all__ = [
+    "CROSSOVER",
+    "KERNELS",
+    "SPEEDUP",
+    "Prepared",
+    "crossover",
+    "expected_speedup",
+    "scratch",
+]
 
 #: Input rows (M) from which the GEMM path beats the GEMV-class kernel, by weight size
 #: (``N * K`` elements, first match). Measured single-threaded on an AVX512 + AVX512-BF16 CPU
@@ -35,6 +43,41 @@ CROSSOVER: dict[str, tuple[tuple[int | None, int], ...]] = {
     "int8": ((1 << 18, 48), (1 << 20, 40), (1 << 25, 32), (None, 16)),
     "int4": ((1 << 20, 160), (None, 96)),
 }
+
+#: Speed of each kernel against a float ``nn.Linear`` in the input's dtype, by input rows
+#: (``(last M, x float)``, first match; None = no limit): single-threaded on a Zen 5 core
+#: (AVX512-BF16, no AMX), from ``bench/kernels.py`` (4096x4096 and 4096->11008, M = 1 to 128)
+#: and ``bench/e2e.py`` (thousands of rows) of 2026-12-01, rounded down. ``monoquant plan``
+#: notes the layers expected to be slower than float (docs/performance.md has the tables).
+SPEEDUP: dict[str, dict[torch.dtype, tuple[tuple[int | None, float], ...]]] = {
+    "int8-dynamic": {
+        torch.float32: ((None, 3.0),),
+        torch.bfloat16: ((8, 2.5), (128, 1.5), (1024, 1.0), (None, 0.7)),
+    },
+    "int8-dynamic-tensor": {
+        torch.float32: ((None, 3.0),),
+        torch.bfloat16: ((8, 2.5), (128, 1.5), (1024, 1.0), (None, 0.7)),
+    },
+    "int8-weight": {torch.float32: ((None, 2.0),), torch.bfloat16: ((1, 1.7), (None, 0.8))},
+    "int8-gemm": {torch.float32: ((None, 2.2),), torch.bfloat16: ((None, 0.8),)},
+    "int4": {
+        torch.float32: ((None, 1.3),),
+        torch.bfloat16: ((1, 3.5), (8, 1.2), (None, 0.6)),
+    },
+    "int4-gemm": {torch.float32: ((None, 1.5),), torch.bfloat16: ((None, 0.6),)},
+    "fp16": {torch.float32: ((None, 2.0),), torch.bfloat16: ((1, 1.9), (8, 1.1), (None, 0.5))},
+    "bf16": {torch.float32: ((None, 1.2),), torch.bfloat16: ((None, 1.0),)},
+}
+
+
+def expected_speedup(kind: str, dtype: torch.dtype, rows: int) -> float | None:
+    """:data:`SPEEDUP` of ``kind`` at ``rows`` for ``dtype`` inputs (None: not measured)."""
+    table = SPEEDUP.get(kind, {}).get(dtype)
+    for last, ratio in table or ():
+        if last is None or rows <= last:
+            return ratio
+    return None
+
 
 _BLOCK_BYTES = 1 << 20  # converted rows per block: about 1 MiB, so a block stays in cache
 _local = threading.local()

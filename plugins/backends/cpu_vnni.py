@@ -209,6 +209,12 @@ class CpuVnniBackend(Backend):
     def kernels(self, info):
         return (Kernel("AVX512-VNNI int4 x int8 kernel (C), per-token int8 inputs"),)
 
+    def expected_speedup(self, info, rows):
+        # bench/kernels.py (M = 1 to 128) and bench/e2e.py (thousands of rows), Zen 5, 1 thread
+        if info.dtype == torch.bfloat16:
+            return 6.0 if rows == 1 else 2.5 if rows <= 8 else 1.0 if rows <= 128 else 0.6
+        return 8.0 if rows == 1 else 4.5 if rows <= 128 else 1.3
+
     def prepare(self, qt: QTensor, scheme) -> Prepared:
         n, k = qt.shape
         gs = qt.group_size

@@ -32,6 +32,11 @@ class ReferenceBackend(Backend):
     def kernels(self, info):
         return (Kernel("float32 dequantize + F.linear"),)
 
+    def expected_speedup(self, info, rows):
+        # dequantizes the whole weight on every call: 0.1x float at one row, at most 0.5x at
+        # hundreds (bench/kernels.py, reference rows)
+        return 0.1 if rows < 32 else 0.4
+
     def prepare(self, qt, scheme):
         if qt.activations == "static":
             try:

@@ -34,10 +34,16 @@ import torch.nn.functional as F
 from monoquant_core import Backend, Capabilities, FormatError, Kernel, UsageError, hookimpl
 from monoquant_core.activations import fake_quantize_static, static_act_params
 from monoquant_core.hardware import has_bf16_compute
-from monoquant_core.layout import unpack_int4
 from monoquant_core.qtensor import QTensor
 
-from .cpu_kernels import DESCRIPTIONS, KERNELS, Prepared, crossover
+from .cpu_kernels import (
+    DESCRIPTIONS,
+    KERNELS,
+    Prepared,
+    crossover,
+    expected_speedup,
+    scratch,
+)
 
 _GROUPS = (32, 64, 128, 256)
 _STATIC_OP = "linear_with_input_q_dq_qweight_dq_output_fp32"
@@ -159,6 +165,12 @@ class TorchCpuBackend(Backend):
             out.append(Kernel(desc, first, last))
         return tuple(out)
 
+    def expected_speedup(self, info, rows):
+        n, k = info.shape
+        sched = _schedule(info.scheme, info.activations, n, k, info.spec.group_size)
+        kind = next(name for first, name in reversed(sched) if rows >= first)
+        return expected_speedup(kind, info.dtype, rows)
+
     def prepare(self, qt: QTensor, scheme) -> Prepared:
         n, k = qt.shape
         sched = _schedule(qt.scheme, qt.activations, n, k, qt.group_size)
@@ -232,12 +244,8 @@ def _prepare_int4(qt: QTensor, sched, n: int, k: int) -> Prepared:
     zero = torch.full_like(scale, 8.0) if qt.symmetric else qt.zero_point.to(torch.float32)
     t: dict = {"gs": gs}
     if "int4" in kinds:
-        nibbles = unpack_int4(qt.qdata, k, signed=False)  # raw 0..15
-        if qt.symmetric:  # two's complement nibble ^ 8 = code + 8
-            nibbles = nibbles.bitwise_xor(8)
-        packed = torch._convert_weight_to_int4pack_for_cpu(nibbles.to(torch.int32), 1)
+        t["packed"] = _int4pack(qt.qdata, n, k, qt.symmetric)
         sz = torch.stack([scale, (8.0 - zero) * scale], dim=-1)
-        t["packed"] = packed
         t["sz"] = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # [K/gs, N, 2]
     if "int4-gemm" in kinds:
         t["compute"] = _compute()
@@ -246,6 +254,28 @@ def _prepare_int4(qt: QTensor, sched, n: int, k: int) -> Prepared:
         t["flip"] = qt.symmetric
         t["codes"] = qt.qdata  # stored layout: two nibbles per byte, low first
     return Prepared(n, k, sched, t)
+
+
+#: rows converted to torch's CPU int4 layout at a time: a multiple of its 64-row tiles, so the
+#: blocks concatenate to the whole weight's layout (tested), with a small int32 temporary
+_PACK_ROWS = 1024
+
+
+def _int4pack(qdata: torch.Tensor, n: int, k: int, symmetric: bool) -> torch.Tensor:
+    """torch's CPU int4 layout (``_convert_weight_to_int4pack_for_cpu``) from the stored
+    nibbles, a block of rows at a time: unsigned codes 0..15 (a signed two's complement nibble
+    ``^ 8`` is ``code + 8``) written straight into a reused int32 block."""
+    out = torch.empty(n, k // 2, dtype=torch.uint8)
+    codes = scratch("int4pack.codes", (min(_PACK_ROWS, n), k), torch.int32)
+    for i in range(0, n, _PACK_ROWS):
+        p = qdata[i : i + _PACK_ROWS]
+        b = codes[: p.shape[0]]
+        torch.bitwise_and(p, 15, out=b[:, 0::2])
+        torch.bitwise_right_shift(p, 4, out=b[:, 1::2])
+        if symmetric:
+            b.bitwise_xor_(8)
+        out[i : i + p.shape[0]] = torch._convert_weight_to_int4pack_for_cpu(b, 1)
+    return out
 
 
 def _static_prepare(qt: QTensor, scheme, packed, n: int, k: int) -> Prepared:

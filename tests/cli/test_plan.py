@@ -42,3 +42,14 @@ def test_plan_of_a_model_factory_needs_no_weights(cli, model_args):
     assert "3 of 3 modules will be quantized." in text
     for name in ("0", "2", "4"):
         assert f"\n{name} " in text
+
+
+def test_expect_batch_warnings_and_kernels_in_the_plan(cli):
+    text = cli_ok(cli("plan", "--demo", "--backend", "reference", "--expect-batch", "4"))
+    assert "warning: reference is expected slower than a float32 nn.Linear at M=4" in text
+    assert "at M=128" not in text  # only the rows asked for
+    entries = json.loads(cli_ok(cli("plan", "--demo", "--json")))["entries"]
+    fc1 = next(e for e in entries if e["name"] == "blocks.0.mlp.fc1")
+    assert fc1["kernels"] and all(k.startswith(("M ", "any M")) for k in fc1["kernels"])
+    res = cli("plan", "--demo", "--expect-batch", "0")
+    assert res.exit_code == 2  # click's usage error: not a positive number

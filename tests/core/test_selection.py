@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from monoquant_core import CapabilityError, UsageError
+from monoquant_core import CapabilityError, Engine, UsageError
 from monoquant_core.demo import demo_model
 from monoquant_core.testing import CustomWrapperModel, mlp, transformer_block
 
@@ -111,3 +111,27 @@ def test_custom_wrapper_layers_found_by_type_and_own_param_reported(engine):
     wrapper = plan.get("body.0")
     assert not wrapper.selected and "no replacer for GatedLinear" in wrapper.skip_reason
     assert "normalisation" in plan.get("norm").skip_reason
+
+
+# --------------------------------------------------------------------------- expected speed
+
+
+def _speed_notes(plan):
+    return [n for n in plan.get("0").notes if n.startswith("warning:")]
+
+
+def test_the_plan_warns_where_a_layer_is_expected_slower_than_float():
+    torch.manual_seed(0)
+    engine = Engine()
+    bf16 = nn.Sequential(nn.Linear(1024, 1024)).to(torch.bfloat16)
+    plan = engine.plan(bf16, scheme="int4-group", expect_batch=[1, 64])
+    (note,) = _speed_notes(plan)
+    assert "expected slower than a bfloat16 nn.Linear at M=64" in note
+    fp32 = nn.Sequential(nn.Linear(1024, 1024))
+    assert _speed_notes(engine.plan(fp32, scheme="int4-group", expect_batch=[1, 64])) == []
+    slow = engine.plan(fp32, scheme="int8", backend="reference")  # default rows: 1 and 128
+    assert [n.split(" at ")[1].split(" ")[0] for n in _speed_notes(slow)] == ["M=1", "M=128"]
+    with pytest.raises(UsageError, match="expect_batch 0 is not a positive number"):
+        engine.configure(expect_batch=[0])
+    cfg = engine.configure(expect_batch=64)
+    assert cfg.expect_batch == (64,) and cfg.to_dict()["expect_batch"] == [64]

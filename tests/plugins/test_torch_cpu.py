@@ -176,3 +176,18 @@ def test_without_fbgemm_int8_dynamic_runs_int_mm_with_the_same_codes(monkeypatch
         x = torch.randn(m, 256)
         # same int8 codes, int32 accumulation: only float rounding differs from the reference
         assert rel_err(fast(x), ref(x)) < 1e-5
+
+
+@pytest.mark.parametrize("n", [16, 80, 1024 + 48])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_layout_built_in_row_blocks_equals_torchs_whole_weight_layout(n, symmetric):
+    from monoquant_plugins.backends.torch_cpu import _int4pack
+
+    from monoquant_core.layout import pack_int4, unpack_int4
+
+    k = 256
+    codes = torch.randint(-8, 8, (n, k)) if symmetric else torch.randint(0, 16, (n, k))
+    stored = pack_int4(codes.to(torch.int8 if symmetric else torch.uint8))
+    nibbles = unpack_int4(stored, k, signed=False).to(torch.int32)
+    want = torch._convert_weight_to_int4pack_for_cpu(nibbles ^ 8 if symmetric else nibbles, 1)
+    assert torch.equal(_int4pack(stored, n, k, symmetric), want)
