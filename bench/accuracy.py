@@ -163,6 +163,9 @@ def real_model_table(engine: Engine) -> str:
     sims.fill_diagonal_(-2)
     ref_nn = sims.argmax(1)
     configs = [("int8", "minmax", {}, "int8 per-channel, minmax")]
+    dyn = {"activations": "dynamic"}  # W8A8: int8 inputs per token
+    configs += [("int8", "minmax", dyn, "int8 per-channel, minmax, W8A8 (int8 inputs)")]
+    configs += [("int8", "minmax", {**dyn, "+outlier": True}, "int8 W8A8 + outlier plugin")]
     configs += [
         ("int4-group", o, {**opts, "group_size": gs}, f"g{gs} {label}")
         for gs in (128, 32)
@@ -181,8 +184,13 @@ def real_model_table(engine: Engine) -> str:
         "|---|---|---|---|---|",
     ]
     for scheme, obs, opts, label in configs:
+        plugins = {"outlier": {}} if opts.pop("+outlier", False) else None
         q, _ = engine.quantize(
-            minilm.load_minilm(), scheme=scheme, observer=obs, scheme_options=opts
+            minilm.load_minilm(),
+            scheme=scheme,
+            observer=obs,
+            scheme_options=opts,
+            plugin_options=plugins,
         )
         with torch.no_grad():
             out = q(ids, mask)

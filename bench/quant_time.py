@@ -3,6 +3,7 @@
     python bench/quant_time.py                  # the TinyLlama-1.1B-shaped layer set, 1 thread
     python bench/quant_time.py --layers 4       # a quarter-size quick run
     python bench/quant_time.py --threads 2
+    python bench/quant_time.py --only int4 qint4  # the methods whose label contains a word
 
 The model is TinyLlama-1.1B's Linear layers (22 decoder layers: q/o 2048x2048, k/v 256x2048,
 gate/up 5632x2048, down 2048x5632; 968 M parameters, 3.9 GB in float32), seeded random
@@ -142,6 +143,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=22, help="decoder layers (22: 968 M params)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--only", nargs="*", default=None, help="run the methods whose label contains one of these"
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -155,6 +159,8 @@ def main() -> None:
     print("| method | quantize s | peak RSS over float (MB) | first forward ms | steady ms |")
     print("|---|---|---|---|---|")
     for label in METHODS:
+        if args.only and not any(o in label for o in args.only):
+            continue
         cmd = [sys.executable, os.path.abspath(__file__), "--child", label]
         cmd += ["--layers", str(args.layers), "--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -31,10 +31,12 @@ def _fit(x: torch.Tensor, codes: torch.Tensor, sx: torch.Tensor, sxx: torch.Tens
     slx = torch.mul(codes, x, out=sc.get("fit.lx", tuple(x.shape))).sum(-1)
     det = n * sll - sl * sl
     ok = det > 0
-    det = torch.where(ok, det, torch.ones_like(det))
-    d = (n * slx - sx * sl) / det
-    m = (sll * sx - sl * slx) / det
-    err = d * d * sll + 2 * d * m * sl + n * m * m - 2 * d * slx - 2 * m * sx + sxx
+    inv = torch.where(ok, det, 1.0).reciprocal_()
+    d = (n * slx - sx * sl).mul_(inv)
+    m = (sll * sx - sl * slx).mul_(inv)
+    # at the least-squares optimum the residual is sxx - d*slx - m*sx (fewer small ops than
+    # expanding the square; groups where it is not an optimum are rejected through ``ok``)
+    err = sxx - d * slx - m * sx
     return d, m, err, ok & (d > 0)
 
 
@@ -49,29 +51,45 @@ def ls_refit(
     """Grid of inverse scales ``num / (hi - lo)`` + closed-form refit; returns (scale, zero).
 
     The plain ``[lo, hi]`` min/max fit is the fallback for groups where no candidate helps
-    (constant groups keep it exactly).
+    (constant groups keep it exactly). Each candidate costs the passes that make its codes and
+    their three sums; the refit of every candidate and the choice of the best are then done
+    at once on the ``[candidates, R, G]`` sums (the earliest of equally good candidates wins).
     """
     sc = scratch or Scratch()
     shape = tuple(x.shape)
+    n = shape[-1]
     span = hi - lo
     scale = torch.where(span > 0, span / qmax, torch.where(lo != 0, lo.abs(), torch.ones_like(lo)))
-    best_d, best_m = scale.clone(), lo.clone()
     xm = torch.sub(x, lo.unsqueeze(-1), out=sc.get("ls.xm", shape))
     sx = x.sum(-1)
     sxx = torch.linalg.vector_norm(x, dim=-1).square_()
     codes = sc.get("ls.codes", shape)
     # Baseline: the observer's own range, rounded to nearest.
-    torch.mul(xm, best_d.reciprocal().unsqueeze(-1), out=codes).clamp_(0, qmax).round_()
-    codes.mul_(best_d.unsqueeze(-1)).add_(lo.unsqueeze(-1)).sub_(x)
-    best_err = torch.linalg.vector_norm(codes, dim=-1).square_()
+    torch.mul(xm, scale.reciprocal().unsqueeze(-1), out=codes).clamp_(0, qmax).round_()
+    codes.mul_(scale.unsqueeze(-1)).add_(lo.unsqueeze(-1)).sub_(x)
+    base_err = torch.linalg.vector_norm(codes, dim=-1).square_()
     inv_span = torch.where(span > 0, 1.0 / span, torch.zeros_like(span)).unsqueeze(-1)
-    for num in numerators:
+    stats = sc.get("ls.stats", (3, len(numerators), *shape[:-1]))
+    sl, sll, slx = stats[0], stats[1], stats[2]
+    lx = sc.get("fit.lx", shape)
+    for i, num in enumerate(numerators):
         torch.mul(xm, inv_span * num, out=codes).clamp_(0, qmax).round_()
-        d, m, err, ok = _fit(x, codes, sx, sxx, sc)
-        better = ok & (err < best_err)
-        best_err = torch.where(better, err, best_err)
-        best_d = torch.where(better, d, best_d)
-        best_m = torch.where(better, m, best_m)
+        torch.sum(codes, -1, out=sl[i])
+        torch.linalg.vector_norm(codes, dim=-1, out=sll[i])
+        torch.sum(torch.mul(codes, x, out=lx), -1, out=slx[i])
+    sll.square_()
+    det = n * sll - sl * sl
+    ok = det > 0
+    inv = torch.where(ok, det, 1.0).reciprocal_()
+    d = (n * slx - sx * sl).mul_(inv)
+    m = (sll * sx - sl * slx).mul_(inv)
+    err = sxx - d * slx - m * sx  # the least-squares residual at the optimum
+    err = torch.where(ok & (d > 0), err, torch.inf)
+    best_err, idx = err.min(0)
+    better = best_err < base_err
+    pick = idx.unsqueeze(0)
+    best_d = torch.where(better, d.gather(0, pick)[0], scale)
+    best_m = torch.where(better, m.gather(0, pick)[0], lo)
     return best_d, -best_m / best_d
 
 

@@ -332,6 +332,34 @@ class RaisingBackend(FakeGpuBackend):
 # --------------------------------------------------------------------------- numbers
 
 
+def int8_qtensor(shape=(4, 8), **overrides) -> mq.QTensor:
+    """A valid all-zero symmetric per-channel int8 QTensor of ``shape`` (fields overridable)."""
+    fields = dict(
+        qdata=torch.zeros(*shape, dtype=torch.int8),
+        scale=torch.ones(shape[0], 1),
+        zero_point=None,
+        bits=8,
+        group_size=None,
+        axis=0,
+        shape=shape,
+        dtype=torch.float32,
+        scheme="int8",
+    )
+    return mq.QTensor(**{**fields, **overrides})
+
+
+def assert_quantized_copy(path, sd: dict[str, torch.Tensor], selected, floor_db=35.0) -> None:
+    """``load(path, dequantize=True)`` holds every tensor of ``sd``: the ``selected`` ones
+    within ``floor_db`` of the original, the others bit-identical."""
+    got = mq.load(str(path), dequantize=True)
+    assert set(got) == set(sd)
+    for n, t in sd.items():
+        if n in selected:
+            assert mq.sqnr_db(t, got[n]) > floor_db, n
+        else:
+            assert torch.equal(got[n], t), n
+
+
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative L2 error ``||got - ref|| / ||ref||`` (float64 accumulation)."""
     return error_stats(ref.float(), got.float())[2]

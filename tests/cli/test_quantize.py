@@ -18,6 +18,7 @@ from tests.helpers import (
     SMALL_SELECTED,
     STATIC_ARGS,
     act_scale,
+    assert_quantized_copy,
     cli_ok,
     evil_pickle,
     raw_safetensors,
@@ -95,13 +96,7 @@ def test_quantize_file(cli, tmp_path, small_file):
     assert f"kept in float ({len(sd) - len(SMALL_SELECTED)}):" in text
     for name in SMALL_SELECTED:
         assert name in text
-    got = mq.load(str(out), dequantize=True)
-    assert set(got) == set(sd)
-    for n, t in sd.items():
-        if n not in SMALL_SELECTED:
-            assert torch.equal(got[n], t), n
-        else:
-            assert mq.sqnr_db(t, got[n]) > 35, n
+    assert_quantized_copy(out, sd, SMALL_SELECTED)
 
 
 def test_quantize_folder(cli, tmp_path):

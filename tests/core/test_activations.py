@@ -11,22 +11,12 @@ from monoquant_core.activations import (
     quantize_per_token,
     static_act_params,
 )
-from monoquant_core.qtensor import QTensor
+from tests.helpers import int8_qtensor
 
 
 def _static(scale, zero):
-    return QTensor(
-        qdata=torch.zeros(1, 1, dtype=torch.int8),
-        scale=torch.ones(1, 1),
-        zero_point=None,
-        bits=8,
-        group_size=None,
-        axis=0,
-        shape=(1, 1),
-        dtype=torch.float32,
-        scheme="int8",
-        extra={"act_scale": torch.tensor(scale), "act_zero_point": torch.tensor(zero)},
-    )
+    extra = {"act_scale": torch.tensor(scale), "act_zero_point": torch.tensor(zero)}
+    return int8_qtensor((1, 1), extra=extra)
 
 
 def test_per_token_is_one_symmetric_scale_per_row():

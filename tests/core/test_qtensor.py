@@ -8,22 +8,11 @@ import torch
 
 from monoquant_core.layout import pack_int4
 from monoquant_core.qtensor import QTensor, QuantSpec
+from tests.helpers import int8_qtensor
 
 
 def _qt(**kw):
-    base = dict(
-        qdata=torch.zeros(4, 8, dtype=torch.int8),
-        scale=torch.ones(4, 1),
-        zero_point=None,
-        bits=8,
-        group_size=None,
-        axis=0,
-        shape=(4, 8),
-        dtype=torch.float32,
-        scheme="int8",
-    )
-    base.update(kw)
-    return QTensor(**base)
+    return int8_qtensor((4, 8), **kw)
 
 
 @pytest.mark.parametrize(

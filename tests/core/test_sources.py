@@ -15,6 +15,7 @@ from monoquant_core import FormatError, MonoQuantError, UsageError
 from tests.helpers import (
     INDEX,
     SMALL_SELECTED,
+    assert_quantized_copy,
     evil_pickle,
     expect_failure,
     raw_safetensors,
@@ -33,14 +34,7 @@ def test_pt_state_dict_input(engine, tmp_path):
         out = tmp_path / f"q{suffix}.safetensors"
         report = engine.quantize_checkpoint(str(src), str(out), progress=False)
         assert {layer.name for layer in report.layers} == SMALL_SELECTED
-        got = mq.load(str(out), dequantize=True)
-        assert set(got) == set(sd)
-        for n, t in sd.items():
-            if n not in SMALL_SELECTED:
-                assert torch.equal(got[n], t), n
-            else:
-                print(f"{suffix} {n}: SQNR {mq.sqnr_db(t, got[n]):.1f} dB")
-                assert mq.sqnr_db(t, got[n]) > 35
+        assert_quantized_copy(out, sd, SMALL_SELECTED)
 
 
 def test_pickled_full_model_needs_trust_pickle(engine, tmp_path):
