@@ -44,6 +44,7 @@ from .errors import (
     PluginLoadError,
     PluginLoadWarning,
     UsageError,
+    WeightNotRepresentable,
 )
 from .markers import hookimpl
 from .metrics import sqnr_db
@@ -93,6 +94,7 @@ __all__ = [
     "TensorSource",
     "UsageError",
     "WeightInfo",
+    "WeightNotRepresentable",
     "__version__",
     "hookimpl",
     "load",

@@ -14,14 +14,29 @@ import torch
 from .qtensor import QParams, QuantSpec
 
 __all__ = [
+    "MIN_SCALE",
+    "SAFE_MAX",
     "Scratch",
     "dequantize_groups",
     "minmax_qparams",
+    "params_bounded",
     "params_fit",
     "quantize_groups",
     "round_params",
     "rounding_error",
 ]
+
+
+#: every code of a group dequantizes to at most this magnitude: float32's largest value less
+#: 1/128, the room a backend needs to round a scale to bfloat16 without reaching inf
+SAFE_MAX = torch.finfo(torch.float32).max * (1 - 2**-7)
+#: the smallest scale :func:`minmax_qparams` gives: float32's smallest normal value, whose
+#: reciprocal (``quantize_groups`` multiplies by ``1 / scale``) is finite
+MIN_SCALE = torch.finfo(torch.float32).tiny
+
+
+#: groups of at most this magnitude take the plain float32 path of :func:`minmax_qparams`
+_PLAIN_MAX = 2.0**100
 
 
 def minmax_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> QParams:
@@ -34,21 +49,72 @@ def minmax_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> QPara
 
     Degenerate groups never divide by zero: an all-zero group gets ``scale = 1`` (exactly 0 back)
     and a constant group ``c`` reproduces ``c`` (float zero) or the nearest code (integer zero).
+
+    Any finite range gives finite parameters. A scale is never below :data:`MIN_SCALE` (a
+    group smaller than about ``1e-36`` loses precision; below ``1e-38`` it comes back as 0).
+    Ranges beyond ``2**100`` are computed in float64 (``hi - lo`` of two values near float32's
+    limit overflows in float32) and capped so that every code ``qmin..qmax`` dequantizes within
+    :data:`SAFE_MAX` (a group reaching within about 1% of float32's limit is clipped there).
+    :func:`params_bounded` checks the result.
     """
     lo, hi = lo.to(torch.float32), hi.to(torch.float32)
+    if lo.numel() and max(-float(lo.amin()), float(hi.amax())) > _PLAIN_MAX:
+        return _wide_qparams(lo, hi, spec)
     one = torch.ones_like(lo)
     if spec.symmetric:
         amax = torch.maximum(-lo, hi)
-        return QParams(torch.where(amax > 0, amax / spec.qmax, one), None)
+        return QParams(torch.where(amax > 0, amax / spec.qmax, one).clamp_min_(MIN_SCALE), None)
     if not spec.float_zero:
         lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
     span = hi - lo
     flat = torch.where(lo != 0, lo.abs(), one)
-    scale = torch.where(span > 0, span / (spec.qmax - spec.qmin), flat)
+    scale = torch.where(span > 0, span / (spec.qmax - spec.qmin), flat).clamp_min_(MIN_SCALE)
     zero = spec.qmin - lo / scale
     if not spec.float_zero:
         zero = torch.clamp(torch.round(zero), spec.qmin, spec.qmax)
     return QParams(scale, zero)
+
+
+def _wide_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> QParams:
+    """:func:`minmax_qparams` in float64, with every code kept within :data:`SAFE_MAX`."""
+    lo = lo.to(torch.float64).clamp(-SAFE_MAX, SAFE_MAX)
+    hi = hi.to(torch.float64).clamp(-SAFE_MAX, SAFE_MAX)
+    if spec.symmetric:
+        amax = torch.maximum(-lo, hi)
+        scale = torch.where(amax > 0, amax / spec.qmax, 1.0).clamp_min(MIN_SCALE)
+        scale = scale.clamp_max(SAFE_MAX / max(spec.qmax, -spec.qmin))
+        return QParams(scale.to(torch.float32), None)
+    levels = spec.qmax - spec.qmin
+    if spec.float_zero:  # a constant group too large for ``scale = |c|`` spans [c, 0] instead
+        wide = (lo == hi) & (lo.abs() > SAFE_MAX / (levels + 1))
+        lo, hi = torch.where(wide, lo.clamp(max=0.0), lo), torch.where(wide, hi.clamp(min=0.0), hi)
+    else:
+        lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+    span = hi - lo
+    flat = torch.where(lo != 0, lo.abs(), 1.0)
+    scale = torch.where(span > 0, span / levels, flat).clamp_min(MIN_SCALE)
+    zero = spec.qmin - lo / scale
+    if not spec.float_zero:
+        zero = torch.clamp(torch.round(zero), spec.qmin, spec.qmax)
+    reach = torch.maximum(spec.qmax - zero, zero - spec.qmin)  # >= (qmax - qmin) / 2
+    scale = torch.minimum(scale, SAFE_MAX / reach)
+    return QParams(scale.to(torch.float32), zero.to(torch.float32))
+
+
+def params_bounded(qp: QParams, spec: QuantSpec) -> torch.Tensor:
+    """``[C, G]`` booleans: the group's scale is > 0 and every code ``qmin..qmax``
+    dequantizes (``(q - z) * s`` in float32) to a finite value (so scale and zero point are
+    finite too).
+
+    Cheap (parameter-sized). Schemes use it to keep the observer's parameters for groups an
+    optimiser could not fit; the core refuses a weight for which it is False anywhere.
+    """
+    s = qp.scale.to(torch.float32)
+    if qp.zero_point is None:
+        return (s > 0) & torch.isfinite(s * float(max(spec.qmax, -spec.qmin)))
+    z = qp.zero_point.to(torch.float32)
+    reach = torch.maximum(spec.qmax - z, z - spec.qmin)  # |q - z| of the farthest code
+    return (s > 0) & torch.isfinite(reach * s)
 
 
 def params_fit(t: torch.Tensor, dtype: torch.dtype) -> bool:

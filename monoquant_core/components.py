@@ -17,7 +17,7 @@ from torch import nn
 
 from .artifacts import Artifact, ArtifactReader, ArtifactWriter
 from .capabilities import Capabilities
-from .errors import CapabilityError
+from .errors import CapabilityError, WeightNotRepresentable
 from .options import ComponentConfig
 from .qtensor import QParams, QTensor, QuantSpec
 
@@ -31,6 +31,7 @@ __all__ = [
     "Scheme",
     "Serializer",
     "WeightInfo",
+    "WeightNotRepresentable",
 ]
 
 
@@ -120,8 +121,19 @@ class Scheme(ABC):
         return None
 
     def check(self, shape: tuple[int, ...], config: Any) -> str | None:
-        """Plan-time veto: a human-readable reason this weight cannot use the scheme, or None."""
+        """Plan-time veto: a human-readable reason this weight cannot use the scheme, or None.
+
+        ``shape`` is the weight's shape with its channel axis first, ``[out, in, ...]``, as
+        the replacer sees it (a GPT-2 ``Conv1D`` stores ``[in, out]``: its check gets
+        ``[out, in]``), so ``shape[1:]`` are always the inputs of one channel.
+        """
         return None
+
+    def notes(self, shape: tuple[int, ...], config: Any) -> list[str]:
+        """Plan-time remarks on a weight the scheme accepted (shown with the plan entry;
+        start one with ``"warning: "`` when the user should act). ``shape`` as in
+        :meth:`check`. Default: none."""
+        return []
 
     @abstractmethod
     def quantize(
@@ -251,10 +263,11 @@ class QuantizedModule(nn.Module):
     ``.to()``, ``state_dict()`` and ``load_state_dict()`` work as for any module. Dtype casts
     (``.to(torch.bfloat16)``, ``.half()``) never touch these buffers: their dtypes are part of
     the format. The backend's prepared (kernel) form is derived when the module is built
-    (:meth:`prepare`, called by the core) and again whenever the module moves or loads new
-    buffers; it is never pickled or saved. After a move to another device type the module
-    switches to the best of ``backend_candidates`` (set by the core, highest priority first)
-    that supports the weight there.
+    (:meth:`prepare`, called by the core) and again whenever the module moves, loads new
+    buffers or a buffer is replaced or written in place (:meth:`prepared`); it is never
+    pickled or saved. After a move to another device type the module switches to the best of
+    ``backend_candidates`` (set by the core, highest priority first) that supports the weight
+    there.
     """
 
     def __init__(self, backend: Backend, scheme: Scheme) -> None:
@@ -263,17 +276,54 @@ class QuantizedModule(nn.Module):
         self.backend = backend
         self.scheme = scheme
         self._prepared: dict[str, Any] = {}
+        self._stamps: dict[str, tuple[tuple[torch.Tensor, int], ...]] = {}
         self.backend_candidates: list[Backend] = [backend]
 
     def prepared(self, param: str = "weight") -> Any:
-        """The backend's kernel form of ``param`` (derived once, until the module moves)."""
+        """The backend's kernel form of ``param``: derived once, and again whenever one of
+        its buffers was replaced (``module.weight_scale = t``) or written in place since
+        (``state_dict()[k].copy_(...)``, ``module.weight_scale.mul_(2)``: torch counts every
+        in-place write in the tensor's version; the check reads one version per buffer and
+        call). Writes that torch does not count (through ``.data``, or into an inference
+        tensor made under ``torch.inference_mode``) need a call to :meth:`prepare` after them.
+        """
         p = self._prepared.get(param)
-        if p is None:
-            p = self._prepared[param] = self.backend.prepare(self.qtensor(param), self.scheme)
+        if p is not None:
+            for t, version in self._stamps.get(param, ()):
+                if t._version != version:
+                    break
+            else:
+                return p
+        p = self._prepared[param] = self._derive(param)
+        self._stamps[param] = tuple(
+            (t, t._version)
+            for n in self._buffer_names(param)
+            if (t := self._buffers.get(n)) is not None and not t.is_inference()
+        )
         return p
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if self.__dict__.get("_prepared") and name in self._buffers:
+            self._prepared = {}  # a buffer replaced: derive the kernel form again
+
+    def register_buffer(self, name: str, tensor: Any, persistent: bool = True) -> None:
+        super().register_buffer(name, tensor, persistent)
+        if self.__dict__.get("_prepared"):
+            self._prepared = {}
+
+    def _derive(self, param: str) -> Any:
+        """The backend's kernel form of ``param`` from the current buffers (subclasses that
+        hand the backend another view of the weight override this)."""
+        return self.backend.prepare(self.qtensor(param), self.scheme)
+
+    def _buffer_names(self, param: str) -> list[str]:
+        return [f"{param}_{r}" for r in self._qmeta[param]["roles"]]
+
     def prepare(self) -> None:
-        """Derive every quantized parameter's kernel form now (not at the first forward)."""
+        """Derive every quantized parameter's kernel form now (not at the first forward), from
+        the buffers as they are (also after writes :meth:`prepared` cannot see)."""
+        self._prepared = {}
         for param in self._qmeta:
             self.prepared(param)
 
@@ -292,7 +342,11 @@ class QuantizedModule(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "_prepared": {}}  # kernel layouts are machine-specific: never pickled
+        # kernel layouts are machine-specific: never pickled
+        return {**state, "_prepared": {}, "_stamps": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__({"_prepared": {}, "_stamps": {}, **state})  # older pickles too
 
     def _reselect_backend(self) -> None:
         if not self._qmeta:
@@ -314,8 +368,7 @@ class QuantizedModule(nn.Module):
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if any(prefix + n in state_dict for n in self.qbuffer_names()):
-            self._prepared = {}  # new codes or scales: derive the kernel form again
-            self.prepare()
+            self.prepare()  # new codes or scales: derive the kernel form again
 
     def set_qtensor(self, param: str, qt: QTensor) -> None:
         roles = list(qt.tensors())

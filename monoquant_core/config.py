@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import CapabilityError, MonoQuantError, UsageError
-from .options import PluginOptions, config_to_dict, parse_options
+from .options import PluginOptions, config_to_dict, did_you_mean, parse_options
 from .registry import Registries, Registry, safe_available
 from .rules import Rule, parse_rules
 
@@ -201,7 +201,8 @@ def resolve_plugin_options(
             raise UsageError(
                 f"plugin_options names plugin {name!r}, which {what} "
                 f"(plugins that take options: {takers})",
-                "check the name (`monoquant plugins` lists the installed plugins)",
+                f"{did_you_mean(name, registries.options.names())}check the name "
+                "(`monoquant plugins` lists the installed plugins)",
             )
         cls = registries.options.get(name)
         if isinstance(opts, cls):

@@ -16,6 +16,7 @@ __all__ = [
     "PluginLoadError",
     "PluginLoadWarning",
     "UsageError",
+    "WeightNotRepresentable",
 ]
 
 
@@ -40,6 +41,14 @@ class MonoQuantError(Exception):
 
 class UsageError(MonoQuantError):
     """A bad argument: unknown component name, bad option, bad path, ..."""
+
+
+class WeightNotRepresentable(UsageError):
+    """A weight a scheme cannot store: parameters that are not finite, or codes that
+    dequantize to inf. A scheme may raise it from :meth:`Scheme.quantize`; the core raises it
+    when it checks a result (every QTensor, whoever computed it). Module mode keeps such a
+    layer in float, with the problem as its skip reason in the plan and the report.
+    """
 
 
 class PluginLoadError(MonoQuantError):

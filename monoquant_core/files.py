@@ -8,6 +8,7 @@ partial file.
 from __future__ import annotations
 
 import os
+import stat
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from .registry import Registries, Registry, choose_backend, ranked_backends
 from .swap import swap_module
 
 __all__ = [
+    "check_regular_file",
     "dequantize_qtensor",
     "load_model",
     "model_artifact",
@@ -55,6 +57,7 @@ def serializer_for_read(
         raise UsageError(f"file {path!r} does not exist", "check the path")
     if os.path.isdir(path):
         raise UsageError(f"{path!r} is a directory, not a file", "give the path of a saved file")
+    check_regular_file(path)
     for reg in serializers:
         try:
             if reg.component.sniff(path):
@@ -65,6 +68,24 @@ def serializer_for_read(
     raise FormatError(
         f"{path!r} is not in a format any installed serializer reads (installed: {known})", fix
     )
+
+
+def check_regular_file(path: str) -> None:
+    """Refuse a path that is not a regular file (a FIFO without a writer would block every
+    reader forever; a device never ends) before anything opens it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise UsageError(f"cannot read {path!r}: {e.strerror or e}", "check the path") from e
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else ("a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+        )
+        raise UsageError(f"{path!r} is {kind}, not a regular file", "give the path of a saved file")
 
 
 def model_artifact(registries: Registries, model: nn.Module) -> Artifact:

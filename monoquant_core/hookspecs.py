@@ -87,7 +87,8 @@ def monoquant_register_schemes(register: Any) -> None:
         register: call ``register(scheme)`` with an instance of a
             :class:`~monoquant_core.components.Scheme` subclass (kebab-case ``name``, a
             ``config_class``, ``capabilities``). A name already registered by another plugin
-            raises :class:`~monoquant_core.errors.PluginConflictError` naming both.
+            leaves the later plugin out with a warning naming both (a
+            :class:`~monoquant_core.errors.PluginConflictError` in strict mode).
 
     Returns:
         Nothing. Not firstresult.

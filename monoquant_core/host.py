@@ -27,6 +27,7 @@ from .loading import (
     strict_from_env,
 )
 from .markers import PROJECT
+from .options import closest
 from .pipeline import ComponentAccess
 from .registry import KINDS, Registered, Registries, Registry
 from .run import Run
@@ -53,7 +54,7 @@ class PluginHost(ComponentAccess):
         self.pm.add_hookspecs(hookspecs)
         self.strict = strict_from_env() if strict is None else bool(strict)
         self.disabled = disabled_from_env() | {d.strip().lower() for d in disable}
-        self.failures: list[PluginLoadError] = []
+        self.failures: list[MonoQuantError] = []
         self.registries = Registries()
         self._infos = self.registries.plugins
         self._add(PluginInfo("core", pipeline, "monoquant", __version__, source="core"))
@@ -85,17 +86,25 @@ class PluginHost(ComponentAccess):
         info = PluginInfo(name or plugin_name(plugin), plugin, None, None, source="argument")
         self._add(info)
         self._check_pending()
-        self._collect(info)
+        if self._infos.get(info.name) is info:  # not left out (a taken name, a misspelt hook)
+            self._collect(info)
 
     def _add(self, info: PluginInfo) -> None:
+        """Register ``info``'s plugin with the manager; a plugin whose name is taken, whose
+        hooks do not fit their specs or that wraps a hook that takes no wrappers is left out
+        (one warning line; an error in strict mode)."""
         if info.name in self._infos or self.pm.has_plugin(info.name):
             old = self._infos.get(info.name)
-            raise PluginConflictError(
-                f"two plugins are named {info.name!r}: {old.origin if old else 'one'} and "
-                f"{info.origin}",
-                "uninstall one distribution, or disable one with "
-                "MONOQUANT_DISABLE_PLUGINS=<distribution name>",
+            self._failed(
+                PluginConflictError(
+                    f"two plugins are named {info.name!r}: {old.origin if old else 'one'} and "
+                    f"{info.origin}",
+                    "uninstall one distribution, or disable one with "
+                    "MONOQUANT_DISABLE_PLUGINS=<distribution name>",
+                ),
+                left_out=f"the second plugin {info.name!r}",
             )
+            return
         try:
             self.pm.register(info.plugin, name=info.name)
         except pluggy.PluginValidationError as e:
@@ -104,6 +113,15 @@ class PluginHost(ComponentAccess):
                     f"{info.origin} has an invalid hook implementation: {e}",
                     "compare its signature with docs/plugins/hooks.md",
                 )
+            )
+            return
+        except ValueError as e:  # the same object registered under another name
+            self._failed(
+                PluginConflictError(
+                    f"{info.origin} cannot be registered: {e}",
+                    "register each plugin object once, under one name",
+                ),
+                left_out=f"plugin {info.name!r}",
             )
             return
         callers = self.pm.get_hookcallers(info.plugin) or []
@@ -123,15 +141,25 @@ class PluginHost(ComponentAccess):
         info.hooks = sorted(c.name for c in callers)
         self._infos[info.name] = info
 
-    def _failed(self, err: PluginLoadError) -> None:
+    def _failed(self, err: MonoQuantError, left_out: str | None = None) -> None:
         self.failures.append(err)
-        report_failure(err, self.strict)
+        report_failure(err, self.strict, left_out)
 
     def report_plugin_failure(self, err: PluginLoadError) -> None:
         """Record a broken plugin: one warning line, or raise ``err`` in strict mode."""
         self._failed(err)
 
+    def _drop(self, name: str) -> None:
+        """Leave plugin ``name`` out: unregistered, and its components removed."""
+        if self.pm.has_plugin(name):
+            self.pm.unregister(name=name)
+        self._infos.pop(name, None)
+        for kind in KINDS:
+            self.registry(kind).discard_plugin(name)
+
     def _check_pending(self) -> None:
+        """A ``@hookimpl`` whose name is not a Mono Quant hook (a typo) leaves its plugin out:
+        one warning line naming the plugin and the misspelt hook (an error in strict mode)."""
         for name in dir(self.pm.hook):
             if name.startswith("_"):
                 continue
@@ -143,15 +171,23 @@ class PluginHost(ComponentAccess):
                     continue
                 info = self._infos.get(impl.plugin_name)
                 origin = info.origin if info else f"plugin {impl.plugin_name!r}"
-                known = ", ".join(KINDS.values())
-                raise PluginLoadError(
-                    f"{origin} implements {name!r}, which is not a Mono Quant hook",
-                    f"fix the spelling (hooks are listed in docs/plugins/hooks.md, e.g. {known}),"
-                    f" or disable it with MONOQUANT_DISABLE_PLUGINS={impl.plugin_name}",
+                self._drop(impl.plugin_name)
+                close = closest(name, _hook_names(self.pm))
+                spelling = f"did you mean {close!r}?" if close else "fix the spelling"
+                self._failed(
+                    PluginLoadError(
+                        f"{origin} implements {name!r}, which is not a Mono Quant hook",
+                        f"{spelling} (hooks are listed in docs/plugins/hooks.md), or disable it "
+                        f"with MONOQUANT_DISABLE_PLUGINS={impl.plugin_name}",
+                    ),
+                    left_out=f"plugin {impl.plugin_name!r}",
                 )
 
     def _collect(self, info: PluginInfo) -> None:
-        """Call ``info``'s registration hooks with a ``register`` bound to it."""
+        """Call ``info``'s registration hooks with a ``register`` bound to it. A component
+        whose name another plugin registered first leaves this plugin out entirely (one
+        warning line naming both; an error in strict mode): half a plugin could act on the
+        other plugin's component."""
         for kind, hook in KINDS.items():
             for impl in getattr(self.pm.hook, hook).get_hookimpls():
                 if impl.plugin_name != info.name:
@@ -168,11 +204,13 @@ class PluginHost(ComponentAccess):
 
                 try:
                     impl.function(**({"register": register} if impl.argnames else {}))
-                except PluginConflictError:
-                    raise
+                except PluginConflictError as e:
+                    self._drop(info.name)
+                    self._failed(e, left_out=f"plugin {info.name!r}")
+                    return
                 except PluginLoadError as e:
                     self._failed(e)
-                except Exception as e:
+                except (Exception, SystemExit) as e:
                     self._failed(
                         PluginLoadError(
                             f"{info.origin} failed in {hook}: {type(e).__name__}: {e}",
@@ -182,7 +220,8 @@ class PluginHost(ComponentAccess):
                     )
 
     def plugins(self) -> list[dict[str, Any]]:
-        """Name, distribution, version, hooks and components of every loaded plugin."""
+        """Name, distribution, version, source, hooks, components and import time (seconds,
+        None for plugins not loaded from an entry point) of every loaded plugin."""
         out = []
         for info in self._infos.values():
             comps: dict[str, list[str]] = {}
@@ -198,6 +237,7 @@ class PluginHost(ComponentAccess):
                     "source": info.source,
                     "hooks": info.hooks,
                     "components": comps,
+                    "import_s": info.import_s,
                 }
             )
         return out
@@ -246,6 +286,12 @@ class PluginHost(ComponentAccess):
                     warnings.warn(f"monoquant: {err} (after the run had failed)", stacklevel=3)
         if first is not None:
             raise first
+
+
+def _hook_names(pm: pluggy.PluginManager) -> list[str]:
+    """The names of the hooks that have a spec (for "did you mean")."""
+    callers = ((n, getattr(pm.hook, n)) for n in dir(pm.hook) if not n.startswith("_"))
+    return [n for n, c in callers if isinstance(c, pluggy.HookCaller) and c.has_spec()]
 
 
 def plugin_name(obj: Any) -> str:

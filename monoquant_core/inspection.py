@@ -14,13 +14,20 @@ import torch
 
 from .errors import UsageError
 from .files import dequantize_qtensor
-from .metrics import sqnr_db
+from .metrics import all_finite, count_nonfinite, sqnr_db
 from .progress import Progress
 from .registry import Registries
 from .sources import open_source
 from .tables import format_table, human_bytes
 
-__all__ = ["inspect_path", "render_inspect", "render_verify", "verify_failed", "verify_paths"]
+__all__ = [
+    "inspect_path",
+    "render_inspect",
+    "render_verify",
+    "verify_error",
+    "verify_failed",
+    "verify_paths",
+]
 
 
 def inspect_path(registries: Registries, path: str) -> dict[str, Any]:
@@ -92,14 +99,14 @@ def inspect_path(registries: Registries, path: str) -> dict[str, Any]:
     }
 
 
+def _producer(name: str, v: Any) -> str:
+    if not isinstance(v, dict):  # a reader that passed provenance through unchecked
+        return f"{name} ({v!r:.40})"
+    return f"{name} ({v.get('distribution') or '?'} {v.get('version') or ''})".strip()
+
+
 def render_inspect(info: dict[str, Any]) -> str:
-    prods = (
-        ", ".join(
-            f"{k} ({v.get('distribution') or '?'} {v.get('version') or ''})".strip()
-            for k, v in info["producers"].items()
-        )
-        or "-"
-    )
+    prods = ", ".join(_producer(k, v) for k, v in info["producers"].items()) or "-"
     head = [
         f"{info['path']}: {info['format']}"
         + (f", format version {info['format_version']}" if info["format_version"] else ""),
@@ -149,6 +156,13 @@ def verify_paths(
         names = [(s, n) for s in orig.shards for n in s.reader.tensor_names()]
         if not names:
             raise UsageError(f"{original!r} holds no float tensors", "give the original checkpoint")
+        if where and not any(n in where for _, n in names):
+            raise UsageError(
+                f"{quantized!r} does not correspond to {original!r}: none of its {len(where)} "
+                f"tensors has the name of one of the original's {len(names)}",
+                "give the original checkpoint and the output of quantizing it "
+                "(monoquant verify ORIGINAL QUANTIZED)",
+            )
         prog = Progress(
             len(names),
             sum(s.reader.source(n).nbytes for s, n in names),
@@ -195,9 +209,17 @@ def verify_paths(
         "original_bytes": orig_bytes,
         "quantized_bytes": quant_bytes,
         "compression_ratio": orig_bytes / quant_bytes if quant_bytes else 0.0,
-        "min_sqnr_db": min((r["sqnr_db"] for r in qrows), default=None),
+        "min_sqnr_db": _min_sqnr(qrows),
         "mismatched_copies": [r["name"] for r in rows if not r["scheme"] and not r["exact"]],
     }
+
+
+def _min_sqnr(rows: list[dict[str, Any]]) -> float | None:
+    """The lowest SQNR; NaN (not comparable, so never "above" a threshold) wins."""
+    values = [r["sqnr_db"] for r in rows]
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    return min(values, default=None)
 
 
 def _compare(name: str, scheme: str | None, ref: torch.Tensor, got: torch.Tensor) -> dict[str, Any]:
@@ -220,6 +242,19 @@ def _compare(name: str, scheme: str | None, ref: torch.Tensor, got: torch.Tensor
             "exact": True,
             "note": "",
         }
+    if ref.is_floating_point() and got.is_floating_point():
+        bad_ref, bad_got = not all_finite(ref), not all_finite(got)
+        if bad_ref or bad_got:  # no SQNR to speak of (and sqnr_db would divide by inf)
+            which = "the quantized tensor" if bad_got else "the original"
+            n = count_nonfinite(got if bad_got else ref)
+            return {
+                "name": name,
+                "scheme": scheme,
+                "sqnr_db": math.nan,
+                "max_abs_err": math.nan,
+                "exact": False,
+                "note": f"{which} holds {n} NaN/Inf value(s)",
+            }
     r, g = ref.to(torch.float32), got.to(torch.float32)
     err = (r - g).abs()
     return {
@@ -238,7 +273,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def render_verify(res: dict[str, Any], min_sqnr: float | None) -> str:
     def db(x: float) -> str:
-        return "inf" if math.isinf(x) and x > 0 else f"{x:.2f}"
+        return "inf" if math.isinf(x) and x > 0 else "nan" if math.isnan(x) else f"{x:.2f}"
 
     rows = [
         [
@@ -252,6 +287,8 @@ def render_verify(res: dict[str, Any], min_sqnr: float | None) -> str:
     ]
     out = [format_table(["tensor", "scheme", "SQNR dB", "max err", "check"], rows), ""]
     out += [f"missing from the quantized file: {n}" for n in res["missing"]]
+    out += [f"not in the original: {n}" for n in res["extra"]]
+    out += [f"{r['name']}: {r['note']}" for r in res["tensors"] if r["note"]]
     out += [f"copied tensor differs from the original: {n}" for n in res["mismatched_copies"]]
     m = res["min_sqnr_db"]
     out.append(
@@ -263,15 +300,64 @@ def render_verify(res: dict[str, Any], min_sqnr: float | None) -> str:
 
 
 def _fails(row: dict[str, Any], min_sqnr: float | None) -> bool:
-    if row["note"] or (not row["scheme"] and not row["exact"]):
+    if row["note"] or (not row["scheme"] and not row["exact"]) or math.isnan(row["sqnr_db"]):
         return True
-    return bool(row["scheme"] and min_sqnr is not None and row["sqnr_db"] < min_sqnr)
+    return bool(row["scheme"] and min_sqnr is not None and not row["sqnr_db"] >= min_sqnr)
 
 
 def verify_failed(res: dict[str, Any], min_sqnr: float | None) -> bool:
-    """True when CI should fail: a tensor below the threshold, missing, or altered."""
+    """True when CI should fail: a tensor below the threshold or NaN/Inf, a tensor missing, an
+    extra tensor the original does not have, a shape mismatch, or an altered copy."""
     return bool(
         res["missing"]
+        or res["extra"]
         or res["mismatched_copies"]
         or any(_fails(r, min_sqnr) for r in res["tensors"])
     )
+
+
+def verify_error(res: dict[str, Any], min_sqnr: float | None) -> UsageError | None:
+    """The one-line error of a failed verification (None when it passed), with the fix that
+    fits the failure: files that do not correspond, NaN/Inf values, or too low an SQNR."""
+    if not verify_failed(res, min_sqnr):
+        return None
+    rows = res["tensors"]
+    shapes = [r["name"] for r in rows if r["note"].startswith("shape")]
+    nonfinite = [r["name"] for r in rows if math.isnan(r["sqnr_db"])]
+    low = [
+        r["name"]
+        for r in rows
+        if r["scheme"] and min_sqnr is not None and r["sqnr_db"] < min_sqnr and not r["note"]
+    ]
+    m = res["min_sqnr_db"]
+    parts = [
+        f"min SQNR {m:.2f} dB (threshold {min_sqnr:.2f} dB, {len(low)} tensor(s) below)"
+        if low
+        else "",
+        f"NaN/Inf in {len(nonfinite)} tensor(s) (first: {nonfinite[0]})" if nonfinite else "",
+        f"{len(res['missing'])} tensor(s) missing" if res["missing"] else "",
+        f"{len(res['extra'])} tensor(s) not in the original" if res["extra"] else "",
+        f"{len(shapes)} shape mismatch(es)" if shapes else "",
+        f"{len(res['mismatched_copies'])} copied tensor(s) altered"
+        if res["mismatched_copies"]
+        else "",
+    ]
+    problem = "verification failed: " + (", ".join(p for p in parts if p) or "see the table")
+    if res["missing"] or res["extra"] or shapes:
+        fix = (
+            "the two do not correspond: give the original checkpoint and the output of "
+            "quantizing it (or quantize the original again)"
+        )
+    elif res["mismatched_copies"]:
+        fix = "a tensor that should be a byte copy changed: quantize the original again"
+    elif nonfinite:
+        fix = (
+            "check the original for NaN/Inf and quantize it again (--allow-nonfinite keeps such "
+            "tensors in float)"
+        )
+    else:
+        fix = (
+            "quantize with a finer scheme (e.g. int8, or int4-group with group_size=32) or "
+            "lower --min-sqnr"
+        )
+    return UsageError(problem, fix)

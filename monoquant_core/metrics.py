@@ -62,7 +62,8 @@ class ErrorStats:
         elif self.sig == 0.0:
             db = -math.inf
         else:
-            db = 10.0 * math.log10(self.sig / self.err)
+            ratio = self.sig / self.err  # nan/inf sums (non-finite tensors) stay defined
+            db = -math.inf if ratio == 0.0 else 10.0 * math.log10(ratio)
         return db, self.peak, math.sqrt(self.err) / max(math.sqrt(self.sig), 1e-30)
 
 

@@ -23,13 +23,13 @@ from .calibration import (
     warn_calibration,
 )
 from .components import QuantizedModule
-from .errors import PluginError, UsageError
-from .pipeline import provenance
+from .errors import PluginError, UsageError, WeightNotRepresentable
+from .pipeline import check_representable, provenance
 from .plan import ModuleResult, Plan, PlanEntry, QuantResult
 from .registry import ranked_backends
 from .report import build_report
 from .run import Run
-from .selection import build_module_plan, validate_plan
+from .selection import build_module_plan, picked_modules, require_selected, validate_plan
 from .swap import state_bytes, swap_module
 
 __all__ = ["calibrate_model", "plan_model", "quantize_entry", "quantize_model"]
@@ -73,6 +73,8 @@ def quantize_model(
     calib = {"min_rows": min_rows, "progress": progress}
     try:
         plan = plan_model(run, model)
+        picked = picked_modules(run.config, plan)
+        require_selected(plan, picked)
         check_calibration_need(run, plan, calibration)
         before = state_bytes(model)
         if sequential:
@@ -81,11 +83,12 @@ def quantize_model(
         else:
             if calibration is not None:
                 calibrate_entries(run, model, plan, plan.selected, calibration, **calib)
-            results = [quantize_entry(run, model, e) for e in plan.selected]
+            results = [r for e in plan.selected if (r := _quantize_or_keep(run, model, e))]
             after = before + sum(
                 state_bytes(r.module) - state_bytes(model.get_submodule(r.entry.name))
                 for r in results
             )
+        require_selected(plan, picked)  # every selected weight may have been refused
         report = build_report(run.schemes, plan, results, before, after)
         if calibration is not None:
             report.extra["calibration"] = CalibrationSummary.of(plan).to_dict()
@@ -100,6 +103,16 @@ def quantize_model(
             if name:
                 swap_module(original, name, old)
         raise
+
+
+def _quantize_or_keep(run: Run, model: nn.Module, entry: PlanEntry) -> ModuleResult | None:
+    """:func:`quantize_entry`, or None with the entry kept in float (and the reason in the
+    plan and the report) when a weight of it cannot be represented."""
+    try:
+        return quantize_entry(run, model, entry)
+    except WeightNotRepresentable as e:
+        entry.skip(f"kept in float: {e.problem}")
+        return None
 
 
 def quantize_entry(run: Run, model: nn.Module, entry: PlanEntry) -> ModuleResult:
@@ -124,6 +137,8 @@ def quantize_entry(run: Run, model: nn.Module, entry: PlanEntry) -> ModuleResult
             "quantizes the ones a plugin does not compute itself)",
         )
     _stamp(run, entry, res)
+    for param, qt in res.qtensors.items():  # also the ones a plugin computed itself
+        check_representable(qt, f"{entry.name}.{param}" if entry.name else param)
     res.module = replacer.replace(
         module, res.qtensors, run.backends.get(entry.backend), run.schemes.get(entry.scheme)
     )
@@ -168,7 +183,9 @@ def _quantize_sequential(
         states += calibrate_entries(run, model, plan, [entry], batches, warn=False, **calib)
         if not entry.selected:
             continue
-        res = quantize_entry(run, model, entry)
+        res = _quantize_or_keep(run, model, entry)
+        if res is None:
+            continue
         old = model.get_submodule(entry.name)
         model = swap_module(model, entry.name, res.module)
         swapped.append((entry.name, old))

@@ -10,9 +10,10 @@ is an error that lists the valid keys, a value that does not parse names the exp
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,7 +22,9 @@ from .errors import UsageError
 __all__ = [
     "ComponentConfig",
     "PluginOptions",
+    "closest",
     "config_to_dict",
+    "did_you_mean",
     "parse_options",
     "split_key_values",
 ]
@@ -54,6 +57,24 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
+def closest(name: Any, choices: Iterable[str]) -> str | None:
+    """The one of ``choices`` a misspelt ``name`` most likely meant (``difflib``, ignoring
+    case), or None when none is close."""
+    folded = {c.lower(): c for c in choices}
+    hit = folded.get(str(name).lower())
+    if hit is None:
+        close = difflib.get_close_matches(str(name).lower(), list(folded), n=1, cutoff=0.6)
+        hit = folded[close[0]] if close else None
+    return hit if hit != name else None
+
+
+def did_you_mean(name: Any, choices: Iterable[str]) -> str:
+    """``"did you mean 'int8'? "`` (the start of a ``fix``), or ``""`` when nothing in
+    ``choices`` is close to ``name``."""
+    hit = closest(name, choices)
+    return f"did you mean {hit!r}? " if hit is not None else ""
+
+
 def split_key_values(pairs: tuple[str, ...] | list[str], flag: str) -> dict[str, str]:
     """Parse ``["k=v", ...]`` from the CLI into a dict (error names ``flag`` on bad syntax)."""
     out: dict[str, str] = {}
@@ -83,7 +104,7 @@ def parse_options(cls: type, options: Mapping[str, Any] | None, owner: str) -> A
         if key not in fields:
             raise UsageError(
                 f"unknown option {raw_key!r} for {owner} (valid keys: {valid})",
-                "use one of the valid keys",
+                f"{did_you_mean(key, fields)}use one of the valid keys",
             )
         values[key] = _convert(raw, hints[key], f"{owner} option {raw_key!r}")
     try:

@@ -14,14 +14,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .affine import params_bounded
 from .components import Scheme
 from .config import scheme_config as _scheme_config
-from .errors import MonoQuantError, UsageError
+from .errors import MonoQuantError, UsageError, WeightNotRepresentable
 from .markers import hookimpl
 from .metrics import all_finite, count_nonfinite
 from .options import config_to_dict
 from .plan import ModuleResult, PlanEntry
-from .qtensor import QTensor
+from .qtensor import QParams, QTensor
 from .registry import Registries, Registry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "ComponentAccess",
+    "check_representable",
     "monoquant_quantize_weights",
     "provenance",
     "quantize_entry_weights",
@@ -71,6 +73,8 @@ def quantize_weight(
 
     Raises:
         UsageError: the weight holds NaN or Inf (named in the message).
+        WeightNotRepresentable: the scheme's result cannot be stored
+            (:func:`check_representable`).
     """
     sch = registries.schemes.get(scheme)
     obs_cls = registries.observers.get(observer)
@@ -95,7 +99,40 @@ def quantize_weight(
         **provenance(registries, scheme, scheme_config, observer, observer_config),
         **qt.meta,
     }
+    check_representable(qt, name)
     return qt
+
+
+def check_representable(qt: QTensor, name: str) -> None:
+    """Refuse a QTensor whose scale or zero point is not finite (or a scale not positive), or
+    whose codes dequantize to inf: it would be written, load, and compute garbage.
+
+    Parameter-sized work only. The ``affine`` layout is checked code range included
+    (:func:`~monoquant_core.affine.params_bounded`); a ``custom`` layout and 16-bit casts
+    only for finite parameters.
+
+    Raises:
+        WeightNotRepresentable: naming ``name`` and how many groups fail.
+    """
+    scale, zero = qt.scale, qt.zero_point
+    if qt.meta.get("layout", "affine") == "affine" and qt.bits < 16:
+        ok = params_bounded(QParams(scale, zero), qt.spec)
+    else:
+        ok = (
+            torch.isfinite(scale)
+            if scale.is_floating_point()
+            else torch.ones_like(scale, dtype=torch.bool)
+        )
+        if zero is not None and zero.is_floating_point():
+            ok = ok & torch.isfinite(zero)
+    if bool(ok.all()):
+        return
+    module = name.rsplit(".", 1)[0]
+    raise WeightNotRepresentable(
+        f"{name}: {qt.scheme} gives {int((~ok).sum())} of {ok.numel()} group(s) a scale or "
+        "zero point that is not finite, or codes that dequantize to inf",
+        f"keep it in float (--skip '{module}'), or use another scheme for it (a rule)",
+    )
 
 
 class ComponentAccess:

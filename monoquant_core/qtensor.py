@@ -269,6 +269,44 @@ class QTensor:
             if self.qdata.dtype != want:
                 raise ValueError(f"qdata dtype {self.qdata.dtype} != expected {want}")
 
+    def validate_values(self) -> None:
+        """Check the values a loader must not trust; raises ``ValueError`` naming the piece.
+
+        Every floating piece (``scale``, a float ``zero_point``, float extras, 16-bit codes)
+        must be finite. For the standard ``affine`` layout (and every QTensor without a layout
+        tag) ``scale`` must also be a float tensor with every value ``> 0`` (observers give an
+        all-zero group ``scale = 1``, never 0), and a static activation's ``act_scale`` /
+        ``act_zero_point`` must be one positive float and one code in ``[0, 255]``. A
+        ``custom`` layout's scheme defines its own scales: only finiteness is checked there.
+        Cheap: scales are ``[C, G]``; only 16-bit codes are as large as the weight.
+        """
+        affine = self.meta.get("layout", "affine") == "affine"
+        pieces = dict(self.tensors())
+        if self.bits != 16:
+            pieces.pop("qdata")
+        for role, t in pieces.items():
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise ValueError(f"{role} holds {bad} NaN/Inf value(s)")
+        if not affine:
+            return
+        if not self.scale.is_floating_point():
+            raise ValueError(f"scale must be a float tensor, not {self.scale.dtype}")
+        if self.scale.numel() and not bool((self.scale > 0).all()):
+            bad = int((self.scale <= 0).sum())
+            raise ValueError(f"scale holds {bad} value(s) <= 0 (scales must be positive)")
+        zp = self.zero_point
+        if zp is not None and (zp.dtype == torch.bool or zp.is_complex()):
+            raise ValueError(f"zero_point dtype {zp.dtype} is not a number type")
+        s, z = self.extra.get("act_scale"), self.extra.get("act_zero_point")
+        if s is not None or z is not None:
+            if s is None or z is None or s.numel() != 1 or z.numel() != 1:
+                raise ValueError("act_scale and act_zero_point must be one value each, together")
+            if not s.is_floating_point() or not float(s.reshape(())) > 0:
+                raise ValueError(f"act_scale must be a positive float, not {s.reshape(())}")
+            if z.is_floating_point() or z.dtype == torch.bool or not 0 <= int(z) <= 255:
+                raise ValueError(f"act_zero_point must be an integer code in [0, 255], not {z}")
+
     def _validate_float_columns(self) -> None:
         cols, vals = self.extra.get("float_cols"), self.extra.get("float_values")
         if cols is None or vals is None:

@@ -13,6 +13,7 @@ from torch import nn
 from .components import Backend, WeightInfo
 from .errors import CapabilityError, PluginConflictError, PluginLoadError, UsageError
 from .loading import PluginInfo
+from .options import did_you_mean
 
 __all__ = [
     "KINDS",
@@ -98,11 +99,16 @@ class Registry:
             avail = ", ".join(sorted(self._items)) or "(none installed)"
             raise UsageError(
                 f"unknown {self.kind} {name!r} (available: {avail})",
-                f"choose one of: {avail}, or install the plugin that provides {name!r}",
+                f"{did_you_mean(name, self._items)}choose one of: {avail}, or install the "
+                f"plugin that provides {name!r}",
             ) from None
 
     def get(self, name: str) -> Any:
         return self.entry(name).component
+
+    def discard_plugin(self, plugin: str) -> None:
+        """Remove every component ``plugin`` registered (the plugin is left out)."""
+        self._items = {k: v for k, v in self._items.items() if v.plugin != plugin}
 
     def names(self) -> list[str]:
         return sorted(self._items)
@@ -147,6 +153,10 @@ class ReplacerRegistry(Registry):
         super().add(item)
         for t in types:
             self._by_type[t] = item
+
+    def discard_plugin(self, plugin: str) -> None:
+        super().discard_plugin(plugin)
+        self._by_type = {t: r for t, r in self._by_type.items() if r.plugin != plugin}
 
     def for_type(self, cls: type[nn.Module]) -> Registered | None:
         """The replacer registered for ``cls`` or its nearest base class, or None."""

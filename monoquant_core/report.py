@@ -180,6 +180,7 @@ class QuantReport:
             for n, why in self.skipped:
                 by_reason.setdefault(why, []).append(n or "(root)")
             out += [f"  {', '.join(names)}: {why}" for why, names in by_reason.items()]
+        out += self._module_lines()
         sampled = [r for r in self.layers if r.sqnr_db is not None and r.stats_fraction < 1]
         if sampled:
             out.append("")
@@ -195,6 +196,40 @@ class QuantReport:
             f"min SQNR {_db(self.min_sqnr_db)} dB, {self.time_s:.2f} s"
         )
         return "\n".join(out)
+
+    def _module_lines(self) -> list[str]:
+        """Per-layer facts plugins recorded (``extra["modules"]``) that change what a layer
+        is: outlier columns kept in float, static activation scale / zero point."""
+        modules = self.extra.get("modules")
+        if not isinstance(modules, dict):
+            return []
+        out: list[str] = []
+        seen = [n for n, m in modules.items() if _number(m, "outlier_columns") is not None]
+        outliers = {n: m for n, m in modules.items() if _number(m, "outlier_columns")}
+        if seen:
+            total = sum(int(m["outlier_columns"]) for m in outliers.values())
+            out += [
+                "",
+                f"outlier columns kept in float: {total} in {len(outliers)} of {len(seen)} layers"
+                if outliers
+                else f"outlier columns kept in float: none (in {len(seen)} layers)",
+            ]
+            for name, m in outliers.items():
+                frac = _number(m, "outlier_fraction")
+                how = [f"{100 * frac:.1f}% of the inputs"] if frac is not None else []
+                if m.get("outlier_source"):
+                    how.append(f"from {str(m['outlier_source']).replace('-', ' ')}")
+                detail = f" ({', '.join(how)})" if how else ""
+                n = int(m["outlier_columns"])
+                out.append(f"  {name or '(root)'}: {n} column{'s' * (n != 1)}{detail}")
+        static = {n: m for n, m in modules.items() if _number(m, "act_scale") is not None}
+        if static:
+            out += ["", f"static activation scale / zero point ({len(static)} layers):"]
+            for name, m in static.items():
+                zero = _number(m, "act_zero_point")
+                shown = f"{m['act_scale']:.4g}" + ("" if zero is None else f" / {int(zero)}")
+                out.append(f"  {name or '(root)'}: {shown}")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         def clean(x: Any) -> Any:
@@ -219,6 +254,13 @@ class QuantReport:
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
+
+
+def _number(metrics: Any, key: str) -> float | None:
+    """``metrics[key]`` when it is a number (plugins' metrics are free-form)."""
+    value = metrics.get(key) if isinstance(metrics, dict) else None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return value if ok else None
 
 
 def build_report(

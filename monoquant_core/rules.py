@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UsageError
+from .options import did_you_mean
 
 __all__ = ["Rule", "load_rules_file", "parse_rules"]
 
@@ -110,12 +111,13 @@ class Rule:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], where: str = "rule") -> Rule:
-        unknown = set(data) - _KEYS
+        unknown = sorted(set(data) - _KEYS, key=str)
         if unknown or "pattern" not in data:
+            guess = did_you_mean(unknown[0], _KEYS) if unknown else ""
             raise UsageError(
                 f"{where} {dict(data)!r} "
-                + (f"has unknown keys {sorted(unknown)}" if unknown else "has no 'pattern'"),
-                f"use the keys: {', '.join(sorted(_KEYS))}",
+                + (f"has unknown keys {unknown}" if unknown else "has no 'pattern'"),
+                f"{guess}use the keys: {', '.join(sorted(_KEYS))}",
             )
         return cls(
             pattern=str(data["pattern"]),

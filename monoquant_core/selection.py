@@ -13,7 +13,11 @@ Selection rules, in order (the first that applies gives the skip reason):
 8. the weight is tied to another module's parameter (quantizing it would untie them);
 9. the scheme's activation mode is not one the replacer honours (``Replacer.activations``:
    only Linear layers quantize their inputs);
-10. the scheme vetoes the shape (``Scheme.check``).
+10. the scheme vetoes the shape (``Scheme.check``, given the weight's shape with the replacer's
+    channel axis first: a GPT-2 ``Conv1D``'s stored ``[in, out]`` is checked as ``[out, in]``).
+
+A selected module also gets the scheme's remarks (``Scheme.notes``) in its plan notes. A run
+(not the plan verb) whose plan selects nothing is refused by :func:`require_selected`.
 
 A selected module takes the run's scheme / observer / options unless its first matching rule
 overrides them (mixed precision by rule).
@@ -38,11 +42,15 @@ from .rules import Rule
 from .run import Run
 
 __all__ = [
+    "add_notes",
     "apply_rule",
     "build_module_plan",
+    "channel_first",
     "check_entry",
     "matches",
     "pattern_reason",
+    "picked_modules",
+    "require_selected",
     "validate_plan",
 ]
 
@@ -235,13 +243,18 @@ def check_entry(run: Run, entry: PlanEntry, module: nn.Module, with_backend: boo
         )
         return
     for p, w in replacer.weights(module).items():
-        why = scheme.check(tuple(w.shape), scheme_cfg)
+        axis = replacer.channel_axis(module, p)
+        shape = channel_first(tuple(w.shape), axis)
+        why = scheme.check(shape, scheme_cfg)
         if why:
             entry.skip(f"{entry.scheme}: {why}")
             return
+        add_notes(
+            entry, [f"{p}: {n}" if p != "weight" else n for n in scheme.notes(shape, scheme_cfg)]
+        )
         if not with_backend:
             continue
-        spec = scheme.spec(tuple(w.shape), replacer.channel_axis(module, p), scheme_cfg)
+        spec = scheme.spec(tuple(w.shape), axis, scheme_cfg)
         info = WeightInfo(entry.scheme, spec, tuple(w.shape), w.dtype, w.device.type, act)
         backend, notes = run.choose_backend(info, entry.backend or run.config.backend)
         kernels = [k.describe() for k in run.backends.get(backend).kernels(info)]
@@ -250,6 +263,20 @@ def check_entry(run: Run, entry: PlanEntry, module: nn.Module, with_backend: boo
         entry.backend = backend
         entry.notes.extend(notes)
         entry.kernels = kernels
+
+
+def add_notes(entry: PlanEntry, notes: list[str]) -> None:
+    """Append the ``notes`` an entry does not have yet (entries are checked more than once)."""
+    entry.notes.extend(n for n in notes if n not in entry.notes)
+
+
+def channel_first(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    """``shape`` with the channel axis moved to the front, as :meth:`Scheme.check` sees it
+    (the ``[out, in]`` of a GPT-2 ``Conv1D``, which stores ``[in, out]`` with axis 1)."""
+    if not shape:
+        return shape
+    axis %= len(shape)
+    return (shape[axis], *shape[:axis], *shape[axis + 1 :])
 
 
 def _slow_notes(run: Run, backend: str, info: WeightInfo) -> list[str]:
@@ -291,3 +318,41 @@ def validate_plan(run: Run, plan: Plan, model: nn.Module) -> None:
         if entry.backend is not None:
             run.backends.get(entry.backend)
         check_entry(run, entry, model.get_submodule(entry.name), with_backend=True)
+
+
+def require_selected(plan: Plan, picked: list[PlanEntry], what: str = "model") -> None:
+    """Refuse a run that would quantize nothing (the ``plan`` verb still returns such a plan).
+
+    ``picked`` are the entries the user's ``--only`` patterns and scheme rules name; the
+    one-line error says why each of them was kept in float, or, when no pattern named any
+    (a plain run), why the model's layers were.
+
+    Raises:
+        UsageError: ``plan`` selects nothing.
+    """
+    if plan.selected:
+        return
+    unit = "layers" if plan.unit == "modules" else "tensors"
+    if picked:
+        problem = f"nothing to quantize: every one of the {unit} your patterns select is kept "
+        problem += "in float: " + _why_each(picked)
+        fix = "change --only / the rules, or the scheme or its options (see `monoquant plan`)"
+    else:
+        problem = f"nothing to quantize: the {what} has no {unit[:-1]} that can be quantized"
+        kept = sorted(plan.entries, key=lambda e: e.replacer is None)  # replaceable first
+        problem += (": " + _why_each(kept)) if kept else " (it has no weights)"
+        fix = "check the reasons with `monoquant plan`"
+    raise UsageError(problem, fix)
+
+
+def _why_each(entries: list[PlanEntry], shown: int = 4) -> str:
+    """``'fc1' (reason); 'fc2' (reason)`` for the first ``shown`` entries, then
+    ``; and N more``."""
+    text = "; ".join(f"{e.name or '(root)'!r} ({e.skip_reason})" for e in entries[:shown])
+    return text + (f"; and {len(entries) - shown} more" if len(entries) > shown else "")
+
+
+def picked_modules(config: Config, plan: Plan) -> list[PlanEntry]:
+    """The entries of a module plan that ``--only`` patterns or non-skip rules name."""
+    patterns = (*config.only, *(r.pattern for r in config.rules if not r.skip))
+    return [e for e in plan if matches(e.name, patterns)]

@@ -3,11 +3,15 @@
 * a single ``.safetensors`` file;
 * a folder of safetensors shards with one ``*.safetensors.index.json`` (HF layout) whose
   ``weight_map`` is checked against the shards' headers, or without an index (every
-  ``*.safetensors`` file is a shard); other files (``config.json``, tokenizer files, sub-folders)
-  are copied to the output, weights in other formats (``*.bin``, ``*.pt``, ...) are not;
+  ``*.safetensors`` file is a shard); other files (``config.json``, tokenizer files, hidden
+  files such as ``.gitattributes``, sub-folders) are copied to the output; weights in other
+  formats (``*.bin``, ``*.pt``, ...), ``.git`` and ``.cache`` (a repository's history, a
+  download cache describing the *input* files), anything that is not a file or folder (a
+  FIFO) and temporary leftovers of Mono Quant writes are not;
 * a ``.pt`` / ``.pth`` / ``.bin`` state_dict, loaded with ``weights_only=True`` (memory-mapped when
   the file allows). A pickled full model is refused unless ``trust_pickle`` is given, because
-  unpickling runs arbitrary code.
+  unpickling runs arbitrary code. Tensors must sit at the top level (a tensor nested in a dict
+  or list is refused, naming it, never dropped) and be dense.
 
 Shards are read through the serializers' streaming readers, one tensor at a time.
 """
@@ -24,14 +28,20 @@ import torch
 from torch import nn
 
 from .artifacts import Artifact, ArtifactReader
+from .atomic import is_temp_name
 from .errors import FormatError, MonoQuantError, UsageError
-from .files import serializer_for_read
+from .files import check_regular_file, serializer_for_read
 from .registry import Registries
 
 __all__ = ["CheckpointSource", "Shard", "open_source"]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+#: hidden entries of an input folder that are not copied: a git repository (its LFS store can
+#: be as large as the weights, and the output is not that repository) and a download cache
+#: (``huggingface_hub``'s ``.cache/huggingface`` describes the input files; next to the output
+#: it would make a later download take the quantized files for stale originals)
+_NOT_COPIED_HIDDEN = (".git", ".cache")
 
 
 @dataclass
@@ -73,12 +83,14 @@ def open_source(registries: Registries, path: str, trust_pickle: bool = False) -
         raise UsageError(f"{path!r} does not exist", "check the path")
     if os.path.isdir(path):
         src = _folder(path)
-    elif path.endswith(PICKLE_SUFFIXES):
-        reader = PickleReader(path, trust_pickle)
-        out = os.path.splitext(os.path.basename(path))[0] + ".safetensors"
-        src = CheckpointSource(path, "pickle", [Shard(path, out, reader)])
     else:
-        src = CheckpointSource(path, "file", [Shard(path, os.path.basename(path))])
+        check_regular_file(path)  # a FIFO would block the reader forever
+        if path.endswith(PICKLE_SUFFIXES):
+            reader = PickleReader(path, trust_pickle)
+            out = os.path.splitext(os.path.basename(path))[0] + ".safetensors"
+            src = CheckpointSource(path, "pickle", [Shard(path, out, reader)])
+        else:
+            src = CheckpointSource(path, "file", [Shard(path, os.path.basename(path))])
     try:
         for shard in src.shards:
             if shard.reader is None:
@@ -116,21 +128,52 @@ def _folder(path: str) -> CheckpointSource:
             n for n in names if n.endswith(".safetensors") and os.path.isfile(os.path.join(path, n))
         ]
     if not shard_names:
-        raise UsageError(
-            f"folder {path!r} contains no .safetensors files",
-            "give a folder of safetensors shards, or one file",
-        )
+        raise _no_shards(path, names)
     src = CheckpointSource(
         path, "folder", [Shard(os.path.join(path, s), s) for s in shard_names], index_name, index
     )
     for n in names:
-        if n in shard_names or n == index_name or n.startswith("."):
+        if n in shard_names or n == index_name or is_temp_name(n):
             continue
-        if n.endswith(_OTHER_WEIGHTS) or n.endswith(".safetensors"):
+        full = os.path.join(path, n)
+        if (
+            n.endswith(_OTHER_WEIGHTS)
+            or n.endswith(".safetensors")
+            or n in _NOT_COPIED_HIDDEN
+            or not (os.path.isfile(full) or os.path.isdir(full))
+        ):
             src.not_copied.append(n)
         else:
             src.copy.append(n)
     return src
+
+
+def _no_shards(path: str, names: list[str]) -> UsageError:
+    """The error for a folder without safetensors: name the weights it holds instead."""
+    pickles = [
+        n for n in names if n.endswith(PICKLE_SUFFIXES) and os.path.isfile(os.path.join(path, n))
+    ]
+    if len(pickles) == 1:
+        file = os.path.join(path, pickles[0])
+        return UsageError(
+            f"folder {path!r} holds no .safetensors files, only the PyTorch state_dict "
+            f"{pickles[0]}",
+            f"pass that file itself (monoquant quantize {file} -o OUT.safetensors); its other "
+            "files (config.json, tokenizer) are not copied then",
+        )
+    if pickles:
+        shown = ", ".join(pickles[:3]) + (
+            f" and {len(pickles) - 3} more" if len(pickles) > 3 else ""
+        )
+        return UsageError(
+            f"folder {path!r} holds no .safetensors files, only the PyTorch files {shown}",
+            "pass one state_dict file itself, or convert the checkpoint to safetensors first "
+            "(e.g. transformers: model.save_pretrained(dir, safe_serialization=True))",
+        )
+    return UsageError(
+        f"folder {path!r} contains no .safetensors files",
+        "give a folder of safetensors shards, or one file",
+    )
 
 
 def _read_index(path: str) -> dict[str, Any]:
@@ -193,8 +236,44 @@ class PickleReader(ArtifactReader):
     def __init__(self, path: str, trust_pickle: bool = False):
         self.path = path
         state = _load_pickle(path, trust_pickle)
+        base = os.path.basename(path)
         tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        for k, v in tensors.items():
+            if v.layout != torch.strided or getattr(v, "is_nested", False):
+                kind = "a nested tensor" if v.layout == torch.strided else f"a {v.layout} tensor"
+                raise UsageError(
+                    f"{base}: tensor {k!r} is {kind}; only dense tensors can be stored",
+                    f"save it dense (state_dict[{k!r}] = t.to_dense()) or remove it",
+                )
         super().__init__(path=path, artifact=Artifact(tensors=tensors))
+
+
+def _nested_tensors(value: Any, where: str, out: list[str], depth: int = 0) -> None:
+    """Append to ``out`` the paths of the tensors inside ``value`` (dicts, lists, tuples)."""
+    if isinstance(value, torch.Tensor):
+        out.append(where)
+    elif depth < 32 and isinstance(value, dict):
+        for k, v in value.items():
+            _nested_tensors(v, f"{where}.{k}" if where else str(k), out, depth + 1)
+    elif depth < 32 and isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _nested_tensors(v, f"{where}[{i}]", out, depth + 1)
+
+
+def _refuse_nested(base: str, state: dict[str, Any]) -> None:
+    """A tensor inside a dict or list of the state_dict is never dropped silently."""
+    for key, value in state.items():
+        if isinstance(value, (dict, list, tuple)):
+            found: list[str] = []
+            _nested_tensors(value, key, found)
+            if found:
+                more = f" ({len(found)} nested tensors)" if len(found) > 1 else ""
+                raise UsageError(
+                    f"{base}: tensor {found[0]!r} sits inside {key!r}{more}; only a flat "
+                    "name -> tensor state_dict is read",
+                    f"save the flat state_dict alone (e.g. torch.save(checkpoint[{key!r}], "
+                    "path) or torch.save(model.state_dict(), path))",
+                )
 
 
 def _load_pickle(path: str, trust: bool) -> dict[str, Any]:
@@ -228,9 +307,9 @@ def _load_pickle(path: str, trust: bool) -> dict[str, Any]:
         obj = obj.state_dict()
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict):
         raise UsageError(
-            f"{base} holds a {type(obj).__name__} without tensors, not a state_dict",
+            f"{base} holds a {type(obj).__name__}, not a state_dict (a dict of name -> tensor)",
             "save model.state_dict()",
         )
     bad = [k for k in obj if not isinstance(k, str)]
@@ -238,6 +317,12 @@ def _load_pickle(path: str, trust: bool) -> dict[str, Any]:
         raise UsageError(
             f"{base} has non-string keys such as {bad[0]!r}, not a state_dict",
             "save model.state_dict() (string keys)",
+        )
+    _refuse_nested(base, obj)
+    if not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UsageError(
+            f"{base} holds a {type(obj).__name__} without tensors, not a state_dict",
+            "save model.state_dict()",
         )
     return obj
 

@@ -26,7 +26,7 @@ import torch
 
 from .artifacts import ArtifactReader, ArtifactWriter
 from .atomic import atomic_folder, atomic_write
-from .errors import UsageError
+from .errors import UsageError, WeightNotRepresentable
 from .files import dequantize_qtensor, producers, serializer_for_write
 from .metrics import all_finite, count_nonfinite
 from .plan import Plan, PlanEntry
@@ -34,8 +34,9 @@ from .progress import Progress
 from .registry import Registries
 from .report import LayerReport, QuantReport, layer_report
 from .run import Run
+from .selection import require_selected
 from .sources import CheckpointSource, Shard, open_source
-from .tensor_plan import build_tensor_plan
+from .tensor_plan import build_tensor_plan, picked_tensors
 
 __all__ = ["check_paths", "dequantize_checkpoint", "plan_checkpoint", "quantize_checkpoint"]
 
@@ -168,6 +169,7 @@ def quantize_checkpoint(
     try:
         dst = check_paths(source, dst, overwrite)
         plan = _plan(run, source)
+        require_selected(plan, picked_tensors(run.config, plan), "checkpoint")
         report = QuantReport(config=run.config.to_dict())
         report.skipped = [(e.name, e.skip_reason or "") for e in plan.skipped]
         if source.not_copied:
@@ -192,6 +194,8 @@ def quantize_checkpoint(
 
         def before_commit(total: int) -> None:  # the report hook runs before the rename
             prog.close()
+            # every selected weight may have been refused (kept in float): nothing to write
+            require_selected(plan, picked_tensors(run.config, plan), "checkpoint")
             report.model_bytes_after = total
             report.model_bytes_before = prog.bytes
             report.time_s = time.perf_counter() - t0
@@ -224,7 +228,12 @@ def _quantize_shard(
         else:
             t = src.load()
             if all_finite(t):
-                report.layers.append(_quantize_one(run, entry, t, writer))
+                try:
+                    report.layers.append(_quantize_one(run, entry, t, writer))
+                except WeightNotRepresentable as e:  # as module mode: kept in float, with why
+                    entry.skip(f"kept in float: {e.problem}")
+                    report.skipped.append((name, entry.skip_reason))
+                    writer.add_tensor(name, t)
             elif allow_nonfinite:
                 bad = count_nonfinite(t)
                 report.skipped.append((name, f"contains {bad} NaN/Inf value(s): kept in float"))

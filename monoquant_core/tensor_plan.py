@@ -13,9 +13,9 @@ from .errors import UsageError
 from .plan import Plan, PlanEntry
 from .rules import Rule
 from .run import Run
-from .selection import apply_rule, matches, pattern_reason
+from .selection import add_notes, apply_rule, matches, pattern_reason
 
-__all__ = ["build_tensor_plan"]
+__all__ = ["build_tensor_plan", "picked_tensors"]
 
 
 def _tensor_default_reason(module: str, param: str, shape: tuple[int, ...]) -> str | None:
@@ -109,7 +109,10 @@ def _tensor_scheme(
             "their inputs (use activations=none for this tensor, e.g. with a rule)"
         )
     why = scheme.check(shape, scheme_cfg)
-    return f"{entry.scheme}: {why}" if why else None
+    if why:
+        return f"{entry.scheme}: {why}"
+    add_notes(entry, scheme.notes(shape, scheme_cfg))
+    return None
 
 
 def _check_tensor_patterns(
@@ -140,3 +143,9 @@ def _check_tensor_patterns(
                 f"--only {pat!r} matches no tensor of the checkpoint",
                 "check the names with `monoquant plan FILE`",
             )
+
+
+def picked_tensors(config: Config, plan: Plan) -> list[PlanEntry]:
+    """The entries of a tensor plan that ``--only`` patterns or non-skip rules name."""
+    patterns = (*config.only, *(r.pattern for r in config.rules if not r.skip))
+    return [e for e in plan if _tensor_match(e.name.rpartition(".")[0], e.name, patterns)]

@@ -26,6 +26,7 @@ from monoquant_core.layout import to_groups
 
 _BLOCK_ELEMS = 1 << 19  # rows per block so a block's temporaries stay in cache
 _TENSOR_GRID = 32  # candidates per side in per-tensor mode (32 x 32 pairs)
+_HISTC_SPAN = 1e37  # wider ranges are binned in float64 (their width overflows float32)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ class HistogramObserver(Observer):
             h = torch.zeros(self.config.bins, dtype=torch.float64)
             h[0] = x.numel()
             return h
+        if self.hi - self.lo > _HISTC_SPAN:  # float32 histc drops every count of such a range
+            x = x.to(torch.float64)
         return torch.histc(x, self.config.bins, self.lo, self.hi).to(torch.float64)
 
     def _rebin(self, lo: float, hi: float) -> None:
@@ -163,9 +166,12 @@ def search_groups(g: torch.Tensor, spec, grid: int, max_shrink: float) -> QParam
     for r0 in range(0, c, rows):
         x = g[r0 : r0 + rows].to(torch.float32)
         lo, hi = x.amin(-1), x.amax(-1)
+        # plain minmax until a candidate has a smaller, finite error (a group whose error
+        # overflows float32, values near its limit, keeps minmax's always-valid parameters)
+        base = minmax_qparams(lo, hi, spec)
         best_err = torch.full(lo.shape, float("inf"))
-        best_s = torch.empty_like(lo)
-        best_z = None if spec.symmetric else torch.empty_like(lo)
+        best_s = base.scale
+        best_z = base.zero_point
         for p in ratios.tolist():
             qp = round_params(minmax_qparams(lo * p, hi * p, spec), spec.param_dtype)
             err = rounding_error(x, qp, spec, scratch)

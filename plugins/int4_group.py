@@ -32,7 +32,7 @@ from monoquant_core import (
     Scheme,
     hookimpl,
 )
-from monoquant_core.affine import Scratch, params_fit, round_params
+from monoquant_core.affine import MIN_SCALE, Scratch, params_bounded, params_fit, round_params
 from monoquant_core.layout import to_groups
 
 from .weight_optimizers import hqq, lloyd, ls_refit, ls_refit_symmetric
@@ -113,12 +113,12 @@ class Int4GroupScheme(Scheme):
         )
 
     def check(self, shape, config):
+        """The short-row rule: a row padded to ``group_size`` must not cost over 8 bits per
+        weight (int8's price); ``shape`` is ``[out, in, ...]`` (channel axis first)."""
         if len(shape) < 2:
             return f"{len(shape)}-D weight: group-wise quantization needs a matrix"
         k = math.prod(shape[1:])
-        groups = -(-k // config.group_size)
-        params = 1 if config.symmetric else 2
-        bpw = (groups * config.group_size * 4 + groups * params * 16) / max(k, 1)
+        bpw = _bits_per_weight(k, config.group_size, config.symmetric)
         if bpw > 8:
             return (
                 f"only {k} inputs per row: padding to group_size {config.group_size} would "
@@ -127,13 +127,30 @@ class Int4GroupScheme(Scheme):
             )
         return None
 
+    def notes(self, shape, config):
+        """A warning when padding rows to ``group_size`` costs more bits per weight than a
+        smaller supported group size would (g256 on 384 inputs: 5.50 vs g128's 4.25)."""
+        if len(shape) < 2:
+            return []
+        k, gs = math.prod(shape[1:]), config.group_size
+        bpw = _bits_per_weight(k, gs, config.symmetric)
+        smaller = [g for g in GROUP_SIZES if g < gs]
+        best = min(smaller, key=lambda g: _bits_per_weight(k, g, config.symmetric), default=None)
+        if best is None or _bits_per_weight(k, best, config.symmetric) >= bpw:
+            return []
+        padded = -(-k // gs) * gs
+        return [
+            f"warning: group_size {gs} pads rows of {k} inputs to {padded}: {bpw:.2f} bits "
+            f"per weight, more than group_size {best} "
+            f"({_bits_per_weight(k, best, config.symmetric):.2f}, and more accurate); set "
+            "group_size for this layer with a rule"
+        ]
+
     def quantize(self, weight, qparams, spec, config):
         groups = to_groups(weight.to(torch.float32), spec.axis, spec.group_size)
         qp = self._optimise(groups, qparams, spec, config)
         dtype, meta = spec.param_dtype, {}
-        if not params_fit(qp.scale, dtype) or (
-            qp.zero_point is not None and not params_fit(qp.zero_point, dtype)
-        ):
+        if not _params_fit(qp, spec, dtype):
             dtype, meta = torch.float32, {"param_dtype_fallback": "float32"}
         if config.activations != "none":
             meta["activations"] = config.activations
@@ -161,14 +178,16 @@ class Int4GroupScheme(Scheme):
         zero = None if spec.symmetric else torch.empty(c, ng)
         numerators = _numerators(spec.qmax - spec.qmin, config.lsq_steps)
         scratch = Scratch()
+        extreme = _extreme(qparams.scale)
         for r0 in range(0, c, rows):
-            x = groups[r0 : r0 + rows]
-            s0 = qparams.scale[r0 : r0 + rows]
+            x, s0 = groups[r0 : r0 + rows], qparams.scale[r0 : r0 + rows]
+            z0 = None if spec.symmetric else qparams.zero_point[r0 : r0 + rows]
+            unit = None
+            if extreme:
+                x, s0, unit = _normalised(x, s0)
             if spec.symmetric:
-                scale[r0 : r0 + rows] = ls_refit_symmetric(x, s0 * spec.qmax, spec.qmin, spec.qmax)
-                continue
-            z0 = qparams.zero_point[r0 : r0 + rows]
-            if config.method == "hqq":
+                s, z = ls_refit_symmetric(x, s0 * spec.qmax, spec.qmin, spec.qmax), None
+            elif config.method == "hqq":
                 s, z = hqq(x, s0, z0, spec.qmax)
             else:
                 lo, hi = (spec.qmin - z0) * s0, (spec.qmax - z0) * s0
@@ -176,8 +195,53 @@ class Int4GroupScheme(Scheme):
                 s, z = lloyd(x, s, z, spec.qmax, config.lloyd_steps, scratch)
                 if not spec.float_zero:
                     s, z = _integer_zero(x, s, z, spec.qmax)
-            scale[r0 : r0 + rows], zero[r0 : r0 + rows] = s, z
-        return QParams(scale, zero)
+            scale[r0 : r0 + rows] = s if unit is None else s.to(torch.float64) * unit
+            if zero is not None:
+                zero[r0 : r0 + rows] = z
+        return _valid_or(QParams(scale, zero), qparams, spec)
+
+
+#: observer scales outside ``[2**-50, 2**50]`` make the optimisers' sums of squares overflow or
+#: underflow float32: such weights are optimised on groups rescaled by a power of two
+_NORMAL_SCALES = (2.0**-50, 2.0**50)
+
+
+def _extreme(scale: torch.Tensor) -> bool:
+    lo, hi = _NORMAL_SCALES
+    return bool(scale.numel()) and not (float(scale.amin()) >= lo and float(scale.amax()) <= hi)
+
+
+def _normalised(x: torch.Tensor, s0: torch.Tensor):
+    """``(x, s0, unit)`` of a row block of an extreme weight: every group divided by ``unit``,
+    the power of two just above its scale (exact, in float64), so its codes are unchanged and
+    its optimised scale times ``unit`` is the real one."""
+    unit = torch.ldexp(torch.ones_like(s0, dtype=torch.float64), torch.frexp(s0.double())[1])
+    xn = (x.to(torch.float64) / unit.unsqueeze(-1)).to(torch.float32)
+    return xn, (s0.to(torch.float64) / unit).to(torch.float32), unit
+
+
+def _valid_or(qp: QParams, fallback: QParams, spec: QuantSpec) -> QParams:
+    """``qp``, with the observer's parameters (``fallback``) in every group where ``qp`` is
+    not usable (non-finite, a scale below :data:`MIN_SCALE`, or codes that dequantize to
+    inf): such groups get round-to-nearest, never a broken scale."""
+    ok = params_bounded(qp, spec) & (qp.scale >= MIN_SCALE)
+    if bool(ok.all()):
+        return qp
+    scale = torch.where(ok, qp.scale, fallback.scale)
+    zero = None if qp.zero_point is None else torch.where(ok, qp.zero_point, fallback.zero_point)
+    return QParams(scale, zero)
+
+
+def _params_fit(qp: QParams, spec: QuantSpec, dtype: torch.dtype) -> bool:
+    """True when ``qp`` stored in ``dtype`` keeps every value (no overflow, no flush to 0)
+    and every code still dequantizes to a finite value."""
+    if not params_fit(qp.scale, dtype):
+        return False
+    if qp.zero_point is not None and not params_fit(qp.zero_point, dtype):
+        return False
+    if torch.finfo(dtype).max < 1e19:  # float16: (|z| + 15) * s cannot overflow float32
+        return True
+    return dtype == torch.float32 or bool(params_bounded(round_params(qp, dtype), spec).all())
 
 
 def _pack_codes(groups: torch.Tensor, qp: QParams, spec: QuantSpec) -> torch.Tensor:
@@ -211,6 +275,13 @@ def _pack_codes(groups: torch.Tensor, qp: QParams, spec: QuantSpec) -> torch.Ten
         )
         torch.bitwise_or(u[:, 0::2], hi, out=packed[r0 : r0 + rows])
     return packed
+
+
+def _bits_per_weight(k: int, group_size: int, symmetric: bool) -> float:
+    """Stored bits per weight of a row of ``k`` inputs padded to whole groups: 4-bit codes
+    and a 16-bit scale (and zero point) per group."""
+    groups = -(-k // group_size)
+    return groups * (group_size * 4 + (1 if symmetric else 2) * 16) / max(k, 1)
 
 
 def _numerators(levels: int, steps: int) -> list[float]:

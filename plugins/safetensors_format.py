@@ -162,7 +162,7 @@ class MonoQuantReader(ArtifactReader):
             if self._mq:
                 self._version = _parse_version(base, meta.get("format_version"))
                 self._quant = _json(base, meta, "quantization")
-                self._producers = _json(base, meta, "producers")
+                self._producers = _producers(base, _json(base, meta, "producers"))
                 self.config = _json(base, meta, "config")
             self._pieces = self._check_pieces(base)
         except BaseException:
@@ -250,6 +250,7 @@ class MonoQuantReader(ArtifactReader):
             if bool(info["symmetric"]) != qt.symmetric:
                 raise ValueError("'symmetric' disagrees with the presence of a zero point")
             qt.validate()
+            qt.validate_values()  # NaN/Inf, zero/negative or integer scales: never garbage
         except FormatError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
@@ -285,6 +286,20 @@ def _valid_record(info: Any) -> bool:
         and info.get("dtype") in _DTYPES
         and isinstance(info.get("symmetric"), bool)
     )
+
+
+def _producers(base: str, value: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """``plugin -> {"distribution": str, "version": str}``; anything else is a FormatError."""
+    for plugin, info in value.items():
+        if not isinstance(info, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in info.items()
+        ):
+            raise FormatError(
+                f"{base}: metadata 'producers' entry {plugin!r} is not an object of strings "
+                f"({json.dumps(info)[:80]})",
+                "the file is corrupted or was edited; write it again",
+            )
+    return value
 
 
 def _parse_version(base: str, raw: Any) -> int:

@@ -8,6 +8,10 @@ bounded by the largest tensor read, never by the file. :class:`SafetensorsWriter
 tensors to spool files grouped by element size and assembles header + spools on ``close``, so
 the output is written in one pass whatever order tensors arrive in, and every tensor starts at
 a multiple of its element size.
+
+Spool files are named like every temporary path of a Mono Quant write,
+``.monoquant-tmp-<pid>-<host>-<random>.spoolN``, so the next write into the same folder removes
+those of a killed process (``monoquant_core.atomic.remove_stale_temps``).
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ import ctypes
 import json
 import math
 import os
+import secrets
+import socket
+import stat
 import struct
 import sys
-import tempfile
+import zlib
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
@@ -27,7 +34,7 @@ import torch
 
 from monoquant_core import FormatError, UsageError
 
-__all__ = ["DTYPES", "SafetensorsReader", "SafetensorsWriter", "is_safetensors"]
+__all__ = ["DTYPES", "SafetensorsReader", "SafetensorsWriter", "is_safetensors", "open_regular"]
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -51,14 +58,49 @@ for _st, _name in (
     if hasattr(torch, _name):
         DTYPES[_st] = getattr(torch, _name)
 NAMES = {v: k for k, v in DTYPES.items()}
+#: Limits on a header, above real checkpoints and far below what makes every command slow
+#: (1,000,000 entries took ~60 s and ~2 GB to parse and check). Real shard headers hold a few
+#: hundred to a few thousand entries, a few MB (Hugging Face shards are <= 5 GB, and no Hub
+#: file may exceed 50 GB: at the densest real layout, a small-expert MoE like Qwen3-30B-A3B,
+#: 50 GB hold ~16,000 tensors, ~80,000 entries once quantized). Even a whole DeepSeek-V3
+#: (671B, ~91,000 tensors) saved as one unsharded file would hold ~270,000 entries once
+#: quantized (qdata, scale, zero_point). 300,000 entries (~45 MB of header) cover that and
+#: take ~8 s and ~0.9 GB at worst on a 2-core VM; a hostile header is refused at once.
 _MAX_HEADER = 100 * 2**20
+_MAX_ENTRIES = 300_000
 _CHUNK = 16 * 2**20
+
+
+def open_regular(path: str) -> BinaryIO:
+    """Open ``path`` for reading, refusing anything but a regular file (a FIFO or a device
+    would block or never end) without blocking on it.
+
+    Raises:
+        UsageError: the path cannot be opened, or is not a regular file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise UsageError(f"cannot read {path!r}: {e.strerror or e}", "check the path") from e
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UsageError(
+                f"{path!r} is not a regular file (a FIFO, socket or device)",
+                "give the path of a saved .safetensors file",
+            )
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def is_safetensors(path: str) -> bool:
     """Cheap check of the first bytes: a plausible header length followed by ``{``."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(9)
     if len(head) < 9:
         return False
@@ -85,10 +127,7 @@ class SafetensorsReader:
     def __init__(self, path: str):
         self.path = path
         base = os.path.basename(path)
-        try:
-            self._f: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
-        except OSError as e:
-            raise UsageError(f"cannot read {path!r}: {e.strerror or e}", "check the path") from e
+        self._f: BinaryIO = open_regular(path)
         try:
             self.metadata, self.entries, self.data_start = self._parse(base)
         except BaseException:
@@ -111,6 +150,9 @@ class SafetensorsReader:
                 "give a complete .safetensors file",
             )
         raw = self._f.read(n)
+        # each entry has one "data_offsets" key: a cheap upper bound before parsing
+        if raw.count(b'"data_offsets"') > _MAX_ENTRIES:
+            raise self._too_many(base, raw.count(b'"data_offsets"'))
         try:
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -131,6 +173,8 @@ class SafetensorsReader:
                 f"{base}: __metadata__ must map strings to strings",
                 "the file is corrupted; write it again",
             )
+        if len(header) > _MAX_ENTRIES:
+            raise self._too_many(base, len(header))
         data_len = size - 8 - n
         entries = {}
         for name, info in header.items():
@@ -152,6 +196,14 @@ class SafetensorsReader:
                 "the file is incomplete; write or download it again",
             )
         return meta, entries, 8 + n
+
+    @staticmethod
+    def _too_many(base: str, n: int) -> FormatError:
+        return FormatError(
+            f"{base}: the safetensors header lists about {n} tensors, more than the "
+            f"{_MAX_ENTRIES} any real checkpoint file holds",
+            "the file is corrupted or hostile; split a real checkpoint into shards",
+        )
 
     @staticmethod
     def _entry(base: str, name: str, info: Any) -> dict[str, Any]:
@@ -258,7 +310,15 @@ class SafetensorsWriter:
 
     def _spool(self, size: int) -> BinaryIO:
         if size not in self._spools:
-            fd, spath = tempfile.mkstemp(prefix=".monoquant-spool-", dir=self._dir)
+            while True:
+                spath = os.path.join(
+                    self._dir, f".{_temp_tag()}-{secrets.token_hex(4)}.spool{size}"
+                )
+                try:
+                    fd = os.open(spath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                except FileExistsError:  # pragma: no cover - 32 random bits
+                    continue
+                break
             self._spools[size] = (os.fdopen(fd, "wb"), spath)
         return self._spools[size][0]
 
@@ -351,3 +411,15 @@ class SafetensorsWriter:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def _temp_tag() -> str:
+    """``monoquant-tmp-<pid>-<host>``: the owner part of every temporary name, exactly as
+    ``monoquant_core.atomic.temp_tag`` writes it (plugins do not import the core's run
+    machinery; ``tests/plugins/test_safetensors_format.py`` checks that the two agree)."""
+    try:
+        ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        ns = ""
+    host = zlib.crc32(f"{socket.gethostname()}|{ns}".encode("utf-8", "replace"))
+    return f"monoquant-tmp-{os.getpid()}-{host:08x}"

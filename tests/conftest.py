@@ -71,6 +71,7 @@ def _seed_and_env(monkeypatch):
     torch.manual_seed(0)
     monkeypatch.delenv("MONOQUANT_DISABLE_PLUGINS", raising=False)
     monkeypatch.delenv("MONOQUANT_STRICT_PLUGINS", raising=False)
+    monkeypatch.delenv("MONOQUANT_SLOW_IMPORT_S", raising=False)
 
 
 def pytest_collection_modifyitems(config, items):

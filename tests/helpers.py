@@ -412,3 +412,107 @@ SCHEME_PLUGIN = textwrap.dedent(
         register(Round8Scheme())
     """
 )
+
+
+# --------------------------------------------------------------------------- edited files
+
+
+def edited_copy(path, out, edit_meta=None, edit_tensors=None):
+    """A copy of the safetensors file ``path`` at ``out`` (returned) after ``edit_meta(meta)``
+    and ``edit_tensors(tensors)`` changed its metadata / tensors in place."""
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    if edit_meta:
+        edit_meta(meta)
+    if edit_tensors:
+        edit_tensors(tensors)
+    write_safetensors(str(out), tensors, meta)
+    return out
+
+
+class returns_within:  # used like a function: ``with returns_within(5):``
+    """Fail (instead of hanging the test run) when the block has not returned after
+    ``seconds`` (SIGALRM; the main thread only)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def _expire(self, signum, frame):
+        raise AssertionError(f"blocked for more than {self.seconds} s")
+
+    def __enter__(self):
+        import signal  # deferred: keeps the additions to this module at its end
+
+        self._old = signal.signal(signal.SIGALRM, self._expire)
+        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        return self
+
+    def __exit__(self, *exc):
+        import signal  # deferred: see __enter__
+
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self._old)
+
+
+# --------------------------------------------------------------------------- extreme weights
+
+#: float32's largest finite value
+F32_MAX = torch.finfo(torch.float32).max
+
+
+def extreme_weight(rows: int = 8, cols: int = 256, seed: int = 0) -> torch.Tensor:
+    """A Gaussian ``[rows, cols]`` weight whose row 0 holds ``+-F32_MAX`` among ordinary
+    values, row 1 is ``-F32_MAX`` throughout and row 2 is subnormal (``~1e-40``); rows 3 on
+    are ordinary."""
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.02
+    w[0, 0], w[0, 1] = F32_MAX, -F32_MAX
+    w[1] = -F32_MAX
+    w[2] = torch.randn(cols, generator=torch.Generator().manual_seed(seed + 1)) * 1e-40
+    return w
+
+
+def assert_extremes_survive(w: torch.Tensor, qt: mq.QTensor, rel: float, normal_db: float):
+    """Finite parameters and values back; the ``F32_MAX`` entries of :func:`extreme_weight`
+    within ``rel``; rows 3 on at least ``normal_db`` (unless per tensor)."""
+    assert torch.isfinite(qt.scale.float()).all() and (qt.scale.float() > 0).all(), qt.scale
+    if qt.zero_point is not None:
+        assert torch.isfinite(qt.zero_point.float()).all(), qt.zero_point
+    back = qt.dequantize().double()
+    assert torch.isfinite(back).all(), "codes dequantize to inf"
+    wd = w.double()
+    big = wd.abs() > 1e38
+    err = ((back - wd).abs() / wd.abs())[big].max().item()
+    assert err <= rel, f"values near float32's limit come back {err:.3f} off"
+    assert back[2].abs().max().item() < 1e-36, "a subnormal row came back large"
+    if qt.axis is not None:
+        ref, got = wd[3:], back[3:]
+        db = 10 * torch.log10(ref.square().sum() / (ref - got).square().sum()).item()
+        assert db >= normal_db, f"ordinary rows next to extreme ones: {db:.2f} dB"
+
+
+class BrokenScaleScheme(mq.Scheme):
+    """``broken-int8``: symmetric int8 codes whose first scale is inf (a scheme bug)."""
+
+    name = "broken-int8"
+
+    def spec(self, shape, axis, config):
+        return mq.QuantSpec(bits=8, symmetric=True, axis=axis)
+
+    def quantize(self, weight, qparams, spec, config):
+        scale = qparams.scale.clone()
+        scale[0] = float("inf")
+        q = torch.zeros(weight.shape[0], weight[0].numel(), dtype=torch.int8)
+        return mq.QTensor(
+            q, scale, None, 8, None, spec.axis, tuple(weight.shape), weight.dtype, self.name
+        )
+
+
+class BrokenScalePlugin:
+    """Registers :class:`BrokenScaleScheme`."""
+
+    monoquant_plugin_name = "broken"
+
+    @mq.hookimpl
+    def monoquant_register_schemes(self, register):
+        register(BrokenScaleScheme())

@@ -11,7 +11,9 @@ import click
 
 from ..engine import Engine
 from ..errors import MonoQuantError, PluginLoadWarning
+from ..loading import ImportInterrupted
 from ..version import __version__
+from .demo import add_demo
 from .files import add_file_commands
 from .info import add_info_commands
 from .options import plugin_flags
@@ -44,7 +46,8 @@ def build_cli(engine: Engine) -> click.Group:
     @click.option(
         "--strict-plugins",
         is_flag=True,
-        help="Fail when a plugin cannot be loaded (also MONOQUANT_STRICT_PLUGINS=1).",
+        help="Make a broken plugin (an import failure, a misspelt hook, a name clash) an error "
+        "instead of a warning (also MONOQUANT_STRICT_PLUGINS=1).",
     )
     def cli(strict_plugins: bool) -> None:
         """Mono Quant: post-training quantization for any PyTorch model."""
@@ -54,6 +57,7 @@ def build_cli(engine: Engine) -> click.Group:
     add_plan(cli, engine, flags)
     add_file_commands(cli, engine)
     add_info_commands(cli, engine)
+    add_demo(cli, engine)
     return cli
 
 
@@ -89,4 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     except MonoQuantError as e:
         click.echo(f"monoquant: {e}", err=True)
         sys.exit(1)
+    except ImportInterrupted as e:  # Ctrl-C on a plugin that hangs while being imported
+        click.echo(f"monoquant: {e}", err=True)
+        sys.exit(130)
     cli.main(args=argv, prog_name="monoquant")

@@ -7,8 +7,7 @@ import json
 import click
 
 from ..engine import Engine
-from ..errors import UsageError
-from ..inspection import render_inspect, render_verify, verify_failed
+from ..inspection import render_inspect, render_verify, verify_error
 from ..tables import human_bytes
 
 __all__ = ["add_file_commands"]
@@ -47,21 +46,9 @@ def add_file_commands(cli: click.Group, engine: Engine) -> None:
         click.echo(
             json.dumps(res, indent=2, default=str) if as_json else render_verify(res, min_sqnr)
         )
-        if verify_failed(res, min_sqnr):
-            low = res["min_sqnr_db"]
-            raise UsageError(
-                "verification failed: "
-                + (f"min SQNR {low:.2f} dB" if low is not None else "no quantized tensor")
-                + (f" (threshold {min_sqnr:.2f} dB)" if min_sqnr is not None else "")
-                + (f", {len(res['missing'])} tensor(s) missing" if res["missing"] else "")
-                + (
-                    f", {len(res['mismatched_copies'])} copied tensor(s) altered"
-                    if res["mismatched_copies"]
-                    else ""
-                ),
-                "quantize with a finer scheme (e.g. int8, or int4-group with group_size=32) or "
-                "lower --min-sqnr",
-            )
+        err = verify_error(res, min_sqnr)
+        if err is not None:
+            raise err
 
     @cli.command()
     @click.argument("quantized", type=click.Path())

@@ -8,6 +8,7 @@ import click
 
 from ..engine import Engine
 from ..hardware import SHOWCASE_SHAPE, environment
+from ..loading import slow_import_after
 from ..tables import format_table
 
 __all__ = ["add_info_commands"]
@@ -55,7 +56,12 @@ def add_info_commands(cli: click.Group, engine: Engine) -> None:
     @cli.command()
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     def plugins(as_json: bool) -> None:
-        """List installed plugins: name, distribution, version, hooks, components."""
+        """List installed plugins: name, distribution, version, hooks, components.
+
+        Plugins that failed to load are listed after the table, and so are plugins whose
+        import took longer than MONOQUANT_SLOW_IMPORT_S seconds (default 10). A plugin that
+        hangs while being imported is named on stderr after that time.
+        """
         data = engine.plugins()
         failed = [str(f) for f in engine.failures]
         if as_json:
@@ -75,3 +81,10 @@ def add_info_commands(cli: click.Group, engine: Engine) -> None:
         click.echo(format_table(["plugin", "distribution", "version", "provides"], rows))
         for f in failed:
             click.echo(f"failed to load: {f}")
+        slow_s = slow_import_after()
+        for p in data:
+            if slow_s is not None and (p["import_s"] or 0) >= slow_s:
+                click.echo(
+                    f"slow to import: plugin {p['name']!r} took {p['import_s']:.1f} s; "
+                    f"MONOQUANT_DISABLE_PLUGINS={p['name']} skips it"
+                )

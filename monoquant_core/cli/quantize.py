@@ -12,7 +12,7 @@ from ..engine import Engine
 from ..errors import UsageError
 from ..metrics import sqnr_db
 from ..report import QuantReport
-from .inputs import load_calibration, model_from_options, write_text
+from .inputs import load_calibration, model_input, write_text
 from .options import PluginFlags, attach_plugin_flags, config_from, model_options
 
 __all__ = ["add_quantize"]
@@ -128,11 +128,20 @@ def _checkpoint_mode(
 
 
 def _module_mode(engine: Engine, config: Any, kw: dict[str, Any]) -> tuple[QuantReport, str]:
+    """Every argument that can be checked without the model is checked before it is built
+    (building a real model takes seconds): the output path, --sequential, the model flags and
+    the factory's import, the calibration data (loaded), the --weights file (read)."""
     output = kw["output"]
     if output:
         check_output_path(output, kw["overwrite"])
-    model, sample, label = model_from_options(kw["demo"], kw["model_spec"], kw["weights"])
+    if kw["sequential"] and not kw["calibration"]:
+        raise UsageError(
+            "--sequential needs --calibration (it runs the calibration data layer by layer)",
+            "pass --calibration FILE, or drop --sequential",
+        )
+    source = model_input(kw["demo"], kw["model_spec"], kw["weights"])
     data = load_calibration(kw["calibration"]) if kw["calibration"] else None
+    model, sample, label = source.build()
     with torch.no_grad():
         ref = model(sample) if sample is not None else None
         qmodel, report = engine.quantize(

@@ -42,7 +42,8 @@ def hermetic_engine(
         distributions: when given, only entry points of these distributions load, plus
             ``monoquant``'s built-ins; other installed plugins are left out.
         disable: plugin or distribution names not to load.
-        strict: a plugin that fails to load raises instead of warning (the default, so a
+        strict: a plugin that fails to load, misspells a hook or clashes with another
+            plugin's name or component names raises instead of warning (the default, so a
             broken plugin fails the test that uses it with the real cause).
     """
     disable = {d.strip().lower() for d in disable}

@@ -25,6 +25,18 @@ def test_plugins_table_shows_components_or_hooks(cli, engine):
     assert data["failed"] == [] and len(data["plugins"]) == len(engine.plugins())
 
 
+def test_plugins_json_has_import_times_and_the_text_names_slow_imports(cli, monkeypatch):
+    data = {p["name"]: p for p in json.loads(cli_ok(cli("plugins", "--json")))["plugins"]}
+    assert data["core"]["import_s"] is None  # not an entry point
+    assert isinstance(data["int8"]["import_s"], float) and data["int8"]["import_s"] >= 0
+    assert "slow to import" not in cli_ok(cli("plugins"))
+    monkeypatch.setenv("MONOQUANT_SLOW_IMPORT_S", "1e-9")  # every import counts as slow
+    slow = [ln for ln in cli_ok(cli("plugins")).splitlines() if ln.startswith("slow to import")]
+    assert (
+        "slow to import: plugin 'int8' took 0.0 s; MONOQUANT_DISABLE_PLUGINS=int8 skips it" in slow
+    )
+
+
 def test_env_text_and_json(cli, engine):
     data = json.loads(cli_ok(cli("env", "--json")))
     assert data["monoquant"] == mq.__version__ and data["torch"] == torch.__version__

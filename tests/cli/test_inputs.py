@@ -13,7 +13,7 @@ from monoquant_plugins.safetensors_format import write_safetensors
 import monoquant_core as mq
 from monoquant_core import UsageError
 from monoquant_core.cli.inputs import import_factory, load_calibration, load_weights
-from tests.helpers import STATIC_ARGS, act_scale
+from tests.helpers import STATIC_ARGS, act_scale, one_line
 
 
 def test_model_factory_and_weights(cli, tmp_path, monkeypatch):
@@ -94,7 +94,7 @@ def test_safetensors_batches_come_in_natural_name_order(tmp_path):
     "extra, message",
     [
         ([*STATIC_ARGS], "activations='static' needs calibration data"),
-        (["--sequential"], "sequential=True needs calibration data"),
+        (["--sequential"], "--sequential needs --calibration"),
         (["--calibration", "missing.pt"], "--calibration file 'missing.pt' does not exist"),
         (["--calibration", "nopkg_xyz.mod:fn"], "--calibration: cannot import 'nopkg_xyz.mod'"),
         (["--calibration", "BAD"], "does not exist"),
@@ -137,3 +137,107 @@ def test_factories_must_be_callables_and_weights_a_state_dict(tmp_path):
         load_weights(torch.nn.Linear(2, 2), str(tmp_path / "list.pt"))
     with pytest.raises(UsageError, match="--weights file .* does not exist"):
         load_weights(torch.nn.Linear(2, 2), str(tmp_path / "none.pt"))
+
+
+def test_a_misspelt_model_attribute_gets_a_did_you_mean(tmp_path, monkeypatch):
+    (tmp_path / "zoo_models.py").write_text(
+        "import torch\n"
+        "def build_model():\n    return torch.nn.Linear(2, 2)\n"
+        "class Family:\n    def tiny():\n        return torch.nn.Linear(2, 2)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "zoo_models", raising=False)
+    with pytest.raises(UsageError) as e:
+        import_factory("zoo_models:bulid_model")
+    msg = one_line(e.value)
+    assert "--model: 'zoo_models' has no attribute 'bulid_model'" in msg
+    assert "fix: did you mean --model zoo_models:build_model? " in msg
+    with pytest.raises(UsageError) as e:
+        import_factory("zoo_models:Family.tinny")
+    msg = one_line(e.value)
+    assert "'zoo_models:Family' has no attribute 'tinny'" in msg
+    assert "did you mean --model zoo_models:Family.tiny?" in msg
+    with pytest.raises(UsageError) as e:
+        import_factory("zoo_models:qqqqqq")
+    assert "did you mean" not in str(e.value)
+
+
+BATCH_ENCODING = """
+from collections import UserDict
+
+class BatchEncoding(UserDict):
+    '''Stands in for transformers.BatchEncoding (also a UserDict subclass).'''
+"""
+
+
+def test_a_saved_batch_encoding_says_to_save_a_dict(tmp_path, monkeypatch):
+    (tmp_path / "fake_tokenizers.py").write_text(BATCH_ENCODING)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "fake_tokenizers", raising=False)
+    import fake_tokenizers
+
+    batch = fake_tokenizers.BatchEncoding({"input_ids": torch.zeros(2, 5, dtype=torch.long)})
+    path = tmp_path / "calib.pt"
+    torch.save(batch, path)
+    with pytest.raises(UsageError) as e:
+        load_calibration(str(path))
+    msg = one_line(e.value)
+    assert "holds a fake_tokenizers.BatchEncoding object" in msg
+    assert "torch.save(dict(batch), path)" in msg
+    torch.save(dict(batch), path)  # what the message says works
+    assert set(load_calibration(str(path))) == {"input_ids"}
+    torch.save([fake_tokenizers.BatchEncoding(), torch.ones(2)], path)
+    with pytest.raises(UsageError, match="holds a fake_tokenizers.BatchEncoding object"):
+        load_calibration(str(path))
+
+
+def test_a_pickled_model_as_weights_names_its_class(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(torch.nn.Linear(2, 2), path)
+    with pytest.raises(UsageError) as e:
+        load_weights(torch.nn.Linear(2, 2), str(path))
+    msg = one_line(e.value)
+    assert "holds a torch.nn.modules.linear.Linear object" in msg
+    assert "torch.save(model.state_dict(), path)" in msg
+
+
+def test_weights_errors_name_the_first_few_keys_and_count_the_rest(tmp_path):
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(50)])
+    other = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(40)])
+    path = tmp_path / "w.pt"
+    torch.save({f"model.{k}": v for k, v in other.state_dict().items()}, path)
+    with pytest.raises(UsageError) as e:
+        load_weights(model, str(path))
+    msg = one_line(e.value)
+    assert "100 missing key(s): '0.weight', '0.bias', '1.weight' and 97 more" in msg, msg
+    assert "80 unexpected key(s): 'model.0.weight', 'model.0.bias', 'model.1.weight' and 77" in msg
+    assert len(msg) < 400, msg
+    wide = {
+        k: torch.zeros(5, 5) if k.endswith("weight") else v for k, v in model.state_dict().items()
+    }
+    torch.save(wide, path)
+    with pytest.raises(UsageError) as e:
+        load_weights(model, str(path))
+    msg = one_line(e.value)
+    assert (
+        "50 tensor(s) of another shape: '0.weight' is (5, 5) in the file, (4, 4) in the model, "
+        in msg
+    )
+    assert "and 47 more" in msg and len(msg) < 400, msg
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ([], "calibration data is empty"),
+        ([torch.ones(2), "text"], "calibration batch 1 is a str"),
+        (3, "calibration data of type int is not a tensor or an iterable"),
+    ],
+)
+def test_the_batches_of_a_calibration_file_are_checked_when_it_is_read(tmp_path, data, needle):
+    path = tmp_path / "calib.pt"
+    torch.save(data, path)
+    with pytest.raises(UsageError) as e:
+        load_calibration(str(path))
+    msg = one_line(e.value)
+    assert msg.startswith(f"problem: --calibration {str(path)!r}: ") and needle in msg, msg

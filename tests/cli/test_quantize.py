@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from tests.helpers import (
     act_scale,
     assert_quantized_copy,
     cli_ok,
+    cli_one_line_error,
     evil_pickle,
     raw_safetensors,
     small_state,
@@ -74,6 +76,71 @@ def test_sequential_flag(cli, engine, tmp_path, model_args):
     res = cli("quantize", *model_args, *STATIC_ARGS, "--calibration", pt, "--sequential", "-o", out)
     assert res.exit_code == 0, res.output
     assert float(act_scale(engine, out)) > 0
+
+
+#: a --model factory that leaves a file ``built`` in the working folder when it is called
+RECORDING_FACTORY = """
+import pathlib
+from monoquant_core.testing import mlp
+
+def build():
+    pathlib.Path("built").write_text("called")
+    return mlp()
+"""
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--calibration", "missing.pt"], "--calibration file 'missing.pt' does not exist"),
+        (["--calibration", "junk.pt"], "is not loadable with torch.load"),
+        (["--calibration", "empty.pt"], "calibration data is empty"),
+        (["--sequential"], "--sequential needs --calibration"),
+        (["--weights", "missing.pt"], "--weights file 'missing.pt' does not exist"),
+        (["--weights", "junk.pt"], "--weights 'junk.pt' is not a plain state_dict"),
+        (["--weights", "list.pt"], "holds a list, not a state_dict"),
+        (["-o", "no-such-dir/q.safetensors"], "does not exist"),
+        (["--report", "no-such-dir/r.json"], "does not exist"),
+        (["--scheme", "int4-grup"], "did you mean 'int4-group'?"),
+        (["--scheme-opt", "group_sise=32", "--scheme", "int4-group"], "did you mean"),
+        (["--rule", "0=int3"], "unknown scheme 'int3'"),
+        (["--outlier-opt", "treshold=3"], "did you mean 'threshold'?"),
+    ],
+)
+def test_module_mode_checks_every_argument_before_building_the_model(
+    cli, tmp_path, monkeypatch, extra, needle
+):
+    """Building a real model takes seconds: nothing that can be checked without it waits."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "recording_models", raising=False)
+    (tmp_path / "recording_models.py").write_text(RECORDING_FACTORY)
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    torch.save([], tmp_path / "empty.pt")
+    torch.save([torch.ones(2)], tmp_path / "list.pt")
+    torch.save([torch.randn(40, 32)], tmp_path / "calib.pt")
+    res = cli("quantize", "--model", "recording_models:build", *extra)
+    cli_one_line_error(res, needle)
+    assert not (tmp_path / "built").exists(), f"the model was built before: {res.output}"
+    cli_ok(cli("quantize", "--model", "recording_models:build", "--calibration", "calib.pt", "-q"))
+    assert (tmp_path / "built").exists()  # the factory does record a build
+
+
+def test_weights_are_for_model_not_demo(cli, tmp_path):
+    torch.save({}, tmp_path / "w.pt")
+    cli_one_line_error(
+        cli("quantize", "--demo", "--weights", tmp_path / "w.pt"), "--weights is for --model"
+    )
+
+
+def test_a_factory_that_raises_is_one_line(cli, tmp_path, monkeypatch):
+    (tmp_path / "raising_models.py").write_text("def build():\n    raise OSError('no GPU')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "raising_models", raising=False)
+    cli_one_line_error(
+        cli("quantize", "--model", "raising_models:build"),
+        "--model 'raising_models:build' raised OSError: no GPU",
+    )
 
 
 def test_table_output_names_the_model_the_components_and_where_it_went(cli, tmp_path):

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from monoquant_core.affine import (
+    MIN_SCALE,
     Scratch,
     dequantize_groups,
     minmax_qparams,
+    params_bounded,
     params_fit,
     quantize_groups,
     round_params,
@@ -96,3 +98,44 @@ def test_params_fit_and_round_params():
     assert qp.scale.item() == torch.tensor(0.1).half().item()
     assert qp.zero_point.item() == torch.tensor(2.3).half().item()
     assert round_params(QParams(torch.tensor([[0.1]])), torch.float16).zero_point is None
+
+
+F32 = torch.finfo(torch.float32).max
+SYM4 = QuantSpec(4, True, 0, 4)
+ASYM8_INT = QuantSpec(8, False)
+
+
+@pytest.mark.parametrize(
+    "spec, rel",
+    [(SYM8, 0.02), (ASYM8_INT, 0.02), (SYM4, 0.15), (ASYM4_INT, 0.15), (ASYM4_FLOAT, 0.02)],
+    ids=["sym8", "int8-zero", "sym4", "int4-zero", "float-zero"],
+)
+def test_ranges_at_float32_limits_give_finite_parameters_and_values(spec, rel):
+    """``hi - lo`` of two values near float32's limit overflowed to inf (NaN scales)."""
+    lo = torch.tensor([[-F32], [-F32], [0.0], [F32], [-1e-44], [1e-40], [-3.0]])
+    hi = torch.tensor([[F32], [-F32], [F32], [F32], [1e-44], [1e-40], [2.0]])
+    qp = minmax_qparams(lo, hi, spec)
+    assert torch.isfinite(qp.scale).all() and (qp.scale >= MIN_SCALE).all(), qp.scale
+    assert qp.zero_point is None or torch.isfinite(qp.zero_point).all(), qp.zero_point
+    assert params_bounded(qp, spec).all()
+    g = torch.cat([lo, hi], -1).unsqueeze(1)  # [C, 1, 2]: each group's two ends
+    back = dequantize_groups(quantize_groups(g, qp, spec), qp)
+    assert torch.isfinite(back).all(), back
+    big = g.abs() > 1e38
+    err = ((back - g).abs() / g.abs())[big].max().item()
+    assert err <= rel, f"ends at float32's limit come back {err:.3f} off"
+    assert back[4:6].abs().max() < 1e-37  # tiny groups: 0 or their own tiny values
+    want = 3.0 / spec.qmax if spec.symmetric else 5.0 / (spec.qmax - spec.qmin)
+    assert qp.scale[6].item() == torch.tensor(want).item()  # an ordinary group: as before
+
+
+def test_params_bounded_finds_what_cannot_be_stored():
+    ok = QParams(torch.tensor([[1.0, 1e30]]), None)
+    assert params_bounded(ok, SYM8).tolist() == [[True, True]]
+    assert params_bounded(QParams(torch.tensor([[float("inf")]])), SYM8).tolist() == [[False]]
+    assert params_bounded(QParams(torch.tensor([[0.0]])), SYM8).tolist() == [[False]]
+    assert params_bounded(QParams(torch.tensor([[3e37]])), SYM8).tolist() == [[False]]  # 128 s
+    nan_zero = QParams(torch.tensor([[1.0]]), torch.tensor([[float("nan")]]))
+    assert params_bounded(nan_zero, ASYM4_FLOAT).tolist() == [[False]]
+    far_zero = QParams(torch.tensor([[1e37]]), torch.tensor([[-100.0]]))  # (15 + 100) * s
+    assert params_bounded(far_zero, ASYM4_FLOAT).tolist() == [[False]]

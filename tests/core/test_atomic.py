@@ -3,16 +3,22 @@ checkpoint mode), and output paths are checked before any work."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import subprocess
+import sys
+import threading
 
 import pytest
 from monoquant_plugins.safetensors_format import write_safetensors
 
 import monoquant_core as mq
-from monoquant_core import Run, UsageError
-from monoquant_core.atomic import atomic_folder, atomic_write, check_output_path
+from monoquant_core import Engine, Run, UsageError, atomic, hookimpl
+from monoquant_core.atomic import atomic_folder, atomic_write, check_output_path, current_umask
 from tests.helpers import (
+    cli_one_line_error,
+    one_line,
     small_state,
     tree,
     write_folder,
@@ -152,3 +158,258 @@ def test_atomic_folder_replaces_a_folder_as_a_whole(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_folder(str(dst), crash, overwrite=True)
     assert tree(dst) == {"c"} and os.listdir(tmp_path) == ["out"]
+
+
+# --------------------------------------------------------------------------- concurrent writers
+
+
+def _race(target, kind, overwrite=False, n=2):
+    """``n`` threads write ``target`` at once (all past the "exists" check before any renames);
+    returns ``{writer: "ok" | error message}``."""
+    barrier = threading.Barrier(n)
+    out: dict[int, str] = {}
+
+    def writer(i):
+        def write(tmp):
+            barrier.wait(timeout=10)
+            if kind == "file":
+                with open(tmp, "w") as f:
+                    f.write(f"writer {i}")
+            else:
+                with open(os.path.join(tmp, "who"), "w") as f:
+                    f.write(f"writer {i}")
+
+        try:
+            if kind == "file":
+                atomic_write(str(target), write, overwrite=overwrite)
+            else:
+                atomic_folder(str(target), write, overwrite=overwrite)
+            out[i] = "ok"
+        except UsageError as e:
+            out[i] = one_line(e)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return out
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "fallback"])
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_concurrent_writers_never_replace_each_other(tmp_path, monkeypatch, kind, renameat2):
+    """Two writers of one path both pass the "exists" check; exactly one wins, the other gets
+    a one-line 'already exists' error and its result is not renamed over the winner's."""
+    if not renameat2:
+        monkeypatch.setattr(atomic, "_renameat2", lambda src, dst: False)
+    target = tmp_path / "out"
+    out = _race(target, kind)
+    print(out)
+    assert len(out) == 2 and list(out.values()).count("ok") == 1, out
+    loser = next(v for v in out.values() if v != "ok")
+    assert "already exists" in loser and "--overwrite" in loser
+    winner = next(i for i, v in out.items() if v == "ok")
+    text = target.read_text() if kind == "file" else (target / "who").read_text()
+    assert text == f"writer {winner}"
+    assert os.listdir(tmp_path) == ["out"], "a temporary path was left behind"
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "fallback"])
+@pytest.mark.parametrize("existing", ["file", "empty-folder", "folder"])
+def test_the_final_rename_never_replaces(tmp_path, monkeypatch, existing, renameat2):
+    """The no-replace rename itself: an existing file, empty folder or folder stays as it was
+    (a plain ``rename`` replaces a file and an empty folder), and so does the source."""
+    if not renameat2:
+        monkeypatch.setattr(atomic, "_renameat2", lambda src, dst: False)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    if existing == "file":
+        src.write_text("new")
+        dst.write_text("old")
+    else:
+        src.mkdir()
+        (src / "new").write_text("new")
+        dst.mkdir()
+        if existing == "folder":
+            (dst / "old").write_text("old")
+    with pytest.raises(FileExistsError):
+        atomic._rename_noreplace(str(src), str(dst), is_dir=existing != "file")
+    if existing == "file":
+        assert (src.read_text(), dst.read_text()) == ("new", "old")
+    else:
+        assert tree(src) == {"new"} and tree(dst) == ({"old"} if existing == "folder" else set())
+    assert sorted(os.listdir(tmp_path)) == ["dst", "src"]
+    dst2 = tmp_path / "dst2"
+    atomic._rename_noreplace(str(src), str(dst2), is_dir=existing != "file")
+    assert not src.exists() and dst2.exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_concurrent_writers_with_overwrite_both_succeed(tmp_path, kind):
+    out = _race(tmp_path / "out", kind, overwrite=True)
+    assert list(out.values()) == ["ok", "ok"] and os.listdir(tmp_path) == ["out"]
+
+
+def test_two_checkpoint_runs_to_one_output_one_fails(tmp_path, small_file):
+    """The same race through ``quantize_checkpoint``: both runs pass ``check_paths`` and hold
+    in ``monoquant_report`` (just before the rename) until both are there."""
+    src, _ = small_file
+    barrier = threading.Barrier(2)
+
+    class Hold:
+        @hookimpl
+        def monoquant_report(self, report):
+            barrier.wait(timeout=30)
+
+    dst = tmp_path / "out.safetensors"
+    results: list[str] = []
+
+    def run():
+        try:
+            Engine(plugins=[Hold()]).quantize_checkpoint(str(src), str(dst), progress=False)
+            results.append("ok")
+        except UsageError as e:
+            results.append(one_line(e))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == 2 and results.count("ok") == 1, results
+    assert "already exists" in next(r for r in results if r != "ok")
+    assert sorted(os.listdir(tmp_path)) == ["in", "out.safetensors"]
+    mq.load(str(dst), dequantize=True)  # complete and readable
+
+
+# --------------------------------------------------------------------------- permissions
+
+
+def _readonly(monkeypatch, folder):
+    """``folder`` behaves as if read-only (the tests may run as root, who may write anywhere):
+    ``os.access`` says no, and creating anything in it fails with EACCES."""
+    folder = os.path.abspath(folder)
+    real_access, real_open, real_mkdir = os.access, os.open, os.mkdir
+
+    def inside(p):
+        return os.path.dirname(os.path.abspath(p)) == folder
+
+    def access(p, mode, *a, **k):
+        if os.path.abspath(p) == folder and mode & os.W_OK:
+            return False
+        return real_access(p, mode, *a, **k)
+
+    def deny(real):
+        def call(p, *a, **k):
+            if inside(p):
+                raise PermissionError(errno.EACCES, "Permission denied", p)
+            return real(p, *a, **k)
+
+        return call
+
+    monkeypatch.setattr(os, "access", access)
+    monkeypatch.setattr(os, "open", deny(real_open))
+    monkeypatch.setattr(os, "mkdir", deny(real_mkdir))
+
+
+@pytest.mark.parametrize("simulated", [True, False], ids=["simulated", "chmod"])
+def test_a_read_only_output_folder_is_one_line_and_writes_nothing(
+    engine, cli, tmp_path, monkeypatch, small_file, saved, simulated
+):
+    src, sd = small_file
+    folder_src = tmp_path / "shards"
+    write_folder(folder_src, sd, n_shards=2)
+    qpath, qmodel = saved
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if simulated:
+        _readonly(monkeypatch, ro)
+    else:
+        ro.chmod(0o555)
+        if os.access(ro, os.W_OK):
+            ro.chmod(0o755)
+            pytest.skip("this user may write into a mode-0555 folder (root)")
+    calls = [
+        lambda: engine.quantize_checkpoint(str(src), str(ro / "o.safetensors"), progress=False),
+        lambda: engine.quantize_checkpoint(str(folder_src), str(ro / "out"), progress=False),
+        lambda: engine.dequantize_checkpoint(str(qpath), str(ro / "d.safetensors"), progress=False),
+        lambda: mq.save(qmodel, str(ro / "s.safetensors")),
+    ]
+    try:
+        for call in calls:
+            with pytest.raises(UsageError, match=r"cannot write to the output directory .*ro"):
+                call()
+        # --report in the read-only folder: refused before the model file is written
+        out = tmp_path / "model.safetensors"
+        res = cli("quantize", src, "-o", out, "-q", "--report", ro / "r.json")
+        cli_one_line_error(res, "cannot write to the output directory")
+        assert not out.exists()
+        assert os.listdir(ro) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_a_temp_path_that_cannot_be_created_is_one_line(tmp_path, monkeypatch):
+    """Where ``os.access`` cannot tell (ACLs, a read-only mount it misjudges), creating the
+    temporary path fails: still a one-line error, nothing written."""
+    monkeypatch.setattr(os, "access", lambda *a, **k: True)
+    _readonly(monkeypatch, tmp_path)
+    monkeypatch.setattr(os, "access", lambda *a, **k: True)
+    with pytest.raises(UsageError, match="cannot write .*Permission denied"):
+        atomic_write(str(tmp_path / "f"), lambda tmp: None)
+    with pytest.raises(UsageError, match="cannot write .*Permission denied"):
+        atomic_folder(str(tmp_path / "d"), lambda tmp: None, overwrite=False)
+    assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- modes, leftovers
+
+
+def test_outputs_honour_the_umask(tmp_path, small_file):
+    """A folder output is 0777 minus the umask like ``mkdir`` (never ``mkdtemp``'s 0700), its
+    files 0666 minus the umask."""
+    src, sd = small_file
+    folder_src = tmp_path / "shards"
+    write_folder(folder_src, sd, n_shards=2)
+    old = os.umask(0o022)
+    try:
+        Engine().quantize_checkpoint(str(folder_src), str(tmp_path / "out"), progress=False)
+        Engine().quantize_checkpoint(str(src), str(tmp_path / "o.safetensors"), progress=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "o.safetensors").stat().st_mode) == 0o644
+    for name in os.listdir(tmp_path / "out"):
+        if name.endswith((".safetensors", ".json")):
+            assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == 0o644, name
+    assert current_umask() == old
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_leftovers_of_killed_runs_are_removed_and_said_once(tmp_path, capsys):
+    dead, host = _dead_pid(), atomic.host_tag()
+    stale = [
+        f".out.safetensors.monoquant-tmp-{dead}-{host}-0a1b2c3d",
+        f".monoquant-tmp-{dead}-{host}-0a1b2c3d.spool4",
+    ]
+    keep = [
+        f".out.safetensors.monoquant-tmp-{os.getpid()}-{host}-0a1b2c3d",  # this (live) process
+        f".out.safetensors.monoquant-tmp-{dead}-0000beef-0a1b2c3d",  # another host's
+        ".out.safetensors.abc123.tmp",  # not ours
+        "data.bin",
+    ]
+    for name in stale + keep:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / f".out.monoquant-tmp-{dead}-{host}-0a1b2c3d").mkdir()  # a killed folder build
+    (tmp_path / f".out.monoquant-tmp-{dead}-{host}-0a1b2c3d" / "shard").write_bytes(b"x")
+    atomic_write(str(tmp_path / "out.safetensors"), lambda tmp: None)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "removed 3 temporary path(s)" in err and str(dead) in err
+    assert sorted(os.listdir(tmp_path)) == sorted([*keep, "out.safetensors"])
+    atomic_write(str(tmp_path / "out.safetensors"), lambda tmp: None)
+    assert capsys.readouterr().err == ""

@@ -3,6 +3,7 @@ torch modules (state_dict round trip)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from monoquant_core.components import WeightInfo
@@ -93,3 +94,55 @@ def test_loading_new_codes_prepares_again_and_loading_only_floats_does_not():
     x = torch.randn(2, 32)
     with torch.no_grad():
         assert torch.equal(model(x), other(x))
+
+
+@pytest.mark.parametrize("scheme, options", [("int8", {}), ("int4-group", {"group_size": 32})])
+def test_in_place_writes_into_the_buffers_prepare_the_kernel_form_again(scheme, options):
+    from monoquant_core import Engine
+
+    def build(seed):
+        model, _ = Engine().quantize(
+            mlp(dims=(64, 64, 16), seed=seed), scheme=scheme, scheme_options=options
+        )
+        return model
+
+    model, other = build(0), build(5)
+    assert model[0].backend.name == "torch-cpu"  # the backend that packs the weight
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        before = model(x)
+        state = model.state_dict()
+        for k, v in other.state_dict().items():
+            state[k].copy_(v)  # new codes, scales and biases, written in place
+        got = model(x)
+        fresh = build(0)
+        fresh.load_state_dict(other.state_dict())
+        assert not torch.equal(got, before)
+        assert torch.equal(got, fresh(x)), "the forward still used the old packed weights"
+        model[0].weight_scale.mul_(2)  # one buffer alone
+        fresh[0].load_state_dict({"weight_scale": model[0].weight_scale}, strict=False)
+        assert torch.equal(model(x), fresh(x))
+
+
+def test_kernel_form_is_derived_once_while_the_buffers_are_unchanged():
+    model = _int8_mlp()
+    before = model[0].prepared("weight")
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        model(x)
+        model(x)
+    assert model[0].prepared("weight") is before
+
+
+def test_assigning_a_new_buffer_prepares_the_kernel_form_again():
+    model = _int8_mlp()
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        before = model(x)
+        model[0].weight_scale = model[0].weight_scale * 2  # a new tensor, not an in-place write
+        after = model(x)
+    assert not torch.equal(before, after)
+    fresh = _int8_mlp()
+    fresh[0].load_state_dict({"weight_scale": model[0].weight_scale}, strict=False)
+    with torch.no_grad():
+        assert torch.equal(after, fresh(x))

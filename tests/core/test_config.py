@@ -56,6 +56,18 @@ def test_unknown_plugin_names_and_keys_are_one_line_errors_listing_the_valid_one
         engine.configure(plugin_options=["outlier"])
 
 
+def test_a_misspelt_plugin_or_option_name_gets_a_did_you_mean(engine):
+    with pytest.raises(UsageError) as e:
+        engine.configure(plugin_options={"outliers": {}})
+    assert "which is not installed" in str(e.value)
+    assert "fix: did you mean 'outlier'? check the name" in str(e.value)
+    with pytest.raises(UsageError, match="did you mean 'threshold'"):
+        engine.configure(plugin_options={"outlier": {"treshold": 6}})
+    with pytest.raises(UsageError) as e:
+        engine.configure(plugin_options={"zzzz": {}})
+    assert "did you mean" not in str(e.value)
+
+
 def test_bad_rules_fail_before_compute(engine):
     with pytest.raises(UsageError, match="rule 'x=int3': unknown scheme 'int3'"):
         engine.configure(rules=["x=int3"])

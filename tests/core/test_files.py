@@ -4,6 +4,7 @@ it, one rule chooses the serializer, and every bad file is a one-line FormatErro
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from monoquant_core.testing import (
     mlp,
     transformer_block,
 )
-from tests.helpers import SCHEME_PLUGIN, Conv1D, same_state, snapshot
+from tests.helpers import SCHEME_PLUGIN, Conv1D, returns_within, same_state, snapshot
 
 
 def _rewrite(path, out, edit_meta=None, edit_tensors=None):
@@ -330,3 +331,31 @@ def test_the_serializer_for_reading_is_the_one_that_sniffs_the_file(tmp_path, sa
     junk.write_bytes(b"junk")
     with pytest.raises(FormatError, match=r"not in a format .* \(installed: other, safetensors\)"):
         serializer_for_read(engine.serializers, str(junk))
+
+
+class OpeningFormat(OtherFormat):
+    """A serializer whose ``sniff`` reads the file (and so would block on a FIFO)."""
+
+    name = "opening"
+
+    def sniff(self, path):
+        with open(path, "rb") as f:
+            return f.read(4) == b"OPEN"
+
+
+class OpeningPlugin:
+    @hookimpl
+    def monoquant_register_serializers(self, register):
+        register(OpeningFormat())
+
+
+def test_no_serializer_sniffs_a_fifo(tmp_path):
+    """A FIFO without a writer blocked every command (``inspect``, ``load``) forever: the core
+    refuses a path that is not a regular file before any serializer opens it."""
+    engine = Engine(plugins=[OpeningPlugin()])
+    fifo = tmp_path / "m.other"
+    os.mkfifo(fifo)
+    with returns_within(5), pytest.raises(UsageError, match="is a FIFO, not a regular file"):
+        serializer_for_read(engine.serializers, str(fifo))
+    with returns_within(5), pytest.raises(UsageError, match="is a FIFO"):
+        engine.load(str(fifo), dequantize=True)

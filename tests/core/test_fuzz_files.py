@@ -4,9 +4,12 @@ A small valid Mono Quant file (an int4-group MLP, so qdata/scale/zero_point are 
 and a plain float safetensors file are corrupted in seeded ways: random bit flips anywhere,
 random bytes in the header, truncation (also inside the 8-byte length), absurd header lengths,
 and hand-made headers that are valid JSON but lie (other JSON types, deep nesting, impossible
-shapes, inconsistent quantization records). Every variant goes through ``Engine.inspect``,
-``load(path, fresh_model)`` and ``load(path, dequantize=True)``: each call must succeed or raise
-a one-line FormatError / UsageError, and return within 5 s.
+shapes, inconsistent quantization records), and valid headers whose *values* are bad
+(NaN/Inf, negative, zero and integer scales). Every variant goes through ``Engine.inspect``,
+``load(path, fresh_model)``, ``load(path, dequantize=True)`` and ``Engine.verify`` against the
+float original: each call must succeed or raise a one-line FormatError / UsageError, and return
+within 5 s. Inputs of checkpoint mode get the same treatment: finite weights near the float32
+limit, and ``.pt`` files holding sparse or nested tensors.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import time
 from collections import Counter
 
 import pytest
+import torch
 from monoquant_plugins.safetensors_format import write_safetensors
+from monoquant_plugins.safetensors_io import DTYPES
 
 import monoquant_core as mq
 from monoquant_core import Engine, FormatError, UsageError
@@ -66,14 +71,24 @@ def join(header, body: bytes) -> bytes:
     return struct.pack("<Q", len(raw)) + raw + body
 
 
-def run_all(engine: Engine, path: str, tally: Counter | None = None) -> list[str]:
-    """The three entry points on ``path``; returns a description of every forbidden outcome
-    (and counts the outcomes in ``tally``)."""
-    calls = (
+def run_all(
+    engine: Engine, path: str, tally: Counter | None = None, original: str | None = None
+) -> list[str]:
+    """The entry points on ``path`` (and ``verify`` against ``original``); returns a
+    description of every forbidden outcome (and counts the outcomes in ``tally``)."""
+    calls = [
         ("inspect", lambda: engine.inspect(path)),
         ("load(model)", lambda: mq.load(path, mlp(dims=DIMS, seed=1), engine=engine)),
         ("load(dequantize)", lambda: mq.load(path, dequantize=True, engine=engine)),
-    )
+    ]
+    if original is not None:
+        calls.append(("verify", lambda: engine.verify(original, path, progress=False)))
+    return outcomes(calls, tally)
+
+
+def outcomes(calls, tally: Counter | None = None) -> list[str]:
+    """Run each ``(label, call)``: a forbidden outcome is anything but a return or a one-line
+    FormatError / UsageError within LIMIT_S."""
     bad = []
     old = signal.signal(signal.SIGALRM, _alarm)
     try:
@@ -281,6 +296,164 @@ def build(originals, case) -> bytes:
 def test_valid_json_that_lies(fz_engine, originals, tmp_path, case):
     path = tmp_path / "lie.safetensors"
     path.write_bytes(build(originals, case))
-    bad = run_all(fz_engine, str(path))
+    plain = tmp_path / "plain.safetensors"
+    plain.write_bytes(originals["plain"])
+    bad = run_all(fz_engine, str(path), original=str(plain))
     print(_case_id(case), bad)
     assert bad == []
+
+
+def _values(data: bytes, key: str, fn) -> bytes:
+    """``data`` with the stored tensor ``key`` replaced by ``fn(tensor)`` (same dtype and
+    size, so the header stays valid)."""
+    header, body = split(data)
+    info = header[key]
+    start, end = info["data_offsets"]
+    dtype = {"F16": torch.float16, "F32": torch.float32, "U8": torch.uint8}[info["dtype"]]
+    t = torch.frombuffer(bytearray(body[start:end]), dtype=dtype).clone()
+    raw = bytes(fn(t).to(dtype).contiguous().view(torch.uint8).tolist())
+    return join(header, body[:start] + raw + body[end:])
+
+
+def _first(value):
+    def fn(t):
+        t = t.clone()
+        t[0] = value
+        return t
+
+    return fn
+
+
+#: stored values of ``0.weight`` (int4-group: float16 scale and zero point) replaced
+VALUES = {
+    "scale-nan": ("0.weight.scale", _first(float("nan"))),
+    "scale-inf": ("0.weight.scale", _first(float("inf"))),
+    "scale-minus-inf": ("0.weight.scale", _first(float("-inf"))),
+    "scale-negative": ("0.weight.scale", lambda t: -t),
+    "scale-zero": ("0.weight.scale", lambda t: torch.zeros_like(t)),
+    "scale-tiny": ("0.weight.scale", lambda t: torch.full_like(t, 6e-8)),
+    "scale-max": ("0.weight.scale", lambda t: torch.full_like(t, 65504.0)),
+    "zero-point-nan": ("0.weight.zero_point", _first(float("nan"))),
+    "zero-point-inf": ("0.weight.zero_point", _first(float("inf"))),
+    "zero-point-huge": ("0.weight.zero_point", lambda t: torch.full_like(t, -65504.0)),
+    "bias-inf": ("0.bias", _first(float("inf"))),
+}
+
+#: header dtypes of a piece changed to an integer type of the same size
+INT_PIECES = {
+    "scale-I16": ("0.weight.scale", "I16"),
+    "scale-U16": ("0.weight.scale", "U16"),
+    "zero-point-I16": ("0.weight.zero_point", "I16"),
+}
+
+
+@pytest.mark.parametrize("case", [*VALUES, *INT_PIECES])
+def test_bad_values_in_a_valid_header(fz_engine, originals, tmp_path, case):
+    """NaN/Inf, negative, zero and integer scales were loaded as garbage (exit 0), and an Inf
+    scale made ``verify`` fail with 'math domain error'."""
+    if case in VALUES:
+        key, fn = VALUES[case]
+        data = _values(originals["quantized"], key, fn)
+    else:
+        key, dtype = INT_PIECES[case]
+        header, body = split(originals["quantized"])
+        if dtype not in DTYPES:
+            pytest.skip(f"this torch has no {dtype}")
+        header[key]["dtype"] = dtype
+        data = join(header, body)
+    path = tmp_path / "values.safetensors"
+    path.write_bytes(data)
+    plain = tmp_path / "plain.safetensors"
+    plain.write_bytes(originals["plain"])
+    tally: Counter = Counter()
+    bad = run_all(fz_engine, str(path), tally, original=str(plain))
+    print(case, dict(tally), bad)
+    assert bad == []
+    if case in REFUSED:
+        assert tally["load(dequantize) FormatError"] == 1, "garbage was loaded"
+
+
+#: the cases a loader must refuse (the others are odd but valid numbers)
+REFUSED = {
+    "scale-nan",
+    "scale-inf",
+    "scale-minus-inf",
+    "scale-negative",
+    "scale-zero",
+    "zero-point-nan",
+    "zero-point-inf",
+    "scale-I16",
+    "scale-U16",
+}
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-group"])
+def test_extreme_finite_weights(fz_engine, tmp_path, scheme):
+    """Weights near +-3.4e38 are finite, so checkpoint mode quantizes them: the run and every
+    reader of its output succeed or refuse in one line (never a non-finite scale loaded)."""
+    big = torch.finfo(torch.float32).max
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 32, generator=g)
+    w[0, 0], w[0, 1], w[1, 1], w[2, :] = big, -big, -big, big / 3  # row 0 spans 2 * max
+    src = tmp_path / "extreme.safetensors"
+    write_safetensors(str(src), {"0.weight": w, "0.bias": torch.zeros(64)}, {})
+    out = tmp_path / "q.safetensors"
+    opts = {"symmetric": False} if scheme == "int8" else {}
+
+    def quantize():
+        fz_engine.quantize_checkpoint(
+            str(src), str(out), scheme=scheme, scheme_options=opts, progress=False
+        )
+
+    loaded: list[dict] = []
+    tally: Counter = Counter()
+    bad = outcomes([("quantize", quantize)], tally)
+    if out.exists():
+        bad += outcomes(
+            [
+                ("inspect", lambda: fz_engine.inspect(str(out))),
+                (
+                    "load(dequantize)",
+                    lambda: loaded.append(mq.load(str(out), dequantize=True, engine=fz_engine)),
+                ),
+                ("verify", lambda: fz_engine.verify(str(src), str(out), progress=False)),
+            ],
+            tally,
+        )
+    print(scheme, dict(tally), bad)
+    assert bad == []
+    for state in loaded:  # what loads is finite: a NaN/Inf scale is never handed out
+        assert all(bool(torch.isfinite(t).all()) for t in state.values())
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("case", ["sparse-coo", "sparse-csr", "nested-dict", "nested-list"])
+def test_sparse_and_nested_pt_inputs(fz_engine, tmp_path, case):
+    w = torch.randn(16, 16)
+    state = {"a.weight": torch.randn(16, 16)}
+    if case == "sparse-coo":
+        state["s.weight"] = w.to_sparse()
+    elif case == "sparse-csr":
+        state["s.weight"] = w.to_sparse_csr()
+    elif case == "nested-dict":
+        state["inner"] = {"deeper": {"s.weight": w}}
+    else:
+        state["inner"] = [w, (w, {"x": w})]
+    src = tmp_path / "in.pt"
+    torch.save(state, src)
+    out = tmp_path / "q.safetensors"
+    tally: Counter = Counter()
+    bad = outcomes(
+        [
+            ("plan", lambda: fz_engine.plan_checkpoint(str(src))),
+            ("inspect", lambda: fz_engine.inspect(str(src))),
+            (
+                "quantize",
+                lambda: fz_engine.quantize_checkpoint(str(src), str(out), progress=False),
+            ),
+        ],
+        tally,
+    )
+    print(case, dict(tally), bad)
+    assert bad == [] and not out.exists()
+    assert tally["quantize UsageError"] == 1

@@ -29,15 +29,60 @@ def test_plugin_names():
     assert plugin_name(types.ModuleType("pkg.sub.mq_round8")) == "mq-round8"
 
 
-def test_two_plugins_with_one_name_are_a_conflict():
+def test_two_plugins_with_one_name_leave_the_second_out():
+    """A warning naming both (an error in strict mode); the first keeps working."""
+
     class A:
         monoquant_plugin_name = "same"
 
-    engine = Engine(plugins=[A()], entry_points=False)
-    with pytest.raises(PluginConflictError, match="two plugins are named 'same'"):
+    first = A()
+    engine = Engine(plugins=[first], entry_points=False)
+    with pytest.warns(PluginLoadWarning, match="two plugins are named 'same'") as rec:
         engine.register(A())
+    assert "keeps working without the second plugin 'same'" in str(rec[0].message)
+    assert engine.plugin_info("same").plugin is first
+    assert engine.pm.get_plugin("same") is first
+    with pytest.warns(PluginLoadWarning, match="two plugins are named 'same'"):
+        twice = Engine(plugins=[A(), A()], entry_points=False)
+    assert [type(f) for f in twice.failures] == [PluginConflictError]
+    strict = Engine(strict=True)
     with pytest.raises(PluginConflictError, match="two plugins are named 'int8'"):
-        Engine().register(A(), name="int8")
+        strict.register(A(), name="int8")
+    assert strict.schemes.entry("int8").plugin == "int8"
+
+
+def test_a_second_plugin_of_a_taken_name_does_not_touch_the_first_ones_components():
+    from monoquant_plugins.minmax import MinMaxObserver
+
+    class Obs(MinMaxObserver):
+        name = "mine"
+
+    class First:
+        monoquant_plugin_name = "mine"
+
+        @hookimpl
+        def monoquant_register_observers(self, register):
+            register(Obs)
+
+    class Second(First):
+        pass
+
+    engine = Engine(plugins=[First()], entry_points=False)
+    with pytest.warns(PluginLoadWarning, match="two plugins are named 'mine'"):
+        engine.register(Second())
+    assert engine.observers.entry("mine").component is Obs
+    assert type(engine.plugin_info("mine").plugin) is First and len(engine.failures) == 1
+
+
+def test_one_object_under_two_names_is_left_out_without_a_traceback():
+    class B:
+        monoquant_plugin_name = "b"
+
+    obj = B()
+    engine = Engine(plugins=[obj], entry_points=False)
+    with pytest.warns(PluginLoadWarning, match="plugin 'b2' cannot be registered"):
+        engine.register(obj, name="b2")
+    assert "b2" not in engine.registries.plugins
 
 
 def test_plugins_lists_components_hooks_and_origin():
@@ -66,7 +111,9 @@ def test_plugins_lists_components_hooks_and_origin():
         "source": "argument",
         "hooks": ["monoquant_register_observers", "monoquant_report"],
         "components": {"observer": ["other-minmax"]},
+        "import_s": None,
     }
+    assert listing["int8"]["import_s"] >= 0.0  # loaded from its entry point
     assert listing["core"]["source"] == "core" and listing["core"]["distribution"] == "monoquant"
     assert listing["int8"]["components"] == {"scheme": ["int8"]}
     assert listing["outlier"]["components"]["options"] == ["outlier"]
@@ -151,3 +198,20 @@ def test_disable_argument_and_hermetic_engine():
     assert "int8" not in engine.schemes and "minmax" in engine.observers
     bare = Engine(entry_points=False)
     assert bare.schemes.names() == [] and [p["name"] for p in bare.plugins()] == ["core"]
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("bad table"), SystemExit(2)])
+def test_a_registration_hook_that_raises_or_exits_is_reported_not_fatal(exc):
+    class Raising:
+        monoquant_plugin_name = "raising"
+
+        @hookimpl
+        def monoquant_register_schemes(self, register):
+            raise exc
+
+    with pytest.warns(PluginLoadWarning, match="plugin 'raising' failed in monoquant_register_"):
+        engine = Engine(plugins=[Raising()])
+    assert f"{type(exc).__name__}" in str(engine.failures[0])
+    assert len(engine.quantize(mlp())[1].layers) == 3
+    with pytest.raises(PluginLoadError, match="failed in monoquant_register_schemes"):
+        Engine(plugins=[Raising()], strict=True)

@@ -56,3 +56,10 @@ def test_all_finite_and_count_nonfinite():
     assert not all_finite(t) and count_nonfinite(t) == 3
     assert all_finite(torch.empty(0)) and all_finite(torch.tensor([1, 2]))
     assert count_nonfinite(torch.tensor([1, 2])) == 0
+
+
+def test_non_finite_approximation_gives_a_number_not_a_math_error():
+    ref = torch.tensor([1.0, 2.0])
+    assert error_stats(ref, torch.tensor([1.0, math.inf]))[0] == -math.inf
+    assert math.isnan(error_stats(ref, torch.tensor([1.0, math.nan]))[0])
+    assert math.isnan(error_stats(torch.tensor([math.inf, 1.0]), torch.tensor([0.0, 1.0]))[0])

@@ -4,14 +4,24 @@ float module put back on failure)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
-from monoquant_core import Engine, PluginError, hookimpl
+from monoquant_core import Engine, PluginError, UsageError, hookimpl
 from monoquant_core.swap import state_bytes
 from monoquant_core.testing import mlp
-from tests.helpers import hook_count, quantized_names, same_state, snapshot
+from tests.helpers import (
+    BrokenScalePlugin,
+    extreme_weight,
+    hook_count,
+    one_line,
+    quantized_names,
+    same_state,
+    snapshot,
+)
 
 
 def test_bare_linear_as_model_is_replaced(engine, tmp_path):
@@ -115,3 +125,67 @@ def test_sequential_static_statistics_come_from_the_quantized_prefix(engine):
     s_par = q_par[4].qtensor().extra["act_scale"]
     assert torch.equal(q_seq[0].qtensor().extra["act_scale"], q_par[0].qtensor().extra["act_scale"])
     assert not torch.equal(s_seq, s_par), "layer 4 must be calibrated on quantized outputs"
+
+
+# --------------------------------------------------------------------------- what cannot be stored
+
+
+@pytest.mark.parametrize(
+    "scheme, options",
+    [("int8", {"symmetric": False}), ("int4-group", {}), ("int4-group", {"method": "hqq"})],
+)
+def test_weights_at_float32_limits_are_quantized_with_finite_numbers(engine, scheme, options):
+    """The run succeeded with NaN scales and the report said nan."""
+    model = nn.Sequential(nn.Linear(256, 8))
+    with torch.no_grad():
+        model[0].weight.copy_(extreme_weight())
+    qmodel, report = engine.quantize(model, scheme=scheme, scheme_options=options)
+    layer = report.layers[0]
+    assert math.isfinite(layer.sqnr_db) and math.isfinite(layer.max_abs_err), layer
+    qt = qmodel[0].qtensor()
+    assert torch.isfinite(qt.scale.float()).all() and torch.isfinite(qt.dequantize()).all()
+
+
+def test_a_layer_whose_weight_cannot_be_stored_is_kept_in_float_with_the_reason():
+    model = mlp()
+    before = snapshot(model)
+    qmodel, report = Engine(plugins=[BrokenScalePlugin()]).quantize(model, rules=["0=broken-int8"])
+    assert quantized_names(qmodel) == {"2", "4"} and isinstance(qmodel[0], nn.Linear)
+    assert torch.equal(qmodel[0].weight, before["0.weight"])  # the float layer, untouched
+    reason = dict(report.skipped)["0"]
+    assert reason.startswith("kept in float: 0.weight: broken-int8 gives 1 of 64 group(s)")
+
+
+# --------------------------------------------------------------------------- nothing to quantize
+
+
+def test_a_run_whose_patterns_select_only_layers_kept_in_float_is_an_error(engine):
+    """It exited 0 and wrote an unchanged copy."""
+    model = nn.Sequential(nn.Linear(64, 16), nn.LayerNorm(16), nn.Linear(16, 8))
+    before = snapshot(model)
+    with pytest.raises(UsageError) as e:
+        engine.quantize(model, scheme="int4-group", only=["0", "2"])
+    assert one_line(e.value) == (
+        "problem: nothing to quantize: every one of the layers your patterns select is kept in "
+        "float: '0' (int4-group: only 64 inputs per row: padding to group_size 128 would store "
+        "8.5 bits per weight; use int8 for this layer (e.g. a rule) or a smaller group_size); "
+        "'2' (int4-group: only 16 inputs per row: padding to group_size 128 would store 34.0 "
+        "bits per weight; use int8 for this layer (e.g. a rule) or a smaller group_size) fix: "
+        "change --only / the rules, or the scheme or its options (see `monoquant plan`)"
+    )
+    assert same_state(before, model) and quantized_names(model) == set()
+    plan = engine.plan(model, scheme="int4-group", only=["0", "2"])  # the plan verb still plans
+    assert not plan.selected and len(plan) == 3
+
+
+def test_a_model_without_a_quantizable_layer_is_an_error(engine):
+    model = nn.Sequential(nn.LayerNorm(8), nn.Embedding(4, 8))
+    with pytest.raises(UsageError, match=r"no layer that can be quantized: '1' \(Embedding lay"):
+        engine.quantize(model)
+    with pytest.raises(UsageError, match=r"has no layer that can be quantized \(it has no "):
+        engine.quantize(nn.Sequential(nn.ReLU()))
+
+
+def test_a_run_whose_every_weight_is_refused_is_an_error(engine):
+    with pytest.raises(UsageError, match=r"quantized: '0' \(kept in float: 0.weight: broken-"):
+        Engine(plugins=[BrokenScalePlugin()]).quantize(mlp(), scheme="broken-int8")

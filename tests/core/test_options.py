@@ -9,7 +9,14 @@ from typing import Literal
 import pytest
 
 from monoquant_core import ComponentConfig, UsageError
-from monoquant_core.options import PluginOptions, config_to_dict, parse_options, split_key_values
+from monoquant_core.options import (
+    PluginOptions,
+    closest,
+    config_to_dict,
+    did_you_mean,
+    parse_options,
+    split_key_values,
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,35 @@ def test_unknown_key_lists_valid_keys():
     assert "unknown option 'modee'" in msg
     assert "flag, limit, mode, ratio, steps" in msg
     assert "\n" not in msg
+    assert "fix: did you mean 'mode'? use one of the valid keys" in msg
+
+
+@pytest.mark.parametrize(
+    "key, guess",
+    [("group_sise", "group_size"), ("Group-Size", "group_size"), ("grp", None), ("xyz", None)],
+)
+def test_a_misspelt_key_gets_a_did_you_mean(key, guess):
+    @dataclass(frozen=True)
+    class GroupConfig(ComponentConfig):
+        group_size: int = 128
+        symmetric: bool = False
+
+    with pytest.raises(UsageError) as e:
+        parse_options(GroupConfig, {key: "1"}, "scheme 'g'")
+    msg = str(e.value)
+    if guess is None:
+        assert "did you mean" not in msg, msg
+    else:
+        assert f"did you mean {guess!r}?" in msg, msg
+
+
+def test_closest_ignores_case_and_never_returns_the_name_itself():
+    assert closest("Int8", ["int8", "int4-group"]) == "int8"
+    assert closest("int8", ["int8"]) is None
+    assert closest("fp61", ["fp16", "bf16"]) == "fp16"
+    assert closest(3, ["int8"]) is None
+    assert did_you_mean("minmx", ["minmax", "histogram"]) == "did you mean 'minmax'? "
+    assert did_you_mean("q", ["minmax"]) == ""
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,16 @@ import torch
 from monoquant_plugins.int8 import Int8Scheme
 
 from monoquant_core import Engine, ModuleResult, UsageError, hookimpl
+from monoquant_core.errors import WeightNotRepresentable
 from monoquant_core.options import config_to_dict
-from monoquant_core.pipeline import monoquant_quantize_weights, provenance, quantize_weight
+from monoquant_core.pipeline import (
+    check_representable,
+    monoquant_quantize_weights,
+    provenance,
+    quantize_weight,
+)
 from monoquant_core.testing import mlp
-from tests.helpers import Conv1D
+from tests.helpers import BrokenScalePlugin, Conv1D, one_line
 
 
 class Custom(Int8Scheme):
@@ -99,3 +105,23 @@ def test_the_core_default_quantizes_every_weight_and_builds_no_module(engine):
     torch.testing.assert_close(
         res.qtensors["weight"].dequantize(), model[2].weight.detach(), atol=0.01, rtol=0
     )
+
+
+def test_a_scale_that_is_not_finite_is_refused_whoever_computed_it():
+    """A scheme's inf scale was written, loaded and computed with (NaN in the report)."""
+    engine = Engine(plugins=[BrokenScalePlugin()])
+    with pytest.raises(WeightNotRepresentable) as e:
+        engine.quantize_weight(torch.randn(4, 8), "broken-int8", "minmax", name="fc.weight")
+    assert one_line(e.value) == (
+        "problem: fc.weight: broken-int8 gives 1 of 4 group(s) a scale or zero point that is "
+        "not finite, or codes that dequantize to inf fix: keep it in float (--skip 'fc'), or "
+        "use another scheme for it (a rule)"
+    )
+    assert isinstance(e.value, UsageError)  # a one-line user error where it is not caught
+
+
+def test_check_representable_accepts_every_builtin_result(engine):
+    w = torch.randn(16, 256)
+    for scheme, options in [("int8", {}), ("int8", {"symmetric": False}), ("int4-group", {})]:
+        cfg = engine.scheme_config(scheme, options)
+        check_representable(engine.quantize_weight(w, scheme, "minmax", 0, cfg), "w")

@@ -98,3 +98,57 @@ def test_sizes_and_stored_tensors_by_role():
     assert (qt.numel, qt.channels, qt.row_length, qt.symmetric) == (32, 4, 8, False)
     assert qt.dequantize().dtype == torch.bfloat16
     assert qt.dequantize(torch.float64).dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        ({"scale": torch.tensor([[1.0], [float("nan")], [1.0], [1.0]])}, "scale holds 1 NaN/Inf"),
+        ({"scale": torch.tensor([[1.0], [float("inf")], [1.0], [1.0]])}, "scale holds 1 NaN/Inf"),
+        ({"scale": torch.tensor([[1.0], [-0.5], [1.0], [1.0]])}, "scale holds 1 value(s) <= 0"),
+        ({"scale": torch.zeros(4, 1)}, "scale holds 4 value(s) <= 0"),
+        ({"scale": torch.ones(4, 1, dtype=torch.int16)}, "scale must be a float tensor"),
+        (
+            {
+                "qdata": torch.zeros(4, 8, dtype=torch.uint8),
+                "zero_point": torch.tensor([[0.0], [float("-inf")], [0.0], [0.0]]),
+            },
+            "zero_point holds 1 NaN/Inf",
+        ),
+        (
+            {"extra": {"act_scale": torch.tensor([0.0]), "act_zero_point": torch.tensor([3])}},
+            "act_scale must be a positive float",
+        ),
+        (
+            {"extra": {"act_scale": torch.tensor([0.1]), "act_zero_point": torch.tensor([300])}},
+            "act_zero_point must be an integer code in [0, 255]",
+        ),
+        ({"extra": {"act_scale": torch.tensor([0.1])}}, "must be one value each, together"),
+    ],
+    ids=["nan", "inf", "negative", "zero", "int16", "zero-point-inf", "act-0", "act-zp", "act-1"],
+)
+def test_validate_values_names_the_bad_piece(overrides, needle):
+    qt = _qt(**overrides)
+    qt.validate()  # the structure is fine: only the values are wrong
+    with pytest.raises(ValueError) as info:
+        qt.validate_values()
+    assert needle in str(info.value), str(info.value)
+
+
+def test_validate_values_accepts_what_quantizers_produce():
+    _qt().validate_values()
+    _qt(scale=torch.full((4, 1), 1e-30)).validate_values()  # tiny but positive
+    asym = _qt(qdata=torch.zeros(4, 8, dtype=torch.uint8), zero_point=torch.full((4, 1), 3.0))
+    asym.validate_values()
+    fp16 = QTensor(torch.ones(1, 6, dtype=torch.float16), torch.ones(1, 1), None, 16, None, None,
+                   (2, 3), torch.float32, "fp16")  # fmt: skip
+    fp16.validate_values()
+    fp16.qdata[0, 1] = float("inf")
+    with pytest.raises(ValueError, match="qdata holds 1 NaN/Inf"):
+        fp16.validate_values()
+    # a custom layout defines its own scales: finiteness only
+    custom = _qt(scale=torch.full((4, 1), -2.0), meta={"layout": "custom"})
+    custom.validate_values()
+    custom.scale[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="scale holds 1 NaN/Inf"):
+        custom.validate_values()

@@ -28,7 +28,14 @@ from monoquant_core.registry import (
     safe_available,
 )
 from monoquant_core.testing import mlp
-from tests.helpers import Conv1D, FakeGpuBackend, PickyBackend, RaisingBackend
+from tests.helpers import (
+    Conv1D,
+    FakeGpuBackend,
+    PickyBackend,
+    RaisingBackend,
+    cli_one_line_error,
+    one_line,
+)
 
 
 def _reg(kind, name, component, plugin="p", dist=None):
@@ -163,6 +170,47 @@ def test_unknown_names_list_the_available_ones(engine):
         engine.quantize(mlp(), observer="hist")
     with pytest.raises(UsageError, match="unknown option 'bits' for scheme 'int8'"):
         engine.quantize(mlp(), scheme_options={"bits": 4})
+
+
+@pytest.mark.parametrize(
+    "kind, typo, meant",
+    [
+        ("scheme", "int4-grup", "int4-group"),
+        ("scheme", "INT8", "int8"),
+        ("observer", "histgram", "histogram"),
+        ("backend", "torch_cpu", "torch-cpu"),
+    ],
+)
+def test_a_misspelt_name_gets_a_did_you_mean(engine, kind, typo, meant):
+    with pytest.raises(UsageError) as e:
+        engine.registry(kind).get(typo)
+    msg = one_line(e.value)
+    assert f"unknown {kind} {typo!r}" in msg and f"fix: did you mean {meant!r}? " in msg, msg
+
+
+def test_a_name_close_to_nothing_gets_no_guess(engine):
+    with pytest.raises(UsageError) as e:
+        engine.registry("scheme").get("zzzzzz")
+    assert "did you mean" not in str(e.value)
+
+
+def test_cli_names_the_misspelt_scheme_observer_and_backend(cli):
+    for flag, typo, meant in [
+        ("--scheme", "int4_group", "int4-group"),
+        ("--observer", "minmaxx", "minmax"),
+        ("--backend", "refrence", "reference"),
+    ]:
+        cli_one_line_error(cli("plan", "--demo", flag, typo), f"did you mean {meant!r}?")
+
+
+def test_discard_plugin_removes_its_components_and_module_types():
+    reps = ReplacerRegistry()
+    reps.add(_reg("replacer", "linear", _Rep(nn.Linear), "linear"))
+    reps.add(_reg("replacer", "conv", _Rep(nn.Conv2d), "conv"))
+    reps.discard_plugin("linear")
+    assert reps.names() == ["conv"] and reps.for_type(nn.Linear) is None
+    reps.add(_reg("replacer", "other", _Rep(nn.Linear), "other"))  # the type is free again
+    assert reps.for_type(nn.Linear).name == "other"
 
 
 def _backends(*components):

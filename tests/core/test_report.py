@@ -12,7 +12,7 @@ import torch
 from monoquant_core import Config, ModuleResult, Plan, PlanEntry, QuantReport, UsageError
 from monoquant_core.metrics import sqnr_db
 from monoquant_core.report import build_report
-from monoquant_core.testing import mlp
+from monoquant_core.testing import mlp, tiny_models
 
 
 def test_report_sizes_and_json(engine):
@@ -112,3 +112,75 @@ def test_stats_full_sample_and_off():
     assert big_off.bytes_after == big_full.bytes_after  # sizes are always reported
     with pytest.raises(UsageError, match="stats='some' is not one of sample, full, off"):
         engine.configure(stats="some")
+
+
+# --------------------------------------------------------------------------- plugin facts per layer
+
+
+def test_the_table_is_followed_by_outlier_columns_and_static_activation_scales():
+    """Facts plugins record per layer (``extra["modules"]``) are in the text too, not only in
+    the JSON: outlier columns kept in float and static activation scale / zero point."""
+    rep = QuantReport(
+        extra={
+            "modules": {
+                "enc.q": {
+                    "outlier_columns": 3,
+                    "outlier_fraction": 0.046875,
+                    "outlier_source": "calibration",
+                },
+                "enc.k": {
+                    "outlier_columns": 0,
+                    "outlier_fraction": 0.0,
+                    "outlier_source": "calibration",
+                },
+                "enc.v": {
+                    "outlier_columns": 1,
+                    "outlier_fraction": 0.015625,
+                    "outlier_source": "weight-magnitude",
+                },
+                "enc.o": {"act_scale": 0.021347, "act_zero_point": 128},
+                "": {"act_scale": 0.5, "act_zero_point": 0},
+                "other": {"note": "x"},
+            }
+        }
+    )
+    text = rep.render()
+    assert (
+        "\noutlier columns kept in float: 4 in 2 of 3 layers\n"
+        "  enc.q: 3 columns (4.7% of the inputs, from calibration)\n"
+        "  enc.v: 1 column (1.6% of the inputs, from weight magnitude)\n"
+    ) in text, text
+    assert (
+        "\nstatic activation scale / zero point (2 layers):\n"
+        "  enc.o: 0.02135 / 128\n"
+        "  (root): 0.5 / 0\n"
+    ) in text, text
+    assert "note" not in text and "other" not in text
+
+
+def test_free_form_metrics_that_are_not_numbers_are_left_out():
+    rep = QuantReport(extra={"modules": {"a": {"outlier_columns": "many", "act_scale": None}}})
+    assert "outlier" not in rep.render() and "static activation" not in rep.render()
+    assert "outlier" not in QuantReport(extra={"modules": ["a"]}).render()
+
+
+def test_real_runs_show_their_outlier_columns_and_activation_scales(engine):
+    model = tiny_models()["outliers"]
+    data = [model.inputs.repeat(10, 1)]
+    _, rep = engine.quantize(
+        model.build(),
+        scheme_options={"activations": "dynamic"},
+        plugin_options={"outlier": {}},
+        calibration=data,
+    )
+    kept = {n: m["outlier_columns"] for n, m in rep.extra["modules"].items()}
+    assert sum(kept.values()) > 0, kept
+    text = rep.render()
+    for name, n in kept.items():
+        assert (f"\n  {name}: {n} column" in text) == (n > 0), text
+    _, rep = engine.quantize(
+        model.build(), scheme_options={"activations": "static"}, calibration=data
+    )
+    text = rep.render()
+    for name, m in rep.extra["modules"].items():
+        assert f"\n  {name}: {m['act_scale']:.4g} / {m['act_zero_point']}\n" in text, text

@@ -95,9 +95,14 @@ def test_rule_forms_and_describe():
         (("x", 3), "the action must be a string or a mapping"),
         ({"scheme": "int8"}, "has no 'pattern'"),
         ({"pattern": "x", "colour": "red"}, "has unknown keys ['colour']"),
+        ({"pattern": "x", "schem": "int8"}, "fix: did you mean 'scheme'? use the keys"),
+        ({"pattern": "x", "observer_option": {}}, "did you mean 'observer_options'?"),
     ):
         with pytest.raises(UsageError, match=re.escape(needle)):
             parse_rules([bad])
+    with pytest.raises(UsageError) as e:
+        parse_rules([{"pattern": "x", "colour": "red"}])
+    assert "did you mean" not in str(e.value)
 
 
 def test_rules_files_json_and_toml(tmp_path):

@@ -11,6 +11,7 @@ from torch import nn
 
 from monoquant_core import CapabilityError, Engine, UsageError
 from monoquant_core.demo import demo_model
+from monoquant_core.selection import channel_first
 from monoquant_core.testing import CustomWrapperModel, mlp, transformer_block
 
 
@@ -135,3 +136,10 @@ def test_the_plan_warns_where_a_layer_is_expected_slower_than_float():
         engine.configure(expect_batch=[0])
     cfg = engine.configure(expect_batch=64)
     assert cfg.expect_batch == (64,) and cfg.to_dict()["expect_batch"] == [64]
+
+
+def test_the_scheme_check_sees_the_channel_axis_first():
+    assert channel_first((64, 256), 1) == (256, 64)  # GPT-2 Conv1D [in, out] -> [out, in]
+    assert channel_first((8, 4, 3, 3), 0) == (8, 4, 3, 3)
+    assert channel_first((2, 8, 5), -2) == (8, 2, 5)
+    assert channel_first((), 0) == ()

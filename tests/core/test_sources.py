@@ -4,6 +4,7 @@ a .pt file): every bad input is a one-line error, and pickles run no code unless
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from monoquant_plugins.safetensors_format import write_safetensors
 
 import monoquant_core as mq
-from monoquant_core import FormatError, MonoQuantError, UsageError
+from monoquant_core import FormatError, MonoQuantError, UsageError, atomic
 from tests.helpers import (
     INDEX,
     SMALL_SELECTED,
@@ -19,6 +20,7 @@ from tests.helpers import (
     evil_pickle,
     expect_failure,
     raw_safetensors,
+    returns_within,
     small_state,
     write_folder,
 )
@@ -244,3 +246,119 @@ def test_pt_with_non_string_keys_is_refused(engine, tmp_path):
     expect_failure(
         lambda: engine.quantize_checkpoint(str(src), str(out)), out, (FormatError, UsageError)
     )
+
+
+@pytest.mark.parametrize(
+    "state, needle",
+    [
+        (
+            {"a.weight": torch.randn(8, 8), "extra": {"b.weight": torch.randn(8, 8)}},
+            "tensor 'extra.b.weight' sits inside 'extra'",
+        ),
+        (
+            {"a.weight": torch.randn(8, 8), "buffers": [torch.ones(2), {"c": torch.ones(2)}]},
+            "tensor 'buffers[0]' sits inside 'buffers' (2 nested tensors)",
+        ),
+        (
+            {"model": {"a.weight": torch.randn(8, 8)}, "epoch": 3},
+            "checkpoint['model']",
+        ),
+    ],
+    ids=["dict", "list", "training-checkpoint"],
+)
+def test_nested_tensors_in_a_pt_file_are_named_not_dropped(engine, tmp_path, state, needle):
+    """A tensor inside a dict was left out of the output without a word."""
+    src = tmp_path / "nested.pt"
+    torch.save(state, src)
+    out = tmp_path / "out.safetensors"
+    msg = expect_failure(
+        lambda: engine.quantize_checkpoint(str(src), str(out), progress=False),
+        out,
+        UsageError,
+        needle,
+    )
+    assert "flat" in msg
+    with pytest.raises(UsageError, match="sits inside"):
+        engine.inspect(str(src))
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_a_sparse_tensor_in_a_pt_file_is_named(engine, tmp_path, layout):
+    """Checkpoint ``quantize`` raised torch's NotImplementedError (a traceback)."""
+    w = torch.randn(8, 8)
+    sparse = w.to_sparse() if layout == "coo" else w.to_sparse_csr()
+    src = tmp_path / "sparse.pt"
+    torch.save({"a.weight": torch.randn(8, 8), "s.weight": sparse}, src)
+    out = tmp_path / "out.safetensors"
+    expect_failure(
+        lambda: engine.quantize_checkpoint(str(src), str(out), progress=False),
+        out,
+        UsageError,
+        "'s.weight' is a torch.sparse_",
+        "to_dense()",
+    )
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model.pt"])
+def test_a_fifo_input_is_refused_without_blocking(engine, tmp_path, name):
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    out = tmp_path / "out.safetensors"
+    for call in (
+        lambda: engine.quantize_checkpoint(str(fifo), str(out), progress=False),
+        lambda: engine.inspect(str(fifo)),
+        lambda: mq.load(str(fifo), dequantize=True),
+    ):
+        with returns_within(5), pytest.raises(UsageError, match="is a FIFO, not a regular file"):
+            call()
+    assert not out.exists()
+
+
+def test_a_folder_of_pytorch_files_says_what_to_pass(engine, tmp_path):
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "config.json").write_text("{}")
+    torch.save({"w": torch.ones(2, 2)}, one / "pytorch_model.bin")
+    out = tmp_path / "o"
+    expect_failure(
+        lambda: engine.quantize_checkpoint(str(one), str(out)),
+        out,
+        UsageError,
+        "only the PyTorch state_dict pytorch_model.bin",
+        f"pass that file itself (monoquant quantize {one / 'pytorch_model.bin'} -o",
+    )
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for i in (1, 2):
+        torch.save({f"w{i}": torch.ones(2, 2)}, sharded / f"pytorch_model-0000{i}-of-00002.bin")
+    expect_failure(
+        lambda: engine.quantize_checkpoint(str(sharded), str(out)),
+        out,
+        UsageError,
+        "only the PyTorch files pytorch_model-00001-of-00002.bin, pytorch_model-00002",
+        "convert the checkpoint to safetensors",
+    )
+
+
+def test_hidden_files_are_copied_but_not_git_caches_or_leftovers(engine, tmp_path):
+    """Hidden files (``.gitattributes``) were not copied; a repository, a download cache, a
+    FIFO and the temporary leftovers of a killed write must not be."""
+    src = tmp_path / "src"
+    write_folder(src, small_state(), n_shards=2)
+    (src / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    (src / ".hidden-dir").mkdir()
+    (src / ".hidden-dir" / "x").write_text("x")
+    (src / ".git").mkdir()
+    (src / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (src / ".cache" / "huggingface").mkdir(parents=True)
+    os.mkfifo(src / "pipe")
+    leftover = f".model.safetensors.{atomic.temp_tag()}-0a1b2c3d"
+    (src / leftover).write_bytes(b"partial")
+    out = tmp_path / "out"
+    report = engine.quantize_checkpoint(str(src), str(out), progress=False)
+    assert (out / ".gitattributes").read_text() == "*.safetensors filter=lfs\n"
+    assert (out / ".hidden-dir" / "x").read_text() == "x"
+    for name in (".git", ".cache", "pipe", leftover, "pytorch_model.bin"):
+        assert not (out / name).exists(), name
+    assert sorted(report.extra["not_copied"]) == [".cache", ".git", "pipe", "pytorch_model.bin"]

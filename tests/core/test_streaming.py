@@ -5,6 +5,7 @@ and a refused or failed run writes nothing."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
@@ -20,8 +21,10 @@ from monoquant_core.demo import demo_model
 from tests.helpers import (
     INDEX,
     SMALL_SELECTED,
+    BrokenScalePlugin,
     assert_index_consistent,
     expect_failure,
+    extreme_weight,
     load_folder,
     one_line,
     small_state,
@@ -357,3 +360,86 @@ def test_report_hook_failure_commits_nothing(tmp_path):
         Engine(plugins=[Boom()]).quantize_checkpoint(str(src), str(out), progress=False)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "scheme, options",
+    [("int8", {"symmetric": False}), ("int4-group", {}), ("int4-group", {"method": "rtn"})],
+)
+def test_weights_at_float32_limits_are_written_with_finite_scales(
+    engine, tmp_path, scheme, options
+):
+    """The run succeeded, the report showed nan and the file held NaN/Inf scales."""
+    w = extreme_weight()
+    src, out = tmp_path / "x.safetensors", tmp_path / "q.safetensors"
+    write_safetensors(str(src), {"a.weight": w}, {})
+    report = engine.quantize_checkpoint(
+        str(src), str(out), scheme=scheme, scheme_options=options, progress=False
+    )
+    assert all(math.isfinite(v) for v in (report.layers[0].sqnr_db, report.layers[0].rel_err))
+    assert all(torch.isfinite(t.float()).all() for t in stored(out).values())
+    assert torch.isfinite(mq.load(str(out), dequantize=True)["a.weight"]).all()
+
+
+def test_a_weight_that_cannot_be_stored_is_kept_in_float_with_the_reason(tmp_path):
+    """As in module mode: the layer stays float, the report says why, the rest is quantized."""
+    src, out = tmp_path / "x.safetensors", tmp_path / "q.safetensors"
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    write_safetensors(str(src), {"a.weight": a, "b.weight": b}, {})
+    report = Engine(plugins=[BrokenScalePlugin()]).quantize_checkpoint(
+        str(src), str(out), rules=["a=broken-int8"], progress=False
+    )
+    assert [layer.name for layer in report.layers] == ["b.weight"]
+    reason = dict(report.skipped)["a.weight"]
+    assert reason.startswith("kept in float: a.weight: broken-int8 gives 1 of 4 group(s) a scale")
+    got = mq.load(str(out), dequantize=True)
+    assert torch.equal(got["a.weight"], a) and mq.sqnr_db(b, got["b.weight"]) > 30
+
+
+def test_a_run_whose_every_weight_is_refused_is_an_error_and_writes_nothing(tmp_path):
+    src, out = tmp_path / "x.safetensors", tmp_path / "q.safetensors"
+    write_safetensors(str(src), {"a.weight": torch.randn(4, 8)}, {})
+    expect_failure(
+        lambda: Engine(plugins=[BrokenScalePlugin()]).quantize_checkpoint(
+            str(src), str(out), scheme="broken-int8", progress=False
+        ),
+        out,
+        UsageError,
+        "nothing to quantize",
+        "a.weight",
+    )
+
+
+def test_a_run_that_would_quantize_nothing_is_an_error_and_writes_nothing(engine, tmp_path):
+    """It exited 0 and wrote an unchanged copy."""
+    src, out = tmp_path / "x.safetensors", tmp_path / "q.safetensors"
+    write_safetensors(
+        str(src),
+        {
+            "a.fc.weight": torch.randn(8, 64),
+            "a.fc.bias": torch.randn(8),
+            "norm.weight": torch.ones(4, 64),
+        },
+        {},
+    )
+    msg = expect_failure(
+        lambda: engine.quantize_checkpoint(
+            str(src), str(out), scheme="int4-group", only=["a.fc"], progress=False
+        ),
+        out,
+        UsageError,
+    )
+    assert msg.startswith(
+        "problem: nothing to quantize: every one of the tensors your patterns select is kept in "
+        "float: 'a.fc.weight' (int4-group: only 64 inputs per row"
+    ), msg
+    assert "'a.fc.bias' (1-D or empty tensor: nothing to quantize (kept in float))" in msg
+    msg = expect_failure(
+        lambda: engine.quantize_checkpoint(str(src), str(out), skip=["a.*"], progress=False),
+        out,
+        UsageError,
+        "the checkpoint has no tensor that can be quantized: ",
+        "'norm.weight' (normalisation layer",
+    )
+    plan = engine.plan_checkpoint(str(src), skip=["a.*"])  # the plan verb still plans
+    assert not plan.selected and len(plan) == 3

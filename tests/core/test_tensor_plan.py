@@ -196,3 +196,14 @@ def test_checkpoint_mode_refuses_static(engine, tmp_path):
         engine.quantize_checkpoint(
             str(src), str(tmp_path / "o.safetensors"), scheme_options={"activations": "static"}
         )
+
+
+def test_checkpoint_plan_warns_where_group_padding_costs_more_bits(engine, tmp_path):
+    path = _write_named(tmp_path, {"a.fc.weight": (16, 384), "b.fc.weight": (16, 512)})
+    plan = engine.plan_checkpoint(
+        str(path), scheme="int4-group", scheme_options={"group_size": 256}
+    )
+    assert [e.name for e in plan.selected] == ["a.fc.weight", "b.fc.weight"]
+    notes = plan.get("a.fc.weight").notes
+    assert any("group_size 256 pads rows of 384 inputs to 512" in n for n in notes), notes
+    assert not plan.get("b.fc.weight").notes

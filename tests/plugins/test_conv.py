@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import monoquant_core as mq
+from monoquant_core import UsageError
 
 CONVS = {
     "depthwise": (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=8), (2, 8, 9, 9)),
@@ -48,12 +49,17 @@ def test_output_equals_float_conv_with_dequantized_weight(engine, kind, scheme):
     x = torch.randn(shape)
     with torch.no_grad():
         ref = conv(x)
-    q, report = _quantize_one(engine, build_copy(conv), scheme, SCHEMES[scheme])
     k = conv.weight[0].numel()
     groups = -(-k // 32)
     if scheme == "int4-group" and groups * (32 * 4 + 32) / k > 8:  # padding costs > 8 bits/w
-        assert "padding to group_size 32" in dict(report.skipped)["0"], report.skipped
+        plan = engine.plan(
+            nn.Sequential(build_copy(conv)), scheme=scheme, scheme_options=SCHEMES[scheme]
+        )
+        assert "padding to group_size 32" in plan.get("0").skip_reason, plan.get("0").skip_reason
+        with pytest.raises(UsageError, match="nothing to quantize: the model has no layer"):
+            _quantize_one(engine, build_copy(conv), scheme, SCHEMES[scheme])
         return
+    q, _report = _quantize_one(engine, build_copy(conv), scheme, SCHEMES[scheme])
     assert type(q).__name__ == f"QuantizedConv{conv.weight.dim() - 2}d"
     for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation"):
         assert getattr(q, attr) == getattr(conv, attr), attr

@@ -116,3 +116,19 @@ def test_save_load_bit_identical(tmp_path, engine):
     with torch.no_grad():
         y3 = plain(x)
     assert torch.allclose(y3, y, atol=1e-5), f"max diff {(y3 - y).abs().max().item()}"
+
+
+def test_the_short_row_rule_reads_the_inputs_of_the_stored_in_out_weight(engine):
+    """c_fc stores [64 inputs, 256 outputs]: at group_size 128 its 64-input rows cost 8.5
+    bits per weight, so it stays in float like a Linear(64, 256); c_proj [256, 64] has rows of
+    256 inputs and is quantized (the rule used to read the stored shape the wrong way round)."""
+    model = GPT2MLP()
+    linear = nn.Sequential(nn.Linear(64, 256))
+    plan = engine.plan(model, scheme="int4-group")
+    reason = plan.get("c_fc").skip_reason
+    assert reason and "only 64 inputs per row" in reason, reason
+    assert reason == engine.plan(linear, scheme="int4-group").get("0").skip_reason
+    assert plan.get("c_proj").selected, plan.get("c_proj").skip_reason
+    _, report = engine.quantize(model, scheme="int4-group")
+    assert [layer.name for layer in report.layers] == ["c_proj.weight"]
+    assert report.layers[0].bits_per_weight == pytest.approx(4.25)

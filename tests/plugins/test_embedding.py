@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import monoquant_core as mq
+from monoquant_core import UsageError
 
 
 class TokenModel(nn.Module):
@@ -132,8 +133,9 @@ def test_tied_weights_still_plan(engine):
     assert "tied to 'embed.weight'" in plan.get("head").skip_reason, plan.get("head").skip_reason
     plan = engine.plan(model, only=["embed", "head"])
     assert "tied to 'head.weight'" in plan.get("embed").skip_reason, plan.get("embed").skip_reason
-    qmodel, report = engine.quantize(model, only=["embed", "head"])
-    assert not report.layers and qmodel.head.weight is qmodel.embed.weight
+    with pytest.raises(UsageError, match="kept in float: 'embed' \\(weight is tied to 'head"):
+        engine.quantize(model, only=["embed", "head"])
+    assert model.head.weight is model.embed.weight
 
 
 def test_max_norm_is_refused_at_plan_time(engine):

@@ -7,7 +7,7 @@ import torch
 
 from monoquant_core import CapabilityError, Engine, UsageError
 from monoquant_core.testing import mlp
-from tests.helpers import quantize_tensor
+from tests.helpers import assert_extremes_survive, extreme_weight, quantize_tensor
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +120,48 @@ def test_model_round_trip_bit_identical(tmp_path, engine):
     path = tmp_path / "m.safetensors"
     mq.save(q, str(path))
     assert torch.equal(mq.load(str(path), mlp(dims=(32, 256, 10)))(x), q(x))
+
+
+def test_padding_that_costs_more_than_a_smaller_group_size_is_a_plan_warning(engine):
+    """Rows of 384 inputs padded to 512 at g256 store 5.50 bits per weight, more than g128's
+    4.25: the layer is still quantized as asked, and the plan says so (the short-row rule,
+    over 8 bits per weight, keeps a layer in float instead)."""
+    model = torch.nn.Sequential(torch.nn.Linear(384, 16), torch.nn.Linear(512, 16))
+    plan = engine.plan(model, scheme="int4-group", scheme_options={"group_size": 256})
+    first = plan.get("0")
+    want = (
+        "warning: group_size 256 pads rows of 384 inputs to 512: 5.50 bits per weight, more "
+        "than group_size 128 (4.25, and more accurate)"
+    )
+    assert first.selected and any(n.startswith(want) for n in first.notes), first.notes
+    assert want in plan.render()
+    assert not any("pads rows" in n for n in plan.get("1").notes)  # 512 = 2 x 256
+    g128 = engine.plan(model, scheme="int4-group", scheme_options={"group_size": 128})
+    assert not any("pads rows" in n for e in g128 for n in e.notes)
+    # 96 inputs at g128 (5.67): g64 would cost more (6.00), g32 less (5.00)
+    small = engine.plan(torch.nn.Sequential(torch.nn.Linear(96, 8)), scheme="int4-group")
+    assert any("more than group_size 32 (5.00" in n for n in small.get("0").notes)
+
+
+@pytest.mark.parametrize("observer", ["minmax", "histogram"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"method": "rtn"},
+        {"method": "lsq"},
+        {"method": "hqq"},
+        {"symmetric": True},
+        {"zero": "int"},
+        {"scale_dtype": "bfloat16"},
+    ],
+    ids=["rtn", "lsq", "hqq", "symmetric", "int-zero", "bf16-scales"],
+)
+def test_weights_at_float32_limits_get_finite_scales(engine, observer, options):
+    """+-3.4e38 gave NaN/Inf scales (lsq's sums of squares overflow float32): the optimisers
+    now work on groups rescaled by a power of two, and a group they cannot fit keeps the
+    observer's round-to-nearest parameters."""
+    w = extreme_weight()
+    qt, _ = quantize_tensor(engine, w, "int4-group", observer=observer, **options)
+    assert_extremes_survive(w, qt, rel=0.15, normal_db=17.0)
+    bf16 = options.get("scale_dtype") == "bfloat16"  # float16 cannot hold such scales
+    assert qt.scale.dtype == (torch.bfloat16 if bf16 else torch.float32), qt.scale.dtype

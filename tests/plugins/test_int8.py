@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import quantize_tensor
+from tests.helpers import assert_extremes_survive, extreme_weight, quantize_tensor
 
 
 def test_per_channel_gaussian_sqnr_at_least_40_db(engine):
@@ -76,3 +76,22 @@ def test_minmax_moving_average_mode(engine):
     assert obs.max.item() == pytest.approx(2.0) and obs.min.item() == pytest.approx(-2.0)
     with pytest.raises(ValueError):
         obs_cls.config_class(averaging_constant=1.5)
+
+
+@pytest.mark.parametrize("observer", ["minmax", "histogram"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"symmetric": False},
+        {"granularity": "per-tensor"},
+        {"granularity": "per-tensor", "symmetric": False},
+    ],
+    ids=["sym", "asym", "tensor-sym", "tensor-asym"],
+)
+def test_weights_at_float32_limits_get_finite_scales(engine, observer, options):
+    """Asymmetric ranges of +-3.4e38 gave NaN/Inf scales (the report showed nan, the file was
+    written); tiny rows gave garbage through a subnormal scale."""
+    w = extreme_weight()
+    qt, _ = quantize_tensor(engine, w, "int8", observer=observer, **options)
+    assert_extremes_survive(w, qt, rel=0.02, normal_db=38.0)

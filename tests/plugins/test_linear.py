@@ -3,6 +3,7 @@ input, the backend computes with the quantized weight)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -29,3 +30,43 @@ def test_keeps_features_and_bias_and_computes_with_the_dequantized_weight(engine
     text = repr(layer)
     assert "in_features=16, out_features=8, bias=False, scheme=int8, bits=8" in text
     assert "backend=reference" in text
+
+
+# (backend, scheme, options): torch-cpu's int8pack / int4pack / fbgemm kernels have no
+# derivative; reference's dynamic-tensor path cut the graph; cpu-vnni is a C kernel
+_GRAD_CASES = [
+    ("reference", "int8", {}),
+    ("reference", "int8", {"activations": "dynamic-tensor"}),
+    ("torch-cpu", "int8", {}),
+    ("torch-cpu", "int8", {"activations": "dynamic"}),
+    ("torch-cpu", "int8", {"activations": "dynamic-tensor"}),
+    ("torch-cpu", "int4-group", {}),
+    ("torch-cpu", "fp16", {}),
+    ("cpu-vnni", "int4-group", {"activations": "dynamic"}),
+]
+
+
+@pytest.mark.parametrize("backend, scheme, options", _GRAD_CASES)
+def test_gradients_reach_the_input_as_through_the_dequantized_weight(
+    engine, backend, scheme, options
+):
+    be = engine.backends.get(backend)
+    if be.available() is not True:
+        pytest.skip(f"{backend}: {be.available()}")
+    base = nn.Sequential(nn.Linear(256, 32))
+    q, _ = engine.quantize(base, scheme=scheme, scheme_options=options, backend=backend)
+    layer = q[0]
+    layer.bias.requires_grad_(True)  # a bias made trainable gets its gradient too
+    x = torch.randn(2, 3, 256, requires_grad=True)
+    y = q(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    deq = layer.qtensor().dequantize()
+    torch.testing.assert_close(x.grad, g @ deq, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.bias.grad, g.sum((0, 1)))
+    assert layer.weight_qdata.grad is None  # the quantized weight is frozen
+
+
+def test_no_graph_is_recorded_without_inputs_that_need_gradients(engine):
+    q, _ = engine.quantize(mlp())
+    assert q(torch.randn(2, 32)).grad_fn is None

@@ -38,6 +38,10 @@ TYPO = textwrap.dedent(
     """
 )
 
+EXITS = "import sys\nsys.exit(7)\n"
+
+SLEEPS = "import time\ntime.sleep(0.8)\n"
+
 FLAKY = textwrap.dedent(
     """
     from monoquant_plugins.backends.reference import ReferenceBackend
@@ -78,23 +82,81 @@ def test_plugin_that_raises_on_import(cli_runner, fake_distribution, monkeypatch
     assert res.exit_code == 0 and res.stderr == "" and "broken" not in res.stdout
 
 
-def test_clashing_name_is_a_one_line_error_naming_both(cli_runner, fake_distribution):
+def test_clashing_name_is_a_one_line_warning_naming_both(cli_runner, fake_distribution):
+    """docs/plugins/index.md: the later plugin is left out with one warning line; every
+    command, `plugins` included, keeps working; --strict-plugins makes it an error."""
     fake_distribution("monoquant-clash", {"clash": "mq_cli_clash"}, {"mq_cli_clash": CLASH})
-    cli_one_line_error(
-        cli_runner.invoke("quantize", "--demo"),
+    needles = (
         "scheme 'int8' is registered twice",
         "(distribution monoquant 0.1.0)",
         "(distribution monoquant-clash 0.1.0)",
         "MONOQUANT_DISABLE_PLUGINS=clash",
     )
+    for args in (("quantize", "--demo", "-q"), ("plugins",)):
+        res = cli_runner.invoke(*args)
+        assert res.exit_code == 0, res.output
+        assert res.stderr.startswith("monoquant: problem: ") and res.stderr.count("\n") == 1
+        assert all(n in res.stderr for n in needles), res.stderr
+        assert "keeps working without plugin 'clash'" in res.stderr
+    assert "failed to load: problem: scheme 'int8' is registered twice" in res.stdout
+    assert "clash " not in res.stdout.split("failed to load")[0]  # not in the table
+    cli_one_line_error(cli_runner.invoke("--strict-plugins", "plugins"), *needles)
 
 
-def test_misspelt_hook_is_a_one_line_error_naming_it(cli_runner, fake_distribution):
+def test_misspelt_hook_is_a_one_line_warning_naming_it(cli_runner, fake_distribution):
     fake_distribution("monoquant-typo", {"typo": "mq_cli_typo"}, {"mq_cli_typo": TYPO})
-    cli_one_line_error(
-        cli_runner.invoke("plugins"),
+    needle = (
         "plugin 'typo' (distribution monoquant-typo 0.1.0) implements "
-        "'monoquant_register_schems', which is not a Mono Quant hook",
+        "'monoquant_register_schems', which is not a Mono Quant hook"
+    )
+    res = cli_runner.invoke("plugins")
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("\n") == 1 and needle in res.stderr, res.stderr
+    assert "did you mean 'monoquant_register_schemes'?" in res.stderr
+    assert f"failed to load: problem: {needle}" in res.stdout
+    cli_one_line_error(cli_runner.invoke("--strict-plugins", "plugins"), needle)
+
+
+def test_plugin_that_exits_on_import(cli_runner, fake_distribution):
+    """sys.exit() at import used to end every command silently with its exit code."""
+    fake_distribution("monoquant-quit", {"quit": "mq_cli_quit"}, {"mq_cli_quit": EXITS})
+    res = cli_runner.invoke("quantize", "--demo", "-q")
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("\n") == 1, res.stderr
+    assert "plugin 'quit' from monoquant-quit 0.1.0 failed to load" in res.stderr
+    assert "it called sys.exit(7) while being imported" in res.stderr
+    assert "MONOQUANT_DISABLE_PLUGINS=quit" in res.stderr
+    cli_one_line_error(cli_runner.invoke("--strict-plugins", "plugins"), "sys.exit(7)")
+
+
+def test_plugin_that_hangs_on_import_is_named_on_stderr(cli_runner, fake_distribution, monkeypatch):
+    """A hanging import cannot be interrupted from inside: after MONOQUANT_SLOW_IMPORT_S
+    seconds one line names it and how to skip it; `plugins` lists slow imports."""
+    fake_distribution("monoquant-slow", {"slow": "mq_cli_slow"}, {"mq_cli_slow": SLEEPS})
+    monkeypatch.setenv("MONOQUANT_SLOW_IMPORT_S", "0.2")
+    res = cli_runner.invoke("plugins")
+    assert res.exit_code == 0, res.output
+    assert res.stderr == (
+        "monoquant: plugin 'slow' (monoquant-slow 0.1.0) has been importing for 0.2 s; "
+        "MONOQUANT_DISABLE_PLUGINS=slow skips it\n"
+    ), res.stderr
+    (line,) = [ln for ln in res.stdout.splitlines() if ln.startswith("slow to import")]
+    assert line.startswith("slow to import: plugin 'slow' took ")
+    assert line.endswith(" s; MONOQUANT_DISABLE_PLUGINS=slow skips it")
+    monkeypatch.setenv("MONOQUANT_DISABLE_PLUGINS", "slow")
+    res = cli_runner.invoke("plugins")
+    assert res.stderr == "" and "slow to import" not in res.stdout
+
+
+def test_ctrl_c_on_a_hanging_import_names_the_plugin(cli_runner, fake_distribution):
+    fake_distribution(
+        "monoquant-hang", {"hang": "mq_cli_hang"}, {"mq_cli_hang": "raise KeyboardInterrupt\n"}
+    )
+    res = cli_runner.invoke("plugins")
+    assert res.exit_code == 130 and res.stdout == "", res.output
+    assert res.stderr == (
+        "monoquant: interrupted while importing plugin 'hang' (monoquant-hang 0.1.0); "
+        "MONOQUANT_DISABLE_PLUGINS=hang skips it\n"
     )
 
 
