@@ -9,7 +9,8 @@ wrote). An HTML comment on the line(s) just above a block's opening fence change
 * ``<!-- docs-test: needs DISTRIBUTION -->``: run only where that distribution is installed
   (``.ci/run`` runs this module again after installing ``examples/monoquant-example``).
 * ``<!-- docs-test: file PATH -->``: the block is written to ``PATH`` in the scratch folder
-  (any language), e.g. the ``mymodels.py`` a later command imports.
+  (any language) before any block of that file runs, e.g. the ``mymodels.py`` a command
+  imports or the ``rules.json`` a command reads.
 * ``<!-- docs-test: python -->``: the block (a ``python`` one) is run as a script.
 
 How a block runs:
@@ -137,12 +138,11 @@ def script_commands(text: str) -> list[Command]:
     return cmds
 
 
-PIP_PREFIX = re.compile(r"^\s*pip install [^&;|]*(&&\s*|$)")
-
-
 def without_pip(cmd: str) -> str:
-    """``pip install X && rest`` -> ``rest``; a lone ``pip install X`` -> ``''``."""
-    return PIP_PREFIX.sub("", cmd, count=1).strip()
+    """``pip install X && rest`` -> ``rest``; a lone ``pip install X  # note`` -> ``''``."""
+    if not re.match(r"\s*pip install\b", cmd):
+        return cmd.strip()
+    return cmd.split("&&", 1)[1].strip() if "&&" in cmd else ""
 
 
 def normalise_problem(line: str) -> str:
@@ -272,7 +272,7 @@ def test_doc_shell_blocks_run(doc, tmp_path):
     _prepare(tmp_path)
     env = _env(tmp_path)
     failures: list[str] = []
-    for b in runnable:
+    for b in sorted(runnable, key=lambda b: "file" not in b.markers):  # files first
         failures += run_block(b, tmp_path, env)
     assert not failures, "\n\n".join(failures)
 
@@ -310,6 +310,7 @@ def test_pip_install_is_dropped():
         "monoquant quantize --demo"
     )
     assert without_pip("pip install -e examples/monoquant-example") == ""
+    assert without_pip("pip install -e x   # from a checkout; `pip install x` later") == ""
     assert without_pip("python -m pip list") == "python -m pip list"
 
 
