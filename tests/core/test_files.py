@@ -21,19 +21,14 @@ from monoquant_core.testing import (
     mlp,
     transformer_block,
 )
-from tests.helpers import SCHEME_PLUGIN, Conv1D, returns_within, same_state, snapshot
-
-
-def _rewrite(path, out, edit_meta=None, edit_tensors=None):
-    with safe_open(str(path), "pt") as f:
-        meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    if edit_meta:
-        edit_meta(meta)
-    if edit_tensors:
-        edit_tensors(tensors)
-    write_safetensors(str(out), tensors, meta)
-    return out
+from tests.helpers import (
+    SCHEME_PLUGIN,
+    Conv1D,
+    edited_copy,
+    returns_within,
+    same_state,
+    snapshot,
+)
 
 
 def test_metadata_records_format_scheme_and_producers(saved):
@@ -81,7 +76,7 @@ def test_truncated_file(tmp_path, saved, keep):
 
 def test_newer_format_version_is_refused(tmp_path, saved):
     path, _ = saved
-    out = _rewrite(
+    out = edited_copy(
         path, tmp_path / "v2.safetensors", edit_meta=lambda m: m.update(format_version="2")
     )
     with pytest.raises(FormatError, match="format version 2 by a newer Mono Quant.*pip install -U"):
@@ -96,17 +91,17 @@ def test_inconsistent_quantization_metadata(tmp_path, saved):
         q["0.weight"]["shape"] = [64, 31]
         meta["quantization"] = json.dumps(q)
 
-    out = _rewrite(path, tmp_path / "lie.safetensors", edit_meta=lie)
+    out = edited_copy(path, tmp_path / "lie.safetensors", edit_meta=lie)
     with pytest.raises(FormatError, match="'0.weight' is inconsistent"):
         mq.load(str(out), mlp())
 
     def drop(tensors):
         del tensors["2.weight.scale"]
 
-    out2 = _rewrite(path, tmp_path / "drop.safetensors", edit_tensors=drop)
+    out2 = edited_copy(path, tmp_path / "drop.safetensors", edit_tensors=drop)
     with pytest.raises(FormatError, match="lacks its 'scale' data"):
         mq.load(str(out2), mlp())
-    out3 = _rewrite(
+    out3 = edited_copy(
         path, tmp_path / "json.safetensors", edit_meta=lambda m: m.update(quantization="{not json")
     )
     with pytest.raises(FormatError, match="not valid JSON"):
