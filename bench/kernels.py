@@ -4,6 +4,7 @@
     python bench/kernels.py --threads 1 --quick   # one shape, fewer repetitions
     python bench/kernels.py --overhead            # our int8 layers vs the bare fbgemm kernel
     python bench/kernels.py --crossover           # torch-cpu's GEMV vs GEMM crossover M
+    python bench/kernels.py --chunks              # W8A8 at many rows: one fbgemm call vs chunks
 
 Linear 4096x4096 and 4096->11008 at M = 1, 8, 32, 128 tokens. Weights are cold: every call
 uses the next of several copies of the layer, together larger than the L3 cache, so each call
@@ -29,6 +30,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -339,6 +341,46 @@ def crossover_table() -> str:
     return "GEMV ms / GEMM ms per M (1 thread):\n\n" + "\n".join(lines)
 
 
+CHUNK_SHAPES = [(384, 384), (1536, 384), (384, 1536)]
+CHUNK_MS = [512, 1024, 4096]
+
+
+def chunks_table() -> str:
+    """torch-cpu's W8A8 kernel at many rows (MiniLM-sized weights, 32 x 128 tokens = 4096
+    rows): the whole input in one fbgemm call against chunks of ``CHUNK_ROWS`` rows, for fp32
+    and bf16 inputs, with the float ``nn.Linear`` of the input's dtype as the baseline."""
+    from monoquant_plugins.backends import cpu_kernels
+
+    chunk = cpu_kernels.CHUNK_ROWS
+    head = "| weight | input | M | float ms | one call ms | chunks ms | chunks x float |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    engine = Engine()
+    for n, k in CHUNK_SHAPES:
+        base = nn.Linear(k, n, bias=False)
+        model, _ = engine.quantize(
+            nn.Sequential(copy.deepcopy(base)),
+            scheme="int8",
+            scheme_options={"activations": "dynamic"},
+        )
+        p = model[0].prepared()
+        for dtype in (torch.float32, torch.bfloat16):
+            w = base.weight.detach().to(dtype)
+            for m in CHUNK_MS:
+                x = torch.randn(m, k).to(dtype)
+                t_float = statistics.median(_timed_n(F.linear, x, w, 5))
+                cpu_kernels.CHUNK_ROWS = 1 << 30
+                t_one = statistics.median(_timed_n(cpu_kernels.int8_dynamic, x, p, 5))
+                cpu_kernels.CHUNK_ROWS = chunk
+                t_chunk = statistics.median(_timed_n(cpu_kernels.int8_dynamic, x, p, 5))
+                lines.append(
+                    f"| {n}x{k} | {str(dtype)[6:]} | {m} | {t_float * 1e3:.2f} | "
+                    f"{t_one * 1e3:.2f} | {t_chunk * 1e3:.2f} | {t_float / t_chunk:.2f}x |"
+                )
+    return f"W8A8 (int8 dynamic), one call vs chunks of {chunk} rows (1 thread):\n\n" + "\n".join(
+        lines
+    )
+
+
 def _timed_n(fn, x: torch.Tensor, p, n: int) -> list[float]:
     fn(x, p)
     return [_timed(lambda: fn(x, p)) for _ in range(n)]
@@ -364,7 +406,16 @@ def main() -> None:
         action="store_true",
         help="torch-cpu's GEMV vs GEMM kernels per M (where the GEMM path should start)",
     )
+    ap.add_argument(
+        "--chunks",
+        action="store_true",
+        help="torch-cpu's W8A8 kernel at many rows: one fbgemm call vs row chunks",
+    )
     args = ap.parse_args()
+    if args.chunks:
+        torch.set_num_threads((args.threads or [1])[0])
+        print(chunks_table())
+        return
     if args.crossover:
         torch.set_num_threads((args.threads or [1])[0])
         print(crossover_table())

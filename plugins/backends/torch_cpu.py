@@ -46,6 +46,9 @@ from .cpu_kernels import (
 )
 
 _GROUPS = (32, 64, 128, 256)
+#: first M at which a bfloat16 model's fp16 weights run the bf16 F.linear (``bench/kernels.py``:
+#: fbgemm's fp16 kernel is faster up to M = 8, slower from 16)
+FP16_BF16_ROWS = 16
 _STATIC_OP = "linear_with_input_q_dq_qweight_dq_output_fp32"
 _ENV = "MONOQUANT_TORCH_CPU_CROSSOVER"
 
@@ -96,8 +99,17 @@ def _int4pack_ok(n: int, k: int, gs: int | None) -> bool:
     return _has("_weight_int4pack_mm_for_cpu") and gs in _GROUPS and k % gs == 0 and n % 16 == 0
 
 
-def _schedule(scheme: str, activations: str, n: int, k: int, gs: int | None):
-    """``((first M, kernel), ...)`` for a supported weight: what :meth:`prepare` builds."""
+def _schedule(scheme: str, activations: str, n: int, k: int, gs: int | None, dtype: torch.dtype):
+    """``((first M, kernel), ...)`` for a supported weight: what :meth:`prepare` builds.
+
+    ``dtype`` is the original weight's (the model's) dtype. An ``fp16`` weight of a bfloat16
+    model runs fbgemm's fp16 kernel for few rows (1.3-2x a bf16 ``nn.Linear`` at M <= 8) and,
+    from M = 16, a bfloat16 ``F.linear`` on a bf16 copy made at prepare time (fp16 holds every
+    normal bf16 value exactly, so this is the bf16 model's own layer): fbgemm's kernel needs
+    float32 inputs and was 0.5x a bf16 ``nn.Linear`` there, and torch's fp16 -> bf16
+    conversion is too slow to do per call."""
+    if scheme == "fp16" and dtype == torch.bfloat16:
+        return ((1, "fp16"), (FP16_BF16_ROWS, "bf16")) if _fbgemm() else ((1, "bf16"),)
     if scheme == "int8":
         if activations == "dynamic":
             return ((1, "int8-dynamic" if _fbgemm() else "int8-dynamic-intmm"),)
@@ -129,7 +141,8 @@ class TorchCpuBackend(Backend):
             "static: the calibrated uint8 scale / zero point), int32 accumulation; int8 "
             "weight-only and int4-group: bfloat16 inputs (fp32 inputs are cast; float32 on "
             "CPUs without native bfloat16 above the crossover M), fp32 accumulation; fp16: "
-            "fbgemm fp16 weights with fp32 activations; bf16: bfloat16 F.linear"
+            "fbgemm fp16 weights with fp32 activations (a bfloat16 model's fp16 weights: bfloat16 "
+            "F.linear from M = 16); bf16: bfloat16 F.linear"
         ),
     )
 
@@ -150,14 +163,15 @@ class TorchCpuBackend(Backend):
                 return f"K % group_size != 0 (K={k}, group_size={gs})"
             return None
         if info.scheme == "fp16":
-            return None if _fbgemm() else "fbgemm/x86 quantized engine missing"
+            ok = _fbgemm() or info.dtype == torch.bfloat16
+            return None if ok else "fbgemm/x86 quantized engine missing"
         if info.scheme == "bf16":
             return None
         return f"no CPU kernel for scheme {info.scheme!r}"
 
     def kernels(self, info):
         n, k = info.shape
-        sched = _schedule(info.scheme, info.activations, n, k, info.spec.group_size)
+        sched = _schedule(info.scheme, info.activations, n, k, info.spec.group_size, info.dtype)
         out = []
         for i, (first, name) in enumerate(sched):
             last = sched[i + 1][0] - 1 if i + 1 < len(sched) else None
@@ -167,21 +181,24 @@ class TorchCpuBackend(Backend):
 
     def expected_speedup(self, info, rows):
         n, k = info.shape
-        sched = _schedule(info.scheme, info.activations, n, k, info.spec.group_size)
+        sched = _schedule(info.scheme, info.activations, n, k, info.spec.group_size, info.dtype)
         kind = next(name for first, name in reversed(sched) if rows >= first)
         return expected_speedup(kind, info.dtype, rows)
 
     def prepare(self, qt: QTensor, scheme) -> Prepared:
         n, k = qt.shape
-        sched = _schedule(qt.scheme, qt.activations, n, k, qt.group_size)
+        sched = _schedule(qt.scheme, qt.activations, n, k, qt.group_size, qt.dtype)
         if qt.scheme == "int8":
             return _prepare_int8(qt, scheme, sched, n, k)
         if qt.scheme == "int4-group":
             return _prepare_int4(qt, sched, n, k)
         w = scheme.dequantize(qt)
-        if qt.scheme == "fp16":
+        if qt.scheme == "fp16" and sched[0][1] == "fp16":
             packed = torch.ops.quantized.linear_prepack_fp16(w.to(torch.float32), None)
-            return Prepared(n, k, ((1, "fp16"),), {"packed": packed})
+            t = {"packed": packed}
+            if len(sched) > 1:  # a bf16 model: its own bf16 weight for many rows
+                t["w"] = w.to(torch.bfloat16)
+            return Prepared(n, k, sched, t)
         return Prepared(n, k, ((1, "bf16"),), {"w": w.to(torch.bfloat16)})
 
     def linear(self, x: torch.Tensor, prepared: Prepared, bias: torch.Tensor | None):
@@ -189,7 +206,10 @@ class TorchCpuBackend(Backend):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, p.k)
         m = x2.shape[0]
-        y = x2.new_zeros((0, p.n)) if m == 0 else KERNELS[p.pick(m)](x2, p)
+        kind = p.pick(m) if m else None
+        if kind == "bf16" and x.dtype == torch.bfloat16 and (bias is None or bias.dtype == x.dtype):
+            return F.linear(x, p.tensors["w"], bias)  # the bf16 model's own layer, bias fused
+        y = x2.new_zeros((0, p.n)) if m == 0 else KERNELS[kind](x2, p)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         if bias is not None:

@@ -191,3 +191,46 @@ def test_int4_layout_built_in_row_blocks_equals_torchs_whole_weight_layout(n, sy
     nibbles = unpack_int4(stored, k, signed=False).to(torch.int32)
     want = torch._convert_weight_to_int4pack_for_cpu(nibbles ^ 8 if symmetric else nibbles, 1)
     assert torch.equal(_int4pack(stored, n, k, symmetric), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_dynamic_in_row_chunks_matches_the_reference_and_one_call(dtype, monkeypatch):
+    """Many rows go through fbgemm in chunks (temporaries stay in cache); each row keeps its
+    own scale, so the result is the reference's within the W8A8 bound, written in the input's
+    dtype, for a remainder chunk too."""
+    fast, ref = fast_and_reference(96, 256, "int8", {"activations": "dynamic"})
+    x = torch.randn(23, 256).to(dtype)
+    with torch.no_grad():
+        whole = fast(x)
+        monkeypatch.setattr("monoquant_plugins.backends.cpu_kernels.CHUNK_ROWS", 5)
+        chunked, r = fast(x), ref(x)
+    assert chunked.dtype == dtype and chunked.shape == (23, 96)
+    assert rel_err(chunked, r) < 2e-2
+    # rows are scaled to max |x| = 1 first, so a chunk's per-tensor range barely differs
+    assert rel_err(chunked, whole) < 1e-2
+
+
+def test_fp16_weights_of_a_bf16_model_run_as_its_own_bf16_linear():
+    """fbgemm's fp16 kernel takes float32 inputs (0.5x a bf16 nn.Linear from M = 16); fp16
+    holds every normal bf16 value exactly, so the bf16 model's layer is reproduced bit for bit."""
+    lin = nn.Linear(256, 96, bias=False).to(torch.bfloat16)
+    x = torch.randn(17, 256, dtype=torch.bfloat16)
+    want = lin(x)
+    q, _ = Engine().quantize(nn.Sequential(lin), scheme="fp16")
+    p = q[0].prepared()
+    assert q[0].backend.name == "torch-cpu" and (p.pick(8), p.pick(16)) == ("fp16", "bf16")
+    assert q[0].weight_qdata.dtype == torch.float16  # the file still holds fp16
+    with torch.no_grad():
+        assert torch.equal(q(x), want)
+        assert rel_err(q(x[:8]), want[:8]) < 1e-2  # fbgemm's fp16 kernel for few rows
+    plan = Engine().plan(nn.Sequential(nn.Linear(256, 96).to(torch.bfloat16)), scheme="fp16")
+    assert plan.get("0").kernels == [
+        "M 1-15: fbgemm fp16 weights, fp32 inputs",
+        "M >= 16: bf16 F.linear",
+    ]
+    biased = nn.Linear(256, 96).to(torch.bfloat16)
+    x3 = torch.randn(2, 9, 256, dtype=torch.bfloat16)  # 18 rows: the bf16 path
+    want = biased(x3)
+    q, _ = Engine().quantize(nn.Sequential(biased), scheme="fp16")
+    with torch.no_grad():
+        assert torch.equal(q(x3), want)  # bias fused as in nn.Linear, leading dims kept
