@@ -147,12 +147,14 @@ def load(
     *,
     dequantize: bool = False,
     backend: str | None = None,
+    strict: bool = True,
     engine: Engine | None = None,
 ) -> Any:
-    """Load a saved file.
+    """Load a saved file, or a folder of shards written by checkpoint mode.
 
     Args:
-        path: a file written by :func:`save` or ``monoquant quantize``.
+        path: a file written by :func:`save` or ``monoquant quantize``, or an output folder
+            of ``monoquant quantize FOLDER -o OUT`` (its shards, with or without the index).
         model: a freshly built float model of the same architecture; its layers are replaced
             by quantized ones (the model is returned; outputs are bit-identical to the model
             that was saved).
@@ -160,9 +162,17 @@ def load(
             model with ``strict=True``; works without the producing plugin for schemes with
             the standard affine layout).
         backend: force a backend (default: chosen per layer by capability).
+        strict: with the default True, every float tensor of the model must be in the file
+            and every tensor of the file in the model (a tensor for a buffer the model
+            registers with ``persistent=False``, such as a Hugging Face model's
+            ``position_ids``, is accepted and left to the model). False allows missing and
+            extra float tensors with one warning naming them; shapes must still match, and
+            quantized tensors must still have their layer.
 
     Raises:
         FormatError: not a valid file, a newer format version, an unknown scheme (naming the
             plugin to install), or a file that does not match ``model``.
     """
-    return (engine or Engine()).load(path, model, dequantize=dequantize, backend=backend)
+    return (engine or Engine()).load(
+        path, model, dequantize=dequantize, backend=backend, strict=strict
+    )

@@ -17,6 +17,7 @@ from .inspection import inspect_path, verify_paths
 from .module_mode import calibrate_model, plan_model, quantize_model
 from .plan import Plan, QuantResult
 from .report import QuantReport
+from .sources import read_artifact
 from .streaming import dequantize_checkpoint, plan_checkpoint, quantize_checkpoint
 
 __all__ = ["Engine"]
@@ -178,6 +179,17 @@ class Engine(PluginHost):
         *,
         dequantize: bool = False,
         backend: str | None = None,
+        strict: bool = True,
     ) -> Any:
-        """Load a file into ``model``, or as a float state_dict (:func:`monoquant_core.load`)."""
-        return load_model(self.registries, path, model, dequantize=dequantize, backend=backend)
+        """Load a file or a folder of shards into ``model``, or as a float state_dict
+        (:func:`monoquant_core.load`)."""
+        art = read_artifact(self.registries, path)
+        return load_model(
+            self.registries,
+            path,
+            model,
+            dequantize=dequantize,
+            backend=backend,
+            strict=strict,
+            artifact=art,
+        )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+import warnings
 from typing import Any
 
 import torch
@@ -168,10 +169,13 @@ def load_model(
     *,
     dequantize: bool = False,
     backend: str | None = None,
+    strict: bool = True,
+    artifact: Artifact | None = None,
 ) -> Any:
-    """See :func:`monoquant_core.load`."""
+    """See :func:`monoquant_core.load`. ``artifact``: ``path`` already read (a folder of
+    shards is read by :func:`monoquant_core.sources.read_artifact`)."""
     path = os.fspath(path)
-    art = serializer_for_read(registries.serializers, path).read(path)
+    art = artifact or serializer_for_read(registries.serializers, path).read(path)
     if dequantize:
         out = dict(art.tensors)
         for name, qt in art.qtensors.items():
@@ -183,11 +187,16 @@ def load_model(
             "call load(path, model) with a freshly built float model, or "
             "load(path, dequantize=True) for a plain float state_dict",
         )
-    return _rebuild(registries, path, art, model, backend)
+    return _rebuild(registries, path, art, model, backend, strict)
 
 
 def _rebuild(
-    registries: Registries, path: str, art: Artifact, model: nn.Module, backend: str | None
+    registries: Registries,
+    path: str,
+    art: Artifact,
+    model: nn.Module,
+    backend: str | None,
+    strict: bool,
 ) -> nn.Module:
     by_module: dict[str, dict[str, QTensor]] = {}
     for name, qt in art.qtensors.items():
@@ -241,11 +250,35 @@ def _rebuild(
         expected.update(
             (prefix + k, tuple(v.shape)) for k, v in m.state_dict().items() if k not in qb
         )
-    missing = sorted(set(expected) - set(art.tensors))
-    extra = sorted(set(art.tensors) - set(expected))
+    # A buffer the model registers with persistent=False (e.g. a Hugging Face model's
+    # position_ids) is not in its state_dict, but older checkpoints hold it: the model builds
+    # its own, so a tensor of the same shape in the file is not an unexpected key.
+    persistent = set(model.state_dict())
+    own = {k: tuple(b.shape) for k, b in model.named_buffers() if k not in persistent}
+    tensors = {
+        k: v for k, v in art.tensors.items() if k in expected or own.get(k) != tuple(v.shape)
+    }
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
     wrong = sorted(
-        k for k in set(expected) & set(art.tensors) if tuple(art.tensors[k].shape) != expected[k]
+        k for k in set(expected) & set(tensors) if tuple(tensors[k].shape) != expected[k]
     )
+    if not strict and not wrong and (missing or extra):
+        warnings.warn(
+            f"load({os.path.basename(path)!r}, strict=False): "
+            + "; ".join(
+                f"{label} {_names(names)}"
+                for label, names in (
+                    ("missing from the file (the model keeps its values):", missing),
+                    ("in the file but not in the model (ignored):", extra),
+                )
+                if names
+            ),
+            stacklevel=4,
+        )
+        for k in extra:
+            tensors.pop(k)
+        missing = extra = []
     if missing or extra or wrong:
         parts = [
             f"{label} {names[:5]}"
@@ -258,9 +291,15 @@ def _rebuild(
         ]
         raise FormatError(
             f"{os.path.basename(path)} does not match the model: " + "; ".join(parts),
-            "pass the same model architecture the file was produced from",
+            "pass the same model architecture the file was produced from"
+            + ("" if wrong else ", or load(..., strict=False) to allow missing/extra tensors"),
         )
     for mname, m in new_modules.items():
         model = swap_module(model, mname, m)
-    model.load_state_dict(art.tensors, strict=False)
+    model.load_state_dict(tensors, strict=False)
     return model
+
+
+def _names(names: list[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

@@ -33,7 +33,7 @@ from .errors import FormatError, MonoQuantError, UsageError
 from .files import check_regular_file, serializer_for_read
 from .registry import Registries
 
-__all__ = ["CheckpointSource", "Shard", "open_source"]
+__all__ = ["CheckpointSource", "Shard", "open_source", "read_artifact"]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
@@ -102,6 +102,37 @@ def open_source(registries: Registries, path: str, trust_pickle: bool = False) -
         src.close()
         raise
     return src
+
+
+def read_artifact(registries: Registries, path: str) -> Artifact:
+    """A saved file, or a folder of shards (with or without its index), as one
+    :class:`Artifact`: what :func:`monoquant_core.load` rebuilds a model from.
+
+    Raises:
+        FormatError: a tensor name in two shards, or an index naming a missing shard.
+        UsageError: no such path, or a folder without safetensors shards.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return serializer_for_read(registries.serializers, path).read(path)
+    merged = Artifact()
+    where: dict[str, str] = {}
+    for shard in _folder(path).shards:
+        art = serializer_for_read(registries.serializers, shard.path).read(shard.path)
+        for kind in ("tensors", "qtensors"):
+            for name, t in getattr(art, kind).items():
+                if name in where:
+                    raise FormatError(
+                        f"{path!r}: tensor {name!r} is in both {where[name]} and {shard.out_name}",
+                        "the folder mixes two checkpoints; keep one set of shards",
+                    )
+                where[name] = shard.out_name
+                getattr(merged, kind)[name] = t
+        for plugin, info in art.producers.items():
+            merged.producers.setdefault(plugin, info)
+        merged.config = merged.config or art.config
+        merged.format_version = max(merged.format_version, art.format_version)
+    return merged
 
 
 def _folder(path: str) -> CheckpointSource:

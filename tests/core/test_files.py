@@ -354,3 +354,63 @@ def test_no_serializer_sniffs_a_fifo(tmp_path):
         serializer_for_read(engine.serializers, str(fifo))
     with returns_within(5), pytest.raises(UsageError, match="is a FIFO"):
         engine.load(str(fifo), dequantize=True)
+
+
+# --------------------------------------------------------------------------- strict, buffers
+
+
+class _WithPositionIds(nn.Module):
+    """A Hugging Face-style model: ``position_ids`` is a non-persistent buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 32)
+        self.norm = nn.LayerNorm(32)
+        self.register_buffer("position_ids", torch.arange(16)[None], persistent=False)
+
+    def forward(self, x):
+        return self.norm(self.fc(x))
+
+
+def _saved_with_extra(tmp_path, engine, extra: dict[str, torch.Tensor]):
+    torch.manual_seed(0)
+    model = _WithPositionIds()
+    ref = _WithPositionIds()
+    ref.load_state_dict(model.state_dict())
+    q, _ = engine.quantize(model, scheme="int8")
+    path = tmp_path / "m.safetensors"
+    engine.save(q, str(path))
+    edited_copy(path, path, edit_tensors=lambda t: t.update(extra))
+    return path, ref
+
+
+def test_a_non_persistent_buffer_in_the_file_is_not_an_unexpected_tensor(tmp_path, engine):
+    """A Hugging Face checkpoint holding ``embeddings.position_ids`` failed with 'pass the
+    same model architecture' although the architecture was the same."""
+    path, ref = _saved_with_extra(tmp_path, engine, {"position_ids": torch.arange(16)[None]})
+    model = engine.load(str(path), ref)
+    assert isinstance(model.fc, mq.QuantizedModule)
+    assert torch.equal(model.position_ids, torch.arange(16)[None])
+
+
+def test_strict_false_allows_missing_and_extra_float_tensors_with_a_warning(tmp_path, engine):
+    path, ref = _saved_with_extra(tmp_path, engine, {"head.bias": torch.zeros(3)})
+    edited_copy(path, path, edit_tensors=lambda t: t.pop("norm.weight"))
+    with pytest.raises(FormatError, match=r"missing \['norm.weight'\]; unexpected \['head.bias"):
+        engine.load(str(path), _WithPositionIds())
+    norm_before = ref.norm.weight.detach().clone()
+    with pytest.warns(UserWarning) as record:
+        model = mq.load(str(path), ref, strict=False, engine=engine)
+    (w,) = record
+    assert "missing from the file (the model keeps its values): norm.weight" in str(w.message)
+    assert "in the file but not in the model (ignored): head.bias" in str(w.message)
+    assert torch.equal(model.norm.weight, norm_before)
+    assert isinstance(model.fc, mq.QuantizedModule)
+
+
+def test_strict_false_still_refuses_wrong_shapes(tmp_path, engine):
+    path, _ = _saved_with_extra(tmp_path, engine, {})
+    edited_copy(path, path, edit_tensors=lambda t: t.update({"norm.bias": torch.zeros(5)}))
+    with pytest.raises(FormatError, match=r"wrong shape \['norm.bias'\]") as e:
+        engine.load(str(path), _WithPositionIds(), strict=False)
+    assert "strict=False" not in str(e.value)  # the fix does not offer what cannot help

@@ -362,3 +362,37 @@ def test_hidden_files_are_copied_but_not_git_caches_or_leftovers(engine, tmp_pat
     for name in (".git", ".cache", "pipe", leftover, "pytorch_model.bin"):
         assert not (out / name).exists(), name
     assert sorted(report.extra["not_copied"]) == [".cache", ".git", "pipe", "pytorch_model.bin"]
+
+
+# --------------------------------------------------------------------------- load(folder)
+
+
+def test_load_takes_the_output_folder_of_checkpoint_mode(engine, tmp_path):
+    """load() refused a folder, so a sharded result had no way back into the model."""
+    from monoquant_core.demo import demo_inputs, demo_model
+
+    sd = {k: v.contiguous() for k, v in demo_model().state_dict().items()}
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_folder(src, sd, n_shards=3, extra_files=False)
+    single = tmp_path / "one.safetensors"
+    write_safetensors(str(single), sd, {})
+    engine.quantize_checkpoint(str(src), str(out), progress=False)
+    engine.quantize_checkpoint(str(single), str(tmp_path / "one-q.safetensors"), progress=False)
+    assert len([n for n in os.listdir(out) if n.endswith(".safetensors")]) == 3
+    x = demo_inputs()
+    from_folder = mq.load(str(out), demo_model(), engine=engine)
+    from_file = mq.load(str(tmp_path / "one-q.safetensors"), demo_model(), engine=engine)
+    with torch.no_grad():
+        assert torch.equal(from_folder(x), from_file(x))
+    floats = mq.load(str(out), dequantize=True, engine=engine)
+    assert floats.keys() == sd.keys()
+    demo_model().load_state_dict(floats, strict=True)
+    os.remove(out / INDEX)  # without the index: every *.safetensors file is a shard
+    assert mq.load(str(out), dequantize=True, engine=engine).keys() == sd.keys()
+
+
+def test_a_folder_with_one_tensor_in_two_shards_is_refused(engine, tmp_path):
+    write_safetensors(str(tmp_path / "a.safetensors"), {"x.weight": torch.ones(2, 2)}, {})
+    write_safetensors(str(tmp_path / "b.safetensors"), {"x.weight": torch.ones(2, 2)}, {})
+    with pytest.raises(FormatError, match="'x.weight' is in both a.safetensors and b.safetensors"):
+        mq.load(str(tmp_path), dequantize=True, engine=engine)
