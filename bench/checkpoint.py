@@ -57,7 +57,7 @@ def layout(
 
 
 def build(src: str, params: float, shard_bytes: int) -> tuple[int, int]:
-    from monoquant_plugins.safetensors_io import SafetensorsWriter
+    from monoquant_plugins.safetensors_writer import SafetensorsWriter
 
     os.makedirs(src)
     tensors = layout(params)

@@ -27,7 +27,6 @@ from .components import (
     Backend,
     Kernel,
     Observer,
-    QuantizedModule,
     Replacer,
     Scheme,
     Serializer,
@@ -51,6 +50,7 @@ from .metrics import sqnr_db
 from .options import ComponentConfig, PluginOptions
 from .plan import ModuleResult, Plan, PlanEntry, QuantResult
 from .qtensor import QParams, QTensor, QuantSpec
+from .quantized_module import QuantizedModule
 from .report import LayerReport, QuantReport
 from .rules import Rule
 from .run import Run

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from .atomic import atomic_write, check_output_path
-from .components import Artifact, QuantizedModule, Scheme, Serializer, WeightInfo
+from .components import Artifact, Scheme, Serializer, WeightInfo
 from .errors import FormatError, UsageError
 from .qtensor import QTensor
+from .quantized_module import QuantizedModule
 from .registry import Registries, Registry, choose_backend, ranked_backends
 from .swap import swap_module
 

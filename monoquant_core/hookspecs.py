@@ -381,7 +381,8 @@ def monoquant_quantize_weights(entry: PlanEntry, module: nn.Module, run: Run) ->
     Returns:
         A :class:`~monoquant_core.plan.ModuleResult` (``qtensors``: every weight the
         replacer names, by parameter name; ``originals``: the float weights; ``metrics``:
-        values for the report), or None to let the next implementation handle it.
+        values for the report's JSON; ``notes``: one-line facts the text report lists under
+        its table), or None to let the next implementation handle it.
 
     Example::
 

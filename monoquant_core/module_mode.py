@@ -22,10 +22,10 @@ from .calibration import (
     check_calibration_need,
     warn_calibration,
 )
-from .components import QuantizedModule
 from .errors import PluginError, UsageError, WeightNotRepresentable
 from .pipeline import check_representable, provenance
 from .plan import ModuleResult, Plan, PlanEntry, QuantResult
+from .quantized_module import QuantizedModule
 from .registry import ranked_backends
 from .report import build_report
 from .run import Run

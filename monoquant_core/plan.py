@@ -152,6 +152,9 @@ class ModuleResult:
         originals: the float weights they came from (for the report's error metrics).
         metrics: free-form per-module values plugins may add (reported under
             ``report.extra["modules"][entry.name]``).
+        notes: one-line facts about this layer a user should read in the text report (e.g.
+            ``"3 outlier columns kept in float"``); the report lists them as
+            ``layer: note`` under its table, and in the JSON under ``notes``.
         module: the replacement module; the core builds it with the entry's replacer after the
             hook returned (None until then). It is swapped in after every entry succeeded.
         time_s: seconds spent quantizing the entry (set by the core).
@@ -161,6 +164,7 @@ class ModuleResult:
     qtensors: dict[str, QTensor]
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
     module: nn.Module | None = None
     time_s: float = 0.0
 

@@ -138,6 +138,7 @@ class QuantReport:
     time_s: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (layer, one-line fact)
 
     @property
     def compression_ratio(self) -> float:
@@ -180,7 +181,7 @@ class QuantReport:
             for n, why in self.skipped:
                 by_reason.setdefault(why, []).append(n or "(root)")
             out += [f"  {', '.join(names)}: {why}" for why, names in by_reason.items()]
-        out += self._module_lines()
+        out += self._note_lines()
         sampled = [r for r in self.layers if r.sqnr_db is not None and r.stats_fraction < 1]
         if sampled:
             out.append("")
@@ -197,39 +198,11 @@ class QuantReport:
         )
         return "\n".join(out)
 
-    def _module_lines(self) -> list[str]:
-        """Per-layer facts plugins recorded (``extra["modules"]``) that change what a layer
-        is: outlier columns kept in float, static activation scale / zero point."""
-        modules = self.extra.get("modules")
-        if not isinstance(modules, dict):
+    def _note_lines(self) -> list[str]:
+        """The notes plugins left per layer (:attr:`ModuleResult.notes`), under the table."""
+        if not self.notes:
             return []
-        out: list[str] = []
-        seen = [n for n, m in modules.items() if _number(m, "outlier_columns") is not None]
-        outliers = {n: m for n, m in modules.items() if _number(m, "outlier_columns")}
-        if seen:
-            total = sum(int(m["outlier_columns"]) for m in outliers.values())
-            out += [
-                "",
-                f"outlier columns kept in float: {total} in {len(outliers)} of {len(seen)} layers"
-                if outliers
-                else f"outlier columns kept in float: none (in {len(seen)} layers)",
-            ]
-            for name, m in outliers.items():
-                frac = _number(m, "outlier_fraction")
-                how = [f"{100 * frac:.1f}% of the inputs"] if frac is not None else []
-                if m.get("outlier_source"):
-                    how.append(f"from {str(m['outlier_source']).replace('-', ' ')}")
-                detail = f" ({', '.join(how)})" if how else ""
-                n = int(m["outlier_columns"])
-                out.append(f"  {name or '(root)'}: {n} column{'s' * (n != 1)}{detail}")
-        static = {n: m for n, m in modules.items() if _number(m, "act_scale") is not None}
-        if static:
-            out += ["", f"static activation scale / zero point ({len(static)} layers):"]
-            for name, m in static.items():
-                zero = _number(m, "act_zero_point")
-                shown = f"{m['act_scale']:.4g}" + ("" if zero is None else f" / {int(zero)}")
-                out.append(f"  {name or '(root)'}: {shown}")
-        return out
+        return ["", "notes:"] + [f"  {name or '(root)'}: {note}" for name, note in self.notes]
 
     def to_dict(self) -> dict[str, Any]:
         def clean(x: Any) -> Any:
@@ -249,18 +222,12 @@ class QuantReport:
             "min_sqnr_db": clean(self.min_sqnr_db),
             "time_s": self.time_s,
             "config": self.config,
+            "notes": [{"name": n, "note": note} for n, note in self.notes],
             "extra": self.extra,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
-
-
-def _number(metrics: Any, key: str) -> float | None:
-    """``metrics[key]`` when it is a number (plugins' metrics are free-form)."""
-    value = metrics.get(key) if isinstance(metrics, dict) else None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return value if ok else None
 
 
 def build_report(
@@ -296,5 +263,6 @@ def build_report(
             rep.layers[-1].kernels = "; ".join(e.kernels)
         if res.metrics:
             rep.extra.setdefault("modules", {})[e.name] = res.metrics
+        rep.notes += [(e.name, note) for note in res.notes]
     rep.skipped = [(e.name, e.skip_reason or "") for e in plan.skipped]
     return rep

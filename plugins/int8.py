@@ -162,4 +162,5 @@ def monoquant_quantize_weights(entry, run):
         qt.extra["act_zero_point"] = zero.clone()
     result.metrics["act_scale"] = float(scale)
     result.metrics["act_zero_point"] = int(zero)
+    result.notes.append(f"static activation scale {float(scale):.4g}, zero point {int(zero)}")
     return result

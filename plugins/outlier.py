@@ -173,6 +173,11 @@ def monoquant_quantize_weights(entry, module, run):
     result.metrics["outlier_source"] = source
     if cols.numel() == 0:
         return result
+    n = int(cols.numel())
+    result.notes.append(
+        f"{n} outlier column{'s' * (n != 1)} kept in float "
+        f"({100 * n / weight.shape[1]:.1f}% of the inputs, from {source.replace('-', ' ')})"
+    )
     rest = weight.clone()
     rest[:, cols] = 0
     scheme_cfg, observer_cfg = run.entry_configs(entry)

@@ -6,8 +6,9 @@ header's ``__metadata__`` holds ``format = "monoquant"``, ``format_version``, ``
 (JSON per tensor), ``producers`` (JSON plugin -> distribution/version) and, when known,
 ``config``. A file without ``format = "monoquant"`` is read as a plain float checkpoint.
 
-Reading and writing stream one tensor at a time (:mod:`monoquant_plugins.safetensors_io`), so
-checkpoint mode's memory is bounded by the largest tensor.
+Reading and writing stream one tensor at a time (:mod:`monoquant_plugins.safetensors_io`,
+:mod:`monoquant_plugins.safetensors_writer`), so checkpoint mode's memory is bounded by the
+largest tensor.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from monoquant_core import (
     hookimpl,
 )
 
-from .safetensors_io import SafetensorsReader, SafetensorsWriter, is_safetensors
+from .safetensors_io import SafetensorsReader, is_safetensors
+from .safetensors_writer import SafetensorsWriter
 
 FORMAT_VERSION = 1
 _DTYPES = {

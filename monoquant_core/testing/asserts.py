@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..components import QuantizedModule
 from ..metrics import sqnr_db
 from ..qtensor import QTensor
+from ..quantized_module import QuantizedModule
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import Engine

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from ..components import QuantizedModule, Replacer
+from ..components import Replacer
 from ..engine import Engine
+from ..quantized_module import QuantizedModule
 from .asserts import assert_qtensor_equal, assert_roundtrip_exact, assert_sqnr, run_model
 from .contract_base import Contract, assert_unchanged, state_snapshot
 

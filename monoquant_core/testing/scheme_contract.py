@@ -13,12 +13,13 @@ import torch
 from torch import nn
 
 from ..capabilities import Capabilities
-from ..components import QuantizedModule, Scheme
+from ..components import Scheme
 from ..engine import Engine
 from ..errors import CapabilityError, FormatError, MonoQuantError
 from ..metrics import sqnr_db
 from ..options import config_to_dict
 from ..qtensor import QTensor
+from ..quantized_module import QuantizedModule
 from .asserts import assert_qtensor_equal, assert_roundtrip_exact, assert_sqnr
 from .contract_base import (
     Contract,

@@ -117,54 +117,19 @@ def test_stats_full_sample_and_off():
 # --------------------------------------------------------------------------- plugin facts per layer
 
 
-def test_the_table_is_followed_by_outlier_columns_and_static_activation_scales():
-    """Facts plugins record per layer (``extra["modules"]``) are in the text too, not only in
-    the JSON: outlier columns kept in float and static activation scale / zero point."""
-    rep = QuantReport(
-        extra={
-            "modules": {
-                "enc.q": {
-                    "outlier_columns": 3,
-                    "outlier_fraction": 0.046875,
-                    "outlier_source": "calibration",
-                },
-                "enc.k": {
-                    "outlier_columns": 0,
-                    "outlier_fraction": 0.0,
-                    "outlier_source": "calibration",
-                },
-                "enc.v": {
-                    "outlier_columns": 1,
-                    "outlier_fraction": 0.015625,
-                    "outlier_source": "weight-magnitude",
-                },
-                "enc.o": {"act_scale": 0.021347, "act_zero_point": 128},
-                "": {"act_scale": 0.5, "act_zero_point": 0},
-                "other": {"note": "x"},
-            }
-        }
-    )
-    text = rep.render()
-    assert (
-        "\noutlier columns kept in float: 4 in 2 of 3 layers\n"
-        "  enc.q: 3 columns (4.7% of the inputs, from calibration)\n"
-        "  enc.v: 1 column (1.6% of the inputs, from weight magnitude)\n"
-    ) in text, text
-    assert (
-        "\nstatic activation scale / zero point (2 layers):\n"
-        "  enc.o: 0.02135 / 128\n"
-        "  (root): 0.5 / 0\n"
-    ) in text, text
-    assert "note" not in text and "other" not in text
+def test_plugin_notes_are_listed_under_the_table_and_in_the_json():
+    """Facts plugins record per layer were only in the JSON's free-form metrics: a plugin's
+    ``ModuleResult.notes`` are shown as ``layer: note`` (the core knows no plugin's keys)."""
+    rep = QuantReport(notes=[("enc.q", "3 outlier columns kept in float"), ("", "a fact")])
+    assert "\nnotes:\n  enc.q: 3 outlier columns kept in float\n  (root): a fact\n" in rep.render()
+    assert json.loads(rep.to_json())["notes"] == [
+        {"name": "enc.q", "note": "3 outlier columns kept in float"},
+        {"name": "", "note": "a fact"},
+    ]
+    assert "notes:" not in QuantReport().render()
 
 
-def test_free_form_metrics_that_are_not_numbers_are_left_out():
-    rep = QuantReport(extra={"modules": {"a": {"outlier_columns": "many", "act_scale": None}}})
-    assert "outlier" not in rep.render() and "static activation" not in rep.render()
-    assert "outlier" not in QuantReport(extra={"modules": ["a"]}).render()
-
-
-def test_real_runs_show_their_outlier_columns_and_activation_scales(engine):
+def test_real_runs_note_their_outlier_columns_and_activation_scales(engine):
     model = tiny_models()["outliers"]
     data = [model.inputs.repeat(10, 1)]
     _, rep = engine.quantize(
@@ -175,12 +140,14 @@ def test_real_runs_show_their_outlier_columns_and_activation_scales(engine):
     )
     kept = {n: m["outlier_columns"] for n, m in rep.extra["modules"].items()}
     assert sum(kept.values()) > 0, kept
-    text = rep.render()
+    notes = dict(rep.notes)
     for name, n in kept.items():
-        assert (f"\n  {name}: {n} column" in text) == (n > 0), text
+        assert notes.get(name, "").startswith(f"{n} outlier column") == (n > 0), notes
+    assert f"\n  {next(iter(notes))}: " in rep.render()
     _, rep = engine.quantize(
         model.build(), scheme_options={"activations": "static"}, calibration=data
     )
-    text = rep.render()
+    notes = dict(rep.notes)
     for name, m in rep.extra["modules"].items():
-        assert f"\n  {name}: {m['act_scale']:.4g} / {m['act_zero_point']}\n" in text, text
+        want = f"static activation scale {m['act_scale']:.4g}, zero point {m['act_zero_point']}"
+        assert notes[name] == want

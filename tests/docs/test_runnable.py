@@ -251,30 +251,39 @@ def _doc_id(doc: Path) -> str:
     return doc.relative_to(ROOT).as_posix()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("doc", DOCS, ids=_doc_id)
-def test_doc_shell_blocks_run(doc, tmp_path):
-    blocks = [
-        b
-        for b in parse_blocks(doc)
-        if b.lang in SHELL or "file" in b.markers or "python" in b.markers
-    ]
-    runnable = []
-    for b in blocks:
+def runnable_blocks(doc: Path) -> list[Block]:
+    """The blocks of ``doc`` this test runs here (skip-marked ones left out, after checking
+    that each gives its reason; ``needs``-marked ones only where the distribution is)."""
+    out = []
+    for b in parse_blocks(doc):
+        if not (b.lang in SHELL or "file" in b.markers or "python" in b.markers):
+            continue
         if "skip" in b.markers:
             assert b.markers["skip"], f"{b.where}: docs-test skip needs a reason"
             continue
         if "needs" in b.markers and not _installed(b.markers["needs"]):
             continue
-        runnable.append(b)
-    if not runnable:
-        pytest.skip("no runnable blocks here")
+        out.append(b)
+    return out
+
+
+#: pages with something to run here (the others hold only prose, tables and code fragments)
+RUNNABLE = [doc for doc in DOCS if runnable_blocks(doc)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("doc", RUNNABLE, ids=_doc_id)
+def test_doc_shell_blocks_run(doc, tmp_path):
     _prepare(tmp_path)
     env = _env(tmp_path)
     failures: list[str] = []
-    for b in sorted(runnable, key=lambda b: "file" not in b.markers):  # files first
+    for b in sorted(runnable_blocks(doc), key=lambda b: "file" not in b.markers):  # files first
         failures += run_block(b, tmp_path, env)
     assert not failures, "\n\n".join(failures)
+
+
+def test_the_readme_and_the_quickstart_have_runnable_blocks():
+    assert {_doc_id(d) for d in RUNNABLE} >= {"README.md", "docs/quickstart.md"}
 
 
 # -- the harness itself (fast) -------------------------------------------------------------

@@ -11,7 +11,8 @@ import pytest
 import torch
 from monoquant_plugins import safetensors_io
 from monoquant_plugins.safetensors_format import write_safetensors
-from monoquant_plugins.safetensors_io import SafetensorsReader, SafetensorsWriter, is_safetensors
+from monoquant_plugins.safetensors_io import SafetensorsReader, is_safetensors
+from monoquant_plugins.safetensors_writer import SafetensorsWriter
 from safetensors import safe_open
 
 import monoquant_core as mq
