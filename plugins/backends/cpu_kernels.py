@@ -1,4 +1,6 @@
-"""The CPU kernels of the ``torch-cpu`` backend, on PyTorch ops only (no compiler needed).
+"""The CPU kernels of the ``torch-cpu`` backend: PyTorch ops, plus one-pass C dequantization
+kernels (``dequant_kernels.c``, built on first use by :mod:`.native`) where the CPU has AVX-512
+and a C compiler is present; without them every path still runs on PyTorch ops alone.
 
 Each kernel takes the input as ``[M, K]`` and a :class:`Prepared` weight and returns ``[M, N]``
 (the caller casts to the input dtype and adds the bias). Two families:
@@ -15,6 +17,7 @@ Each kernel takes the input as ``[M, K]`` and a :class:`Prepared` weight and ret
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +27,12 @@ import torch.nn.functional as F
 
 from monoquant_core.activations import fake_quantize_static
 
+from .native import NativeLibrary
+
 __all__ = [
     "CROSSOVER",
+    "DEQUANT",
+    "FUSED_BIAS",
     "KERNELS",
     "SPEEDUP",
     "Prepared",
@@ -37,11 +44,13 @@ __all__ = [
 #: Input rows (M) from which the GEMM path beats the GEMV-class kernel, by weight size
 #: (``N * K`` elements, first match). Measured single-threaded on an AVX512 + AVX512-BF16 CPU
 #: (Zen 5) with ``python bench/kernels.py --crossover`` (it prints both kernels' times per M
-#: for MiniLM-, 2k-, 4k- and 11k-sized weights). ``MONOQUANT_TORCH_CPU_CROSSOVER``
-#: (``int8=32,int4=96``) overrides them for every size.
+#: for MiniLM-, 2k-, 4k- and 11k-sized weights). ``int4-c``: the int4 GEMM path with the C
+#: dequantization kernel (``int4``: with torch ops). ``MONOQUANT_TORCH_CPU_CROSSOVER``
+#: (``int8=32,int4=96``) overrides them for every size (``int4`` for both int4 paths).
 CROSSOVER: dict[str, tuple[tuple[int | None, int], ...]] = {
-    "int8": ((1 << 18, 48), (1 << 20, 40), (1 << 25, 32), (None, 16)),
+    "int8": ((1 << 25, 32), (None, 16)),
     "int4": ((1 << 20, 160), (None, 96)),
+    "int4-c": ((1 << 18, 48), (None, 32)),
 }
 
 #: Speed of each kernel against a float ``nn.Linear`` in the input's dtype, by input rows
@@ -60,11 +69,13 @@ SPEEDUP: dict[str, dict[torch.dtype, tuple[tuple[int | None, float], ...]]] = {
     },
     "int8-weight": {torch.float32: ((None, 2.0),), torch.bfloat16: ((1, 1.7), (None, 0.8))},
     "int8-gemm": {torch.float32: ((None, 2.2),), torch.bfloat16: ((None, 0.8),)},
+    "int8-gemm-c": {torch.float32: ((None, 2.2),), torch.bfloat16: ((128, 0.8), (None, 0.95))},
     "int4": {
         torch.float32: ((None, 1.3),),
         torch.bfloat16: ((1, 3.5), (8, 1.2), (None, 0.6)),
     },
     "int4-gemm": {torch.float32: ((None, 1.5),), torch.bfloat16: ((None, 0.6),)},
+    "int4-gemm-c": {torch.float32: ((None, 2.3),), torch.bfloat16: ((128, 0.8), (None, 0.95))},
     "fp16": {torch.float32: ((None, 2.0),), torch.bfloat16: ((1, 1.9), (8, 1.1), (None, 0.5))},
     "bf16": {torch.float32: ((None, 1.2),), torch.bfloat16: ((None, 1.0),)},
 }
@@ -79,14 +90,41 @@ def expected_speedup(kind: str, dtype: torch.dtype, rows: int) -> float | None:
     return None
 
 
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+#: the one-pass C dequantization kernels (``dequant_kernels.c``, built on first use): 4-bit rows
+#: -> bfloat16 rows, per-token int8 codes of bfloat16 inputs. AVX512F/BW only; without them, a
+#: compiler or a working build the torch-op paths run instead (``monoquant env`` says why).
+DEQUANT = NativeLibrary(
+    "dequant",
+    "dequant_kernels.c",
+    ("avx512f", "avx512bw"),
+    ("-mavx512f", "-mavx512bw"),
+    1,
+    {
+        "mq_int4_rows_bf16": ([_P, _I, _I, _I, _P, _P, ctypes.c_int, _P], None),
+        "mq_int4c_rows_bf16": ([_P, _I, _I, _I, _P, _P, _P], None),
+        "mq_quantize_rows_bf16": ([_P, _I, _I, _P, _P], None),
+        "mq_scale_rows_bf16": ([_P, _I, _I, _P], None),
+        "mq_int8_rows_bf16": ([_P, _I, _I, _P, _P], None),
+    },
+)
+
+
+def dequant_library() -> ctypes.CDLL | None:
+    """The C dequantization kernels, or None where they cannot run (see :data:`DEQUANT`)."""
+    return DEQUANT.library()[0]
+
+
 _BLOCK_BYTES = 1 << 20  # converted rows per block: about 1 MiB, so a block stays in cache
 _local = threading.local()
 
 
 def crossover(kind: str, n: int, k: int, override: dict[str, int] | None = None) -> int:
-    """The first ``M`` served by the GEMM path of ``kind`` (``int8`` / ``int4``)."""
-    if override and kind in override:
-        return override[kind]
+    """The first ``M`` served by the GEMM path of ``kind`` (``int8`` / ``int4`` / ``int4-c``;
+    an ``int4`` override holds for both int4 paths)."""
+    key = kind.split("-")[0]
+    if override and key in override:
+        return override[key]
     for limit, m in CROSSOVER[kind]:
         if limit is None or n * k <= limit:
             return m
@@ -142,11 +180,25 @@ def bf16(x: torch.Tensor) -> torch.Tensor:
     return xb
 
 
-def _rows_per_block(k: int, dtype: torch.dtype) -> int:
-    return max(16, _BLOCK_BYTES // max(1, k * torch.tensor([], dtype=dtype).element_size()))
+#: fewest weight rows per GEMM call of the one-pass conversions: one GEMM per smaller block
+#: (and its strided output) cost 1.2-1.4x a single GEMM at K = 4096 (128-row blocks), while
+#: 512-row blocks are within 3% of it (one thread, M = 128 and 4096)
+MIN_GEMM_ROWS = 512
 
 
-def _gemm_into(out: torch.Tensor, i: int, j: int, x: torch.Tensor, block: torch.Tensor) -> None:
+#: a converted weight up to this size is one block (one GEMM call, its bias fused): on a
+#: 1536x384 weight one GEMM was 6% faster than two blocks of 1024 rows
+ONE_BLOCK_BYTES = 4 << 20
+
+
+def rows_per_block(k: int, dtype: torch.dtype, least: int = 16, n: int | None = None) -> int:
+    size = torch.tensor([], dtype=dtype).element_size()
+    if n is not None and n * k * size <= ONE_BLOCK_BYTES:
+        return n
+    return max(least, _BLOCK_BYTES // max(1, k * size))
+
+
+def gemm_into(out: torch.Tensor, i: int, j: int, x: torch.Tensor, block: torch.Tensor) -> None:
     """``out[:, i:j] = x @ block^T``; with autograd recording, a fresh copy of the (reused)
     block, so the gradient with respect to ``x`` stays correct."""
     if torch.is_grad_enabled() and x.requires_grad:
@@ -229,13 +281,13 @@ def int8_gemm(x: torch.Tensor, p: Prepared) -> torch.Tensor:
     xc = x.to(dtype).contiguous()
     wq, n, k = t["wq"], p.n, p.k
     out = torch.empty(x.shape[0], n, dtype=dtype)
-    rows = _rows_per_block(k, dtype)
+    rows = rows_per_block(k, dtype, MIN_GEMM_ROWS)
     buf = scratch("int8_gemm", (min(rows, n), k), dtype)
     for i in range(0, n, rows):
         j = min(i + rows, n)
         b = buf[: j - i]
         b.copy_(wq[i:j])
-        _gemm_into(out, i, j, xc, b)
+        gemm_into(out, i, j, xc, b)
     return out * t["s_compute"] if out.requires_grad else out.mul_(t["s_compute"])
 
 
@@ -258,7 +310,7 @@ def int4_gemm(x: torch.Tensor, p: Prepared) -> torch.Tensor:
     groups, half = k // gs, k // 2
     xc = torch.cat([x[:, 0::2], x[:, 1::2]], dim=1).to(dtype)
     out = torch.empty(x.shape[0], n, dtype=dtype)
-    rows = _rows_per_block(k, torch.float32)
+    rows = rows_per_block(k, torch.float32)
     m = min(rows, n)
     u8 = scratch("int4_gemm.u8", (m, half), torch.uint8)
     f32 = scratch("int4_gemm.f32", (m, k), torch.float32)
@@ -279,8 +331,62 @@ def int4_gemm(x: torch.Tensor, p: Prepared) -> torch.Tensor:
         g.mul_(scale[i:j, None, :, None]).sub_(zs[i:j, None, :, None])
         if low is not f32:
             low[:r].copy_(f32[:r])
-        _gemm_into(out, i, j, xc, low[:r])
+        gemm_into(out, i, j, xc, low[:r])
     return out
+
+
+def _bf16_blocks(x: torch.Tensor, p: Prepared, bias, fill) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` in bfloat16 with ``W`` converted block by block into a reused
+    bfloat16 buffer by ``fill(first row, rows, buffer)``: one ``F.linear`` with the bias fused
+    when the weight is one block, else one GEMM per block into the output."""
+    n, k = p.n, p.k
+    xc = x.to(torch.bfloat16).contiguous()
+    rows = rows_per_block(k, torch.bfloat16, MIN_GEMM_ROWS, n)
+    buf = scratch("bf16_blocks", (min(rows, n), k), torch.bfloat16)
+    if rows >= n:
+        fill(0, n, buf)
+        if torch.is_grad_enabled() and x.requires_grad:
+            buf = buf.clone()  # autograd keeps it; the scratch buffer is reused
+        b = None if bias is None else bias.to(torch.bfloat16)
+        return F.linear(xc, buf, b)
+    out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
+        fill(i, j - i, buf[: j - i])
+        gemm_into(out, i, j, xc, buf[: j - i])
+    return out if bias is None else out.add_(bias.to(torch.bfloat16))
+
+
+def int4_gemm_c(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`int4_gemm` with the C kernel dequantizing each block of rows into bfloat16 in
+    one pass, in input order (no reordering of the input's columns); the bias is added."""
+    lib = dequant_library()
+    t = p.tensors
+    codes, scale, zs, flip, gs = t["codes"], t["scale"], t["zs"], int(t["flip"]), t["gs"]
+
+    def fill(i: int, r: int, b: torch.Tensor) -> None:
+        lib.mq_int4_rows_bf16(
+            codes[i].data_ptr(), r, p.k, gs, scale[i].data_ptr(), zs[i].data_ptr(), flip,
+            b.data_ptr(),
+        )  # fmt: skip
+
+    return _bf16_blocks(x, p, bias, fill)
+
+
+def int8_gemm_c(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight-only int8 for many rows with the C kernel writing ``q * s`` in bfloat16 (the
+    dequantized weight, rounded once) block by block; the bias is added."""
+    lib = dequant_library()
+    wq, s = p.tensors["wq"], p.tensors["s"]
+
+    def fill(i: int, r: int, b: torch.Tensor) -> None:
+        lib.mq_int8_rows_bf16(wq[i].data_ptr(), r, p.k, s[i].data_ptr(), b.data_ptr())
+
+    return _bf16_blocks(x, p, bias, fill)
+
+
+#: the kernels that take the bias (the caller adds it for the others)
+FUSED_BIAS = frozenset({"int4-gemm-c", "int8-gemm-c"})
 
 
 # --------------------------------------------------------------------------- 16-bit
@@ -304,8 +410,10 @@ KERNELS = {
     "int8-static-ref": int8_static_ref,
     "int8-weight": int8_weight,
     "int8-gemm": int8_gemm,
+    "int8-gemm-c": int8_gemm_c,
     "int4": int4,
     "int4-gemm": int4_gemm,
+    "int4-gemm-c": int4_gemm_c,
     "fp16": fp16,
     "bf16": bf16_linear,
 }
@@ -319,8 +427,10 @@ DESCRIPTIONS = {
     "int8-static-ref": "reference numerics (fbgemm static did not match)",
     "int8-weight": "_weight_int8pack_mm, bf16 inputs",
     "int8-gemm": "int8 rows -> {compute} blocks + {compute} GEMM",
+    "int8-gemm-c": "int8 rows -> bf16 blocks of q * s (C, one pass) + bf16 GEMM",
     "int4": "_weight_int4pack_mm_for_cpu, bf16 inputs",
     "int4-gemm": "int4 rows -> {compute} blocks + {compute} GEMM",
+    "int4-gemm-c": "int4 rows -> bf16 blocks (C, one pass) + bf16 GEMM",
     "fp16": "fbgemm fp16 weights, fp32 inputs",
     "bf16": "bf16 F.linear",
 }

@@ -4,11 +4,15 @@ It runs ``int4-group`` layers quantized with ``activations="dynamic"``: each tok
 is quantized to int8 on every call (the same per-token codes as the reference backend), the
 4-bit weight codes are multiplied with them by ``vpdpbusd`` in integers, group by group, and the
 result is scaled in float32. At one token it streams the 4.5-bit weights at close to the memory
-bandwidth, where torch's bfloat16 int4 kernel is compute-bound (docs/performance.md).
+bandwidth, where torch's bfloat16 int4 kernel is compute-bound (docs/performance.md). bfloat16
+inputs with many rows (:data:`BF16_GEMM_ROWS`) instead hold the same int8 codes in bfloat16 and
+multiply them with weight rows dequantized into bfloat16 (the C kernels of
+:data:`.cpu_kernels.DEQUANT`) in one bfloat16 GEMM per block: the VNNI kernel reads the weight
+once per call but is slower per row than a bfloat16 GEMM on CPUs with AVX512-BF16.
 
-The kernel (``vnni_kernels.c``, next to this file) is C compiled on first use with the system's
-C compiler (``$MONOQUANT_CC``, ``$CC``, ``cc``, ``gcc`` or ``clang``) and cached in
-``$MONOQUANT_CACHE_DIR`` (default ``~/.cache/monoquant``), keyed by the source, flags and
+The kernel (``vnni_kernels.c``, next to this file) is C compiled on first use (:mod:`.native`)
+with the system's C compiler (``$MONOQUANT_CC``, ``$CC``, ``cc``, ``gcc`` or ``clang``) and
+cached in ``$MONOQUANT_CACHE_DIR`` (default ``~/.cache/monoquant``), keyed by the source, flags and
 compiler; it is called through ``ctypes``. No compiler, another CPU, or a failed build makes the
 backend unavailable with the reason (``monoquant env``), and those layers run on the next backend
 that supports them (``reference``). The weight layout is derived when a layer is prepared and
@@ -18,139 +22,59 @@ never stored.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from monoquant_core import Backend, Capabilities, Kernel, hookimpl
 from monoquant_core.qtensor import QTensor
 
-SOURCE = Path(__file__).with_name("vnni_kernels.c")
+from .cpu_kernels import MIN_GEMM_ROWS, dequant_library, gemm_into, rows_per_block, scratch
+from .native import NativeLibrary, find_compiler
+
+__all__ = ["ISA_FLAGS", "LIBRARY", "CpuVnniBackend", "find_compiler", "library", "pack_chunks"]
+
 ABI_VERSION = 1
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni")
 ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni")
 GROUPS = (32, 64, 128, 256)
+#: first M at which bfloat16 inputs take the GEMM path (per-token int8 codes held in bfloat16,
+#: weight rows dequantized to bfloat16 by the C kernel, one bfloat16 GEMM per block), by K
+#: (``(largest K, M)``, first match): measured with ``python bench/kernels.py --crossover``
+#: (Zen 5, one thread: 384x384 and 1536->384 from M = 48, 384->1536 from 128-256, 4096-wide
+#: layers from 256-384). float32 inputs stay on the VNNI kernel at every M: it is 1.4-1.8x a
+#: float32 nn.Linear at thousands of rows.
+BF16_GEMM_ROWS = ((512, 48), (2048, 160), (None, 256))
+
+
+def bf16_gemm_rows(k: int) -> int:
+    """The first M of the bfloat16 GEMM path for a weight with ``k`` inputs."""
+    return next(m for limit, m in BF16_GEMM_ROWS if limit is None or k <= limit)
+
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
-_lock = threading.Lock()
-_state: dict[str, object] = {}
+LIBRARY = NativeLibrary(
+    "vnni",
+    "vnni_kernels.c",
+    CPU_FLAGS,
+    ISA_FLAGS,
+    ABI_VERSION,
+    {"mq_w4a8": ([_P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _P, ctypes.c_int], None)},
+)
 
 
 def cpu_reason() -> str | None:
     """None when this CPU has the instructions the kernel uses, else what is missing."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"needs an x86-64 CPU with AVX512-VNNI (this is {platform.machine()})"
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "cannot read /proc/cpuinfo to check for AVX512-VNNI (Linux only)"
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    missing = [f for f in CPU_FLAGS if f not in flags]
-    return f"CPU lacks {', '.join(missing)}" if missing else None
-
-
-def find_compiler() -> str | None:
-    for cand in (os.environ.get("MONOQUANT_CC"), os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cand and shutil.which(cand):
-            return shutil.which(cand)
-    return None
-
-
-def cache_dir() -> Path:
-    env = os.environ.get("MONOQUANT_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "monoquant"
-
-
-def _compile(cc: str, out: Path, openmp: bool) -> str | None:
-    """Build the shared library at ``out`` (atomically); None on success, else the error."""
-    flags = ["-O3", *ISA_FLAGS, "-fPIC", "-shared", *(["-fopenmp"] if openmp else [])]
-    tmp = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        proc = subprocess.run(
-            [cc, *flags, "-o", tmp, str(SOURCE), "-lm"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if proc.returncode != 0:
-            lines = (proc.stderr or proc.stdout).strip().splitlines()
-            return lines[0] if lines else f"{cc} exited with {proc.returncode}"
-        os.replace(tmp, out)
-        return None
-    except (OSError, subprocess.SubprocessError) as e:
-        return str(e)
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+    return LIBRARY.cpu_reason()
 
 
 def _build() -> tuple[ctypes.CDLL | None, str | None]:
-    reason = cpu_reason()
-    if reason:
-        return None, reason
-    cc = find_compiler()
-    if cc is None:
-        return None, "no C compiler found (install gcc or clang, or set MONOQUANT_CC)"
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
-        cc_id = version.stdout.splitlines()[0] if version.stdout else cc
-    except (OSError, subprocess.SubprocessError) as e:
-        return None, f"{cc} --version failed: {e}"
-    try:
-        source = SOURCE.read_bytes()
-    except OSError:
-        return None, f"the kernel source {SOURCE.name} is missing from the installed package"
-    key = hashlib.sha256(source + f"{cc}|{cc_id}|{ISA_FLAGS}|{sys.platform}".encode()).hexdigest()
-    key = key[:16]
-    errors = []
-    for openmp in (True, False):
-        name = f"vnni-{key}{'-omp' if openmp else ''}.so"
-        for root in (cache_dir(), Path(tempfile.gettempdir()) / f"monoquant-{os.getuid()}"):
-            path = root / name
-            if not path.exists():
-                err = _compile(cc, path, openmp)
-                if err:
-                    errors.append(err)
-                    continue
-            try:
-                lib = ctypes.CDLL(str(path))
-            except OSError as e:
-                errors.append(str(e))
-                continue
-            if lib.mq_abi_version() != ABI_VERSION:
-                errors.append(f"{path} has an old kernel ABI; delete it")
-                continue
-            lib.mq_w4a8.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _P, ctypes.c_int]
-            lib.mq_w4a8.restype = None
-            return lib, None
-    return None, f"building the kernel with {cc} failed: {errors[0] if errors else '?'}"
+    return LIBRARY.build()
 
 
 def library() -> tuple[ctypes.CDLL | None, str | None]:
     """The compiled kernel library (built once per process and cached on disk), or the reason."""
-    with _lock:
-        if "lib" not in _state:
-            _state["lib"], _state["reason"] = _build()
-    return _state["lib"], _state["reason"]  # type: ignore[return-value]
+    return LIBRARY.library()
 
 
 @dataclass
@@ -207,11 +131,18 @@ class CpuVnniBackend(Backend):
         return None
 
     def kernels(self, info):
-        return (Kernel("AVX512-VNNI int4 x int8 kernel (C), per-token int8 inputs"),)
+        vnni = "AVX512-VNNI int4 x int8 kernel (C), per-token int8 inputs"
+        if info.dtype == torch.bfloat16 and dequant_library() is not None:
+            gemm = "int8 codes x int4 rows -> bf16 blocks (C) + bf16 GEMM"
+            first = bf16_gemm_rows(info.shape[1])
+            return (Kernel(vnni, 1, first - 1), Kernel(gemm, first))
+        return (Kernel(vnni),)
 
     def expected_speedup(self, info, rows):
         # bench/kernels.py (M = 1 to 128) and bench/e2e.py (thousands of rows), Zen 5, 1 thread
         if info.dtype == torch.bfloat16:
+            if rows >= bf16_gemm_rows(info.shape[1]) and dequant_library() is not None:
+                return 0.8 if rows <= 128 else 0.95  # the bf16 GEMM path
             return 6.0 if rows == 1 else 2.5 if rows <= 8 else 1.0 if rows <= 128 else 0.6
         return 8.0 if rows == 1 else 4.5 if rows <= 128 else 1.3
 
@@ -233,6 +164,13 @@ class CpuVnniBackend(Backend):
         if lib is None:  # unreachable after selection; a clear error rather than a crash
             raise RuntimeError(f"cpu-vnni: {reason}")
         lead = x.shape[:-1]
+        if x.dtype == torch.bfloat16 and x.numel() >= bf16_gemm_rows(p.k) * p.k:
+            gemm = dequant_library()
+            if gemm is not None:
+                y = _bf16_gemm(gemm, x.reshape(-1, p.k).contiguous(), p)
+                if bias is not None:
+                    y = y.add_(bias) if bias.dtype == y.dtype else y + bias.to(y.dtype)
+                return y.reshape(*lead, p.n)
         x2 = x.reshape(-1, p.k).to(torch.float32).contiguous()
         m = x2.shape[0]
         y = torch.empty((m, p.n), dtype=torch.float32)
@@ -250,6 +188,30 @@ class CpuVnniBackend(Backend):
         if bias is not None:
             y = y.add_(bias) if bias.dtype == y.dtype else y + bias.to(y.dtype)
         return y.reshape(*lead, p.n)
+
+
+def _bf16_gemm(lib, x: torch.Tensor, p: Prepared) -> torch.Tensor:
+    """W4A8 for many bfloat16 rows: the same per-token int8 codes as the VNNI kernel, held in
+    bfloat16 (exact), times the weight rows dequantized into bfloat16 a block at a time, with
+    float32 accumulation, then each row times its scale. Only the bfloat16 rounding of the
+    dequantized weights and of the output differ from the reference."""
+    m, k, n = x.shape[0], p.k, p.n
+    q = scratch("w4a8.codes", (m, k), torch.bfloat16)
+    sx = torch.empty(m, 1, dtype=torch.float32)
+    lib.mq_quantize_rows_bf16(x.data_ptr(), m, k, q.data_ptr(), sx.data_ptr())
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    rows = rows_per_block(k, torch.bfloat16, MIN_GEMM_ROWS, n)
+    blk = scratch("w4a8.rows", (min(rows, n), k), torch.bfloat16)
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
+        b = blk[: j - i]
+        lib.mq_int4c_rows_bf16(
+            p.packed[i].data_ptr(), j - i, k, p.group_size, p.scale[i].data_ptr(),
+            p.offset[i].data_ptr(), b.data_ptr(),
+        )  # fmt: skip
+        gemm_into(out, i, j, q, b)
+    lib.mq_scale_rows_bf16(out.data_ptr(), m, n, sx.data_ptr())
+    return out
 
 
 #: this plugin's name, whatever the loading path (entry point or object)

@@ -15,7 +15,10 @@ What runs where (docs/performance.md has the measurements; :mod:`.cpu_kernels` t
   with a GEMM (bfloat16 where the CPU has AVX512-BF16 or AMX, else float32). K % 16 != 0 uses
   the GEMM path at every ``M``.
 * ``int4-group``: ``torch._weight_int4pack_mm_for_cpu`` (bf16 inputs; layout derived at
-  prepare time, never stored) for few rows, blocked dequantize + GEMM from the crossover on.
+  prepare time, never stored) for few rows, blocked dequantize + GEMM from the crossover on:
+  the blocks dequantized into bfloat16 in one pass by the C kernel of
+  :data:`.cpu_kernels.DEQUANT` where it builds (AVX-512, a C compiler) and the CPU computes in
+  bfloat16, else with PyTorch ops (a later crossover).
 * ``fp16``: fbgemm's ``linear_dynamic_fp16``; ``bf16``: ``F.linear`` in bfloat16.
 
 Every kernel constraint is checked in :meth:`TorchCpuBackend.supports`; what no kernel here
@@ -38,9 +41,11 @@ from monoquant_core.qtensor import QTensor
 
 from .cpu_kernels import (
     DESCRIPTIONS,
+    FUSED_BIAS,
     KERNELS,
     Prepared,
     crossover,
+    dequant_library,
     expected_speedup,
     scratch,
 )
@@ -81,6 +86,11 @@ def _compute() -> torch.dtype:
     return torch.bfloat16 if has_bf16_compute() else torch.float32
 
 
+def _native() -> bool:
+    """The one-pass C conversions into bfloat16 run here (and the CPU computes in bf16)."""
+    return _compute() == torch.bfloat16 and dequant_library() is not None
+
+
 def _override() -> dict[str, int]:
     raw = os.environ.get(_ENV, "").strip()
     out: dict[str, int] = {}
@@ -117,13 +127,16 @@ def _schedule(scheme: str, activations: str, n: int, k: int, gs: int | None, dty
             return ((1, "int8-dynamic-tensor"),)
         if activations == "static":
             return ((1, "int8-static"),)
+        gemm = "int8-gemm-c" if _native() else "int8-gemm"
         if k % 16 or not _has("_weight_int8pack_mm"):
-            return ((1, "int8-gemm"),)
-        return ((1, "int8-weight"), (crossover("int8", n, k, _override()), "int8-gemm"))
+            return ((1, gemm),)
+        return ((1, "int8-weight"), (crossover("int8", n, k, _override()), gemm))
     if scheme == "int4-group":
+        native = gs is not None and gs % 32 == 0 and _native()
+        gemm = "int4-gemm-c" if native else "int4-gemm"
         if not _int4pack_ok(n, k, gs):
-            return ((1, "int4-gemm"),)
-        return ((1, "int4"), (crossover("int4", n, k, _override()), "int4-gemm"))
+            return ((1, gemm),)
+        return ((1, "int4"), (crossover("int4-c" if native else "int4", n, k, _override()), gemm))
     return ((1, scheme),)
 
 
@@ -209,6 +222,9 @@ class TorchCpuBackend(Backend):
         kind = p.pick(m) if m else None
         if kind == "bf16" and x.dtype == torch.bfloat16 and (bias is None or bias.dtype == x.dtype):
             return F.linear(x, p.tensors["w"], bias)  # the bf16 model's own layer, bias fused
+        if kind in FUSED_BIAS:
+            y = KERNELS[kind](x2, p, bias)
+            return (y if y.dtype == x.dtype else y.to(x.dtype)).reshape(*lead, p.n)
         y = x2.new_zeros((0, p.n)) if m == 0 else KERNELS[kind](x2, p)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
@@ -250,7 +266,7 @@ def _prepare_int8(qt: QTensor, scheme, sched, n: int, k: int) -> Prepared:
             return _static_prepare(qt, scheme, t["packed"], n, k)
     if "int8-weight" in kinds:
         t["s_bf16"] = scale.to(torch.bfloat16)
-    if "int8-gemm" in kinds:
+    if kinds & {"int8-gemm", "int8-gemm-c"}:
         t["compute"] = _compute()
         t["s_compute"] = scale.to(t["compute"])
     return Prepared(n, k, sched, t)
@@ -267,7 +283,7 @@ def _prepare_int4(qt: QTensor, sched, n: int, k: int) -> Prepared:
         t["packed"] = _int4pack(qt.qdata, n, k, qt.symmetric)
         sz = torch.stack([scale, (8.0 - zero) * scale], dim=-1)
         t["sz"] = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # [K/gs, N, 2]
-    if "int4-gemm" in kinds:
+    if kinds & {"int4-gemm", "int4-gemm-c"}:
         t["compute"] = _compute()
         t["scale"] = scale.contiguous()
         t["zs"] = (zero * scale).contiguous()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 
 import pytest
 import torch
@@ -145,7 +146,7 @@ def test_failed_build_is_a_reason_not_a_crash(tmp_path, monkeypatch):
     cc = _script(tmp_path, 'echo "--version" >/dev/null; echo "cc: error: no such ISA" >&2; exit 1')
     monkeypatch.setenv("MONOQUANT_CC", cc)
     monkeypatch.setenv("MONOQUANT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(cpu_vnni.tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     os.makedirs(tmp_path / "tmp")
     lib, reason = cpu_vnni._build()
     assert lib is None
@@ -189,7 +190,7 @@ def test_unwritable_cache_is_a_reason_not_an_exception(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("MONOQUANT_CACHE_DIR", str(blocker / "cache"))
-    monkeypatch.setattr(cpu_vnni.tempfile, "tempdir", str(blocker / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(blocker / "tmp"))
     lib, reason = cpu_vnni._build()
     assert lib is None and reason.startswith("building the kernel with ")
 
