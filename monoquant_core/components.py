@@ -282,3 +282,16 @@ class Serializer(ABC):
     def open_writer(self, path: str) -> ArtifactWriter:
         """A writer taking one tensor at a time (default: buffer, then :meth:`write`)."""
         return ArtifactWriter(self, path)
+
+    def unsupported(self, name: str, qt: QTensor) -> str | None:
+        """Why this format cannot store ``qt`` under ``name`` (None: it can). Writers refuse
+        such a tensor with this reason; the test kit's round trips skip the format for such a
+        model. Default: everything is stored."""
+        return None
+
+    def hf_quantization_config(self, qtensors: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+        """The ``quantization_config`` entry for the output's Hugging Face ``config.json`` when
+        the input folder is a transformers model, from the facts
+        (:meth:`~monoquant_core.QTensor.facts`) of every quantized tensor written, by name.
+        Default None: ``config.json`` is copied unchanged."""
+        return None

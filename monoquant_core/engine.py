@@ -18,7 +18,12 @@ from .module_mode import calibrate_model, plan_model, quantize_model
 from .plan import Plan, QuantResult
 from .report import QuantReport
 from .sources import read_artifact
-from .streaming import dequantize_checkpoint, plan_checkpoint, quantize_checkpoint
+from .streaming import (
+    dequantize_checkpoint,
+    export_checkpoint,
+    plan_checkpoint,
+    quantize_checkpoint,
+)
 
 __all__ = ["Engine"]
 
@@ -123,6 +128,7 @@ class Engine(PluginHost):
         trust_pickle: bool = False,
         allow_nonfinite: bool = False,
         progress: bool = True,
+        serializer: str | None = None,
         **options: Any,
     ) -> QuantReport:
         """Quantize a checkpoint without its model class, streaming tensor by tensor, and
@@ -131,7 +137,9 @@ class Engine(PluginHost):
         ``src`` is a ``.safetensors`` file, a folder of shards, or a ``.pt`` state_dict;
         ``dst`` a file (or a folder for a folder), written to a temporary path and renamed when
         complete. ``trust_pickle`` allows ``.pt`` files that need full unpickling;
-        ``allow_nonfinite`` keeps tensors holding NaN/Inf in float instead of refusing.
+        ``allow_nonfinite`` keeps tensors holding NaN/Inf in float instead of refusing;
+        ``serializer`` names the output format (default: by suffix, else ``safetensors``;
+        ``compressed-tensors`` for transformers/vLLM, docs/deploy.md).
         """
         with self.run(self._config(config, options)) as run:
             return quantize_checkpoint(
@@ -142,7 +150,24 @@ class Engine(PluginHost):
                 trust_pickle=trust_pickle,
                 allow_nonfinite=allow_nonfinite,
                 progress=progress,
+                serializer=serializer,
             )
+
+    def export(
+        self,
+        src: str,
+        dst: str,
+        serializer: str,
+        *,
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        """Rewrite a quantized file or folder in the format of ``serializer`` (e.g.
+        ``compressed-tensors``) without quantizing again (docs/deploy.md); returns
+        ``{"bytes", "quantized", "tensors"}``."""
+        return export_checkpoint(
+            self.registries, src, dst, serializer, overwrite=overwrite, progress=progress
+        )
 
     def plan_checkpoint(
         self, src: str, *, config: Config | None = None, trust_pickle: bool = False, **options: Any

@@ -159,6 +159,22 @@ class QTensor:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
+    def facts(self) -> dict[str, Any]:
+        """What it is, without its data (JSON): what a serializer's format-level metadata (a
+        ``quantization_config``) is built from."""
+        return {
+            "scheme": self.scheme,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "axis": self.axis,
+            "symmetric": self.symmetric,
+            "shape": list(self.shape),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "scale_dtype": str(self.scale.dtype).replace("torch.", ""),
+            "activations": self.activations,
+            "extras": sorted(self.extra),
+        }
+
     @property
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes / self.numel if self.numel else 0.0

@@ -21,6 +21,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -114,11 +115,13 @@ def _write_output(
     overwrite: bool,
     write_shard: ShardWriter,
     before_commit: Callable[[int], None] | None = None,
+    hf_config: Callable[[], dict[str, Any] | None] | None = None,
 ) -> int:
     """Write every shard (+ index, + copied files) and move the result into place atomically.
 
     ``before_commit(total_bytes)`` runs when everything is written but not yet renamed into
-    place; if it raises, nothing is committed.
+    place; if it raises, nothing is committed. ``hf_config()``: the ``quantization_config``
+    of the output's transformers ``config.json`` (None: none; see :func:`mark_hf_config`).
     """
     sizes: list[int] = []
     if source.kind != "folder":
@@ -146,11 +149,36 @@ def _write_output(
         for rel in source.copy:
             src = os.path.join(source.path, rel)
             (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, rel))
+            if rel == "config.json":
+                mark_hf_config(os.path.join(tmp, rel), hf_config() if hf_config else None)
         if before_commit is not None:
             before_commit(sum(sizes))
 
     atomic_folder(dst, build, overwrite)
     return sum(sizes)
+
+
+def mark_hf_config(path: str, quantization_config: dict[str, Any] | None) -> bool:
+    """Set ``quantization_config`` (the output serializer's
+    :meth:`~monoquant_core.Serializer.hf_quantization_config`) in a copied Hugging Face
+    ``config.json`` (a JSON object with ``model_type`` or ``architectures``), so transformers
+    does not take the folder for a float model, or remove it (None: a float output, e.g.
+    ``monoquant dequantize``); anything else is left as it is. True when changed."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if not isinstance(cfg, dict) or not ("model_type" in cfg or "architectures" in cfg):
+        return False
+    if quantization_config is not None:
+        cfg["quantization_config"] = quantization_config
+    elif cfg.pop("quantization_config", None) is None:
+        return False
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")
+    return True
 
 
 def quantize_checkpoint(
@@ -162,6 +190,7 @@ def quantize_checkpoint(
     trust_pickle: bool = False,
     allow_nonfinite: bool = False,
     progress: bool = True,
+    serializer: str | None = None,
 ) -> QuantReport:
     """See :meth:`monoquant_core.Engine.quantize_checkpoint`."""
     t0 = time.perf_counter()
@@ -181,11 +210,15 @@ def quantize_checkpoint(
         )
         used = [run.schemes.entry(e.scheme).plugin for e in plan.selected]
         prod = producers(run.registries, used)
+        facts: dict[str, dict[str, Any]] = {}
+        out_format = serializer_for_write(run.serializers, _shard_path(source, dst), serializer)
 
         def write_shard(shard: Shard, path: str) -> tuple[list[str], int]:
-            writer = serializer_for_write(run.serializers, path).open_writer(path)
+            writer = out_format.open_writer(path)
             try:
-                stored = _quantize_shard(run, shard, writer, entries, report, prog, allow_nonfinite)
+                stored = _quantize_shard(
+                    run, shard, writer, entries, report, prog, allow_nonfinite, facts
+                )
                 total = writer.close(prod, run.config.to_dict())
             except BaseException:
                 writer.abort()
@@ -202,7 +235,10 @@ def quantize_checkpoint(
             run.call_each("monoquant_report", report=report)
 
         try:
-            _write_output(source, dst, overwrite, write_shard, before_commit)
+            _write_output(
+                source, dst, overwrite, write_shard, before_commit,
+                lambda: out_format.hf_quantization_config(facts),
+            )  # fmt: skip
         finally:
             prog.close()
         return report
@@ -218,6 +254,7 @@ def _quantize_shard(
     report: QuantReport,
     prog: Progress,
     allow_nonfinite: bool,
+    facts: dict[str, dict[str, Any]],
 ) -> list[str]:
     stored: list[str] = []
     for name in shard.reader.tensor_names():
@@ -229,7 +266,7 @@ def _quantize_shard(
             t = src.load()
             if all_finite(t):
                 try:
-                    report.layers.append(_quantize_one(run, entry, t, writer))
+                    report.layers.append(_quantize_one(run, entry, t, writer, facts))
                 except WeightNotRepresentable as e:  # as module mode: kept in float, with why
                     entry.skip(f"kept in float: {e.problem}")
                     report.skipped.append((name, entry.skip_reason))
@@ -252,7 +289,11 @@ def _quantize_shard(
 
 
 def _quantize_one(
-    run: Run, entry: PlanEntry, t: torch.Tensor, writer: ArtifactWriter
+    run: Run,
+    entry: PlanEntry,
+    t: torch.Tensor,
+    writer: ArtifactWriter,
+    facts: dict[str, dict[str, Any]],
 ) -> LayerReport:
     t1 = time.perf_counter()
     scheme_cfg, obs_cfg = run.entry_configs(entry)
@@ -261,6 +302,7 @@ def _quantize_one(
     obs = entry.observer or ""
     layer = layer_report(entry.name, "tensor", obs, "", t, qt, scheme, stats=run.config.stats)
     writer.add_qtensor(entry.name, qt)
+    facts[entry.name] = qt.facts()
     layer.time_s = time.perf_counter() - t1
     return layer
 
@@ -317,3 +359,74 @@ def _dequantize_shard(
         writer.abort()
         raise
     return names, total
+
+
+def _shard_path(source: CheckpointSource, dst: str) -> str:
+    """The path a serializer is picked by: the output file, or a shard's name in the folder."""
+    if source.kind != "folder":
+        return dst
+    return os.path.join(dst, source.shards[0].out_name)
+
+
+def export_checkpoint(
+    registries: Registries,
+    src: str,
+    dst: str,
+    serializer: str,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Rewrite a quantized file or folder in another serializer's format without quantizing
+    again: every tensor (quantized or not) goes to ``serializer``'s writer as it was read;
+    a transformers ``config.json`` gets that serializer's ``quantization_config``. Returns
+    ``{"bytes": written, "quantized": count, "tensors": count}``."""
+    source = open_source(registries, src)
+    try:
+        dst = check_paths(source, dst, overwrite)
+        if not any(s.reader.quantized_file for s in source.shards):
+            raise UsageError(
+                f"{src!r} is not a Mono Quant quantized checkpoint",
+                "give the output of `monoquant quantize`",
+            )
+        out_format = registries.serializers.get(serializer)
+        total = sum(
+            len(s.reader.tensor_names()) + len(s.reader.qtensor_names()) for s in source.shards
+        )
+        prog = Progress(total, total, enabled=progress)
+        facts: dict[str, dict[str, Any]] = {}
+        counts = {"quantized": 0, "tensors": 0}
+
+        def write_shard(shard: Shard, path: str) -> tuple[list[str], int]:
+            reader: ArtifactReader = shard.reader
+            writer = out_format.open_writer(path)
+            names: list[str] = []
+            try:
+                for name in reader.tensor_names():
+                    writer.add_tensor(name, reader.source(name))
+                    names.extend(writer.stored_names(name))
+                    counts["tensors"] += 1
+                    prog.advance(name, 1)
+                for name in reader.qtensor_names():
+                    qt = reader.qtensor(name)
+                    writer.add_qtensor(name, qt)
+                    facts[name] = qt.facts()
+                    names.extend(writer.stored_names(name))
+                    counts["quantized"] += 1
+                    prog.advance(name, 1)
+                nbytes = writer.close(reader.producers, getattr(reader, "config", {}) or {})
+            except BaseException:
+                writer.abort()
+                raise
+            return names, nbytes
+
+        try:
+            written = _write_output(
+                source, dst, overwrite, write_shard, None,
+                lambda: out_format.hf_quantization_config(facts),
+            )  # fmt: skip
+        finally:
+            prog.close()
+        return {"bytes": written, **counts}
+    finally:
+        source.close()

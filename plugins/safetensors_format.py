@@ -28,6 +28,7 @@ from monoquant_core import (
     QTensor,
     Serializer,
     TensorSource,
+    __version__,
     hookimpl,
 )
 
@@ -89,6 +90,17 @@ class SafetensorsSerializer(Serializer):
 
     def open_writer(self, path: str) -> MonoQuantWriter:
         return MonoQuantWriter(self, path)
+
+    def hf_quantization_config(self, qtensors: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """``quant_method: monoquant``: transformers loads the folder with Mono Quant's modules
+        once ``monoquant_core.hf`` is imported (docs/checkpoints.md)."""
+        return {
+            "quant_method": "monoquant",
+            "format": "monoquant-safetensors",
+            "format_version": FORMAT_VERSION,
+            "monoquant_version": __version__,
+            "load_with": "pip install monoquant; import monoquant_core.hf before from_pretrained",
+        }
 
 
 class MonoQuantWriter(ArtifactWriter):

@@ -1,4 +1,5 @@
-"""``monoquant inspect``, ``verify`` and ``dequantize``: working with saved files."""
+"""``monoquant inspect``, ``verify``, ``dequantize`` and ``export``: working with saved
+files."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ __all__ = ["add_file_commands"]
 
 
 def add_file_commands(cli: click.Group, engine: Engine) -> None:
-    """Add ``inspect``, ``verify`` and ``dequantize`` to ``cli``."""
+    """Add ``inspect``, ``verify``, ``dequantize`` and ``export`` to ``cli``."""
 
     @cli.command()
     @click.argument("path", type=click.Path())
@@ -60,3 +61,27 @@ def add_file_commands(cli: click.Group, engine: Engine) -> None:
         n = engine.dequantize_checkpoint(quantized, out, overwrite=overwrite, progress=not quiet)
         if not quiet:
             click.echo(f"wrote {out} ({human_bytes(n)} of float tensors)")
+
+    @cli.command()
+    @click.argument("quantized", type=click.Path())
+    @click.option("-o", "--output", required=True, type=click.Path(), help="Write here.")
+    @click.option(
+        "--format",
+        "out_format",
+        required=True,
+        metavar="NAME",
+        help="Target format: a serializer name, e.g. compressed-tensors (transformers / vLLM).",
+    )
+    @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+    @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+    def export(quantized: str, output: str, out_format: str, overwrite: bool, quiet: bool) -> None:
+        """Rewrite QUANTIZED (a file or folder written by monoquant quantize) in another format
+        without quantizing again: same codes and scales, same shards and copied files; a
+        transformers config.json gets the format's quantization_config."""
+        engine.registries.serializers.get(out_format)  # an unknown name: one line, before work
+        res = engine.export(quantized, output, out_format, overwrite=overwrite, progress=not quiet)
+        if not quiet:
+            click.echo(
+                f"wrote {output} as {out_format}: {res['quantized']} quantized and "
+                f"{res['tensors']} other tensors, {human_bytes(res['bytes'])}"
+            )

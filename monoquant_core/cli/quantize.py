@@ -32,6 +32,15 @@ def add_quantize(cli: click.Group, engine: Engine, flags: list[PluginFlags]) -> 
     )
     @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
     @click.option(
+        "--format",
+        "out_format",
+        metavar="NAME",
+        default=None,
+        help="Output format: a serializer name (`monoquant plugins`): safetensors (default, "
+        "Mono Quant's own) or compressed-tensors (for transformers / vLLM; int8 and int4-group "
+        "with integer zero points).",
+    )
+    @click.option(
         "--report",
         "report_path",
         type=click.Path(dir_okay=False),
@@ -84,6 +93,8 @@ def add_quantize(cli: click.Group, engine: Engine, flags: list[PluginFlags]) -> 
         give --demo or --model.
         """
         config = config_from(engine, flags, kw)
+        if kw["out_format"]:
+            engine.registries.serializers.get(kw["out_format"])  # an unknown name: one line
         if report_path:
             check_output_path(report_path, overwrite=True)
         if source is not None:
@@ -123,6 +134,7 @@ def _checkpoint_mode(
         trust_pickle=kw["trust_pickle"],
         allow_nonfinite=kw["allow_nonfinite"],
         progress=not kw["quiet"],
+        serializer=kw["out_format"],
     )
     return report, source
 
@@ -155,7 +167,7 @@ def _module_mode(engine: Engine, config: Any, kw: dict[str, Any]) -> tuple[Quant
         if sample is not None:
             report.extra["output_sqnr_db"] = sqnr_db(ref, qmodel(sample))
     if output:
-        engine.save(qmodel, output, overwrite=kw["overwrite"])
+        engine.save(qmodel, output, serializer=kw["out_format"], overwrite=kw["overwrite"])
     return report, label
 
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from ..artifacts import Artifact
+from ..atomic import atomic_write
 from ..components import Serializer
 from ..engine import Engine
-from ..errors import FormatError
+from ..errors import FormatError, UsageError
 from ..qtensor import QTensor
 from .asserts import assert_qtensor_equal, assert_roundtrip_exact
 from .contract_base import Contract
@@ -46,9 +47,11 @@ class SerializerContract(Contract):
 
     A file written by the serializer must give back exactly what was written: every plain
     tensor (dtype, shape, bits, NaN included), every QTensor of every registered scheme
-    (codes, scales, zero points, extras, layout fields and metadata), the producers and the
-    run's config. Broken files are a :class:`~monoquant_core.FormatError`, never another
-    exception.
+    (codes, scales, zero points, extras, layout fields and metadata) that it stores, the
+    producers and the run's config. A format for a subset of QTensors (an export format)
+    says which it cannot store in ``Serializer.unsupported`` and must refuse them with a
+    one-line error, writing nothing. Broken files are a :class:`~monoquant_core.FormatError`,
+    never another exception.
 
     Attributes:
         serializer: the registered name of the serializer under test.
@@ -70,6 +73,13 @@ class SerializerContract(Contract):
         return str(Path(folder) / f"{stem}{(self._ser(engine).suffixes or ('',))[0]}")
 
     def _artifact(self, engine: Engine) -> Artifact:
+        """The test artifact, without the QTensors the serializer says it cannot store."""
+        art = self._full_artifact(engine)
+        ser = self._ser(engine)
+        art.qtensors = {k: q for k, q in art.qtensors.items() if not ser.unsupported(k, q)}
+        return art
+
+    def _full_artifact(self, engine: Engine) -> Artifact:
         art = Artifact(tensors=plain_tensors())
         w = mlp()[0].weight.detach()
         for scheme in engine.schemes.names():
@@ -112,7 +122,7 @@ class SerializerContract(Contract):
     def test_registered_with_suffixes(self, contract_engine):
         ser = self._ser(contract_engine)
         assert isinstance(ser, Serializer) and ser.name == self.serializer
-        assert isinstance(ser.suffixes, tuple) and ser.suffixes, "declare suffixes"
+        assert isinstance(ser.suffixes, tuple), "declare suffixes (a tuple; empty: by name only)"
         assert all(s.startswith(".") for s in ser.suffixes), ser.suffixes
 
     def test_artifact_round_trip_is_exact(self, contract_engine, tmp_path):
@@ -147,6 +157,7 @@ class SerializerContract(Contract):
 
     def test_every_scheme_round_trips_exactly(self, contract_engine, tmp_path):
         models = tiny_models()
+        ser, done = self._ser(contract_engine), 0
         for scheme in contract_engine.schemes.names():
             for name in self.models:
                 tm = models[name]
@@ -154,11 +165,37 @@ class SerializerContract(Contract):
                 if not plan.selected:  # nothing to quantize: quantize() refuses such a run
                     continue
                 qmodel, _ = contract_engine.quantize(tm.build(), scheme=scheme, only=tm.only)
+                qts = {
+                    f"{m}.{p}" if m else p: qt
+                    for m, mod in qmodel.named_modules()
+                    if hasattr(mod, "qtensors")
+                    for p, qt in mod.qtensors().items()
+                }
+                if any(ser.unsupported(k, qt) for k, qt in qts.items()):
+                    continue  # test_unsupported_tensors_are_refused covers these
                 folder = Path(tmp_path) / f"{scheme}-{name}"
                 folder.mkdir()
                 assert_roundtrip_exact(
                     contract_engine, qmodel, tm.build, tm.inputs, folder, [self.serializer]
                 )
+                done += 1
+        assert done, f"{self.serializer} stores no model quantized with any scheme"
+
+    def test_unsupported_tensors_are_refused(self, contract_engine, tmp_path):
+        ser = self._ser(contract_engine)
+        full = self._full_artifact(contract_engine)
+        refused = {k: q for k, q in full.qtensors.items() if ser.unsupported(k, q)}
+        if not refused:
+            pytest.skip(f"{self.serializer} stores every QTensor")
+        for k, qt in refused.items():
+            path = self._path(contract_engine, tmp_path, k.replace(".", "-"))
+            reason = ser.unsupported(k, qt)
+            assert isinstance(reason, str) and reason, k
+            art = Artifact(tensors={"bias": torch.zeros(3)}, qtensors={k: qt})
+            with pytest.raises((UsageError, FormatError)) as err:  # written as save() does
+                atomic_write(path, lambda tmp, art=art: ser.write(art, tmp), True)
+            assert "\n" not in str(err.value), "a one-line error"
+            assert not Path(path).exists(), f"{k}: a file was left behind"
 
     def test_sniff_rejects_other_files(self, contract_engine, tmp_path):
         ser = self._ser(contract_engine)
@@ -184,6 +221,8 @@ class SerializerContract(Contract):
 
     def test_missing_scheme_names_the_package(self, contract_engine, tmp_path):
         ser, art = self._ser(contract_engine), self._artifact(contract_engine)
+        if "custom.weight" not in art.qtensors:
+            pytest.skip(f"{self.serializer} cannot store a third-party scheme's QTensor")
         path = self._path(contract_engine, tmp_path, "custom")
         ser.write(art, path)
         with pytest.raises(FormatError, match="pip install monoquant-nowhere"):

@@ -174,7 +174,10 @@ def test_quantize_folder(cli, tmp_path):
     )
     assert "int4-group" in text
     assert tree(out) == tree(src) - {"pytorch_model.bin"}
-    assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    # a transformers config.json: copied with Mono Quant's quantization_config added
+    config = json.loads((out / "config.json").read_text())
+    assert config.pop("quantization_config")["quant_method"] == "monoquant"
+    assert config == json.loads((src / "config.json").read_text())
     index = json.loads((out / INDEX).read_text())
     stored = {}
     for f in sorted(os.listdir(out)):

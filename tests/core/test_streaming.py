@@ -64,7 +64,9 @@ def test_sharded_folder_with_index_mirrors_input(engine, tmp_path):
     report = engine.quantize_checkpoint(str(src), str(out), progress=False)
     assert tree(out) == set(shards) | {INDEX, "config.json", os.path.join("tokenizer", "vocab.txt")}
     assert report.extra["not_copied"] == ["pytorch_model.bin"]
-    assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    config = json.loads((out / "config.json").read_text())  # marked for transformers
+    assert config.pop("quantization_config")["quant_method"] == "monoquant"
+    assert config == json.loads((src / "config.json").read_text())
     assert (out / "tokenizer" / "vocab.txt").read_bytes() == b"a\nb\n"
     index = assert_index_consistent(out)
     assert index["metadata"]["note"] == "kept"

@@ -125,6 +125,10 @@ class TestSafetensorsContract(SerializerContract):
     serializer = "safetensors"
 
 
+class TestCompressedTensorsContract(SerializerContract):
+    serializer = "compressed-tensors"
+
+
 # ---------------------------------------------------------------------------- backends
 
 

@@ -1,0 +1,203 @@
+"""compressed-tensors export: what Mono Quant writes is read by the target's own code
+(transformers' compressed-tensors quantizer, compressed-tensors' decompressor) to the same
+weights, bit for bit; Mono Quant reads its exports back; what the format cannot hold is
+refused in one line with nothing written. The loader tests skip without the ``hf`` extra and
+compressed-tensors (CI installs both)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from monoquant_plugins.compressed_tensors_format import _pack_rows, _unpack_rows
+from torch import nn
+
+from monoquant_core import Engine, UsageError, load
+
+W8A8 = {"activations": "dynamic"}
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    transformers = pytest.importorskip("transformers", reason="needs the hf extra")
+    root = tmp_path_factory.mktemp("ct")
+    cfg = transformers.BertConfig(
+        vocab_size=120,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=256,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).eval().save_pretrained(root / "float")
+    return root, cfg
+
+
+def _ct_model(folder):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("compressed_tensors", reason="needs compressed-tensors")
+    transformers.logging.set_verbosity_error()
+    model, info = transformers.AutoModel.from_pretrained(str(folder), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not info["mismatched_keys"], info
+    return model.eval()
+
+
+def _ours(folder, cfg):
+    import transformers
+
+    return load(str(folder), transformers.BertModel(cfg).eval())
+
+
+CASES = {
+    "int4-sym-g32": ("int4-group", {"symmetric": True, "group_size": 32}),
+    "int4-sym-g128": ("int4-group", {"symmetric": True}),
+    "int8": ("int8", {}),
+    "int8-w8a8": ("int8", W8A8),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_transformers_loads_the_same_weights(bert, case, tmp_path):
+    root, cfg = bert
+    scheme, opts = CASES[case]
+    mq, ct = tmp_path / "mq", tmp_path / "ct"
+    Engine().quantize_checkpoint(
+        str(root / "float"), str(mq), scheme=scheme, scheme_options=opts, progress=False
+    )
+    Engine().export(str(mq), str(ct), "compressed-tensors", progress=False)
+    qc = json.loads((ct / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["quantization_status"] == "compressed"
+    (group,) = qc["config_groups"].values()
+    assert len(group["targets"]) == 13  # every Linear, by name
+    if opts.get("activations") == "dynamic":
+        assert group["input_activations"]["strategy"] == "token"
+    model = _ct_model(ct)
+    ids = torch.randint(0, 120, (2, 16))
+    with torch.no_grad():
+        model(ids)  # compressed-tensors decompresses on the first forward
+    ours = load(str(mq), dequantize=True)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            want = ours[f"{name}.weight"].float()
+            assert torch.equal(module.weight.detach().float(), want), name
+    with torch.no_grad():
+        got, ref = model(ids).last_hidden_state, _ours(mq, cfg)(ids).last_hidden_state
+    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.9999
+
+
+def test_asymmetric_int4_decompresses_with_compressed_tensors_own_code(bert, tmp_path):
+    """Integer zero points (zero=int), packed along the output dimension. transformers 5.24 with
+    compressed-tensors 0.20 cannot load asymmetric pack-quantized folders at all (its meta
+    model expects unpacked zero points: a size mismatch, also for llm-compressor's own output),
+    so the check is compressed-tensors' decompressor on the exported tensors."""
+    pytest.importorskip("compressed_tensors", reason="needs compressed-tensors")
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+
+    root, _ = bert
+    ct, mq = tmp_path / "ct", tmp_path / "mq"
+    opts = {"zero": "int", "method": "rtn", "group_size": 64}
+    Engine().quantize_checkpoint(
+        str(root / "float"), str(mq), scheme="int4-group", scheme_options=opts, progress=False
+    )
+    Engine().export(str(mq), str(ct), "compressed-tensors", progress=False)
+    qc = json.loads((ct / "config.json").read_text())["quantization_config"]
+    (group,) = qc["config_groups"].values()
+    scheme = QuantizationScheme(**{k: v for k, v in group.items() if k != "format"})
+    compressor = BaseCompressor.load_from_registry(group["format"])
+    tensors = load_file(str(ct / "model.safetensors"))
+    ours = load(str(mq), dequantize=True)
+    for m in group["targets"]:
+        local = {k[len(m) + 1 :]: v for k, v in tensors.items() if k.startswith(m + ".weight")}
+        assert local["weight_zero_point"].dtype == torch.int32
+        # in float32, as a float32 model's parameters (transformers casts the scale to them)
+        local["weight_scale"] = local["weight_scale"].float()
+        weight = compressor.decompress(local, scheme)["weight"]
+        assert torch.equal(weight.float(), ours[f"{m}.weight"].float()), m
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 13, 64])
+def test_zero_points_pack_along_the_output_dimension(n):
+    zp = torch.randint(-8, 8, (n, 3), dtype=torch.int16)
+    packed = _pack_rows(zp)
+    assert packed.dtype == torch.int32 and packed.shape == ((n + 7) // 8, 3)
+    assert torch.equal(_unpack_rows(packed, n), zp)
+    try:
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    except ImportError:
+        return
+    assert torch.equal(packed, pack_to_int32(zp.to(torch.int8), 4, packed_dim=0))
+
+
+def test_mixed_schemes_are_one_group_each(bert, tmp_path):
+    root, cfg = bert
+    ct = tmp_path / "ct"
+    rules = ["*.intermediate.dense=int8", "*.output.dense=int8"]
+    Engine().quantize_checkpoint(
+        str(root / "float"), str(ct), scheme="int4-group", scheme_options={"symmetric": True},
+        rules=rules, serializer="compressed-tensors", progress=False,
+    )  # fmt: skip
+    qc = json.loads((ct / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "mixed-precision"
+    formats = sorted(g["format"] for g in qc["config_groups"].values())
+    assert formats == ["int-quantized", "pack-quantized"]
+    if pytest.importorskip("compressed_tensors"):
+        model = _ct_model(ct)
+        ids = torch.randint(0, 120, (2, 16))
+        with torch.no_grad():
+            got, ref = model(ids).last_hidden_state, _ours(ct, cfg)(ids).last_hidden_state
+        assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.9999
+
+
+def test_mono_quant_reads_its_export_back_exactly(tmp_path):
+    """Module mode writes one file; load() and inspect read it with the same numbers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    opts = {"symmetric": True, "group_size": 32}
+    q, _ = Engine().quantize(model, scheme="int4-group", scheme_options=opts)
+    path = tmp_path / "m.safetensors"
+    Engine().save(q, str(path), serializer="compressed-tensors")
+    fresh = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    fresh.load_state_dict(state)
+    back = load(str(path), fresh)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(back(x), q(x))
+    info = Engine().inspect(str(path))
+    assert {t["scheme"] for t in info["tensors"] if t["quantized"]} == {"int4-group"}
+
+
+def test_what_the_format_cannot_hold_is_refused_before_anything_is_written(bert, tmp_path, cli):
+    root, _ = bert
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match="compressed-tensors cannot store float zero points"):
+        Engine().quantize_checkpoint(
+            str(root / "float"), str(out), scheme="int4-group",
+            serializer="compressed-tensors", progress=False,
+        )  # fmt: skip
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    res = cli(
+        "quantize", root / "float", "-o", out, "--scheme", "int4-group",
+        "--format", "compressed-tensors",
+    )  # fmt: skip
+    assert res.exit_code == 1 and "zero=int" in res.output and not out.exists()
+    res = cli("export", root / "float", "-o", out, "--format", "nope")
+    assert res.exit_code == 1 and "'nope'" in res.output and not out.exists()
+    res = cli("export", root / "float", "-o", out, "--format", "compressed-tensors")
+    assert res.exit_code == 1 and "not a Mono Quant quantized checkpoint" in res.output
+
+
+def test_dequantize_drops_the_quantization_config(bert, tmp_path):
+    root, _ = bert
+    mq, fl = tmp_path / "mq", tmp_path / "fl"
+    Engine().quantize_checkpoint(str(root / "float"), str(mq), progress=False)
+    assert "quantization_config" in json.loads((mq / "config.json").read_text())
+    Engine().dequantize_checkpoint(str(mq), str(fl), progress=False)
+    assert json.loads((fl / "config.json").read_text()) == json.loads(
+        (root / "float" / "config.json").read_text()
+    )
