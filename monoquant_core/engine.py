@@ -153,21 +153,11 @@ class Engine(PluginHost):
                 serializer=serializer,
             )
 
-    def export(
-        self,
-        src: str,
-        dst: str,
-        serializer: str,
-        *,
-        overwrite: bool = False,
-        progress: bool = True,
-    ) -> dict[str, Any]:
+    def export(self, src: str, dst: str, serializer: str, **kwargs: Any) -> dict[str, Any]:
         """Rewrite a quantized file or folder in the format of ``serializer`` (e.g.
-        ``compressed-tensors``) without quantizing again (docs/deploy.md); returns
-        ``{"bytes", "quantized", "tensors"}``."""
-        return export_checkpoint(
-            self.registries, src, dst, serializer, overwrite=overwrite, progress=progress
-        )
+        ``compressed-tensors``) without quantizing again (docs/deploy.md; ``overwrite``,
+        ``progress``); returns ``{"bytes", "quantized", "tensors"}``."""
+        return export_checkpoint(self.registries, src, dst, serializer, **kwargs)
 
     def plan_checkpoint(
         self, src: str, *, config: Config | None = None, trust_pickle: bool = False, **options: Any

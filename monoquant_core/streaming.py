@@ -27,6 +27,7 @@ import torch
 
 from .artifacts import ArtifactReader, ArtifactWriter
 from .atomic import atomic_folder, atomic_write
+from .components import Serializer
 from .errors import UsageError, WeightNotRepresentable
 from .files import dequantize_qtensor, producers, serializer_for_write
 from .metrics import all_finite, count_nonfinite
@@ -311,61 +312,7 @@ def dequantize_checkpoint(
     registries: Registries, src: str, dst: str, *, overwrite: bool = False, progress: bool = True
 ) -> int:
     """Write a plain float safetensors copy of a quantized file or folder; returns bytes."""
-    source = open_source(registries, src)
-    try:
-        dst = check_paths(source, dst, overwrite)
-        if not any(s.reader.quantized_file for s in source.shards):
-            raise UsageError(
-                f"{src!r} is not a Mono Quant quantized checkpoint",
-                "give the output of `monoquant quantize`",
-            )
-        total = sum(
-            len(s.reader.tensor_names()) + len(s.reader.qtensor_names()) for s in source.shards
-        )
-        prog = Progress(total, total, enabled=progress)
-
-        def write_shard(shard: Shard, path: str) -> tuple[list[str], int]:
-            return _dequantize_shard(registries, shard, path, prog)
-
-        try:
-            return _write_output(source, dst, overwrite, write_shard)
-        finally:
-            prog.close()
-    finally:
-        source.close()
-
-
-def _dequantize_shard(
-    registries: Registries, shard: Shard, path: str, prog: Progress
-) -> tuple[list[str], int]:
-    reader: ArtifactReader = shard.reader
-    writer = serializer_for_write(registries.serializers, path).open_writer(path)
-    names: list[str] = []
-    try:
-        for name in reader.tensor_names():
-            writer.add_tensor(name, reader.source(name))
-            names.append(name)
-            prog.advance(name, 1)
-        for name in reader.qtensor_names():
-            qt = reader.qtensor(name)
-            writer.add_tensor(
-                name,
-                dequantize_qtensor(registries.schemes, shard.path, name, qt, reader.producers),
-            )
-            names.append(name)
-            prog.advance(name, 1)
-        total = writer.close({}, {})  # no producers: a plain float file
-    except BaseException:
-        writer.abort()
-        raise
-    return names, total
-
-
-def _shard_path(source: CheckpointSource, dst: str) -> str:
-    """The path a serializer is picked by: the output file, or a shard's name in the folder."""
-    if source.kind != "folder":
-        return dst
-    return os.path.join(dst, source.shards[0].out_name)
+    return _rewrite(registries, src, dst, None, overwrite, progress)["bytes"]
 
 
 def export_checkpoint(
@@ -381,6 +328,22 @@ def export_checkpoint(
     again: every tensor (quantized or not) goes to ``serializer``'s writer as it was read;
     a transformers ``config.json`` gets that serializer's ``quantization_config``. Returns
     ``{"bytes": written, "quantized": count, "tensors": count}``."""
+    return _rewrite(
+        registries, src, dst, registries.serializers.get(serializer), overwrite, progress
+    )
+
+
+def _rewrite(
+    registries: Registries,
+    src: str,
+    dst: str,
+    out_format: Serializer | None,
+    overwrite: bool,
+    progress: bool,
+) -> dict[str, Any]:
+    """Copy a quantized file or folder shard by shard: into ``out_format`` with its QTensors
+    as they are (export), or, with None, into the default format with every QTensor
+    dequantized by its scheme (a plain float checkpoint, its transformers config unmarked)."""
     source = open_source(registries, src)
     try:
         dst = check_paths(source, dst, overwrite)
@@ -389,7 +352,6 @@ def export_checkpoint(
                 f"{src!r} is not a Mono Quant quantized checkpoint",
                 "give the output of `monoquant quantize`",
             )
-        out_format = registries.serializers.get(serializer)
         total = sum(
             len(s.reader.tensor_names()) + len(s.reader.qtensor_names()) for s in source.shards
         )
@@ -399,7 +361,8 @@ def export_checkpoint(
 
         def write_shard(shard: Shard, path: str) -> tuple[list[str], int]:
             reader: ArtifactReader = shard.reader
-            writer = out_format.open_writer(path)
+            ser = out_format or serializer_for_write(registries.serializers, path)
+            writer = ser.open_writer(path)
             names: list[str] = []
             try:
                 for name in reader.tensor_names():
@@ -409,24 +372,40 @@ def export_checkpoint(
                     prog.advance(name, 1)
                 for name in reader.qtensor_names():
                     qt = reader.qtensor(name)
-                    writer.add_qtensor(name, qt)
-                    facts[name] = qt.facts()
+                    if out_format is None:
+                        writer.add_tensor(
+                            name,
+                            dequantize_qtensor(
+                                registries.schemes, shard.path, name, qt, reader.producers
+                            ),
+                        )
+                    else:
+                        writer.add_qtensor(name, qt)
+                        facts[name] = qt.facts()
                     names.extend(writer.stored_names(name))
                     counts["quantized"] += 1
                     prog.advance(name, 1)
-                nbytes = writer.close(reader.producers, getattr(reader, "config", {}) or {})
+                if out_format is None:
+                    nbytes = writer.close({}, {})  # no producers: a plain float file
+                else:
+                    nbytes = writer.close(reader.producers, getattr(reader, "config", {}) or {})
             except BaseException:
                 writer.abort()
                 raise
             return names, nbytes
 
+        hf = None if out_format is None else lambda: out_format.hf_quantization_config(facts)
         try:
-            written = _write_output(
-                source, dst, overwrite, write_shard, None,
-                lambda: out_format.hf_quantization_config(facts),
-            )  # fmt: skip
+            written = _write_output(source, dst, overwrite, write_shard, None, hf)
         finally:
             prog.close()
         return {"bytes": written, **counts}
     finally:
         source.close()
+
+
+def _shard_path(source: CheckpointSource, dst: str) -> str:
+    """The path a serializer is picked by: the output file, or a shard's name in the folder."""
+    if source.kind != "folder":
+        return dst
+    return os.path.join(dst, source.shards[0].out_name)

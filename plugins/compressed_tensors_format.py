@@ -35,9 +35,7 @@ from typing import Any
 import torch
 
 from monoquant_core import (
-    Artifact,
     ArtifactReader,
-    ArtifactWriter,
     FormatError,
     QTensor,
     Serializer,
@@ -47,7 +45,7 @@ from monoquant_core import (
 )
 
 from .safetensors_io import SafetensorsReader, is_safetensors
-from .safetensors_writer import SafetensorsWriter
+from .safetensors_writer import SafetensorsArtifactWriter, StreamingSerializer
 
 _FIX = (
     "quantize with a scheme compressed-tensors can hold (int8 symmetric, int4-group with "
@@ -125,7 +123,7 @@ _INPUTS = {
 }  # fmt: skip
 
 
-class CompressedTensorsSerializer(Serializer):
+class CompressedTensorsSerializer(StreamingSerializer):
     name = "compressed-tensors"
     suffixes = ()  # chosen by name only (--format compressed-tensors)
 
@@ -137,27 +135,6 @@ class CompressedTensorsSerializer(Serializer):
                 return r.metadata.get("monoquant_format") == self.name
         except FormatError:
             return False
-
-    def write(self, artifact: Artifact, path: str) -> None:
-        w = self.open_writer(path)
-        try:
-            for name, t in artifact.tensors.items():
-                w.add_tensor(name, t)
-            for name, qt in artifact.qtensors.items():
-                w.add_qtensor(name, qt)
-            w.close(artifact.producers, artifact.config)
-        except BaseException:
-            w.abort()
-            raise
-
-    def read(self, path: str) -> Artifact:
-        with self.open_reader(path) as r:
-            art = Artifact(producers=r.producers, config=r.config, format_version=1)
-            for name in r.tensor_names():
-                art.tensors[name] = r.source(name).load()
-            for name in r.qtensor_names():
-                art.qtensors[name] = r.qtensor(name)
-        return art
 
     def open_reader(self, path: str) -> CompressedTensorsReader:
         return CompressedTensorsReader(path)
@@ -199,24 +176,12 @@ class CompressedTensorsSerializer(Serializer):
         }
 
 
-class CompressedTensorsWriter(ArtifactWriter):
+class CompressedTensorsWriter(SafetensorsArtifactWriter):
     """Streams tensors into one safetensors file in compressed-tensors naming."""
 
     def __init__(self, serializer: Serializer, path: str):
         super().__init__(serializer, path)
-        self._w = SafetensorsWriter(path)
         self._facts: dict[str, dict[str, Any]] = {}
-        self._stored: dict[str, list[str]] = {}
-
-    def add_tensor(self, name: str, tensor: torch.Tensor | TensorSource) -> None:
-        if isinstance(tensor, TensorSource):
-            if tensor.copy_to is not None:
-                self._w.add_stream(name, tensor.dtype, tensor.shape, tensor.nbytes, tensor.copy_to)
-            else:
-                self._w.add(name, tensor.load())
-        else:
-            self._w.add(name, tensor)
-        self._stored[name] = [name]
 
     def add_qtensor(self, name: str, qt: QTensor) -> None:
         why = _why_not(name, qt)
@@ -244,9 +209,6 @@ class CompressedTensorsWriter(ArtifactWriter):
         self._stored[name] = list(out)
         self._facts[name] = {**qt.facts(), "meta": qt.meta}
 
-    def stored_names(self, name: str) -> list[str]:
-        return list(self._stored.get(name, [name]))
-
     def close(self, producers: dict[str, dict[str, str]], config: dict[str, Any]) -> int:
         metadata = {
             "format": "pt",
@@ -257,9 +219,6 @@ class CompressedTensorsWriter(ArtifactWriter):
         if config:
             metadata["config"] = json.dumps(config, sort_keys=True, default=str)
         return self._w.close(metadata)
-
-    def abort(self) -> None:
-        self._w.abort()
 
 
 class CompressedTensorsReader(ArtifactReader):

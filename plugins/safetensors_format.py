@@ -21,9 +21,7 @@ from typing import Any
 import torch
 
 from monoquant_core import (
-    Artifact,
     ArtifactReader,
-    ArtifactWriter,
     FormatError,
     QTensor,
     Serializer,
@@ -33,7 +31,7 @@ from monoquant_core import (
 )
 
 from .safetensors_io import SafetensorsReader, is_safetensors
-from .safetensors_writer import SafetensorsWriter
+from .safetensors_writer import SafetensorsArtifactWriter, SafetensorsWriter, StreamingSerializer
 
 FORMAT_VERSION = 1
 _DTYPES = {
@@ -57,33 +55,12 @@ def write_safetensors(
         w.close(metadata)
 
 
-class SafetensorsSerializer(Serializer):
+class SafetensorsSerializer(StreamingSerializer):
     name = "safetensors"
     suffixes = (".safetensors",)
 
     def sniff(self, path: str) -> bool:
         return is_safetensors(path)
-
-    def write(self, artifact: Artifact, path: str) -> None:
-        w = self.open_writer(path)
-        try:
-            for name, t in artifact.tensors.items():
-                w.add_tensor(name, t)
-            for name, qt in artifact.qtensors.items():
-                w.add_qtensor(name, qt)
-            w.close(artifact.producers, artifact.config)
-        except BaseException:
-            w.abort()
-            raise
-
-    def read(self, path: str) -> Artifact:
-        with self.open_reader(path) as r:
-            art = Artifact(producers=r.producers, config=r.config, format_version=r.format_version)
-            for name in r.tensor_names():
-                art.tensors[name] = r.source(name).load()
-            for name in r.qtensor_names():
-                art.qtensors[name] = r.qtensor(name)
-        return art
 
     def open_reader(self, path: str) -> MonoQuantReader:
         return MonoQuantReader(path)
@@ -103,24 +80,12 @@ class SafetensorsSerializer(Serializer):
         }
 
 
-class MonoQuantWriter(ArtifactWriter):
+class MonoQuantWriter(SafetensorsArtifactWriter):
     """Streams tensors into one safetensors file; QTensors become ``<name>.<role>`` entries."""
 
     def __init__(self, serializer: Serializer, path: str):
         super().__init__(serializer, path)
-        self._w = SafetensorsWriter(path)
         self._quant: dict[str, dict[str, Any]] = {}
-        self._stored: dict[str, list[str]] = {}
-
-    def add_tensor(self, name: str, tensor: torch.Tensor | TensorSource) -> None:
-        if isinstance(tensor, TensorSource):
-            if tensor.copy_to is not None:
-                self._w.add_stream(name, tensor.dtype, tensor.shape, tensor.nbytes, tensor.copy_to)
-            else:
-                self._w.add(name, tensor.load())
-        else:
-            self._w.add(name, tensor)
-        self._stored[name] = [name]
 
     def add_qtensor(self, name: str, qt: QTensor) -> None:
         roles = qt.tensors()
@@ -139,9 +104,6 @@ class MonoQuantWriter(ArtifactWriter):
             **{k: v for k, v in qt.meta.items() if k not in _STRUCT},
         }
 
-    def stored_names(self, name: str) -> list[str]:
-        return list(self._stored.get(name, [name]))
-
     def close(self, producers: dict[str, dict[str, str]], config: dict[str, Any]) -> int:
         if not producers and not self._quant:  # nothing quantized, no provenance: plain file
             return self._w.close({"format": "pt"})
@@ -154,9 +116,6 @@ class MonoQuantWriter(ArtifactWriter):
         if config:
             metadata["config"] = json.dumps(config, sort_keys=True, default=str)
         return self._w.close(metadata)
-
-    def abort(self) -> None:
-        self._w.abort()
 
 
 class MonoQuantReader(ArtifactReader):

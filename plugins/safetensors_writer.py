@@ -23,12 +23,19 @@ from typing import Any, BinaryIO
 
 import torch
 
-from monoquant_core import FormatError, UsageError
+from monoquant_core import (
+    Artifact,
+    ArtifactWriter,
+    FormatError,
+    Serializer,
+    TensorSource,
+    UsageError,
+)
 from monoquant_core.atomic import temp_tag
 
 from .safetensors_io import NAMES, bytes_view
 
-__all__ = ["SafetensorsWriter"]
+__all__ = ["SafetensorsArtifactWriter", "SafetensorsWriter", "StreamingSerializer"]
 
 _CHUNK = 16 * 2**20  # bytes copied per read when concatenating spools
 
@@ -149,3 +156,60 @@ class SafetensorsWriter:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is not None:
             self.abort()
+
+
+class StreamingSerializer(Serializer):
+    """A serializer whose whole-file ``write`` / ``read`` go through its streaming
+    ``open_writer`` / ``open_reader`` (one code path for both modes)."""
+
+    def write(self, artifact: Artifact, path: str) -> None:
+        w = self.open_writer(path)
+        try:
+            for name, t in artifact.tensors.items():
+                w.add_tensor(name, t)
+            for name, qt in artifact.qtensors.items():
+                w.add_qtensor(name, qt)
+            w.close(artifact.producers, artifact.config)
+        except BaseException:
+            w.abort()
+            raise
+
+    def read(self, path: str) -> Artifact:
+        with self.open_reader(path) as r:
+            art = Artifact(
+                producers=r.producers,
+                config=getattr(r, "config", {}) or {},
+                format_version=r.format_version,
+            )
+            for name in r.tensor_names():
+                art.tensors[name] = r.source(name).load()
+            for name in r.qtensor_names():
+                art.qtensors[name] = r.qtensor(name)
+        return art
+
+
+class SafetensorsArtifactWriter(ArtifactWriter):
+    """Streams an artifact into one safetensors file: plain tensors as they are (copied
+    straight from a source file when possible); subclasses store QTensors (``add_qtensor``,
+    recording their names in ``_stored``) and write the header metadata (``close``)."""
+
+    def __init__(self, serializer: Serializer, path: str):
+        super().__init__(serializer, path)
+        self._w = SafetensorsWriter(path)
+        self._stored: dict[str, list[str]] = {}
+
+    def add_tensor(self, name: str, tensor: torch.Tensor | TensorSource) -> None:
+        if isinstance(tensor, TensorSource):
+            if tensor.copy_to is not None:
+                self._w.add_stream(name, tensor.dtype, tensor.shape, tensor.nbytes, tensor.copy_to)
+            else:
+                self._w.add(name, tensor.load())
+        else:
+            self._w.add(name, tensor)
+        self._stored[name] = [name]
+
+    def stored_names(self, name: str) -> list[str]:
+        return list(self._stored.get(name, [name]))
+
+    def abort(self) -> None:
+        self._w.abort()

@@ -516,3 +516,22 @@ class BrokenScalePlugin:
     @mq.hookimpl
     def monoquant_register_schemes(self, register):
         register(BrokenScaleScheme())
+
+
+def tiny_bert(path):
+    """A small random transformers ``BertModel`` (2 layers, hidden 128) saved with
+    ``save_pretrained`` at ``path``: ``(model, config)``. Needs transformers."""
+    import transformers
+
+    cfg = transformers.BertConfig(
+        vocab_size=120,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=256,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    model.save_pretrained(path)
+    return model, cfg

@@ -13,29 +13,15 @@ import torch
 
 from monoquant_core import Engine, UsageError, load
 from monoquant_core.streaming import mark_hf_config
+from tests.helpers import tiny_bert
 
 transformers = pytest.importorskip("transformers", reason="needs the hf extra (transformers)")
-
-
-def _tiny_bert(path):
-    cfg = transformers.BertConfig(
-        vocab_size=120,
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=256,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg).eval()
-    model.save_pretrained(path)
-    return model, cfg
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    float_model, cfg = _tiny_bert(root / "float")
+    float_model, cfg = tiny_bert(root / "float")
     Engine().quantize_checkpoint(str(root / "float"), str(root / "q"), progress=False)
     return root, float_model, cfg
 

@@ -14,24 +14,16 @@ from monoquant_plugins.compressed_tensors_format import _pack_rows, _unpack_rows
 from torch import nn
 
 from monoquant_core import Engine, UsageError, load
+from tests.helpers import tiny_bert
 
 W8A8 = {"activations": "dynamic"}
 
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
-    transformers = pytest.importorskip("transformers", reason="needs the hf extra")
+    pytest.importorskip("transformers", reason="needs the hf extra")
     root = tmp_path_factory.mktemp("ct")
-    cfg = transformers.BertConfig(
-        vocab_size=120,
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=256,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    transformers.BertModel(cfg).eval().save_pretrained(root / "float")
+    _, cfg = tiny_bert(root / "float")
     return root, cfg
 
 
