@@ -6,9 +6,11 @@
     python bench/kernels.py --crossover           # torch-cpu's GEMV vs GEMM crossover M
     python bench/kernels.py --chunks              # W8A8 at many rows: one fbgemm call vs chunks
 
-Linear 4096x4096 and 4096->11008 at M = 1, 8, 32, 128 tokens. Weights are cold: every call
-uses the next of several copies of the layer, together larger than the L3 cache, so each call
-streams its weight from DRAM as in a real model. Each cell is the median of the timed calls,
+Linear 4096x4096 and 4096->11008 at M = 1, 8, 32, 128 tokens, in a float32 model (against
+fp32 and bf16 ``nn.Linear``) and in a bfloat16 model (bf16 inputs, against bf16
+``nn.Linear``). Weights are cold: every call uses the next of several copies of the layer,
+together larger than the L3 cache, so each call streams its weight from DRAM as in a real
+model. Each cell is the median of the timed calls,
 measured in one run, round-robin (a few calls of each variant in turn, in a shuffled order,
 so the machine's drift hits all alike), with fp32 ``nn.Linear`` as the baseline (speed-up =
 fp32 time / time). A bare ``torch.ao`` fbgemm dynamic Linear row shows the kernel's own speed.
@@ -37,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from monoquant_core import Engine
 from monoquant_core.demo import TransformerBlock
+from monoquant_core.hardware import isa
 
 POOL_BYTES = 512 * 2**20
 W4A8 = {"activations": "dynamic"}  # int4-group with int8 inputs per token (cpu-vnni backend)
@@ -164,6 +167,37 @@ def linear_table(n: int, k: int, ms: list[int], bw: float, quick: bool) -> str:
     )
     sep = "|---|---|---|" + "---|" * len(ms) + "---|"
     return "\n".join([f"Linear {k} -> {n} (N={n}, K={k})", "", head, sep, *rows])
+
+
+def linear_table_bf16(n: int, k: int, ms: list[int], quick: bool) -> str:
+    """The same layer as :func:`linear_table` in a bfloat16 model: every method quantized from
+    the bf16 weight and called with bf16 inputs, against bf16 ``nn.Linear`` (the float layer of
+    the same activation dtype)."""
+    torch.manual_seed(0)
+    base = nn.Linear(k, n, bias=False).to(torch.bfloat16)
+    engine = Engine()
+    variants = [("bf16 nn.Linear", "-", pool_of(base, n * k * 2), torch.bfloat16)]
+    for label, scheme, opts, backend in _runnable(METHODS):
+        if backend == "reference":
+            continue  # far slower, and measured in the float32 table
+        q, _ = engine.quantize(
+            nn.Sequential(copy.deepcopy(base)), scheme=scheme, scheme_options=opts, backend=backend
+        )
+        variants.append((label, backend, pool_of(q, weight_bytes(q)), torch.bfloat16))
+    by_m = {}
+    for m in ms:
+        x = torch.randn(m, k, dtype=torch.bfloat16)
+        by_m[m] = interleaved(variants, lambda _dt, x=x: x, 3 if quick else 8, quick)
+    rows = [
+        f"| {label} | {backend} | "
+        + " | ".join(f"{by_m[m][i] * 1e3:.2f} ({by_m[m][0] / by_m[m][i]:.2f}x)" for m in ms)
+        + " |"
+        for i, (label, backend, _, _) in enumerate(variants)
+    ]
+    head = "| method | backend | " + " | ".join(f"M={m} ms (x bf16)" for m in ms) + " |"
+    sep = "|---|---|" + "---|" * len(ms)
+    title = f"bfloat16 model: Linear {k} -> {n} (N={n}, K={k}), bf16 inputs"
+    return "\n".join([title, "", head, sep, *rows])
 
 
 def _raw_fbgemm(base: nn.Linear) -> list[nn.Module]:
@@ -394,6 +428,7 @@ def main() -> None:
         help="thread counts to run (default: 1 and all)",
     )
     ap.add_argument("--quick", action="store_true", help="one shape, fewer calls")
+    ap.add_argument("--no-bf16", action="store_true", help="leave out the bfloat16-model tables")
     ap.add_argument(
         "--overhead",
         action="store_true",
@@ -425,8 +460,8 @@ def main() -> None:
     threads = args.threads or sorted({1, os.cpu_count() or 1})
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)]
     print(
-        f"torch {torch.__version__}, CPU {torch.backends.cpu.get_cpu_capability()}, "
-        f"{os.cpu_count()} CPUs\n"
+        f"torch {torch.__version__}, CPU: {', '.join(isa()) or 'unknown'} (ATen: "
+        f"{torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} CPUs\n"
     )
     for nt in threads:
         torch.set_num_threads(nt)
@@ -434,6 +469,9 @@ def main() -> None:
         print(f"## {nt} thread(s); read bandwidth {bw:.1f} GB/s (tensor.sum over 1 GiB)\n")
         for n, k in shapes:
             print(linear_table(n, k, [1, 8, 32, 128], bw, args.quick), "\n")
+        if not args.no_bf16:
+            for n, k in shapes:
+                print(linear_table_bf16(n, k, [1, 8, 32, 128], args.quick), "\n")
         print(model_table(args.quick), "\n")
 
 
