@@ -45,11 +45,16 @@ GROUPS = (32, 64, 128, 256)
 #: layers from 256-384). float32 inputs stay on the VNNI kernel at every M: it is 1.4-1.8x a
 #: float32 nn.Linear at thousands of rows.
 BF16_GEMM_ROWS = ((512, 48), (2048, 160), (None, 256))
+#: at most this M for group size 32, whose VNNI kernel pays more per group: on 4096-wide
+#: layers it was 1.07-1.09x a bf16 nn.Linear at M = 32 but 0.78x at 128, where the GEMM path
+#: is 0.92x (``bench/kernels.py``, bfloat16-model tables)
+G32_GEMM_ROWS = 96
 
 
-def bf16_gemm_rows(k: int) -> int:
+def bf16_gemm_rows(k: int, group_size: int = 128) -> int:
     """The first M of the bfloat16 GEMM path for a weight with ``k`` inputs."""
-    return next(m for limit, m in BF16_GEMM_ROWS if limit is None or k <= limit)
+    m = next(m for limit, m in BF16_GEMM_ROWS if limit is None or k <= limit)
+    return min(m, G32_GEMM_ROWS) if group_size <= 32 else m
 
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -134,14 +139,15 @@ class CpuVnniBackend(Backend):
         vnni = "AVX512-VNNI int4 x int8 kernel (C), per-token int8 inputs"
         if info.dtype == torch.bfloat16 and dequant_library() is not None:
             gemm = "int8 codes x int4 rows -> bf16 blocks (C) + bf16 GEMM"
-            first = bf16_gemm_rows(info.shape[1])
+            first = bf16_gemm_rows(info.shape[1], info.spec.group_size)
             return (Kernel(vnni, 1, first - 1), Kernel(gemm, first))
         return (Kernel(vnni),)
 
     def expected_speedup(self, info, rows):
         # bench/kernels.py (M = 1 to 128) and bench/e2e.py (thousands of rows), Zen 5, 1 thread
         if info.dtype == torch.bfloat16:
-            if rows >= bf16_gemm_rows(info.shape[1]) and dequant_library() is not None:
+            first = bf16_gemm_rows(info.shape[1], info.spec.group_size)
+            if rows >= first and dequant_library() is not None:
                 return 0.8 if rows <= 128 else 0.95  # the bf16 GEMM path
             return 6.0 if rows == 1 else 2.5 if rows <= 8 else 1.0 if rows <= 128 else 0.6
         return 8.0 if rows == 1 else 4.5 if rows <= 128 else 1.3
@@ -164,7 +170,7 @@ class CpuVnniBackend(Backend):
         if lib is None:  # unreachable after selection; a clear error rather than a crash
             raise RuntimeError(f"cpu-vnni: {reason}")
         lead = x.shape[:-1]
-        if x.dtype == torch.bfloat16 and x.numel() >= bf16_gemm_rows(p.k) * p.k:
+        if x.dtype == torch.bfloat16 and x.numel() >= bf16_gemm_rows(p.k, p.group_size) * p.k:
             gemm = dequant_library()
             if gemm is not None:
                 y = _bf16_gemm(gemm, x.reshape(-1, p.k).contiguous(), p)

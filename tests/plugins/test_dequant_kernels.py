@@ -209,3 +209,13 @@ def test_c_gemm_paths_fuse_the_bias_and_keep_gradients(scheme, opts, one_block, 
     r = ref(xr)
     (gr,) = torch.autograd.grad(r.square().sum(), xr)
     assert rel_err(y, r) < 1.5e-2 and rel_err(g, gr) < 2e-2
+
+
+def test_w4a8_gemm_crossover_by_width_and_group_size():
+    assert [cpu_vnni.bf16_gemm_rows(k) for k in (384, 1536, 4096)] == [48, 160, 256]
+    assert cpu_vnni.bf16_gemm_rows(4096, 32) == 96 and cpu_vnni.bf16_gemm_rows(384, 32) == 48
+    if VNNI is True and LIB is not None:
+        model = nn.Sequential(nn.Linear(4096, 64)).to(torch.bfloat16)
+        opts = {**W4A8, "group_size": 32}
+        entry = Engine().plan(model, scheme="int4-group", scheme_options=opts).get("0")
+        assert entry.kernels[1].startswith("M >= 96: ")
