@@ -5,12 +5,16 @@ module-global state: two Engines in one process are independent.
 
 from __future__ import annotations
 
+import copy
+import os
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 from .config import Config, build_config
 from .errors import UsageError
+from .evaluation import evaluate_files
 from .files import load_model, save_model
 from .host import PluginHost
 from .inspection import inspect_path, verify_paths
@@ -170,6 +174,31 @@ class Engine(PluginHost):
         """A plain float safetensors copy of a quantized file or folder (``overwrite``,
         ``progress``)."""
         return dequantize_checkpoint(self.registries, src, dst, **kwargs)
+
+    def evaluate(
+        self,
+        model: nn.Module | Callable[[], nn.Module],
+        quantized: str | list[str],
+        data: Any,
+        *,
+        backend: str | None = None,
+        top1: bool | None = None,
+    ) -> dict[str, Any]:
+        """Run the float model and each quantized file of it (loaded with :func:`load` into a
+        fresh copy) on ``data`` (the ``calibration=`` formats) and compare outputs: SQNR,
+        cosine, max error, top-1 agreement for classifier-like outputs (``top1``: force on or
+        off), size and bits per weight per file (docs/evaluate.md)."""
+        if isinstance(model, nn.Module):
+            base = model
+
+            def build() -> nn.Module:
+                return copy.deepcopy(base)
+        else:
+            build = model
+        files = [quantized] if isinstance(quantized, (str, os.PathLike)) else list(quantized)
+        return evaluate_files(
+            self.registries, build, [os.fspath(f) for f in files], data, backend=backend, top1=top1
+        )
 
     def inspect(self, path: str) -> dict[str, Any]:
         """Format version, producers and per-tensor facts of a file or folder (headers only)."""

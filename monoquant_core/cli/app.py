@@ -14,6 +14,7 @@ from ..errors import MonoQuantError, PluginLoadWarning
 from ..loading import ImportInterrupted
 from ..version import __version__
 from .demo import add_demo
+from .evaluate import add_evaluate
 from .files import add_file_commands
 from .info import add_info_commands
 from .options import plugin_flags
@@ -56,6 +57,7 @@ def build_cli(engine: Engine) -> click.Group:
     add_quantize(cli, engine, flags)
     add_plan(cli, engine, flags)
     add_file_commands(cli, engine)
+    add_evaluate(cli, engine)
     add_info_commands(cli, engine)
     add_demo(cli, engine)
     return cli
