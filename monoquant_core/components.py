@@ -262,6 +262,9 @@ class Serializer(ABC):
 
     name: ClassVar[str] = ""
     suffixes: ClassVar[tuple[str, ...]] = ()
+    #: a format that holds a model graph (ONNX): written by :meth:`export_model` from the
+    #: model, an example input and the quantized tensors (``monoquant export --model``)
+    needs_model: ClassVar[bool] = False
 
     @abstractmethod
     def sniff(self, path: str) -> bool:
@@ -282,6 +285,14 @@ class Serializer(ABC):
     def open_writer(self, path: str) -> ArtifactWriter:
         """A writer taking one tensor at a time (default: buffer, then :meth:`write`)."""
         return ArtifactWriter(self, path)
+
+    def export_model(
+        self, model: nn.Module, example: tuple[Any, ...], artifact: Artifact, path: str
+    ) -> dict[str, Any]:
+        """Formats with ``needs_model``: write ``model`` (a float model holding the file's
+        dequantized weights) traced on ``example``, with the QTensors of ``artifact`` in the
+        format's own quantized representation; returns facts for the report (counts)."""
+        raise NotImplementedError(f"serializer {self.name!r} does not export models")
 
     def unsupported(self, name: str, qt: QTensor) -> str | None:
         """Why this format cannot store ``qt`` under ``name`` (None: it can). Writers refuse

@@ -15,7 +15,7 @@ from torch import nn
 from .config import Config, build_config
 from .errors import UsageError
 from .evaluation import evaluate_files
-from .files import load_model, save_model
+from .files import export_model_file, load_model, save_model
 from .host import PluginHost
 from .inspection import inspect_path, verify_paths
 from .module_mode import calibrate_model, plan_model, quantize_model
@@ -157,11 +157,33 @@ class Engine(PluginHost):
                 serializer=serializer,
             )
 
-    def export(self, src: str, dst: str, serializer: str, **kwargs: Any) -> dict[str, Any]:
-        """Rewrite a quantized file or folder in the format of ``serializer`` (e.g.
-        ``compressed-tensors``) without quantizing again (docs/deploy.md; ``overwrite``,
-        ``progress``); returns ``{"bytes", "quantized", "tensors"}``."""
-        return export_checkpoint(self.registries, src, dst, serializer, **kwargs)
+    def export(
+        self,
+        src: str,
+        dst: str,
+        serializer: str,
+        *,
+        model: nn.Module | None = None,
+        example_inputs: Any = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Rewrite a quantized file or folder in the format of ``serializer`` without
+        quantizing again (docs/deploy.md; ``overwrite``, ``progress``): a tensor format
+        (``compressed-tensors``) returns ``{"bytes", "quantized", "tensors"}``; a graph format
+        (``onnx``) needs the float ``model`` the file was quantized from and
+        ``example_inputs`` to trace it with (a tensor or a tuple) and returns its counts."""
+        if model is None and example_inputs is None:
+            return export_checkpoint(self.registries, src, dst, serializer, **kwargs)
+        if model is None or example_inputs is None:
+            raise UsageError(
+                "exporting a model graph needs both the model and an example input",
+                "pass model= and example_inputs= (CLI: --model/--demo and --example-input)",
+            )
+        art = read_artifact(self.registries, src)
+        kwargs.pop("progress", None)
+        return export_model_file(
+            self.registries, src, dst, serializer, model, example_inputs, art, **kwargs
+        )
 
     def plan_checkpoint(
         self, src: str, *, config: Config | None = None, trust_pickle: bool = False, **options: Any

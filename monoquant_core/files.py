@@ -304,3 +304,48 @@ def _rebuild(
 def _names(names: list[str], shown: int = 5) -> str:
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
+
+
+def export_model_file(
+    registries: Registries,
+    src: str,
+    dst: str,
+    serializer: str,
+    model: nn.Module,
+    example: Any,
+    art: Artifact,
+    *,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Export ``art`` (the quantized file or folder ``src``, already read) of ``model`` to a
+    format that holds the model graph (``Serializer.needs_model``, e.g. ONNX): ``model`` gets
+    the file's dequantized weights (strictly), then the serializer traces it on ``example``
+    and writes ``dst`` atomically."""
+    out_format = registries.serializers.get(serializer)
+    if not out_format.needs_model:
+        raise UsageError(
+            f"the {serializer} format stores tensors, not a model graph",
+            "drop the model and example input, or choose a graph format such as onnx",
+        )
+    check_output_path(dst, overwrite)
+    if not art.qtensors:
+        raise UsageError(
+            f"{src!r} holds no quantized tensor", "give the output of `monoquant quantize`"
+        )
+    state = load_model(registries, src, None, dequantize=True, artifact=art)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = " ".join(str(e).strip().splitlines()[:2])[:300]
+        raise UsageError(
+            f"{os.path.basename(src)} does not fit the model: {first}",
+            "pass the model the file was quantized from",
+        ) from None
+    args = example if isinstance(example, tuple) else (example,)
+    out: dict[str, Any] = {}
+
+    def write(tmp: str) -> None:
+        out.update(out_format.export_model(model, args, art, tmp))
+
+    atomic_write(dst, write, overwrite)
+    return out

@@ -148,7 +148,7 @@ def monoquant_register_serializers(register: Any) -> None:
         def monoquant_register_serializers(register):
             register(SafetensorsSerializer())
 
-    Built-ins: ``safetensors``, ``compressed-tensors``.
+    Built-ins: ``safetensors``, ``compressed-tensors``, ``onnx``.
     """
 
 

@@ -328,9 +328,14 @@ def export_checkpoint(
     again: every tensor (quantized or not) goes to ``serializer``'s writer as it was read;
     a transformers ``config.json`` gets that serializer's ``quantization_config``. Returns
     ``{"bytes": written, "quantized": count, "tensors": count}``."""
-    return _rewrite(
-        registries, src, dst, registries.serializers.get(serializer), overwrite, progress
-    )
+    out_format = registries.serializers.get(serializer)
+    if out_format.needs_model:
+        raise UsageError(
+            f"the {serializer} format holds a model graph and needs the model",
+            f"pass the model and an example input (monoquant export ... --format {serializer} "
+            "--model PKG.MOD:FACTORY --example-input FILE)",
+        )
+    return _rewrite(registries, src, dst, out_format, overwrite, progress)
 
 
 def _rewrite(

@@ -7,9 +7,12 @@ import json
 
 import click
 
+from ..batches import iter_batches
 from ..engine import Engine
+from ..errors import UsageError
 from ..inspection import render_inspect, render_verify, verify_error
 from ..tables import human_bytes
+from .inputs import load_calibration, model_input
 
 __all__ = ["add_file_commands"]
 
@@ -70,18 +73,78 @@ def add_file_commands(cli: click.Group, engine: Engine) -> None:
         "out_format",
         required=True,
         metavar="NAME",
-        help="Target format: a serializer name, e.g. compressed-tensors (transformers / vLLM).",
+        help="Target format: a serializer name: compressed-tensors (transformers / vLLM), or "
+        "onnx (onnxruntime; needs --model or --demo and --example-input).",
+    )
+    @click.option("--demo", is_flag=True, help="The bundled demo model (for --format onnx).")
+    @click.option(
+        "--model",
+        "model_spec",
+        metavar="PKG.MODULE:FACTORY",
+        help="For graph formats (onnx): a callable returning the float model QUANTIZED was "
+        "quantized from (its weights come from QUANTIZED).",
+    )
+    @click.option(
+        "--example-input",
+        metavar="FILE",
+        help="For graph formats: a .pt file with the input to trace the model with (a tensor or "
+        "a tuple of tensors; a list of batches: the first), or a .safetensors file.",
     )
     @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
     @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-    def export(quantized: str, output: str, out_format: str, overwrite: bool, quiet: bool) -> None:
+    def export(
+        quantized: str,
+        output: str,
+        out_format: str,
+        demo: bool,
+        model_spec: str | None,
+        example_input: str | None,
+        overwrite: bool,
+        quiet: bool,
+    ) -> None:
         """Rewrite QUANTIZED (a file or folder written by monoquant quantize) in another format
-        without quantizing again: same codes and scales, same shards and copied files; a
-        transformers config.json gets the format's quantization_config."""
-        engine.registries.serializers.get(out_format)  # an unknown name: one line, before work
-        res = engine.export(quantized, output, out_format, overwrite=overwrite, progress=not quiet)
-        if not quiet:
-            click.echo(
-                f"wrote {output} as {out_format}: {res['quantized']} quantized and "
-                f"{res['tensors']} other tensors, {human_bytes(res['bytes'])}"
+        without quantizing again: same codes and scales; for compressed-tensors the same shards
+        and copied files (a transformers config.json gets the format's quantization_config),
+        for onnx one graph traced from the model (docs/deploy.md)."""
+        ser = engine.registries.serializers.get(out_format)  # unknown name: one line, first
+        if not ser.needs_model:
+            if demo or model_spec or example_input:
+                raise UsageError(
+                    f"--model/--demo/--example-input are for graph formats; {out_format} "
+                    "rewrites the tensors only",
+                    "drop them, or choose --format onnx",
+                )
+            res = engine.export(
+                quantized, output, out_format, overwrite=overwrite, progress=not quiet
             )
+            if not quiet:
+                click.echo(
+                    f"wrote {output} as {out_format}: {res['quantized']} quantized and "
+                    f"{res['tensors']} other tensors, {human_bytes(res['bytes'])}"
+                )
+            return
+        source = model_input(demo, model_spec, None)
+        if example_input is None and not demo:
+            raise UsageError(
+                f"--format {out_format} traces the model and needs --example-input FILE",
+                "save one input with torch.save(x, 'x.pt') and pass --example-input x.pt",
+            )
+        model, sample, _ = source.build()
+        example = sample if example_input is None else _first_batch(example_input)
+        res = engine.export(
+            quantized, output, out_format, model=model, example_inputs=example,
+            overwrite=overwrite,
+        )  # fmt: skip
+        if not quiet:
+            what = ", ".join(f"{v} {k}" for k, v in res.items())
+            click.echo(f"wrote {output} as {out_format} ({what} layers)")
+
+
+def _first_batch(spec: str) -> tuple:
+    args, kwargs = next(iter_batches(load_calibration(spec)))
+    if kwargs:
+        raise UsageError(
+            f"--example-input {spec!r} holds keyword inputs {sorted(kwargs)}",
+            "save the inputs as a tensor or a tuple of positional tensors",
+        )
+    return args

@@ -324,7 +324,7 @@ def test_the_serializer_for_reading_is_the_one_that_sniffs_the_file(tmp_path, sa
         serializer_for_read(engine.serializers, str(tmp_path))
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"junk")
-    installed = r"\(installed: compressed-tensors, other, safetensors\)"
+    installed = r"\(installed: compressed-tensors, onnx, other, safetensors\)"
     with pytest.raises(FormatError, match=r"not in a format .* " + installed):
         serializer_for_read(engine.serializers, str(junk))
 
