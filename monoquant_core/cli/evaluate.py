@@ -9,6 +9,7 @@ import click
 from ..engine import Engine
 from ..evaluation import evaluation_error, render_evaluation
 from .inputs import load_calibration, model_input
+from .options import model_source_options
 
 __all__ = ["add_evaluate"]
 
@@ -18,20 +19,7 @@ def add_evaluate(cli: click.Group, engine: Engine) -> None:
 
     @cli.command()
     @click.argument("quantized", nargs=-1, type=click.Path())
-    @click.option(
-        "--demo", is_flag=True, help="The bundled demo model (its files from --demo runs)."
-    )
-    @click.option(
-        "--model",
-        "model_spec",
-        metavar="PKG.MODULE:FACTORY",
-        help="Import a callable that returns the float nn.Module.",
-    )
-    @click.option(
-        "--weights",
-        type=click.Path(dir_okay=False),
-        help="Float weights for --model (.safetensors, or a .pt state_dict).",
-    )
+    @model_source_options("Import a callable that returns the float nn.Module.")
     @click.option(
         "--data",
         required=True,

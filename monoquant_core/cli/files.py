@@ -13,6 +13,7 @@ from ..errors import UsageError
 from ..inspection import render_inspect, render_verify, verify_error
 from ..tables import human_bytes
 from .inputs import load_calibration, model_input
+from .options import model_source_options
 
 __all__ = ["add_file_commands"]
 
@@ -76,13 +77,10 @@ def add_file_commands(cli: click.Group, engine: Engine) -> None:
         help="Target format: a serializer name: compressed-tensors (transformers / vLLM), or "
         "onnx (onnxruntime; needs --model or --demo and --example-input).",
     )
-    @click.option("--demo", is_flag=True, help="The bundled demo model (for --format onnx).")
-    @click.option(
-        "--model",
-        "model_spec",
-        metavar="PKG.MODULE:FACTORY",
-        help="For graph formats (onnx): a callable returning the float model QUANTIZED was "
+    @model_source_options(
+        "For graph formats (onnx): a callable returning the float model QUANTIZED was "
         "quantized from (its weights come from QUANTIZED).",
+        weights=False,
     )
     @click.option(
         "--example-input",

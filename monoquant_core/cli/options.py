@@ -29,27 +29,41 @@ __all__ = [
     "attach_plugin_flags",
     "config_from",
     "model_options",
+    "model_source_options",
     "plugin_flags",
 ]
+
+
+def model_source_options(
+    model_help: str, weights: bool = True
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--demo``, ``--model`` (and ``--weights``): which float model a command builds."""
+    opts = [
+        click.option(
+            "--demo", is_flag=True, help="Use the bundled demo model (a small seeded transformer)."
+        ),
+        click.option("--model", "model_spec", metavar="PKG.MODULE:FACTORY", help=model_help),
+    ]
+    if weights:
+        opts.append(
+            click.option(
+                "--weights",
+                type=click.Path(dir_okay=False),
+                help="Float weights for --model (.safetensors, or a .pt state_dict).",
+            )
+        )
+
+    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+
+    return apply
 
 
 def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The model and configuration options of ``quantize`` and ``plan``."""
     opts = [
-        click.option(
-            "--demo", is_flag=True, help="Use the bundled demo model (a small seeded transformer)."
-        ),
-        click.option(
-            "--model",
-            "model_spec",
-            metavar="PKG.MODULE:FACTORY",
-            help="Import a callable that returns the nn.Module to quantize.",
-        ),
-        click.option(
-            "--weights",
-            type=click.Path(dir_okay=False),
-            help="Float weights for --model (.safetensors, or a .pt state_dict).",
-        ),
         click.option("--scheme", default="int8", show_default=True, help="Quantization scheme."),
         click.option("--observer", default=None, help="Observer (default: the scheme's)."),
         click.option("--backend", default=None, help="Force a backend (default: best per layer)."),
@@ -94,7 +108,7 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     ]
     for opt in reversed(opts):
         f = opt(f)
-    return f
+    return model_source_options("Import a callable that returns the nn.Module to quantize.")(f)
 
 
 class PluginOptionGroup:
