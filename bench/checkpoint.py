@@ -2,6 +2,7 @@
 
     python bench/checkpoint.py --params 1e9            # ~4.4 GB fp32 checkpoint, sharded
     python bench/checkpoint.py --params 1e8 --keep     # smaller; keep the files in --workdir
+    python bench/checkpoint.py --threads 1 2           # one table row per thread count
 
 Builds a synthetic LLM-shaped checkpoint (Llama-style: embeddings, per layer q/k/v/o with
 grouped KV heads, gate/up/down MLP, two RMSNorm weights; final norm; untied lm_head) in fp32,
@@ -13,7 +14,13 @@ config.json), then measures, each in its own subprocess (peak RSS = that process
   (``safetensors.torch.load_file`` + ``save_file`` when NumPy is available, else
   ``safe_open`` + Mono Quant's writer);
 * ``int8``: ``Engine().quantize_checkpoint(src, dst, scheme="int8")`` (minmax observer);
-* ``int4``: the same with ``scheme="int4-group"`` (default: minmax + lsq, g128).
+* ``int4``: the same with ``scheme="int4-group"`` (default: minmax + lsq, g128);
+* ``int4, no read-ahead``: the same with ``MONOQUANT_CHECKPOINT_PREFETCH=0`` (the next tensor
+  is not read while one is quantized), so the table shows what overlapping I/O saves.
+
+``--threads 1 2 ...`` repeats the runs per thread count (``OMP_NUM_THREADS``: torch's
+intra-op threads, which the optimiser's tensor ops use), so one run shows whether all threads
+in one process beat one.
 """
 
 from __future__ import annotations
@@ -139,8 +146,8 @@ print("RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def run(code: str, *args: str, threads: int | None) -> dict[str, object]:
-    env = dict(os.environ)
+def run(code: str, *args: str, threads: int | None, env_extra=None) -> dict[str, object]:
+    env = dict(os.environ, **(env_extra or {}))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     t = time.perf_counter()
@@ -167,7 +174,9 @@ def main() -> None:
     ap.add_argument("--params", type=float, default=1e9)
     ap.add_argument("--shard-gb", type=float, default=2.0)
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--threads", type=int, default=None, help="OMP threads (default: all)")
+    ap.add_argument(
+        "--threads", type=int, nargs="*", default=None, help="OMP threads (default: all)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
     args = ap.parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="mq-ckpt-bench-")
@@ -183,27 +192,30 @@ def main() -> None:
                 file=sys.stderr,
             )
         rows = []
-        for label, code, extra in [
-            ("plain load+save copy", COPY, []),
-            ("Mono Quant int8 (minmax)", QUANT, ["int8"]),
-            ("Mono Quant int4-group (minmax + lsq, g128)", QUANT, ["int4-group"]),
-        ]:
-            dst = os.path.join(work, "out")
-            shutil.rmtree(dst, ignore_errors=True)
-            res = run(code, src, dst, *extra, threads=args.threads)
-            rows.append((label, res, dir_bytes(dst)))
-            shutil.rmtree(dst, ignore_errors=True)
-        base = rows[0][1]["wall"]
+        no_prefetch = {"MONOQUANT_CHECKPOINT_PREFETCH": "0"}
+        for threads in args.threads or [None]:
+            for label, code, extra, env in [
+                ("plain load+save copy", COPY, [], None),
+                ("Mono Quant int8 (minmax)", QUANT, ["int8"], None),
+                ("Mono Quant int4-group (minmax + lsq, g128)", QUANT, ["int4-group"], None),
+                ("int4-group, no read-ahead", QUANT, ["int4-group"], no_prefetch),
+            ]:
+                dst = os.path.join(work, "out")
+                shutil.rmtree(dst, ignore_errors=True)
+                res = run(code, src, dst, *extra, threads=threads, env_extra=env)
+                rows.append((label, threads, res, dir_bytes(dst)))
+                shutil.rmtree(dst, ignore_errors=True)
+        base = rows[0][2]["wall"]
         src_bytes = dir_bytes(src)
         print(
             f"Checkpoint: {src_bytes / 2**30:.2f} GiB fp32 (`--params {args.params:g}`), "
             f"torch {torch.__version__}, {os.cpu_count()} CPUs\n"
         )
-        print("| run | wall s | x copy time | peak RSS MiB | output GiB | note |")
-        print("|---|---|---|---|---|---|")
-        for label, res, out_bytes in rows:
+        print("| run | threads | wall s | x copy time | peak RSS MiB | output GiB | note |")
+        print("|---|---|---|---|---|---|---|")
+        for label, threads, res, out_bytes in rows:
             print(
-                f"| {label} | {res['wall']:.1f} | {res['wall'] / base:.2f} | "
+                f"| {label} | {threads or 'all'} | {res['wall']:.1f} | {res['wall'] / base:.2f} | "
                 f"{res['rss_mb']:.0f} | {out_bytes / 2**30:.2f} | {res['how']} |"
             )
     finally:

@@ -65,7 +65,14 @@ class TensorSource:
 
 
 class ArtifactReader:
-    """Lazy view of a saved file (default: reads the whole file with ``serializer.read``)."""
+    """Lazy view of a saved file (default: reads the whole file with ``serializer.read``).
+
+    ``concurrent_loads``: True when a :class:`TensorSource`'s ``load`` may run in a worker
+    thread while the caller reads or copies other tensors of the same file (checkpoint mode
+    then reads the next tensor while it quantizes this one).
+    """
+
+    concurrent_loads: bool = False
 
     def __init__(
         self, serializer: Serializer | None = None, path: str = "", artifact: Artifact | None = None

@@ -16,11 +16,13 @@ are not called.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -258,35 +260,72 @@ def _quantize_shard(
     facts: dict[str, dict[str, Any]],
 ) -> list[str]:
     stored: list[str] = []
-    for name in shard.reader.tensor_names():
-        src = shard.reader.source(name)
-        entry = entries[name]
-        if not entry.selected:
-            writer.add_tensor(name, src)
-        else:
-            t = src.load()
-            if all_finite(t):
-                try:
-                    report.layers.append(_quantize_one(run, entry, t, writer, facts))
-                except WeightNotRepresentable as e:  # as module mode: kept in float, with why
-                    entry.skip(f"kept in float: {e.problem}")
-                    report.skipped.append((name, entry.skip_reason))
-                    writer.add_tensor(name, t)
-            elif allow_nonfinite:
-                bad = count_nonfinite(t)
-                report.skipped.append((name, f"contains {bad} NaN/Inf value(s): kept in float"))
-                writer.add_tensor(name, t)
-            else:
-                raise UsageError(
-                    f"tensor {name!r} contains {count_nonfinite(t)} NaN/Inf value(s); "
-                    "quantizing it would hide a broken checkpoint",
-                    "fix the checkpoint, exclude it with --skip, or pass --allow-nonfinite to "
-                    "keep such tensors in float",
-                )
-            del t
-        stored.extend(writer.stored_names(name))
-        prog.advance(name, src.nbytes)
+    names = shard.reader.tensor_names()
+    selected = [n for n in names if entries[n].selected]
+    following = dict(itertools.pairwise(selected))
+    ahead: dict[str, Future[torch.Tensor]] = {}
+    with ThreadPoolExecutor(1, thread_name_prefix="monoquant-read") as pool:
+        try:
+            for name in names:
+                _one_tensor(
+                    run, shard, writer, entries, report, allow_nonfinite, facts, name,
+                    ahead, following, pool,
+                )  # fmt: skip
+                stored.extend(writer.stored_names(name))
+                prog.advance(name, shard.reader.source(name).nbytes)
+        finally:
+            for fut in ahead.values():
+                fut.cancel()
     return stored
+
+
+#: read the next selected tensor while quantizing this one (``0`` turns it off: a measurement
+#: switch for bench/checkpoint.py; memory then holds at most two selected tensors)
+_PREFETCH = os.environ.get("MONOQUANT_CHECKPOINT_PREFETCH", "1") != "0"
+
+
+def _one_tensor(
+    run: Run,
+    shard: Shard,
+    writer: ArtifactWriter,
+    entries: dict[str, PlanEntry],
+    report: QuantReport,
+    allow_nonfinite: bool,
+    facts: dict[str, dict[str, Any]],
+    name: str,
+    ahead: dict[str, Future[torch.Tensor]],
+    following: dict[str, str],
+    pool: ThreadPoolExecutor,
+) -> None:
+    src = shard.reader.source(name)
+    entry = entries[name]
+    if not entry.selected:
+        writer.add_tensor(name, src)
+        return
+    fut = ahead.pop(name, None)
+    t = fut.result() if fut is not None else src.load()
+    nxt = following.get(name)
+    if _PREFETCH and nxt is not None and getattr(shard.reader, "concurrent_loads", False):
+        ahead[nxt] = pool.submit(shard.reader.source(nxt).load)
+    if all_finite(t):
+        try:
+            report.layers.append(_quantize_one(run, entry, t, writer, facts))
+        except WeightNotRepresentable as e:  # as module mode: kept in float, with why
+            entry.skip(f"kept in float: {e.problem}")
+            report.skipped.append((name, entry.skip_reason))
+            writer.add_tensor(name, t)
+    elif allow_nonfinite:
+        bad = count_nonfinite(t)
+        report.skipped.append((name, f"contains {bad} NaN/Inf value(s): kept in float"))
+        writer.add_tensor(name, t)
+    else:
+        raise UsageError(
+            f"tensor {name!r} contains {count_nonfinite(t)} NaN/Inf value(s); "
+            "quantizing it would hide a broken checkpoint",
+            "fix the checkpoint, exclude it with --skip, or pass --allow-nonfinite to "
+            "keep such tensors in float",
+        )
+    del t
 
 
 def _quantize_one(

@@ -119,7 +119,10 @@ class MonoQuantWriter(SafetensorsArtifactWriter):
 
 
 class MonoQuantReader(ArtifactReader):
-    """Lazy reader: the header is validated up front, tensors are read on demand."""
+    """Lazy reader: the header is validated up front, tensors are read on demand (positional
+    reads, so from several threads at once)."""
+
+    concurrent_loads = True
 
     def __init__(self, path: str):
         self.path = path

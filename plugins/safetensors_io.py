@@ -17,6 +17,7 @@ import os
 import stat
 import struct
 import sys
+import threading
 from typing import Any, BinaryIO
 
 import torch
@@ -116,6 +117,7 @@ class SafetensorsReader:
     def __init__(self, path: str):
         self.path = path
         base = os.path.basename(path)
+        self._lock = threading.Lock()
         self._f: BinaryIO = open_regular(path)
         try:
             self.metadata, self.entries, self.data_start = self._parse(base)
@@ -240,37 +242,56 @@ class SafetensorsReader:
         e = self.entries[name]
         return e["end"] - e["start"]
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor into fresh memory."""
-        e = self.entries[name]
-        t = torch.empty(e["shape"], dtype=e["dtype"])
-        if t.numel():
-            view = bytes_view(t)
-            self._f.seek(self.data_start + e["start"])
-            got = self._f.readinto(view)
-            if got != len(view):
+    def _pread_into(self, view: memoryview, offset: int, name: str) -> None:
+        """Fill ``view`` from ``offset`` with positional reads: no shared file position, so
+        tensors can be read from several threads at once (checkpoint mode reads the next
+        tensor while quantizing this one)."""
+        fd, done = self._f.fileno(), 0
+        while done < len(view):
+            if hasattr(os, "preadv"):
+                got = os.preadv(fd, [view[done:]], offset + done)
+            else:  # pragma: no cover - platforms without preadv (Windows)
+                with self._lock:
+                    self._f.seek(offset + done)
+                    got = self._f.readinto(view[done:]) or 0
+            if got <= 0:
                 raise FormatError(
                     f"{os.path.basename(self.path)}: tensor {name!r} is truncated",
                     "the file changed while reading; write it again",
                 )
+            done += got
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor into fresh memory (safe to call from several threads)."""
+        e = self.entries[name]
+        t = torch.empty(e["shape"], dtype=e["dtype"])
+        if t.numel():
+            view = bytes_view(t)
+            self._pread_into(view, self.data_start + e["start"], name)
             if sys.byteorder != "little" and t.element_size() > 1:  # pragma: no cover
                 t = t.view(torch.uint8).reshape(-1, t.element_size()).flip(1).view(t.dtype)
         return t
 
     def copy_to(self, name: str, out: BinaryIO) -> None:
-        """Copy one tensor's bytes to ``out`` in chunks (constant memory)."""
+        """Copy one tensor's bytes to ``out`` in chunks (constant memory; positional reads,
+        safe next to :meth:`get` in another thread)."""
         e = self.entries[name]
-        self._f.seek(self.data_start + e["start"])
-        left = e["end"] - e["start"]
-        while left:
-            chunk = self._f.read(min(left, _CHUNK))
+        pos, end = self.data_start + e["start"], self.data_start + e["end"]
+        fd = self._f.fileno()
+        while pos < end:
+            if hasattr(os, "pread"):
+                chunk = os.pread(fd, min(end - pos, _CHUNK), pos)
+            else:  # pragma: no cover - platforms without pread (Windows)
+                with self._lock:
+                    self._f.seek(pos)
+                    chunk = self._f.read(min(end - pos, _CHUNK))
             if not chunk:
                 raise FormatError(
                     f"{os.path.basename(self.path)}: tensor {name!r} is truncated",
                     "the file changed while reading; write it again",
                 )
             out.write(chunk)
-            left -= len(chunk)
+            pos += len(chunk)
 
     def close(self) -> None:
         self._f.close()

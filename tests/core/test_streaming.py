@@ -445,3 +445,56 @@ def test_a_run_that_would_quantize_nothing_is_an_error_and_writes_nothing(engine
     )
     plan = engine.plan_checkpoint(str(src), skip=["a.*"])  # the plan verb still plans
     assert not plan.selected and len(plan) == 3
+
+
+def test_reads_from_several_threads_are_exact(tmp_path):
+    """Positional reads: the prefetch thread and the main thread never share a file offset."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    sd = {f"t{i}": torch.randn(257, 63 + i) for i in range(12)}
+    path = str(tmp_path / "m.safetensors")
+    write_safetensors(path, sd, {"format": "pt"})
+    with SafetensorsReader(path) as r:
+
+        def read(name):
+            buf = io.BytesIO()
+            r.copy_to(name, buf)
+            return r.get(name), buf.getvalue()
+
+        with ThreadPoolExecutor(4) as pool:
+            names = list(sd) * 5
+            for name, (t, raw) in zip(names, pool.map(read, names), strict=True):
+                assert torch.equal(t, sd[name])
+                assert raw == bytes(t.reshape(-1).view(torch.uint8).tolist())
+
+
+def test_prefetching_the_next_tensor_changes_no_byte(engine, tmp_path, monkeypatch):
+    import threading
+
+    from monoquant_core import streaming
+
+    src = tmp_path / "src"
+    write_folder(src, small_state(), n_shards=2, extra_files=False)
+    threads: list[str] = []
+    real = SafetensorsReader.get
+
+    def recording_get(self, name):
+        threads.append(threading.current_thread().name)
+        return real(self, name)
+
+    monkeypatch.setattr(SafetensorsReader, "get", recording_get)
+    outs = []
+    for on in (True, False):
+        threads.clear()
+        monkeypatch.setattr(streaming, "_PREFETCH", on)
+        out = tmp_path / f"out-{on}"
+        engine.quantize_checkpoint(
+            str(src), str(out), scheme="int4-group", scheme_options={"group_size": 32},
+            progress=False,
+        )  # fmt: skip
+        outs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+        read_ahead = sum(t.startswith("monoquant-read") for t in threads)
+        assert (read_ahead > 0) is on, threads  # the next tensor is read in the worker thread
+    assert outs[0] == outs[1]
