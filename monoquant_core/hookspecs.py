@@ -22,7 +22,8 @@ Call order of one ``Engine.quantize`` run::
     monoquant_report
     monoquant_unconfigure         once per run, last, also when the run failed
 
-``monoquant_add_cli_options`` is called once when the CLI is built.
+``monoquant_add_cli_options`` and ``monoquant_add_cli_commands`` are called once when the CLI is
+built.
 
 Every lifecycle hook receives the :class:`~monoquant_core.run.Run` of the run in progress: its
 ``config``, its registries, the plugins' options (``run.options(name)``) and per-run plugin
@@ -213,6 +214,34 @@ def monoquant_register_options(register: Any) -> None:
 
 
 # --------------------------------------------------------------------------- lifecycle
+
+
+@hookspec
+def monoquant_add_cli_commands(cli: Any, engine: Any) -> None:
+    """Add sub-commands of the plugin's own to the ``monoquant`` command line.
+
+    Called once when the CLI is built, after the built-in commands. Use it for a verb that
+    belongs to the plugin (``monoquant sensitivity`` of the ``sensitivity`` plugin), never to
+    replace a built-in command: a name that is already taken is a plugin load error.
+
+    Args:
+        cli: the ``click.Group``; add commands with ``@cli.command()`` or ``cli.add_command``.
+            Raise :class:`~monoquant_core.UsageError` inside a command for one-line errors.
+        engine: the :class:`~monoquant_core.Engine` the CLI runs (its plugins loaded).
+
+    Returns:
+        Nothing. Not firstresult.
+
+    Example::
+
+        @hookimpl
+        def monoquant_add_cli_commands(cli, engine):
+            @cli.command()
+            def hello():
+                click.echo(f"{len(engine.schemes.names())} schemes installed")
+
+    Built-ins: ``sensitivity``.
+    """
 
 
 @hookspec

@@ -17,7 +17,7 @@ from .demo import add_demo
 from .evaluate import add_evaluate
 from .files import add_file_commands
 from .info import add_info_commands
-from .options import plugin_flags
+from .options import add_plugin_commands, plugin_flags
 from .plan import add_plan
 from .quantize import add_quantize
 
@@ -60,6 +60,7 @@ def build_cli(engine: Engine) -> click.Group:
     add_evaluate(cli, engine)
     add_info_commands(cli, engine)
     add_demo(cli, engine)
+    add_plugin_commands(cli, engine)
     return cli
 
 

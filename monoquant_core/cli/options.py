@@ -26,6 +26,7 @@ from ..rules import load_rules_file
 __all__ = [
     "PluginFlags",
     "PluginOptionGroup",
+    "add_plugin_commands",
     "attach_plugin_flags",
     "config_from",
     "model_options",
@@ -225,6 +226,25 @@ def _keys(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.init and f.name != "version"]
 
 
+def _call(engine: Engine, impl: Any, hook: str, given: dict[str, Any]) -> bool:
+    """Call one plugin's CLI hook with the arguments it declares; a failure is reported like
+    a plugin that fails to load (False), never raised (unless strict)."""
+    name = impl.plugin_name
+    try:
+        impl.function(**{k: v for k, v in given.items() if k in impl.argnames})
+        return True
+    except PluginLoadError as e:
+        engine.report_plugin_failure(e)
+    except Exception as e:
+        engine.report_plugin_failure(
+            PluginLoadError(
+                f"plugin {name!r} failed in {hook}: {type(e).__name__}: {e}",
+                f"disable it with MONOQUANT_DISABLE_PLUGINS={name}",
+            )
+        )
+    return False
+
+
 def _added_options(engine: Engine) -> list[tuple[str, PluginOptionGroup]]:
     """Call each plugin's ``monoquant_add_cli_options`` with a group bound to it."""
     out = []
@@ -232,21 +252,31 @@ def _added_options(engine: Engine) -> list[tuple[str, PluginOptionGroup]]:
         name = impl.plugin_name
         cls = engine.registries.options.get(name) if name in engine.registries.options else None
         group = PluginOptionGroup(name, tuple(_keys(cls)) if cls else None)
-        try:
-            impl.function(**({"group": group} if impl.argnames else {}))
-        except PluginLoadError as e:
-            engine.report_plugin_failure(e)
+        if _call(engine, impl, "monoquant_add_cli_options", {"group": group}):
+            out.append((name, group))
+    return out
+
+
+def add_plugin_commands(cli: click.Group, engine: Engine) -> None:
+    """Call each plugin's ``monoquant_add_cli_commands``: a plugin that fails, or adds a
+    command whose name is taken, is reported (a plugin load error) and its commands left out."""
+    for impl in engine.pm.hook.monoquant_add_cli_commands.get_hookimpls():
+        name = impl.plugin_name
+        probe = click.Group()
+        given = {"cli": probe, "engine": engine}
+        if not _call(engine, impl, "monoquant_add_cli_commands", given):
             continue
-        except Exception as e:
+        taken = sorted(set(probe.commands) & set(cli.commands))
+        if taken:
             engine.report_plugin_failure(
                 PluginLoadError(
-                    f"plugin {name!r} failed in monoquant_add_cli_options: {type(e).__name__}: {e}",
-                    f"disable it with MONOQUANT_DISABLE_PLUGINS={name}",
+                    f"plugin {name!r} adds the command(s) {taken}, which already exist",
+                    f"rename them, or disable it with MONOQUANT_DISABLE_PLUGINS={name}",
                 )
             )
             continue
-        out.append((name, group))
-    return out
+        for cmd_name, cmd in probe.commands.items():
+            cli.add_command(cmd, cmd_name)
 
 
 def config_from(engine: Engine, flags: list[PluginFlags], kw: dict[str, Any]) -> Config:

@@ -32,6 +32,7 @@ SPEC_NAMES = sorted(n for n, f in vars(specs).items() if n.startswith("monoquant
 
 def test_the_hooks_are_these():
     assert SPEC_NAMES == [
+        "monoquant_add_cli_commands",
         "monoquant_add_cli_options",
         "monoquant_collectors",
         "monoquant_configure",

@@ -1,0 +1,267 @@
+"""``sensitivity`` plugin: what quantizing each layer costs, per candidate scheme.
+
+``monoquant sensitivity`` (and :func:`measure` from Python) takes every weight the default plan
+selects and, for each candidate (by default ``fp16``, ``int8``, ``int4-group`` with group sizes
+32, 64 and 128), quantizes it the way ``quantize`` would (the candidate scheme's default
+observer and options), and reports:
+
+* ``bits/weight``: as stored (codes, scales and zero points);
+* ``weight SQNR``: the dequantized weight against the float one;
+* with data (``--calibration``, the ``quantize`` formats): ``output SQNR``, the model's output
+  against the float model's when only that layer holds that candidate's dequantized weight,
+  every other layer in float (plain forward passes: any ``nn.Module``).
+
+Rows are sorted by sensitivity: the lowest output SQNR of the cheapest candidate first (the
+weight SQNR without data). A candidate a layer cannot take (a group size larger than its
+inputs, a weight the scheme cannot store) is listed with the reason. The weights are
+swapped in place and restored exactly after each measurement; the model is never replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+import torch
+from torch import nn
+
+from monoquant_core import Engine, MonoQuantError, UsageError, hookimpl
+from monoquant_core.batches import iter_batches
+from monoquant_core.metrics import sqnr_db
+from monoquant_core.tables import format_table
+
+__all__ = ["DEFAULT_CANDIDATES", "Candidate", "measure", "parse_candidates", "render"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One scheme with options: ``label`` as given (``int4-group:group_size=32``)."""
+
+    label: str
+    scheme: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+DEFAULT_CANDIDATES = ("fp16", "int8", "int4-g32", "int4-g64", "int4-g128")
+
+
+def parse_candidates(specs: tuple[str, ...] | list[str]) -> list[Candidate]:
+    """``SCHEME[:KEY=VALUE,...]`` each (values as in ``--scheme-opt``: ints, floats, bools,
+    strings); ``int4-gN`` is short for ``int4-group:group_size=N`` (and stays its label)."""
+    out = []
+    for spec in specs:
+        label = spec
+        if spec.startswith("int4-g") and spec[6:].isdigit():
+            spec = f"int4-group:group_size={spec[6:]}"
+        scheme, _, rest = spec.partition(":")
+        opts: dict[str, Any] = {}
+        for part in filter(None, (p.strip() for p in rest.split(","))):
+            key, eq, value = part.partition("=")
+            if not eq or not key.strip():
+                raise UsageError(
+                    f"candidate {spec!r}: {part!r} is not KEY=VALUE",
+                    "write candidates as SCHEME or SCHEME:KEY=VALUE,KEY=VALUE",
+                )
+            opts[key.strip()] = _value(value.strip())
+        out.append(Candidate(label, scheme.strip(), opts))
+    if not out:
+        raise UsageError("no candidate schemes", f"pass e.g. {','.join(DEFAULT_CANDIDATES[:2])}")
+    return out
+
+
+def _value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _outputs(model: nn.Module, batches: list[Any]) -> list[torch.Tensor]:
+    outs = []
+    with torch.no_grad():
+        for args, kwargs in batches:
+            outs.append(_flat(model(*args, **kwargs)))
+    return outs
+
+
+def _flat(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out.detach().reshape(-1).to(torch.float64)
+    if isinstance(out, dict):
+        out = list(out.values())
+    elif hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, (tuple, list)):
+        parts = [_flat(v) for v in out if isinstance(v, (torch.Tensor, tuple, list, dict))]
+        return torch.cat([p for p in parts if p.numel()]) if parts else torch.zeros(0)
+    return torch.zeros(0, dtype=torch.float64)
+
+
+def _output_sqnr(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    num = sum(float((r * r).sum()) for r in ref)
+    den = sum(float(((g - r) ** 2).sum()) for r, g in zip(ref, got, strict=True))
+    if not math.isfinite(den):
+        return float("nan")
+    return float("inf") if den == 0 else 10 * math.log10(num / den) if num > 0 else -math.inf
+
+
+def measure(
+    engine: Engine,
+    model: nn.Module,
+    data: Any = None,
+    candidates: list[Candidate] | None = None,
+    **plan_options: Any,
+) -> dict[str, Any]:
+    """The sensitivity table of ``model`` (see the module docstring); ``plan_options`` go to
+    ``engine.plan`` (``only=``, ``skip=``, ``rules=``) to choose the layers."""
+    cands = candidates or parse_candidates(DEFAULT_CANDIDATES)
+    configs = {c.label: engine.configure(scheme=c.scheme, scheme_options=c.options) for c in cands}
+    plan = engine.plan(model, **plan_options)
+    batches = list(iter_batches(data)) if data is not None else []
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    ref = _outputs(model, batches) if batches else []
+    rows = []
+    try:
+        for entry in plan.selected:
+            module = model.get_submodule(entry.name)
+            replacer = engine.replacers.for_type(type(module)).component
+            for pname in entry.params:
+                param = getattr(module, pname)
+                w = param.detach().clone()
+                axis = replacer.channel_axis(module, pname)
+                name = f"{entry.name}.{pname}" if entry.name else pname
+                row: dict[str, Any] = {"name": name, "shape": list(w.shape), "candidates": {}}
+                for c in cands:
+                    row["candidates"][c.label] = _one(engine, configs[c.label], c, param, w, axis,
+                                                      name, batches, ref, model)  # fmt: skip
+                rows.append(row)
+    finally:
+        model.train(was_training)
+    rows.sort(key=lambda r: _sort_key(r, cands))
+    return {
+        "candidates": [c.label for c in cands],
+        "batches": len(batches),
+        "layers": rows,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _one(engine, cfg, c, param, w, axis, name, batches, ref, model) -> dict[str, Any]:
+    try:
+        qt = engine.quantize_weight(
+            w, c.scheme, cfg.observer, axis, cfg.scheme_config, cfg.observer_config, name
+        )
+    except MonoQuantError as e:
+        return {"error": getattr(e, "problem", str(e))}
+    scheme = engine.schemes.get(c.scheme)
+    wq = scheme.dequantize(qt).to(w.dtype).reshape(w.shape)
+    out: dict[str, Any] = {
+        "bits_per_weight": 8 * qt.nbytes / w.numel(),
+        "weight_sqnr_db": sqnr_db(w, wq),
+    }
+    if batches:
+        with torch.no_grad():
+            param.data.copy_(wq)
+            try:
+                out["output_sqnr_db"] = _output_sqnr(ref, _outputs(model, batches))
+            finally:
+                param.data.copy_(w)
+    return out
+
+
+def _sort_key(row: dict[str, Any], cands: list[Candidate]) -> tuple[float, str]:
+    """Most sensitive first: the cheapest candidate that applies, by output SQNR (else the
+    weight SQNR), ascending."""
+    usable = [v for v in row["candidates"].values() if "error" not in v]
+    if not usable:
+        return (math.inf, row["name"])
+    cheapest = min(usable, key=lambda v: v["bits_per_weight"])
+    score = cheapest.get("output_sqnr_db", cheapest["weight_sqnr_db"])
+    return (score if math.isfinite(score) else math.inf, row["name"])
+
+
+def render(res: dict[str, Any]) -> str:
+    """The table: one row per layer, per candidate ``bits | output (or weight) SQNR``."""
+    which = "output SQNR dB" if res["batches"] else "weight SQNR dB"
+    head = ["layer", *res["candidates"]]
+    rows = []
+    for r in res["layers"]:
+        cells = [r["name"]]
+        for c in res["candidates"]:
+            v = r["candidates"][c]
+            if "error" in v:
+                cells.append("n/a")
+                continue
+            db = v.get("output_sqnr_db", v["weight_sqnr_db"])
+            cells.append(f"{v['bits_per_weight']:.2f}, {db:.1f}")
+        rows.append(cells)
+    notes = [
+        f"{r['name']} / {c}: {r['candidates'][c]['error']}"
+        for r in res["layers"]
+        for c in res["candidates"]
+        if "error" in r["candidates"][c]
+    ]
+    tail = (
+        f"cells: bits per weight, {which} with only that layer quantized; "
+        f"{len(res['layers'])} weights, most sensitive first; "
+        + (f"{res['batches']} batch(es) of data" if res["batches"] else "no data: weight SQNR only")
+        + f"; {res['seconds']:.1f} s"
+    )
+    return "\n".join([format_table(head, rows), *notes, tail])
+
+
+#: this plugin's name, whatever the loading path (entry point or object)
+monoquant_plugin_name = "sensitivity"
+
+
+@hookimpl
+def monoquant_add_cli_commands(cli, engine):
+    # deferred: the CLI's model and data loaders (the same flags as quantize)
+    from monoquant_core.cli.inputs import load_calibration, model_input
+    from monoquant_core.cli.options import model_source_options
+
+    @cli.command()
+    @model_source_options("Import a callable that returns the nn.Module to analyse.")
+    @click.option(
+        "--calibration",
+        metavar="FILE|PKG.MODULE:FN",
+        help="Inputs to measure the model's output error with (the quantize formats); "
+        "without it only the weight SQNR is measured.",
+    )
+    @click.option(
+        "--candidates",
+        default=",".join(DEFAULT_CANDIDATES),
+        show_default=True,
+        help="Candidate schemes, comma-separated: fp16, int8, int4-gN (int4-group with group "
+        "size N), or SCHEME:KEY=VALUE;KEY=VALUE.",
+    )
+    @click.option("--only", multiple=True, metavar="GLOB", help="Only these modules.")
+    @click.option("--skip", multiple=True, metavar="GLOB", help="Not these modules.")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    def sensitivity(demo, model_spec, weights, calibration, candidates, only, skip, as_json):
+        """How much quantizing each layer costs: for every layer the plan selects and every
+        candidate scheme, the bits per weight, the weight SQNR and (with --calibration) the
+        model's output SQNR with only that layer quantized; most sensitive layers first."""
+        cands = parse_candidates(_cli_candidates(candidates))
+        source = model_input(demo, model_spec, weights)
+        data = load_calibration(calibration) if calibration else None
+        model, sample, _ = source.build()
+        if data is None and sample is not None and demo:
+            data = [sample]
+        res = measure(engine, model, data, cands, only=only, skip=skip)
+        click.echo(json.dumps(res, indent=2, default=str) if as_json else render(res))
+
+
+def _cli_candidates(text: str) -> list[str]:
+    """Comma-separated candidates; options inside one candidate are separated by ``;``."""
+    return [p.strip().replace(";", ",") for p in text.split(",") if p.strip()]
