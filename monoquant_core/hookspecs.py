@@ -209,7 +209,7 @@ def monoquant_register_options(register: Any) -> None:
         def monoquant_register_options(register):
             register(ExampleOptions)
 
-    Built-ins: ``outlier``, ``gptq``.
+    Built-ins: ``outlier``, ``gptq``, ``sensitivity``.
     """
 
 
@@ -269,7 +269,7 @@ def monoquant_add_cli_options(group: Any) -> None:
         def monoquant_add_cli_options(group):
             group.add_option("--example-verbose", is_flag=True, default=None, help="Print more.")
 
-    Built-ins: ``outlier``.
+    Built-ins: ``outlier``, ``sensitivity``.
     """
 
 
@@ -331,7 +331,7 @@ def monoquant_modify_plan(plan: Plan, model: nn.Module | None, run: Run) -> None
                 if entry.name.endswith("lm_head"):
                     entry.skip("lm_head kept in float by my-plugin")
 
-    Built-ins: ``outlier``, ``gptq``.
+    Built-ins: ``outlier``, ``gptq``, ``sensitivity``.
     """
 
 

@@ -72,6 +72,7 @@ def quantize_model(
     original = model
     calib = {"min_rows": min_rows, "progress": progress}
     try:
+        run.calibration = calibration
         plan = plan_model(run, model)
         picked = picked_modules(run.config, plan)
         require_selected(plan, picked)

@@ -38,6 +38,8 @@ class Run(ComponentAccess):
         config: the run's frozen :class:`~monoquant_core.config.Config`.
         registries: every registry (also as ``run.schemes``, ``run.observers``, ...; and
             ``run.quantize_weight`` / ``run.scheme_config``, as on the Engine).
+        calibration: the run's calibration data (module mode, ``calibration=``), or None; a
+            plugin that measures the model while planning (``sensitivity``) runs it.
         state: per-run state of plugins, by plugin name (``run.state["gptq"] = ...`` in
             ``monoquant_configure``); dropped with the run. Plugins keep no run state anywhere
             else.
@@ -47,6 +49,7 @@ class Run(ComponentAccess):
         self.config = config
         self.registries = registries
         self.state: dict[str, Any] = {}
+        self.calibration: Any = None
         self._pm = pm
 
     # ------------------------------------------------------------------ configuration

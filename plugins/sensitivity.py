@@ -29,12 +29,21 @@ import click
 import torch
 from torch import nn
 
-from monoquant_core import Engine, MonoQuantError, UsageError, hookimpl
+from monoquant_core import Engine, MonoQuantError, PluginOptions, UsageError, hookimpl
 from monoquant_core.batches import iter_batches
 from monoquant_core.metrics import sqnr_db
 from monoquant_core.tables import format_table
 
-__all__ = ["DEFAULT_CANDIDATES", "Candidate", "measure", "parse_candidates", "render"]
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "Candidate",
+    "SensitivityOptions",
+    "allocate",
+    "measure",
+    "measure_entries",
+    "parse_candidates",
+    "render",
+]
 
 
 @dataclass(frozen=True)
@@ -122,9 +131,28 @@ def measure(
 ) -> dict[str, Any]:
     """The sensitivity table of ``model`` (see the module docstring); ``plan_options`` go to
     ``engine.plan`` (``only=``, ``skip=``, ``rules=``) to choose the layers."""
-    cands = candidates or parse_candidates(DEFAULT_CANDIDATES)
-    configs = {c.label: engine.configure(scheme=c.scheme, scheme_options=c.options) for c in cands}
     plan = engine.plan(model, **plan_options)
+    return measure_entries(engine, model, plan.selected, data, candidates)
+
+
+def measure_entries(
+    ctx: Any,
+    model: nn.Module,
+    entries: list[Any],
+    data: Any = None,
+    candidates: list[Candidate] | None = None,
+) -> dict[str, Any]:
+    """:func:`measure` for given plan entries; ``ctx`` is an :class:`~monoquant_core.Engine`
+    or a run (both have ``scheme_config``, ``quantize_weight`` and the registries)."""
+    cands = candidates or parse_candidates(DEFAULT_CANDIDATES)
+    configs = {}
+    for c in cands:
+        observer = ctx.schemes.get(c.scheme).default_observer
+        configs[c.label] = (
+            observer,
+            ctx.scheme_config(c.scheme, c.options),
+            ctx.observers.get(observer).config_class(),
+        )
     batches = list(iter_batches(data)) if data is not None else []
     was_training = model.training
     model.eval()
@@ -132,9 +160,9 @@ def measure(
     ref = _outputs(model, batches) if batches else []
     rows = []
     try:
-        for entry in plan.selected:
+        for entry in entries:
             module = model.get_submodule(entry.name)
-            replacer = engine.replacers.for_type(type(module)).component
+            replacer = ctx.replacers.for_type(type(module)).component
             for pname in entry.params:
                 param = getattr(module, pname)
                 w = param.detach().clone()
@@ -142,7 +170,7 @@ def measure(
                 name = f"{entry.name}.{pname}" if entry.name else pname
                 row: dict[str, Any] = {"name": name, "shape": list(w.shape), "candidates": {}}
                 for c in cands:
-                    row["candidates"][c.label] = _one(engine, configs[c.label], c, param, w, axis,
+                    row["candidates"][c.label] = _one(ctx, configs[c.label], c, param, w, axis,
                                                       name, batches, ref, model)  # fmt: skip
                 rows.append(row)
     finally:
@@ -156,14 +184,13 @@ def measure(
     }
 
 
-def _one(engine, cfg, c, param, w, axis, name, batches, ref, model) -> dict[str, Any]:
+def _one(ctx, cfg, c, param, w, axis, name, batches, ref, model) -> dict[str, Any]:
+    observer, scheme_cfg, observer_cfg = cfg
     try:
-        qt = engine.quantize_weight(
-            w, c.scheme, cfg.observer, axis, cfg.scheme_config, cfg.observer_config, name
-        )
+        qt = ctx.quantize_weight(w, c.scheme, observer, axis, scheme_cfg, observer_cfg, name)
     except MonoQuantError as e:
         return {"error": getattr(e, "problem", str(e))}
-    scheme = engine.schemes.get(c.scheme)
+    scheme = ctx.schemes.get(c.scheme)
     wq = scheme.dequantize(qt).to(w.dtype).reshape(w.shape)
     out: dict[str, Any] = {
         "bits_per_weight": 8 * qt.nbytes / w.numel(),
@@ -218,6 +245,197 @@ def render(res: dict[str, Any]) -> str:
         + f"; {res['seconds']:.1f} s"
     )
     return "\n".join([format_table(head, rows), *notes, tail])
+
+
+@dataclass(frozen=True)
+class SensitivityOptions(PluginOptions):
+    """Mixed precision under a bit budget: every selected weight gets the candidate scheme the
+    allocator picks from its sensitivity (output SQNR with calibration data, else weight SQNR).
+
+    Attributes:
+        budget: average bits per weight over the selected weights, scales and zero points
+            included (e.g. 4.5).
+        target_sqnr: instead of a budget: the fewest bits whose estimated output SQNR (dB)
+            reaches this.
+        candidates: the schemes to choose from, comma-separated (``int8``, ``int4-gN``,
+            ``SCHEME:KEY=VALUE;KEY=VALUE``).
+        save_rules: also write the choice as a rules file (JSON) here, so ``--rules FILE``
+            repeats the run without the sensitivity pass.
+    """
+
+    budget: float | None = None
+    target_sqnr: float | None = None
+    candidates: str = "int8,int4-g32,int4-g64,int4-g128"
+    save_rules: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.budget is None) == (self.target_sqnr is None):
+            raise ValueError("give exactly one of budget (bits per weight) or target_sqnr (dB)")
+        if self.budget is not None and not (math.isfinite(self.budget) and self.budget > 0):
+            raise ValueError(f"budget {self.budget} is not a positive number of bits per weight")
+        if self.target_sqnr is not None and not math.isfinite(self.target_sqnr):
+            raise ValueError(f"target_sqnr {self.target_sqnr} is not a number of dB")
+        parse_candidates(_cli_candidates(self.candidates))
+
+
+def _options_of(row: dict[str, Any], numel: int) -> list[tuple[float, float, str]]:
+    """``(bits, noise, label)`` per usable candidate, noise = 10^(-SQNR/10) (output noise
+    power relative to the signal; the layers' noises add up approximately)."""
+    out = []
+    for label, v in row["candidates"].items():
+        if "error" in v:
+            continue
+        db = v.get("output_sqnr_db", v["weight_sqnr_db"])
+        noise = 0.0 if db == math.inf else 10 ** (-db / 10) if math.isfinite(db) else math.inf
+        out.append((v["bits_per_weight"] * numel, noise, label))
+    return sorted(out)
+
+
+def allocate(
+    table: dict[str, Any], budget: float | None = None, target_sqnr: float | None = None
+) -> dict[str, Any]:
+    """Choose one candidate per layer of a :func:`measure` table: greedy by the largest drop
+    in estimated output noise per added bit, from the cheapest candidate of every layer, until
+    the budget (average bits per weight) is spent or the target SQNR is reached.
+
+    Returns ``{"choice": {weight name: label}, "bits_per_weight", "estimated_sqnr_db"}``.
+    """
+    layers = []
+    for row in table["layers"]:
+        numel = math.prod(row["shape"])
+        opts = _options_of(row, numel)
+        if not opts:
+            raise UsageError(
+                f"{row['name']}: no candidate applies to it",
+                "add a candidate that can store it (e.g. int8), or leave it out with --skip",
+            )
+        layers.append((row["name"], numel, opts))
+    total = sum(n for _, n, _ in layers)
+    pick = {name: 0 for name, _, _ in layers}
+    bits = sum(opts[0][0] for _, _, opts in layers)
+    noise = sum(opts[0][1] for _, _, opts in layers)
+    if budget is not None and bits > budget * total * (1 + 1e-9):
+        raise UsageError(
+            f"budget {budget:g} bits/weight is below the cheapest candidates' {bits / total:.2f}",
+            "raise --sensitivity-budget, or add a cheaper candidate",
+        )
+
+    def done() -> bool:
+        return target_sqnr is not None and _db(noise) >= target_sqnr
+
+    while not done():
+        best = None
+        for name, _, opts in layers:
+            b0, n0, _ = opts[pick[name]]
+            for j, (b1, n1, _) in enumerate(opts):
+                if b1 <= b0 or n1 >= n0:
+                    continue
+                if budget is not None and bits + b1 - b0 > budget * total * (1 + 1e-9):
+                    continue
+                gain = (n0 - n1) / (b1 - b0)
+                if best is None or gain > best[0]:
+                    best = (gain, name, j, b1 - b0, n1 - n0)
+        if best is None:
+            break
+        _, name, j, db_, dn = best
+        pick[name], bits, noise = j, bits + db_, noise + dn
+    if target_sqnr is not None and not done():
+        raise UsageError(
+            f"target SQNR {target_sqnr:g} dB is out of reach: the best candidates give an "
+            f"estimated {_db(noise):.1f} dB",
+            "lower --sensitivity-target-sqnr, or add a more precise candidate (e.g. fp16)",
+        )
+    return {
+        "choice": {name: opts[pick[name]][2] for name, _, opts in layers},
+        "bits_per_weight": bits / total,
+        "estimated_sqnr_db": _db(noise),
+    }
+
+
+def _db(noise: float) -> float:
+    return math.inf if noise <= 0 else -10 * math.log10(noise)
+
+
+@hookimpl
+def monoquant_register_options(register):
+    register(SensitivityOptions)
+
+
+@hookimpl
+def monoquant_add_cli_options(group):
+    group.add_option(
+        "--sensitivity-budget",
+        type=float,
+        default=None,
+        help="Mixed precision: average bits per weight to spend (same as "
+        "--sensitivity-opt budget=B).",
+    )
+    group.add_option(
+        "--sensitivity-target-sqnr",
+        type=float,
+        default=None,
+        help="Mixed precision: the fewest bits reaching this estimated output SQNR in dB.",
+    )
+    group.add_option(
+        "--sensitivity-save-rules",
+        default=None,
+        help="Write the chosen schemes as a rules file (JSON) for --rules.",
+    )
+
+
+@hookimpl
+def monoquant_modify_plan(plan, model, run):
+    opts = run.options("sensitivity")
+    if opts is None:
+        return
+    if model is None:
+        raise UsageError(
+            "the sensitivity allocation measures the model's layers and needs module mode",
+            "pass --model PKG.MODULE:FACTORY --weights FILE (or --demo) instead of a SOURCE file",
+        )
+    cands = parse_candidates(_cli_candidates(opts.candidates))
+    by_label = {c.label: c for c in cands}
+    table = measure_entries(run, model, plan.selected, run.calibration, cands)
+    res = allocate(table, opts.budget, opts.target_sqnr)
+    rows = {r["name"]: r for r in table["layers"]}
+    which = "output" if table["batches"] else "weight"
+    goal = (f"budget {opts.budget:g}" if opts.budget is not None
+            else f"target {opts.target_sqnr:g} dB")  # fmt: skip
+    estimate = "estimated output SQNR" if table["batches"] else "summed weight-noise SQNR"
+    summary = (
+        f"{goal}: {res['bits_per_weight']:.2f} bits/weight, {estimate} "
+        f"{res['estimated_sqnr_db']:.1f} dB"
+    )
+    rules = []
+    for entry in plan.selected:
+        labels = {res["choice"][n] for n in res["choice"] if n.rsplit(".", 1)[0] == entry.name}
+        if len(labels) != 1:
+            continue
+        (label,) = labels
+        c = by_label[label]
+        entry.scheme = c.scheme
+        entry.observer = run.schemes.get(c.scheme).default_observer
+        entry.options["scheme_options"] = dict(c.options)
+        name = next(n for n in res["choice"] if n.rsplit(".", 1)[0] == entry.name)
+        v = rows[name]["candidates"][label]
+        db = v.get("output_sqnr_db", v["weight_sqnr_db"])
+        entry.notes.append(
+            f"sensitivity: {label} ({v['bits_per_weight']:.2f} bits/weight, {which} SQNR "
+            f"{db:.1f} dB alone); {summary}"
+        )
+        rules.append({"pattern": entry.name, "scheme": c.scheme, "scheme_options": c.options})
+    run.state["sensitivity"] = {"allocation": res, "rules": rules}
+    if opts.save_rules:
+        # deferred: the atomic writer, used only when rules are saved
+        from monoquant_core.atomic import atomic_write
+
+        text = json.dumps(rules, indent=2)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+
+        atomic_write(opts.save_rules, write)
 
 
 #: this plugin's name, whatever the loading path (entry point or object)

@@ -127,3 +127,117 @@ def test_a_plugin_command_that_clashes_is_a_load_error(tmp_path):
     with pytest.warns(PluginLoadWarning, match="adds the command.*quantize.*already exist"):
         group = build_cli(engine)
     assert group.commands["quantize"].callback.__module__ != __name__
+
+
+def _table(rows):
+    """A measure() table from ``{name: {label: (bits/weight, output SQNR)}}`` (shape 10x10)."""
+    return {
+        "batches": 1,
+        "layers": [
+            {
+                "name": name,
+                "shape": [10, 10],
+                "candidates": {
+                    label: {"bits_per_weight": b, "weight_sqnr_db": db, "output_sqnr_db": db}
+                    for label, (b, db) in cands.items()
+                },
+            }
+            for name, cands in rows.items()
+        ],
+    }
+
+
+def test_allocation_spends_bits_where_they_buy_most():
+    from monoquant_plugins.sensitivity import allocate
+
+    table = _table(
+        {
+            "a.weight": {"int4": (4.0, 20.0), "int8": (8.0, 45.0)},  # sensitive
+            "b.weight": {"int4": (4.0, 40.0), "int8": (8.0, 60.0)},  # robust
+        }
+    )
+    res = allocate(table, budget=6.0)
+    assert res["choice"] == {"a.weight": "int8", "b.weight": "int4"}
+    assert res["bits_per_weight"] == pytest.approx(6.0)
+    noise = 10 ** (-45 / 10) + 10 ** (-40 / 10)
+    assert res["estimated_sqnr_db"] == pytest.approx(-10 * math.log10(noise))
+    assert allocate(table, budget=4.0)["choice"] == {"a.weight": "int4", "b.weight": "int4"}
+    assert allocate(table, budget=8.0)["choice"] == {"a.weight": "int8", "b.weight": "int8"}
+    # a target: the fewest bits reaching it
+    assert allocate(table, target_sqnr=38.0)["choice"] == {"a.weight": "int8", "b.weight": "int4"}
+    with pytest.raises(UsageError, match="below the cheapest candidates' 4.00"):
+        allocate(table, budget=3.0)
+    with pytest.raises(UsageError, match="out of reach"):
+        allocate(table, target_sqnr=80.0)
+
+
+def test_a_budget_in_a_quantize_run(tmp_path):
+    torch.manual_seed(3)
+    data = [torch.randn(32, 64)]
+    opts = {"budget": 6.0, "candidates": "int8,int4-g32", "save_rules": str(tmp_path / "r.json")}
+    _, rep = Engine().quantize(_model(), scheme="int8", plugin_options={"sensitivity": opts},
+                               calibration=data)  # fmt: skip
+    numel = sum(la.numel for la in rep.layers)
+    assert sum(la.bits_per_weight * la.numel for la in rep.layers) / numel <= 6.0
+    assert {la.scheme for la in rep.layers} == {"int8", "int4-group"}  # mixed
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert sorted(r["pattern"] for r in saved) == ["0", "2", "4"]
+
+
+@pytest.mark.slow  # 25 weights x 5 candidates x 2 batches of forward passes, and 4 quantize runs
+def test_budget_beats_uniform_schemes_of_the_same_size_and_saves_rules(tmp_path):
+    """End to end on the demo model with calibration data: the allocation stays within the
+    budget, its output SQNR on other inputs is at least the uniform scheme's of the same
+    bits, and the saved rules reproduce the same quantized weights without the pass."""
+    from monoquant_core.demo import demo_inputs, demo_model
+
+    data = [demo_inputs(seed=s) for s in range(2)]
+    test = [demo_inputs(seed=s) for s in range(10, 12)]
+    engine = Engine()
+
+    def sqnr(model):
+        ref = demo_model().eval()
+        with torch.no_grad():
+            r = torch.cat([ref(x).reshape(-1) for x in test]).double()
+            g = torch.cat([model(x).reshape(-1) for x in test]).double()
+        return 10 * math.log10(float((r**2).sum()) / float(((g - r) ** 2).sum()))
+
+    rules = tmp_path / "rules.json"
+    opts = {"sensitivity": {"budget": 5.0, "save_rules": str(rules)}}
+    q, rep = engine.quantize(demo_model().eval(), scheme="int4-group", plugin_options=opts,
+                             calibration=data)  # fmt: skip
+    bits = sum(la.bits_per_weight * la.numel for la in rep.layers) / sum(
+        la.numel for la in rep.layers
+    )
+    assert bits <= 5.0 + 1e-9
+    uniform, _ = engine.quantize(
+        demo_model().eval(), scheme="int4-group", scheme_options={"group_size": 32}
+    )
+    assert sqnr(q) >= sqnr(uniform) - 0.05  # 5.0 bits/weight either way
+    plan = engine.plan(demo_model(), scheme="int4-group",
+                       plugin_options={"sensitivity": {"budget": 5.0}})  # fmt: skip
+    notes = [n for e in plan.selected for n in e.notes if n.startswith("sensitivity: ")]
+    assert len(notes) == 25 and "summed weight-noise SQNR" in notes[0]  # no data: weights
+    saved = json.loads(rules.read_text())
+    assert {r["scheme"] for r in saved} <= {"int8", "int4-group"} and len(saved) == 25
+    again, _ = engine.quantize(demo_model().eval(), scheme="int4-group", rules=saved)
+    for (n1, m1), (n2, m2) in zip(q.named_modules(), again.named_modules(), strict=True):
+        if hasattr(m1, "qtensors"):
+            assert n1 == n2
+            for p, qt in m1.qtensors().items():
+                assert torch.equal(qt.qdata, m2.qtensor(p).qdata), n1
+
+
+def test_options_need_one_goal_and_module_mode(tmp_path):
+    with pytest.raises(UsageError, match="exactly one of budget"):
+        Engine().configure(plugin_options={"sensitivity": {}})
+    with pytest.raises(UsageError, match="not a positive number"):
+        Engine().configure(plugin_options={"sensitivity": {"budget": -1}})
+    from tests.helpers import small_state, write_folder
+
+    write_folder(tmp_path / "src", small_state(), n_shards=1, extra_files=False)
+    with pytest.raises(UsageError, match="needs module mode"):
+        Engine().quantize_checkpoint(
+            str(tmp_path / "src"), str(tmp_path / "out"), progress=False,
+            plugin_options={"sensitivity": {"budget": 6}},
+        )  # fmt: skip
