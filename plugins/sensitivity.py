@@ -261,14 +261,18 @@ class SensitivityOptions(PluginOptions):
             ``SCHEME:KEY=VALUE;KEY=VALUE``).
         save_rules: also write the choice as a rules file (JSON) here, so ``--rules FILE``
             repeats the run without the sensitivity pass.
+        method: ``greedy`` (default) or ``exact`` (:func:`allocate`).
     """
 
     budget: float | None = None
     target_sqnr: float | None = None
     candidates: str = "int8,int4-g32,int4-g64,int4-g128"
     save_rules: str | None = None
+    method: str = "greedy"
 
     def __post_init__(self) -> None:
+        if self.method not in ("greedy", "exact"):
+            raise ValueError(f"method {self.method!r} is not greedy or exact")
         if (self.budget is None) == (self.target_sqnr is None):
             raise ValueError("give exactly one of budget (bits per weight) or target_sqnr (dB)")
         if self.budget is not None and not (math.isfinite(self.budget) and self.budget > 0):
@@ -291,25 +295,34 @@ def _options_of(row: dict[str, Any], numel: int) -> list[tuple[float, float, str
     return sorted(out)
 
 
+#: bits-axis resolution of the exact allocator: the budget in this many steps (each option's
+#: bits rounded up to a step, so the choice never exceeds the budget)
+EXACT_STEPS = 4000
+
+
 def allocate(
-    table: dict[str, Any], budget: float | None = None, target_sqnr: float | None = None
+    table: dict[str, Any],
+    budget: float | None = None,
+    target_sqnr: float | None = None,
+    method: str = "greedy",
 ) -> dict[str, Any]:
-    """Choose one candidate per layer of a :func:`measure` table: greedy by the largest drop
-    in estimated output noise per added bit, from the cheapest candidate of every layer, until
-    the budget (average bits per weight) is spent or the target SQNR is reached.
+    """Choose one candidate per layer of a :func:`measure` table, minimising the estimated
+    output noise (``sum 10^(-SQNR/10)`` over layers) under the budget (average bits per
+    weight), or the bits needed to reach ``target_sqnr``.
+
+    ``method="greedy"``: from the cheapest candidate of every layer, repeatedly take the
+    upgrade that removes the most noise per added bit while it fits. ``"exact"``: a
+    multiple-choice knapsack solved by dynamic programming over the budget in
+    :data:`EXACT_STEPS` steps (a target: the smallest budget, by bisection, whose optimum
+    reaches it).
 
     Returns ``{"choice": {weight name: label}, "bits_per_weight", "estimated_sqnr_db"}``.
     """
-    layers = []
-    for row in table["layers"]:
-        numel = math.prod(row["shape"])
-        opts = _options_of(row, numel)
-        if not opts:
-            raise UsageError(
-                f"{row['name']}: no candidate applies to it",
-                "add a candidate that can store it (e.g. int8), or leave it out with --skip",
-            )
-        layers.append((row["name"], numel, opts))
+    if method not in ("greedy", "exact"):
+        raise UsageError(f"allocation method {method!r}", "use greedy or exact")
+    if method == "exact":
+        return _allocate_exact(table, budget, target_sqnr)
+    layers = _layers(table)
     total = sum(n for _, n, _ in layers)
     pick = {name: 0 for name, _, _ in layers}
     bits = sum(opts[0][0] for _, _, opts in layers)
@@ -345,6 +358,108 @@ def allocate(
             f"estimated {_db(noise):.1f} dB",
             "lower --sensitivity-target-sqnr, or add a more precise candidate (e.g. fp16)",
         )
+    return {
+        "choice": {name: opts[pick[name]][2] for name, _, opts in layers},
+        "bits_per_weight": bits / total,
+        "estimated_sqnr_db": _db(noise),
+    }
+
+
+def _layers(table: dict[str, Any]) -> list[tuple[str, int, list[tuple[float, float, str]]]]:
+    out = []
+    for row in table["layers"]:
+        numel = math.prod(row["shape"])
+        opts = _options_of(row, numel)
+        if not opts:
+            raise UsageError(
+                f"{row['name']}: no candidate applies to it",
+                "add a candidate that can store it (e.g. int8), or leave it out with --skip",
+            )
+        out.append((row["name"], numel, opts))
+    return out
+
+
+def _knapsack(layers, limit_bits: float) -> tuple[float, dict[str, int]] | None:
+    """Least total noise with total bits <= ``limit_bits``: the DP on bits rounded to steps,
+    its choice checked in exact bits and solved again with a tighter limit if the rounding
+    let it overflow."""
+    cap = limit_bits
+    for _ in range(50):
+        found = _knapsack_steps(layers, cap, limit_bits)
+        if found is None:
+            return None
+        noise, choice = found
+        bits = sum(opts[choice[name]][0] for name, _, opts in layers)
+        if bits <= limit_bits * (1 + 1e-9):
+            return noise, choice
+        cap -= max(bits - limit_bits, limit_bits / EXACT_STEPS)
+    return None
+
+
+def _knapsack_steps(layers, cap_bits: float, limit_bits: float):
+    step = limit_bits / EXACT_STEPS
+    capacity = int(cap_bits / step + 1e-9)
+    if capacity < 0:
+        return None
+    inf = math.inf
+    best = [0.0] * (capacity + 1)  # best[c]: least noise of the layers so far in c steps
+    picks: list[list[int]] = []
+    for _, _, opts in layers:
+        new = [inf] * (capacity + 1)
+        arg = [-1] * (capacity + 1)
+        costs = [round(b / step) for b, _, _ in opts]
+        for c_all in range(capacity + 1):
+            for j, (c, (_, noise, _)) in enumerate(zip(costs, opts, strict=True)):
+                if c <= c_all and best[c_all - c] + noise < new[c_all]:
+                    new[c_all], arg[c_all] = best[c_all - c] + noise, j
+        best = new
+        picks.append(arg)
+    if best[capacity] == inf:
+        return None
+    choice, c_all = {}, capacity
+    for (name, _, opts), arg in zip(reversed(layers), reversed(picks), strict=True):
+        j = arg[c_all]
+        choice[name] = j
+        c_all -= round(opts[j][0] / step)
+    return best[capacity], choice
+
+
+def _allocate_exact(table, budget, target_sqnr) -> dict[str, Any]:
+    layers = _layers(table)
+    total = sum(n for _, n, _ in layers)
+    low = sum(opts[0][0] for _, _, opts in layers)
+    high = sum(max(o[0] for o in opts) for _, _, opts in layers)
+    if budget is not None:
+        if low > budget * total * (1 + 1e-9):
+            raise UsageError(
+                f"budget {budget:g} bits/weight is below the cheapest candidates' "
+                f"{low / total:.2f}",
+                "raise --sensitivity-budget, or add a cheaper candidate",
+            )
+        found = _knapsack(layers, budget * total)
+        if found is None:  # rounding to steps: the cheapest choice is always feasible
+            found = (0.0, {name: 0 for name, _, _ in layers})
+    else:
+        target = 10 ** (-target_sqnr / 10)
+        top = _knapsack(layers, high * (1 + 1e-6))
+        if top is None or top[0] > target:
+            best_db = _db(min(sum(min(o[1] for o in opts) for _, _, opts in layers), math.inf))
+            raise UsageError(
+                f"target SQNR {target_sqnr:g} dB is out of reach: the best candidates give an "
+                f"estimated {best_db:.1f} dB",
+                "lower --sensitivity-target-sqnr, or add a more precise candidate (e.g. fp16)",
+            )
+        lo, hi, found = low, high * (1 + 1e-6), top
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            got = _knapsack(layers, mid)
+            if got is not None and got[0] <= target:
+                hi, found = mid, got
+            else:
+                lo = mid
+    _, pick = found
+    bits = sum(opts[pick[name]][0] for name, _, opts in layers)
+    noise = sum(opts[pick[name]][1] for name, _, opts in layers)
     return {
         "choice": {name: opts[pick[name]][2] for name, _, opts in layers},
         "bits_per_weight": bits / total,
@@ -396,7 +511,7 @@ def monoquant_modify_plan(plan, model, run):
     cands = parse_candidates(_cli_candidates(opts.candidates))
     by_label = {c.label: c for c in cands}
     table = measure_entries(run, model, plan.selected, run.calibration, cands)
-    res = allocate(table, opts.budget, opts.target_sqnr)
+    res = allocate(table, opts.budget, opts.target_sqnr, opts.method)
     rows = {r["name"]: r for r in table["layers"]}
     which = "output" if table["batches"] else "weight"
     goal = (f"budget {opts.budget:g}" if opts.budget is not None

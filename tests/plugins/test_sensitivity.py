@@ -241,3 +241,28 @@ def test_options_need_one_goal_and_module_mode(tmp_path):
             str(tmp_path / "src"), str(tmp_path / "out"), progress=False,
             plugin_options={"sensitivity": {"budget": 6}},
         )  # fmt: skip
+
+
+def test_the_exact_allocator_finds_what_greedy_misses():
+    from monoquant_plugins.sensitivity import allocate
+
+    db = lambda noise: -10 * math.log10(noise)  # noqa: E731
+    table = _table(
+        {
+            "a.weight": {"int4": (4.0, db(1.0)), "int8": (8.0, 60.0)},
+            "b.weight": {"int4": (4.0, db(0.5)), "mid": (5.0, db(0.2))},
+        }
+    )
+    greedy = allocate(table, budget=6.0)
+    exact = allocate(table, budget=6.0, method="exact")
+    assert greedy["choice"] == {"a.weight": "int4", "b.weight": "mid"}  # best ratio first
+    assert exact["choice"] == {"a.weight": "int8", "b.weight": "int4"}
+    assert exact["estimated_sqnr_db"] > greedy["estimated_sqnr_db"]
+    assert exact["bits_per_weight"] <= 6.0
+    # a target: the fewest bits whose optimum reaches it
+    res = allocate(table, target_sqnr=db(0.6), method="exact")
+    assert res["choice"] == {"a.weight": "int8", "b.weight": "int4"}
+    with pytest.raises(UsageError, match="out of reach"):
+        allocate(table, target_sqnr=70.0, method="exact")
+    with pytest.raises(UsageError, match="below the cheapest"):
+        allocate(table, budget=3.0, method="exact")
