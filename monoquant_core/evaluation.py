@@ -26,9 +26,17 @@ from .files import load_model
 from .inspection import inspect_path
 from .registry import Registries
 from .sources import read_artifact
-from .tables import format_table, human_bytes
+from .tables import (
+    format_table,
+    html_heading,
+    html_page,
+    html_table,
+    html_text,
+    human_bytes,
+    svg_bars,
+)
 
-__all__ = ["evaluate_files", "evaluation_error", "render_evaluation"]
+__all__ = ["evaluate_files", "evaluation_error", "evaluation_html", "render_evaluation"]
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:
@@ -221,4 +229,37 @@ def evaluation_error(
     return UsageError(
         "below the threshold: " + "; ".join(f"{p}: {', '.join(w)}" for p, w in bad),
         "quantize those layers with more bits (e.g. --rule 'NAME=int8'), or relax the threshold",
+    )
+
+
+def evaluation_html(res: dict[str, Any]) -> str:
+    """The evaluation as one self-contained HTML page: output SQNR bars and the table (every
+    number also in ``data-value`` attributes)."""
+    rows = [
+        [
+            r["path"],
+            ",".join(r["schemes"]) or "-",
+            r["bytes"],
+            r["bits_per_weight"] if r["bits_per_weight"] is not None else "-",
+            r["sqnr_db"],
+            r["cosine"],
+            r["max_abs_err"],
+            r["top1_agreement"] if r["top1_agreement"] is not None else "-",
+        ]
+        for r in res["files"]
+    ]
+    head = ["file", "schemes", "bytes", "bits/weight", "SQNR dB", "cosine", "max err", "top-1"]
+    bars = [(os.path.basename(r["path"]), r["sqnr_db"]) for r in res["files"]]
+    return html_page(
+        "Mono Quant evaluation",
+        [
+            html_text(
+                f"{len(res['files'])} quantized file(s) against the float model "
+                f"({human_bytes(res['float_bytes'])}) on {res['batches']} batch(es)."
+            ),
+            html_heading("Output SQNR against the float model"),
+            svg_bars(bars, "dB", "sqnr"),
+            html_heading("Every file"),
+            html_table(head, rows, "files"),
+        ],
     )

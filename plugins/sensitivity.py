@@ -471,6 +471,88 @@ def _db(noise: float) -> float:
     return math.inf if noise <= 0 else -10 * math.log10(noise)
 
 
+def tradeoff(table: dict[str, Any], points: int = 8) -> dict[str, list[tuple[float, float]]]:
+    """The allocator's estimated output SQNR at budgets from the cheapest to the dearest
+    choice, and each candidate used for every layer (the uniform reference points):
+    ``{series: [(bits per weight, estimated SQNR dB)]}``."""
+    layers = _layers(table)
+    total = sum(n for _, n, _ in layers)
+    low = sum(opts[0][0] for _, _, opts in layers) / total
+    high = sum(max(o[0] for o in opts) for _, _, opts in layers) / total
+    curve = []
+    for k in range(points):
+        budget = low + (high - low) * k / max(points - 1, 1)
+        res = allocate(table, budget=budget)
+        curve.append((res["bits_per_weight"], res["estimated_sqnr_db"]))
+    out: dict[str, list[tuple[float, float]]] = {"allocator (greedy)": curve}
+    for label in table["candidates"]:
+        rows = [r["candidates"][label] for r in table["layers"]]
+        if any("error" in v for v in rows):
+            continue
+        bits = sum(v["bits_per_weight"] * math.prod(r["shape"])
+                   for v, r in zip(rows, table["layers"], strict=True)) / total  # fmt: skip
+        noise = sum(
+            10 ** (-v.get("output_sqnr_db", v["weight_sqnr_db"]) / 10)
+            for v in rows
+            if math.isfinite(v.get("output_sqnr_db", v["weight_sqnr_db"]))
+        )
+        out[f"uniform {label}"] = [(bits, _db(noise))]
+    return out
+
+
+def html_report(res: dict[str, Any]) -> str:
+    """One self-contained HTML page of a :func:`measure` table: per-layer sensitivity bars,
+    the allocator's size/accuracy trade-off curve with the uniform schemes, and the table."""
+    from monoquant_core.tables import (  # deferred: only for --html
+        html_heading,
+        html_page,
+        html_table,
+        html_text,
+        svg_bars,
+        svg_curve,
+    )
+
+    which = "output SQNR" if res["batches"] else "weight SQNR"
+    bars = []
+    for r in res["layers"]:
+        usable = [v for v in r["candidates"].values() if "error" not in v]
+        if usable:
+            cheapest = min(usable, key=lambda v: v["bits_per_weight"])
+            bars.append((r["name"], cheapest.get("output_sqnr_db", cheapest["weight_sqnr_db"])))
+    rows = []
+    for r in res["layers"]:
+        row: list[object] = [r["name"]]
+        for c in res["candidates"]:
+            v = r["candidates"][c]
+            row += ["n/a", "n/a"] if "error" in v else [
+                v["bits_per_weight"], v.get("output_sqnr_db", v["weight_sqnr_db"])]  # fmt: skip
+        rows.append(row)
+    headers = ["layer"] + [f"{c} {k}" for c in res["candidates"] for k in ("bits", "dB")]
+    parts = [
+        html_text(
+            f"{len(res['layers'])} weights, {len(res['candidates'])} candidates, "
+            f"{res['batches']} batch(es) of data; {which} with only that layer quantized."
+        ),
+        html_heading(f"Sensitivity: {which} of the cheapest candidate (lower = more sensitive)"),
+        svg_bars(bars, "dB", "sensitivity"),
+        html_heading("Size against estimated output SQNR: the allocator and uniform schemes"),
+        svg_curve(tradeoff(res), "bits per weight", "estimated SQNR dB", "tradeoff"),
+        html_heading("Every layer and candidate"),
+        html_table(headers, rows, "layers"),
+    ]
+    return html_page("Mono Quant sensitivity", parts)
+
+
+def _write_text(path: str, text: str) -> None:
+    from monoquant_core.atomic import atomic_write  # deferred: only when a file is written
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
 @hookimpl
 def monoquant_register_options(register):
     register(SensitivityOptions)
@@ -541,16 +623,7 @@ def monoquant_modify_plan(plan, model, run):
         rules.append({"pattern": entry.name, "scheme": c.scheme, "scheme_options": c.options})
     run.state["sensitivity"] = {"allocation": res, "rules": rules}
     if opts.save_rules:
-        # deferred: the atomic writer, used only when rules are saved
-        from monoquant_core.atomic import atomic_write
-
-        text = json.dumps(rules, indent=2)
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-
-        atomic_write(opts.save_rules, write)
+        _write_text(opts.save_rules, json.dumps(rules, indent=2) + "\n")
 
 
 #: this plugin's name, whatever the loading path (entry point or object)
@@ -581,7 +654,15 @@ def monoquant_add_cli_commands(cli, engine):
     @click.option("--only", multiple=True, metavar="GLOB", help="Only these modules.")
     @click.option("--skip", multiple=True, metavar="GLOB", help="Not these modules.")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-    def sensitivity(demo, model_spec, weights, calibration, candidates, only, skip, as_json):
+    @click.option(
+        "--html",
+        "html_path",
+        type=click.Path(dir_okay=False),
+        help="Also write a self-contained HTML report (bars, trade-off curve, table).",
+    )
+    def sensitivity(
+        demo, model_spec, weights, calibration, candidates, only, skip, as_json, html_path
+    ):
         """How much quantizing each layer costs: for every layer the plan selects and every
         candidate scheme, the bits per weight, the weight SQNR and (with --calibration) the
         model's output SQNR with only that layer quantized; most sensitive layers first."""
@@ -593,6 +674,8 @@ def monoquant_add_cli_commands(cli, engine):
             data = [sample]
         res = measure(engine, model, data, cands, only=only, skip=skip)
         click.echo(json.dumps(res, indent=2, default=str) if as_json else render(res))
+        if html_path:
+            _write_text(html_path, html_report(res))
 
 
 def _cli_candidates(text: str) -> list[str]:

@@ -6,9 +6,10 @@ import json
 
 import click
 
+from ..atomic import atomic_write, check_output_path
 from ..engine import Engine
-from ..evaluation import evaluation_error, render_evaluation
-from .inputs import load_calibration, model_input
+from ..evaluation import evaluation_error, evaluation_html, render_evaluation
+from .inputs import load_calibration, model_input, write_text
 from .options import model_source_options
 
 __all__ = ["add_evaluate"]
@@ -38,6 +39,12 @@ def add_evaluate(cli: click.Group, engine: Engine) -> None:
         "--min-cosine", type=float, default=None, metavar="C", help="Fail under this cosine."
     )
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    @click.option(
+        "--html",
+        "html_path",
+        type=click.Path(dir_okay=False),
+        help="Also write a self-contained HTML report (SQNR bars and the table).",
+    )
     def evaluate(
         quantized: tuple[str, ...],
         demo: bool,
@@ -49,10 +56,13 @@ def add_evaluate(cli: click.Group, engine: Engine) -> None:
         min_sqnr: float | None,
         min_cosine: float | None,
         as_json: bool,
+        html_path: str | None,
     ) -> None:
         """Run the float model and each QUANTIZED file or folder of it on your inputs and
         compare the outputs: SQNR, cosine, max error, top-1 agreement, size and bits per
         weight, side by side; exit 1 under --min-sqnr / --min-cosine (a CI gate)."""
+        if html_path:
+            check_output_path(html_path, overwrite=True)
         source = model_input(demo, model_spec, weights)
         batches = load_calibration(data)
         res = engine.evaluate(
@@ -62,6 +72,9 @@ def add_evaluate(cli: click.Group, engine: Engine) -> None:
             click.echo(json.dumps(res, indent=2, default=str))
         else:
             click.echo(render_evaluation(res, min_sqnr, min_cosine))
+        if html_path:
+            text = evaluation_html(res)
+            atomic_write(html_path, lambda tmp: write_text(tmp, text))
         err = evaluation_error(res, min_sqnr, min_cosine)
         if err is not None:
             raise err

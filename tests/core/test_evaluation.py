@@ -108,3 +108,37 @@ def test_bad_inputs_are_one_line_errors(files, tmp_path):
 
     with pytest.raises(Exception, match="does not match the model|has shape"):
         Engine().evaluate(other, [paths["q8"]], data)
+
+
+def _html_values(text: str) -> dict[str, list[tuple[dict, str]]]:
+    """Elements carrying numbers in a report page, by tag: ``[(attributes, ...)]``."""
+    from html.parser import HTMLParser
+
+    found: dict[str, list[dict]] = {}
+
+    class Reader(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            d = dict(attrs)
+            if "data-value" in d or "data-x" in d:
+                found.setdefault(tag, []).append(d)
+
+    Reader().feed(text)
+    return found
+
+
+def test_the_html_report_holds_the_json_numbers(files, cli, tmp_path):
+    root, paths, _ = files
+    spec = "tests.core.test_evaluation:_classifier"
+    page = tmp_path / "eval.html"
+    args = ("evaluate", "--model", spec, paths["q8"], paths["q4"], "--data", root / "data.pt")
+    data = json.loads(cli(*args, "--json", "--html", page).output)
+    text = page.read_text()
+    offline = text.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert text.startswith("<!DOCTYPE html>") and "<script" not in text and "http" not in offline
+    found = _html_values(text)
+    bars = {d["data-label"]: float(d["data-value"]) for d in found["rect"]}
+    names = ["q8.safetensors", "q4.safetensors"]
+    assert bars == {n: r["sqnr_db"] for n, r in zip(names, data["files"], strict=True)}
+    cells = [float(d["data-value"]) for d in found["td"]]
+    for r in data["files"]:
+        assert r["cosine"] in cells and r["max_abs_err"] in cells and r["bytes"] in cells

@@ -266,3 +266,29 @@ def test_the_exact_allocator_finds_what_greedy_misses():
         allocate(table, target_sqnr=70.0, method="exact")
     with pytest.raises(UsageError, match="below the cheapest"):
         allocate(table, budget=3.0, method="exact")
+
+
+def test_the_html_report_holds_the_json_numbers(cli, tmp_path):
+    from monoquant_plugins.sensitivity import allocate, tradeoff
+
+    from tests.core.test_evaluation import _html_values
+
+    torch.manual_seed(2)
+    torch.save([torch.randn(8, 64)], tmp_path / "data.pt")
+    page = tmp_path / "s.html"
+    spec = "tests.plugins.test_sensitivity:_model"
+    res = cli("sensitivity", "--model", spec, "--calibration", tmp_path / "data.pt",
+              "--candidates", "int8,int4-g32", "--json", "--html", page)  # fmt: skip
+    data = json.loads(res.output)
+    found = _html_values(page.read_text())
+    bars = {d["data-label"]: float(d["data-value"]) for d in found["rect"]}
+    assert bars == {
+        r["name"]: r["candidates"]["int4-g32"]["output_sqnr_db"] for r in data["layers"]
+    }
+    points = [(d["data-series"], float(d["data-x"]), float(d["data-y"])) for d in found["circle"]]
+    curve = tradeoff(data)
+    assert points == [(name, x, y) for name, pts in curve.items() for x, y in pts]
+    low = min(x for name, x, _ in points if name.startswith("allocator"))
+    assert curve["allocator (greedy)"][0] == pytest.approx(
+        (low, allocate(data, budget=low)["estimated_sqnr_db"])
+    )
