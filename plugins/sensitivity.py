@@ -634,7 +634,7 @@ monoquant_plugin_name = "sensitivity"
 def monoquant_add_cli_commands(cli, engine):
     # deferred: the CLI's model and data loaders (the same flags as quantize)
     from monoquant_core.cli.inputs import load_calibration, model_input
-    from monoquant_core.cli.options import model_source_options
+    from monoquant_core.cli.options import model_source_options, report_options
 
     @cli.command()
     @model_source_options("Import a callable that returns the nn.Module to analyse.")
@@ -653,13 +653,7 @@ def monoquant_add_cli_commands(cli, engine):
     )
     @click.option("--only", multiple=True, metavar="GLOB", help="Only these modules.")
     @click.option("--skip", multiple=True, metavar="GLOB", help="Not these modules.")
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-    @click.option(
-        "--html",
-        "html_path",
-        type=click.Path(dir_okay=False),
-        help="Also write a self-contained HTML report (bars, trade-off curve, table).",
-    )
+    @report_options("bars, trade-off curve, table")
     def sensitivity(
         demo, model_spec, weights, calibration, candidates, only, skip, as_json, html_path
     ):

@@ -10,7 +10,7 @@ from ..atomic import atomic_write, check_output_path
 from ..engine import Engine
 from ..evaluation import evaluation_error, evaluation_html, render_evaluation
 from .inputs import load_calibration, model_input, write_text
-from .options import model_source_options
+from .options import model_source_options, report_options
 
 __all__ = ["add_evaluate"]
 
@@ -38,13 +38,7 @@ def add_evaluate(cli: click.Group, engine: Engine) -> None:
     @click.option(
         "--min-cosine", type=float, default=None, metavar="C", help="Fail under this cosine."
     )
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-    @click.option(
-        "--html",
-        "html_path",
-        type=click.Path(dir_okay=False),
-        help="Also write a self-contained HTML report (SQNR bars and the table).",
-    )
+    @report_options("SQNR bars and the table")
     def evaluate(
         quantized: tuple[str, ...],
         demo: bool,

@@ -32,6 +32,7 @@ __all__ = [
     "model_options",
     "model_source_options",
     "plugin_flags",
+    "report_options",
 ]
 
 
@@ -58,6 +59,22 @@ def model_source_options(
         for opt in reversed(opts):
             f = opt(f)
         return f
+
+    return apply
+
+
+def report_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--json`` (print JSON) and ``--html FILE`` (also write a self-contained page of
+    ``what``) for report-printing commands."""
+
+    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
+        f = click.option(
+            "--html",
+            "html_path",
+            type=click.Path(dir_okay=False),
+            help=f"Also write a self-contained HTML report ({what}).",
+        )(f)
+        return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
 
     return apply
 
