@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from . import tables
 from .components import Scheme
 from .metrics import ErrorStats
 from .plan import ModuleResult, Plan
@@ -228,6 +229,49 @@ class QuantReport:
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
+
+    def to_html(self) -> str:
+        """One self-contained page (``quantize --html``): per-layer bars of the bits per weight
+        chosen and of the weight SQNR, the table, skips and notes (every number also in a
+        ``data-value`` attribute)."""
+        layers = self.layers
+        sqnr = [(la.name, la.sqnr_db) for la in layers if la.sqnr_db is not None]
+        head = ["layer", "scheme", "backend", "bits/weight", "SQNR dB", "bytes"]
+        rows: list[list[object]] = []
+        for la in layers:
+            db = la.sqnr_db if la.sqnr_db is not None else "-"
+            rows.append([la.name, la.scheme, la.backend, la.bits_per_weight, db, la.bytes_after])
+        summary = (
+            f"{len(layers)} weights quantized: {human_bytes(self.model_bytes_before)} -> "
+            f"{human_bytes(self.model_bytes_after)} ({self.compression_ratio:.2f}x smaller)"
+        )
+        bits = [(la.name, la.bits_per_weight) for la in layers]
+        parts = [
+            tables.html_text(summary),
+            tables.html_heading(
+                "Bits per weight chosen per layer (scales and zero points included)"
+            ),
+            tables.svg_bars(bits, "bits", "bits"),
+        ]
+        if sqnr:
+            parts += [
+                tables.html_heading("Weight SQNR per layer"),
+                tables.svg_bars(sqnr, "dB", "sqnr"),
+            ]
+        parts += [
+            tables.html_heading("Every quantized weight"),
+            tables.html_table(head, rows, "layers"),
+        ]
+        if self.skipped:
+            skipped = [list(s) for s in self.skipped]
+            parts += [
+                tables.html_heading("Kept in float"),
+                tables.html_table(["module", "reason"], skipped),
+            ]
+        if self.notes:
+            notes = [list(n) for n in self.notes]
+            parts += [tables.html_heading("Notes"), tables.html_table(["layer", "note"], notes)]
+        return tables.html_page("Mono Quant quantization report", parts)
 
 
 def build_report(

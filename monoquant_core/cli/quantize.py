@@ -47,6 +47,12 @@ def add_quantize(cli: click.Group, engine: Engine, flags: list[PluginFlags]) -> 
         help="Also write the report as JSON.",
     )
     @click.option(
+        "--html",
+        "html_path",
+        type=click.Path(dir_okay=False),
+        help="Also write the report as one self-contained HTML page (bars and tables).",
+    )
+    @click.option(
         "--trust-pickle",
         is_flag=True,
         help="Allow a .pt SOURCE that needs full unpickling (runs code from the file).",
@@ -85,7 +91,9 @@ def add_quantize(cli: click.Group, engine: Engine, flags: list[PluginFlags]) -> 
         "rows above (sample), every element (full), or sizes only (off).",
     )
     @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (no progress).")
-    def quantize(source: str | None, report_path: str | None, **kw: Any) -> None:
+    def quantize(
+        source: str | None, report_path: str | None, html_path: str | None, **kw: Any
+    ) -> None:
         """Quantize a model or a checkpoint and print the report.
 
         SOURCE is a checkpoint: a .safetensors file, a folder of shards, or a .pt state_dict
@@ -95,8 +103,9 @@ def add_quantize(cli: click.Group, engine: Engine, flags: list[PluginFlags]) -> 
         config = config_from(engine, flags, kw)
         if kw["out_format"]:
             engine.registries.serializers.get(kw["out_format"])  # an unknown name: one line
-        if report_path:
-            check_output_path(report_path, overwrite=True)
+        for path in (report_path, html_path):
+            if path:
+                check_output_path(path, overwrite=True)
         if source is not None:
             report, label = _checkpoint_mode(engine, config, source, kw)
         else:
@@ -104,6 +113,9 @@ def add_quantize(cli: click.Group, engine: Engine, flags: list[PluginFlags]) -> 
         if report_path:
             text = report.to_json()
             atomic_write(report_path, lambda tmp: write_text(tmp, text))
+        if html_path:
+            page = report.to_html()
+            atomic_write(html_path, lambda tmp: write_text(tmp, page))
         if not kw["quiet"]:
             _show(report, f"{label}: {config.scheme} / {config.observer}", kw)
 

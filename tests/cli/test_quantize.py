@@ -418,3 +418,18 @@ def test_output_paths(cli, tmp_path, small_file):
         res = cli(*cmd)
         assert res.exit_code == 1 and res.output.startswith("monoquant: problem: "), res.output
         assert res.output.count("\n") == 1 and isinstance(res.exception, SystemExit)
+
+
+def test_html_report_holds_the_json_report(cli, tmp_path):
+    from tests.core.test_evaluation import _html_values
+
+    page, js = tmp_path / "r.html", tmp_path / "r.json"
+    res = cli("quantize", "--demo", "--scheme", "int4-group", "--html", page, "--report", js, "-q")
+    assert res.exit_code == 0, res.output
+    report = json.loads(js.read_text())
+    found = _html_values(page.read_text())
+    bars = [(d["data-label"], float(d["data-value"])) for d in found["rect"]]
+    want = [(la["name"], la["bits_per_weight"]) for la in report["layers"]]
+    want += [(la["name"], la["sqnr_db"]) for la in report["layers"]]
+    assert bars == want
+    assert "<script" not in page.read_text()
