@@ -346,7 +346,7 @@ def crossover_table() -> str:
     """torch-cpu's two weight-only kernels of each scheme (GEMV-class / blocked GEMM), timed
     on the same prepared weight at every M: the first M where the GEMM is faster is the
     crossover its table (``monoquant_plugins.backends.cpu_kernels.CROSSOVER``) should hold."""
-    from monoquant_plugins.backends.cpu_kernels import KERNELS
+    from monoquant_plugins.backends.torch_cpu import KERNELS
 
     os.environ["MONOQUANT_TORCH_CPU_CROSSOVER"] = "int8=2,int4=2"  # prepare both kernels
     engine = Engine()

@@ -17,6 +17,7 @@ from torch import nn
 
 from .artifacts import Artifact, ArtifactReader, ArtifactWriter
 from .capabilities import Capabilities
+from .errors import UsageError
 from .options import ComponentConfig
 from .qtensor import QParams, QTensor, QuantSpec
 
@@ -292,7 +293,10 @@ class Serializer(ABC):
         """Formats with ``needs_model``: write ``model`` (a float model holding the file's
         dequantized weights) traced on ``example``, with the QTensors of ``artifact`` in the
         format's own quantized representation; returns facts for the report (counts)."""
-        raise NotImplementedError(f"serializer {self.name!r} does not export models")
+        raise UsageError(
+            f"the {self.name} format stores tensors, not a model graph",
+            "drop the model and example input, or choose a graph format such as onnx",
+        )
 
     def unsupported(self, name: str, qt: QTensor) -> str | None:
         """Why this format cannot store ``qt`` under ``name`` (None: it can). Writers refuse

@@ -21,13 +21,9 @@ from .inspection import inspect_path, verify_paths
 from .module_mode import calibrate_model, plan_model, quantize_model
 from .plan import Plan, QuantResult
 from .report import QuantReport
+from .rewriting import dequantize_checkpoint, export_checkpoint
 from .sources import read_artifact
-from .streaming import (
-    dequantize_checkpoint,
-    export_checkpoint,
-    plan_checkpoint,
-    quantize_checkpoint,
-)
+from .streaming import plan_checkpoint, quantize_checkpoint
 
 __all__ = ["Engine"]
 

@@ -1,6 +1,8 @@
-"""Checkpoint mode: quantize (or dequantize) a checkpoint file or folder, tensor by tensor.
+"""Checkpoint mode: quantize a checkpoint file or folder, tensor by tensor, and the output
+writer it shares with :mod:`monoquant_core.rewriting` (``dequantize``, ``export``).
 
-Memory is bounded by the largest tensor that is quantized (plus a constant): each shard is
+Memory is bounded by the largest tensors that are quantized (the next one is read in a worker
+thread while the current one is quantized): each shard is
 read through its serializer's streaming reader, selected tensors are loaded one at a time and
 go through the same per-tensor code path as module mode (``run.quantize_weight``), and every
 other tensor is copied byte for byte without being loaded. The output mirrors the input (same
@@ -27,22 +29,26 @@ from typing import Any
 
 import torch
 
-from .artifacts import ArtifactReader, ArtifactWriter
+from .artifacts import ArtifactWriter
 from .atomic import atomic_folder, atomic_write
-from .components import Serializer
 from .errors import UsageError, WeightNotRepresentable
-from .files import dequantize_qtensor, producers, serializer_for_write
+from .files import producers, serializer_for_write
 from .metrics import all_finite, count_nonfinite
 from .plan import Plan, PlanEntry
 from .progress import Progress
-from .registry import Registries
 from .report import LayerReport, QuantReport, layer_report
 from .run import Run
 from .selection import require_selected
 from .sources import CheckpointSource, Shard, open_source
 from .tensor_plan import build_tensor_plan, picked_tensors
 
-__all__ = ["check_paths", "dequantize_checkpoint", "plan_checkpoint", "quantize_checkpoint"]
+__all__ = [
+    "check_paths",
+    "mark_hf_config",
+    "plan_checkpoint",
+    "quantize_checkpoint",
+    "write_output",
+]
 
 ShardWriter = Callable[[Shard, str], tuple[list[str], int]]  # -> (stored names, tensor bytes)
 
@@ -112,7 +118,7 @@ def check_paths(source: CheckpointSource, dst: str, overwrite: bool) -> str:
     return dst
 
 
-def _write_output(
+def write_output(
     source: CheckpointSource,
     dst: str,
     overwrite: bool,
@@ -238,7 +244,7 @@ def quantize_checkpoint(
             run.call_each("monoquant_report", report=report)
 
         try:
-            _write_output(
+            write_output(
                 source, dst, overwrite, write_shard, before_commit,
                 lambda: out_format.hf_quantization_config(facts),
             )  # fmt: skip
@@ -345,107 +351,6 @@ def _quantize_one(
     facts[entry.name] = qt.facts()
     layer.time_s = time.perf_counter() - t1
     return layer
-
-
-def dequantize_checkpoint(
-    registries: Registries, src: str, dst: str, *, overwrite: bool = False, progress: bool = True
-) -> int:
-    """Write a plain float safetensors copy of a quantized file or folder; returns bytes."""
-    return _rewrite(registries, src, dst, None, overwrite, progress)["bytes"]
-
-
-def export_checkpoint(
-    registries: Registries,
-    src: str,
-    dst: str,
-    serializer: str,
-    *,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Rewrite a quantized file or folder in another serializer's format without quantizing
-    again: every tensor (quantized or not) goes to ``serializer``'s writer as it was read;
-    a transformers ``config.json`` gets that serializer's ``quantization_config``. Returns
-    ``{"bytes": written, "quantized": count, "tensors": count}``."""
-    out_format = registries.serializers.get(serializer)
-    if out_format.needs_model:
-        raise UsageError(
-            f"the {serializer} format holds a model graph and needs the model",
-            f"pass the model and an example input (monoquant export ... --format {serializer} "
-            "--model PKG.MOD:FACTORY --example-input FILE)",
-        )
-    return _rewrite(registries, src, dst, out_format, overwrite, progress)
-
-
-def _rewrite(
-    registries: Registries,
-    src: str,
-    dst: str,
-    out_format: Serializer | None,
-    overwrite: bool,
-    progress: bool,
-) -> dict[str, Any]:
-    """Copy a quantized file or folder shard by shard: into ``out_format`` with its QTensors
-    as they are (export), or, with None, into the default format with every QTensor
-    dequantized by its scheme (a plain float checkpoint, its transformers config unmarked)."""
-    source = open_source(registries, src)
-    try:
-        dst = check_paths(source, dst, overwrite)
-        if not any(s.reader.quantized_file for s in source.shards):
-            raise UsageError(
-                f"{src!r} is not a Mono Quant quantized checkpoint",
-                "give the output of `monoquant quantize`",
-            )
-        total = sum(
-            len(s.reader.tensor_names()) + len(s.reader.qtensor_names()) for s in source.shards
-        )
-        prog = Progress(total, total, enabled=progress)
-        facts: dict[str, dict[str, Any]] = {}
-        counts = {"quantized": 0, "tensors": 0}
-
-        def write_shard(shard: Shard, path: str) -> tuple[list[str], int]:
-            reader: ArtifactReader = shard.reader
-            ser = out_format or serializer_for_write(registries.serializers, path)
-            writer = ser.open_writer(path)
-            names: list[str] = []
-            try:
-                for name in reader.tensor_names():
-                    writer.add_tensor(name, reader.source(name))
-                    names.extend(writer.stored_names(name))
-                    counts["tensors"] += 1
-                    prog.advance(name, 1)
-                for name in reader.qtensor_names():
-                    qt = reader.qtensor(name)
-                    if out_format is None:
-                        writer.add_tensor(
-                            name,
-                            dequantize_qtensor(
-                                registries.schemes, shard.path, name, qt, reader.producers
-                            ),
-                        )
-                    else:
-                        writer.add_qtensor(name, qt)
-                        facts[name] = qt.facts()
-                    names.extend(writer.stored_names(name))
-                    counts["quantized"] += 1
-                    prog.advance(name, 1)
-                if out_format is None:
-                    nbytes = writer.close({}, {})  # no producers: a plain float file
-                else:
-                    nbytes = writer.close(reader.producers, getattr(reader, "config", {}) or {})
-            except BaseException:
-                writer.abort()
-                raise
-            return names, nbytes
-
-        hf = None if out_format is None else lambda: out_format.hf_quantization_config(facts)
-        try:
-            written = _write_output(source, dst, overwrite, write_shard, None, hf)
-        finally:
-            prog.close()
-        return {"bytes": written, **counts}
-    finally:
-        source.close()
 
 
 def _shard_path(source: CheckpointSource, dst: str) -> str:

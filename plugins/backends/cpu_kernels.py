@@ -1,6 +1,6 @@
-"""The CPU kernels of the ``torch-cpu`` backend: PyTorch ops, plus one-pass C dequantization
-kernels (``dequant_kernels.c``, built on first use by :mod:`.native`) where the CPU has AVX-512
-and a C compiler is present; without them every path still runs on PyTorch ops alone.
+"""The CPU kernels of the ``torch-cpu`` backend on PyTorch ops, and the helpers its GEMM paths
+share (scratch buffers, row blocks, crossovers); the one-pass C conversions that replace the
+PyTorch-op dequantization where they build are in :mod:`.dequant`.
 
 Each kernel takes the input as ``[M, K]`` and a :class:`Prepared` weight and returns ``[M, N]``
 (the caller casts to the input dtype and adds the bias). Two families:
@@ -17,7 +17,6 @@ Each kernel takes the input as ``[M, K]`` and a :class:`Prepared` weight and ret
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,12 +26,8 @@ import torch.nn.functional as F
 
 from monoquant_core.activations import fake_quantize_static
 
-from .native import NativeLibrary
-
 __all__ = [
     "CROSSOVER",
-    "DEQUANT",
-    "FUSED_BIAS",
     "KERNELS",
     "SPEEDUP",
     "Prepared",
@@ -88,31 +83,6 @@ def expected_speedup(kind: str, dtype: torch.dtype, rows: int) -> float | None:
         if last is None or rows <= last:
             return ratio
     return None
-
-
-_P, _I = ctypes.c_void_p, ctypes.c_int64
-#: the one-pass C dequantization kernels (``dequant_kernels.c``, built on first use): 4-bit rows
-#: -> bfloat16 rows, per-token int8 codes of bfloat16 inputs. AVX512F/BW only; without them, a
-#: compiler or a working build the torch-op paths run instead (``monoquant env`` says why).
-DEQUANT = NativeLibrary(
-    "dequant",
-    "dequant_kernels.c",
-    ("avx512f", "avx512bw"),
-    ("-mavx512f", "-mavx512bw"),
-    1,
-    {
-        "mq_int4_rows_bf16": ([_P, _I, _I, _I, _P, _P, ctypes.c_int, _P], None),
-        "mq_int4c_rows_bf16": ([_P, _I, _I, _I, _P, _P, _P], None),
-        "mq_quantize_rows_bf16": ([_P, _I, _I, _P, _P], None),
-        "mq_scale_rows_bf16": ([_P, _I, _I, _P], None),
-        "mq_int8_rows_bf16": ([_P, _I, _I, _P, _P], None),
-    },
-)
-
-
-def dequant_library() -> ctypes.CDLL | None:
-    """The C dequantization kernels, or None where they cannot run (see :data:`DEQUANT`)."""
-    return DEQUANT.library()[0]
 
 
 _BLOCK_BYTES = 1 << 20  # converted rows per block: about 1 MiB, so a block stays in cache
@@ -180,14 +150,14 @@ def bf16(x: torch.Tensor) -> torch.Tensor:
     return xb
 
 
-#: fewest weight rows per GEMM call of the one-pass conversions: one GEMM per smaller block
-#: (and its strided output) cost 1.2-1.4x a single GEMM at K = 4096 (128-row blocks), while
-#: 512-row blocks are within 3% of it (one thread, M = 128 and 4096)
+#: fewest weight rows per GEMM call of the one-pass conversions: one GEMM per smaller block (and
+#: its strided output) was clearly slower than one GEMM at K = 4096 in ad-hoc timings while
+#: tuning (not a bench script); the end-to-end effect is in bench/e2e.py and bench/kernels.py
 MIN_GEMM_ROWS = 512
 
 
-#: a converted weight up to this size is one block (one GEMM call, its bias fused): on a
-#: 1536x384 weight one GEMM was 6% faster than two blocks of 1024 rows
+#: a converted weight up to this size is one block (one GEMM call, its bias fused), which timed
+#: a little faster than two blocks on a 1536x384 weight in ad-hoc timings while tuning
 ONE_BLOCK_BYTES = 4 << 20
 
 
@@ -335,60 +305,6 @@ def int4_gemm(x: torch.Tensor, p: Prepared) -> torch.Tensor:
     return out
 
 
-def _bf16_blocks(x: torch.Tensor, p: Prepared, bias, fill) -> torch.Tensor:
-    """``x @ W^T (+ bias)`` in bfloat16 with ``W`` converted block by block into a reused
-    bfloat16 buffer by ``fill(first row, rows, buffer)``: one ``F.linear`` with the bias fused
-    when the weight is one block, else one GEMM per block into the output."""
-    n, k = p.n, p.k
-    xc = x.to(torch.bfloat16).contiguous()
-    rows = rows_per_block(k, torch.bfloat16, MIN_GEMM_ROWS, n)
-    buf = scratch("bf16_blocks", (min(rows, n), k), torch.bfloat16)
-    if rows >= n:
-        fill(0, n, buf)
-        if torch.is_grad_enabled() and x.requires_grad:
-            buf = buf.clone()  # autograd keeps it; the scratch buffer is reused
-        b = None if bias is None else bias.to(torch.bfloat16)
-        return F.linear(xc, buf, b)
-    out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
-    for i in range(0, n, rows):
-        j = min(i + rows, n)
-        fill(i, j - i, buf[: j - i])
-        gemm_into(out, i, j, xc, buf[: j - i])
-    return out if bias is None else out.add_(bias.to(torch.bfloat16))
-
-
-def int4_gemm_c(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`int4_gemm` with the C kernel dequantizing each block of rows into bfloat16 in
-    one pass, in input order (no reordering of the input's columns); the bias is added."""
-    lib = dequant_library()
-    t = p.tensors
-    codes, scale, zs, flip, gs = t["codes"], t["scale"], t["zs"], int(t["flip"]), t["gs"]
-
-    def fill(i: int, r: int, b: torch.Tensor) -> None:
-        lib.mq_int4_rows_bf16(
-            codes[i].data_ptr(), r, p.k, gs, scale[i].data_ptr(), zs[i].data_ptr(), flip,
-            b.data_ptr(),
-        )  # fmt: skip
-
-    return _bf16_blocks(x, p, bias, fill)
-
-
-def int8_gemm_c(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Weight-only int8 for many rows with the C kernel writing ``q * s`` in bfloat16 (the
-    dequantized weight, rounded once) block by block; the bias is added."""
-    lib = dequant_library()
-    wq, s = p.tensors["wq"], p.tensors["s"]
-
-    def fill(i: int, r: int, b: torch.Tensor) -> None:
-        lib.mq_int8_rows_bf16(wq[i].data_ptr(), r, p.k, s[i].data_ptr(), b.data_ptr())
-
-    return _bf16_blocks(x, p, bias, fill)
-
-
-#: the kernels that take the bias (the caller adds it for the others)
-FUSED_BIAS = frozenset({"int4-gemm-c", "int8-gemm-c"})
-
-
 # --------------------------------------------------------------------------- 16-bit
 
 
@@ -410,10 +326,8 @@ KERNELS = {
     "int8-static-ref": int8_static_ref,
     "int8-weight": int8_weight,
     "int8-gemm": int8_gemm,
-    "int8-gemm-c": int8_gemm_c,
     "int4": int4,
     "int4-gemm": int4_gemm,
-    "int4-gemm-c": int4_gemm_c,
     "fp16": fp16,
     "bf16": bf16_linear,
 }
@@ -427,10 +341,8 @@ DESCRIPTIONS = {
     "int8-static-ref": "reference numerics (fbgemm static did not match)",
     "int8-weight": "_weight_int8pack_mm, bf16 inputs",
     "int8-gemm": "int8 rows -> {compute} blocks + {compute} GEMM",
-    "int8-gemm-c": "int8 rows -> bf16 blocks of q * s (C, one pass) + bf16 GEMM",
     "int4": "_weight_int4pack_mm_for_cpu, bf16 inputs",
     "int4-gemm": "int4 rows -> {compute} blocks + {compute} GEMM",
-    "int4-gemm-c": "int4 rows -> bf16 blocks (C, one pass) + bf16 GEMM",
     "fp16": "fbgemm fp16 weights, fp32 inputs",
     "bf16": "bf16 F.linear",
 }

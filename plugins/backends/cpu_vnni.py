@@ -7,7 +7,7 @@ result is scaled in float32. At one token it streams the 4.5-bit weights at clos
 bandwidth, where torch's bfloat16 int4 kernel is compute-bound (docs/performance.md). bfloat16
 inputs with many rows (:data:`BF16_GEMM_ROWS`) instead hold the same int8 codes in bfloat16 and
 multiply them with weight rows dequantized into bfloat16 (the C kernels of
-:data:`.cpu_kernels.DEQUANT`) in one bfloat16 GEMM per block: the VNNI kernel reads the weight
+:data:`.dequant.DEQUANT`) in one bfloat16 GEMM per block: the VNNI kernel reads the weight
 once per call but is slower per row than a bfloat16 GEMM on CPUs with AVX512-BF16.
 
 The kernel (``vnni_kernels.c``, next to this file) is C compiled on first use (:mod:`.native`)
@@ -29,7 +29,8 @@ import torch
 from monoquant_core import Backend, Capabilities, Kernel, hookimpl
 from monoquant_core.qtensor import QTensor
 
-from .cpu_kernels import MIN_GEMM_ROWS, dequant_library, gemm_into, rows_per_block, scratch
+from .cpu_kernels import MIN_GEMM_ROWS, gemm_into, rows_per_block, scratch
+from .dequant import dequant_library
 from .native import NativeLibrary, find_compiler
 
 __all__ = ["ISA_FLAGS", "LIBRARY", "CpuVnniBackend", "find_compiler", "library", "pack_chunks"]

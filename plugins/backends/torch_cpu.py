@@ -17,7 +17,7 @@ What runs where (docs/performance.md has the measurements; :mod:`.cpu_kernels` t
 * ``int4-group``: ``torch._weight_int4pack_mm_for_cpu`` (bf16 inputs; layout derived at
   prepare time, never stored) for few rows, blocked dequantize + GEMM from the crossover on:
   the blocks dequantized into bfloat16 in one pass by the C kernel of
-  :data:`.cpu_kernels.DEQUANT` where it builds (AVX-512, a C compiler) and the CPU computes in
+  :data:`.dequant.DEQUANT` where it builds (AVX-512, a C compiler) and the CPU computes in
   bfloat16, else with PyTorch ops (a later crossover).
 * ``fp16``: fbgemm's ``linear_dynamic_fp16``; ``bf16``: ``F.linear`` in bfloat16.
 
@@ -39,16 +39,13 @@ from monoquant_core.activations import fake_quantize_static, static_act_params
 from monoquant_core.hardware import has_bf16_compute
 from monoquant_core.qtensor import QTensor
 
-from .cpu_kernels import (
-    DESCRIPTIONS,
-    FUSED_BIAS,
-    KERNELS,
-    Prepared,
-    crossover,
-    dequant_library,
-    expected_speedup,
-    scratch,
-)
+from . import cpu_kernels, dequant
+from .cpu_kernels import Prepared, crossover, expected_speedup, scratch
+from .dequant import FUSED_BIAS, dequant_library
+
+#: every kernel by name: PyTorch-op ones and the C-conversion ones
+KERNELS = {**cpu_kernels.KERNELS, **dequant.KERNELS}
+DESCRIPTIONS = {**cpu_kernels.DESCRIPTIONS, **dequant.DESCRIPTIONS}
 
 _GROUPS = (32, 64, 128, 256)
 #: first M at which a bfloat16 model's fp16 weights run the bf16 F.linear (``bench/kernels.py``:

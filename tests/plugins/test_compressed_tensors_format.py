@@ -6,6 +6,7 @@ compressed-tensors (CI installs both)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -137,7 +138,7 @@ def test_mixed_schemes_are_one_group_each(bert, tmp_path):
     assert qc["format"] == "mixed-precision"
     formats = sorted(g["format"] for g in qc["config_groups"].values())
     assert formats == ["int-quantized", "pack-quantized"]
-    if pytest.importorskip("compressed_tensors"):
+    if importlib.util.find_spec("compressed_tensors") is not None:  # the loader check needs it
         model = _ct_model(ct)
         ids = torch.randint(0, 120, (2, 16))
         with torch.no_grad():

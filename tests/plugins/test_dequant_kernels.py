@@ -9,14 +9,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from monoquant_plugins.backends import cpu_kernels, cpu_vnni, torch_cpu
+from monoquant_plugins.backends import cpu_kernels, cpu_vnni, dequant, torch_cpu
 from torch import nn
 
 from monoquant_core import Engine
 from monoquant_core.activations import quantize_per_token
 from tests.helpers import fast_and_reference, rel_err
 
-LIB, REASON = cpu_kernels.DEQUANT.library()
+LIB, REASON = dequant.DEQUANT.library()
 needs_lib = pytest.mark.skipif(LIB is None, reason=f"C dequant kernels: {REASON}")
 VNNI = Engine().backends.get("cpu-vnni").available()
 needs_vnni = pytest.mark.skipif(VNNI is not True, reason=f"cpu-vnni: {VNNI}")

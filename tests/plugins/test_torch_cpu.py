@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from monoquant_plugins.backends.cpu_kernels import dequant_library
+from monoquant_plugins.backends.dequant import dequant_library
 from torch import nn
 
 from monoquant_core import Engine

@@ -1,0 +1,234 @@
+"""The sensitivity table of the ``sensitivity`` plugin: per selected weight and candidate
+scheme, the stored bits per weight, the weight SQNR and (with data) the model's output SQNR
+with only that layer quantized (see :mod:`monoquant_plugins.sensitivity`)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from monoquant_core import Engine, MonoQuantError, UsageError
+from monoquant_core.batches import iter_batches
+from monoquant_core.metrics import sqnr_db
+from monoquant_core.tables import format_table
+
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "Candidate",
+    "cli_candidates",
+    "measure",
+    "measure_entries",
+    "parse_candidates",
+    "render",
+]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One scheme with options: ``label`` as given (``int4-group:group_size=32``)."""
+
+    label: str
+    scheme: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+DEFAULT_CANDIDATES = ("fp16", "int8", "int4-g32", "int4-g64", "int4-g128")
+
+
+def parse_candidates(specs: tuple[str, ...] | list[str]) -> list[Candidate]:
+    """``SCHEME[:KEY=VALUE,...]`` each (values as in ``--scheme-opt``: ints, floats, bools,
+    strings); ``int4-gN`` is short for ``int4-group:group_size=N`` (and stays its label)."""
+    out = []
+    for spec in specs:
+        label = spec
+        if spec.startswith("int4-g") and spec[6:].isdigit():
+            spec = f"int4-group:group_size={spec[6:]}"
+        scheme, _, rest = spec.partition(":")
+        opts: dict[str, Any] = {}
+        for part in filter(None, (p.strip() for p in rest.split(","))):
+            key, eq, value = part.partition("=")
+            if not eq or not key.strip():
+                raise UsageError(
+                    f"candidate {spec!r}: {part!r} is not KEY=VALUE",
+                    "write candidates as SCHEME or SCHEME:KEY=VALUE,KEY=VALUE",
+                )
+            opts[key.strip()] = _value(value.strip())
+        out.append(Candidate(label, scheme.strip(), opts))
+    if not out:
+        raise UsageError("no candidate schemes", f"pass e.g. {','.join(DEFAULT_CANDIDATES[:2])}")
+    return out
+
+
+def _value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _outputs(model: nn.Module, batches: list[Any]) -> list[torch.Tensor]:
+    outs = []
+    with torch.no_grad():
+        for args, kwargs in batches:
+            outs.append(_flat(model(*args, **kwargs)))
+    return outs
+
+
+def _flat(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out.detach().reshape(-1).to(torch.float64)
+    if isinstance(out, dict):
+        out = list(out.values())
+    elif hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, (tuple, list)):
+        parts = [_flat(v) for v in out if isinstance(v, (torch.Tensor, tuple, list, dict))]
+        return torch.cat([p for p in parts if p.numel()]) if parts else torch.zeros(0)
+    return torch.zeros(0, dtype=torch.float64)
+
+
+def _output_sqnr(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    num = sum(float((r * r).sum()) for r in ref)
+    den = sum(float(((g - r) ** 2).sum()) for r, g in zip(ref, got, strict=True))
+    if not math.isfinite(den):
+        return float("nan")
+    return float("inf") if den == 0 else 10 * math.log10(num / den) if num > 0 else -math.inf
+
+
+def measure(
+    engine: Engine,
+    model: nn.Module,
+    data: Any = None,
+    candidates: list[Candidate] | None = None,
+    **plan_options: Any,
+) -> dict[str, Any]:
+    """The sensitivity table of ``model`` (see the module docstring); ``plan_options`` go to
+    ``engine.plan`` (``only=``, ``skip=``, ``rules=``) to choose the layers."""
+    plan = engine.plan(model, **plan_options)
+    return measure_entries(engine, model, plan.selected, data, candidates)
+
+
+def measure_entries(
+    ctx: Any,
+    model: nn.Module,
+    entries: list[Any],
+    data: Any = None,
+    candidates: list[Candidate] | None = None,
+) -> dict[str, Any]:
+    """:func:`measure` for given plan entries; ``ctx`` is an :class:`~monoquant_core.Engine`
+    or a run (both have ``scheme_config``, ``quantize_weight`` and the registries)."""
+    cands = candidates or parse_candidates(DEFAULT_CANDIDATES)
+    configs = {}
+    for c in cands:
+        observer = ctx.schemes.get(c.scheme).default_observer
+        configs[c.label] = (
+            observer,
+            ctx.scheme_config(c.scheme, c.options),
+            ctx.observers.get(observer).config_class(),
+        )
+    batches = list(iter_batches(data)) if data is not None else []
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    ref = _outputs(model, batches) if batches else []
+    rows = []
+    try:
+        for entry in entries:
+            module = model.get_submodule(entry.name)
+            replacer = ctx.replacers.for_type(type(module)).component
+            for pname in entry.params:
+                param = getattr(module, pname)
+                w = param.detach().clone()
+                axis = replacer.channel_axis(module, pname)
+                name = f"{entry.name}.{pname}" if entry.name else pname
+                row: dict[str, Any] = {"name": name, "shape": list(w.shape), "candidates": {}}
+                for c in cands:
+                    row["candidates"][c.label] = _one(ctx, configs[c.label], c, param, w, axis,
+                                                      name, batches, ref, model)  # fmt: skip
+                rows.append(row)
+    finally:
+        model.train(was_training)
+    rows.sort(key=lambda r: _sort_key(r, cands))
+    return {
+        "candidates": [c.label for c in cands],
+        "batches": len(batches),
+        "layers": rows,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _one(ctx, cfg, c, param, w, axis, name, batches, ref, model) -> dict[str, Any]:
+    observer, scheme_cfg, observer_cfg = cfg
+    try:
+        qt = ctx.quantize_weight(w, c.scheme, observer, axis, scheme_cfg, observer_cfg, name)
+    except MonoQuantError as e:
+        return {"error": getattr(e, "problem", str(e))}
+    scheme = ctx.schemes.get(c.scheme)
+    wq = scheme.dequantize(qt).to(w.dtype).reshape(w.shape)
+    out: dict[str, Any] = {
+        "bits_per_weight": 8 * qt.nbytes / w.numel(),
+        "weight_sqnr_db": sqnr_db(w, wq),
+    }
+    if batches:
+        with torch.no_grad():
+            param.data.copy_(wq)
+            try:
+                out["output_sqnr_db"] = _output_sqnr(ref, _outputs(model, batches))
+            finally:
+                param.data.copy_(w)
+    return out
+
+
+def _sort_key(row: dict[str, Any], cands: list[Candidate]) -> tuple[float, str]:
+    """Most sensitive first: the cheapest candidate that applies, by output SQNR (else the
+    weight SQNR), ascending."""
+    usable = [v for v in row["candidates"].values() if "error" not in v]
+    if not usable:
+        return (math.inf, row["name"])
+    cheapest = min(usable, key=lambda v: v["bits_per_weight"])
+    score = cheapest.get("output_sqnr_db", cheapest["weight_sqnr_db"])
+    return (score if math.isfinite(score) else math.inf, row["name"])
+
+
+def render(res: dict[str, Any]) -> str:
+    """The table: one row per layer, per candidate ``bits | output (or weight) SQNR``."""
+    which = "output SQNR dB" if res["batches"] else "weight SQNR dB"
+    head = ["layer", *res["candidates"]]
+    rows = []
+    for r in res["layers"]:
+        cells = [r["name"]]
+        for c in res["candidates"]:
+            v = r["candidates"][c]
+            if "error" in v:
+                cells.append("n/a")
+                continue
+            db = v.get("output_sqnr_db", v["weight_sqnr_db"])
+            cells.append(f"{v['bits_per_weight']:.2f}, {db:.1f}")
+        rows.append(cells)
+    notes = [
+        f"{r['name']} / {c}: {r['candidates'][c]['error']}"
+        for r in res["layers"]
+        for c in res["candidates"]
+        if "error" in r["candidates"][c]
+    ]
+    tail = (
+        f"cells: bits per weight, {which} with only that layer quantized; "
+        f"{len(res['layers'])} weights, most sensitive first; "
+        + (f"{res['batches']} batch(es) of data" if res["batches"] else "no data: weight SQNR only")
+        + f"; {res['seconds']:.1f} s"
+    )
+    return "\n".join([format_table(head, rows), *notes, tail])
+
+
+def cli_candidates(text: str) -> list[str]:
+    """Comma-separated candidates; options inside one candidate are separated by ``;``."""
+    return [p.strip().replace(";", ",") for p in text.split(",") if p.strip()]
