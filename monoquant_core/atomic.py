@@ -37,6 +37,7 @@ from .errors import UsageError
 __all__ = [
     "atomic_folder",
     "atomic_write",
+    "check_folder",
     "check_output_path",
     "current_umask",
     "is_temp_name",
@@ -140,7 +141,7 @@ def check_output_path(path: str, overwrite: bool = True) -> str:
         raise UsageError(
             f"output {path!r} is a directory", "give a file path, e.g. model.safetensors"
         )
-    _check_folder(parent)
+    check_folder(parent)
     if not overwrite and os.path.lexists(path):
         raise UsageError(
             f"output {path!r} already exists", "pass --overwrite or choose another path"
@@ -148,7 +149,7 @@ def check_output_path(path: str, overwrite: bool = True) -> str:
     return path
 
 
-def _check_folder(parent: str) -> None:
+def check_folder(parent: str) -> None:
     """``parent`` exists and this process may create files in it."""
     if not os.path.isdir(parent):
         raise UsageError(
@@ -218,7 +219,7 @@ def atomic_folder(dst: str, build: Callable[[str], None], overwrite: bool) -> No
     rename fails. Without ``overwrite`` a folder that appeared meanwhile is never replaced.
     """
     dst = os.path.abspath(os.fspath(dst))
-    _check_folder(os.path.dirname(dst))
+    check_folder(os.path.dirname(dst))
     remove_stale_temps(os.path.dirname(dst))
     try:
         tmp = _new_temp(dst, folder=True)

@@ -133,6 +133,13 @@ class Scheme(ABC):
         :meth:`check`. Default: none."""
         return []
 
+    def cost_per_element(self, config: Any) -> float:
+        """Relative work of quantizing one weight element with ``config`` (1.0: a min/max pass
+        and a rounding, like ``int8``). A distributed checkpoint run balances its ranks by
+        elements x this (docs/scale.md); only the ratios between tensors matter. Default 1.0.
+        """
+        return 1.0
+
     @abstractmethod
     def quantize(
         self, weight: torch.Tensor, qparams: QParams, spec: QuantSpec, config: Any
@@ -266,6 +273,12 @@ class Serializer(ABC):
     #: a format that holds a model graph (ONNX): written by :meth:`export_model` from the
     #: model, an example input and the quantized tensors (``monoquant export --model``)
     needs_model: ClassVar[bool] = False
+    #: what a user can do about a tensor :meth:`unsupported` refuses (the fix of the one-line
+    #: error checkpoint mode raises at the first such tensor, before the rest is quantized)
+    unsupported_fix: ClassVar[str] = (
+        "quantize with a scheme and options this format can hold, or keep the default "
+        "safetensors format"
+    )
 
     @abstractmethod
     def sniff(self, path: str) -> bool:

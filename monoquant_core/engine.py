@@ -6,13 +6,16 @@ module-global state: two Engines in one process are independent.
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
+from .checkpoint_mode import quantize_checkpoint
 from .config import Config, build_config
+from .distributed import spawn_ranks
 from .errors import UsageError
 from .evaluation import evaluate_files
 from .files import export_model_file, load_model, save_model
@@ -23,9 +26,19 @@ from .plan import Plan, QuantResult
 from .report import QuantReport
 from .rewriting import dequantize_checkpoint, export_checkpoint
 from .sources import read_artifact
-from .streaming import plan_checkpoint, quantize_checkpoint
+from .streaming import plan_checkpoint
 
 __all__ = ["Engine"]
+
+
+def _checkpoint_rank(
+    spec: tuple[Any, ...], cfg: Config, src: str, dst: str, kwargs: dict[str, Any]
+) -> QuantReport:
+    """One ``workers=N`` rank: the same engine, rebuilt from ``spec``, on this rank's share."""
+    entry_points, disable, strict, given = spec
+    plugins = [importlib.import_module(v) if kind == "module" else v for kind, v in given]
+    engine = Engine(plugins, entry_points=entry_points, disable=disable, strict=strict)
+    return engine.quantize_checkpoint(src, dst, config=cfg, **kwargs)
 
 
 class Engine(PluginHost):
@@ -129,6 +142,8 @@ class Engine(PluginHost):
         allow_nonfinite: bool = False,
         progress: bool = True,
         serializer: str | None = None,
+        resume: bool = False,
+        workers: int = 1,
         **options: Any,
     ) -> QuantReport:
         """Quantize a checkpoint without its model class, streaming tensor by tensor, and
@@ -140,8 +155,31 @@ class Engine(PluginHost):
         ``allow_nonfinite`` keeps tensors holding NaN/Inf in float instead of refusing;
         ``serializer`` names the output format (default: by suffix, else ``safetensors``;
         ``compressed-tensors`` for transformers/vLLM, docs/deploy.md).
+
+        Finished tensors are recorded in ``dst + ".monoquant-partial"`` until the output is
+        committed; ``resume=True`` reuses those of an interrupted run (same settings, same
+        input bytes) instead of computing them again. Under ``torchrun`` (or with a default
+        process group already initialised) the ranks share the work and rank 0 writes the
+        output, byte-identical to a single-process run (docs/scale.md). ``workers=N`` starts
+        N such ranks on this machine (each with ``cores / N`` threads) and returns rank 0's
+        report; plugins given as objects must be picklable (or modules).
         """
-        with self.run(self._config(config, options)) as run:
+        cfg = self._config(config, options)
+        if workers > 1:
+            if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+                raise UsageError(
+                    f"workers={workers} inside a distributed run (WORLD_SIZE is set): the "
+                    "ranks are already there",
+                    "drop --workers under torchrun, or run without torchrun",
+                )
+            kwargs = dict(
+                overwrite=overwrite, trust_pickle=trust_pickle, allow_nonfinite=allow_nonfinite,
+                progress=progress, serializer=serializer, resume=resume,
+            )  # fmt: skip
+            return spawn_ranks(workers, _checkpoint_rank, self.spawn_spec(), cfg, src, dst, kwargs)
+        if workers < 1:
+            raise UsageError(f"workers={workers}", "pass 1 or more worker processes")
+        with self.run(cfg) as run:
             return quantize_checkpoint(
                 run,
                 src,
@@ -151,6 +189,7 @@ class Engine(PluginHost):
                 allow_nonfinite=allow_nonfinite,
                 progress=progress,
                 serializer=serializer,
+                resume=resume,
             )
 
     def export(

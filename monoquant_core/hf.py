@@ -1,8 +1,9 @@
-"""Hugging Face ``transformers`` integration: ``from_pretrained`` loads Mono Quant output.
+"""Hugging Face ``transformers`` integration: ``from_pretrained`` loads Mono Quant output, and
+:func:`save_pretrained` writes a quantized transformers model as a folder it loads again.
 
-``monoquant quantize HF_FOLDER -o OUT`` writes ``"quantization_config": {"quant_method":
-"monoquant", ...}`` into ``OUT/config.json``. Importing this module registers a quantizer for
-that method with transformers' public registry (``register_quantization_config`` /
+``monoquant quantize HF_FOLDER -o OUT`` and :func:`save_pretrained` write ``"quantization_config":
+{"quant_method": "monoquant", ...}`` into ``OUT/config.json``. Importing this module registers a
+quantizer for that method with transformers' public registry (``register_quantization_config`` /
 ``register_quantizer``), so afterwards::
 
     import monoquant_core.hf  # noqa: F401  (registers "monoquant" with transformers)
@@ -12,25 +13,48 @@ that method with transformers' public registry (``register_quantization_config``
 builds the model, lets transformers load its float tensors, then rebuilds every quantized
 layer from the folder with :func:`monoquant_core.load` (its modules, backends and kernel
 layouts) and checks that every tensor of the folder was used. ``register()`` does the same
-explicitly and is idempotent. Without this import transformers only warns about the unknown
-method and leaves the quantized layers randomly initialised, which this integration cannot
-prevent from outside transformers: import it (or ``monoquant_core.hf.register()``) first.
+explicitly and is idempotent.
 
-Writing a loaded model back with ``save_pretrained`` is refused by transformers (the quantizer
-says it is not serializable): save it with :func:`monoquant_core.save`, or quantize the float
-folder again.
+Registration cannot be automatic: transformers 5 finds a quantizer only in its in-process
+mappings (``transformers/quantizers/auto.py``: ``AUTO_QUANTIZATION_CONFIG_MAPPING``, filled by
+``register_quantization_config``); it reads no entry points, and ``trust_remote_code`` loads
+config, model and tokenizer classes, never a quantizer. Without this import,
+``AutoHfQuantizer.supports_quant_method`` logs "Unknown quantization type, got monoquant ...
+we will skip the quantization" and transformers builds the float model: every quantized
+layer's ``weight`` is reported missing and left randomly initialised (a warning, not an
+error). Import this module (or call ``register()``) before ``from_pretrained``.
+
+Saving: :func:`save_pretrained` (``config.json`` with the ``quantization_config``, the
+weights in Mono Quant's format, ``generation_config.json`` and the tokenizer's files when
+given), for a model loaded with ``from_pretrained`` and for a transformers model quantized in
+Python alike; ``AutoModel.from_pretrained`` of the folder gives the same outputs bit for bit.
+transformers' own ``model.save_pretrained`` cannot write that file (it overwrites the
+quantizer's safetensors metadata with ``format = "pt"`` and writes one metadata into every
+shard, while a Mono Quant file's metadata describes its own tensors), so on a model this
+quantizer loaded it raises a one-line :class:`~monoquant_core.UsageError` naming
+:func:`save_pretrained` before anything is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 from typing import Any
 
-from .errors import UsageError
+from torch import nn
 
-__all__ = ["QUANT_METHOD", "register"]
+from .api import load
+from .atomic import atomic_folder
+from .engine import Engine
+from .errors import UsageError
+from .files import model_artifact
+from .inspection import inspect_path
+from .quantized_module import QuantizedModule
+from .streaming import mark_hf_config
+
+__all__ = ["QUANT_METHOD", "register", "save_pretrained"]
 
 #: the ``quant_method`` the ``safetensors`` serializer writes into a transformers config.json
 QUANT_METHOD = "monoquant"
@@ -97,13 +121,12 @@ def register() -> None:
             return model
 
         def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
-            from .api import load  # deferred: the verbs import the whole stack
-
             assert self.folder is not None
             return load(self.folder, model)
 
         def is_serializable(self) -> bool:
-            return False
+            # Raised, not False: transformers' own refusal names neither the cause nor the fix.
+            raise _save_refused()
 
         @property
         def is_trainable(self) -> bool:
@@ -119,12 +142,93 @@ def register() -> None:
     _registered["config"], _registered["quantizer"] = MonoQuantConfig, MonoQuantHfQuantizer
 
 
+def save_pretrained(
+    model: nn.Module,
+    out: str,
+    *,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    engine: Engine | None = None,
+) -> str:
+    """Write a quantized transformers model as a Hugging Face folder that
+    ``AutoModel.from_pretrained(out)`` (after ``import monoquant_core.hf``) and
+    :func:`monoquant_core.load` load again, with bit-identical outputs.
+
+    The folder holds ``config.json`` (the model's config with ``architectures`` set and the
+    ``quantization_config`` of Mono Quant's format), ``model.safetensors`` (Mono Quant's
+    format: every quantized layer's QTensors and every other tensor of the state_dict),
+    ``generation_config.json`` for a model that generates, and the tokenizer's files when
+    ``tokenizer`` (anything with ``save_pretrained``) is given. Written atomically: a failure
+    leaves no folder.
+
+    Args:
+        model: a transformers model with Mono Quant layers (loaded by ``from_pretrained``
+            from a Mono Quant folder, or quantized in Python with :func:`monoquant_core.quantize`).
+        out: the folder to write.
+        tokenizer: a tokenizer or processor saved into the folder too.
+        overwrite: replace an existing ``out`` (default: refuse).
+        engine: the Engine whose plugins write the file (default: all installed).
+
+    Returns:
+        The absolute path of the folder.
+
+    Raises:
+        UsageError: not a transformers model, a model without quantized layers, or ``out``
+            exists without ``overwrite``.
+    """
+    config = getattr(model, "config", None)
+    if not isinstance(model, nn.Module) or not hasattr(config, "save_pretrained"):
+        raise UsageError(
+            f"save_pretrained() got a {type(model).__name__}, not a transformers model",
+            "use monoquant_core.save(model, path) for any other nn.Module",
+        )
+    if not any(isinstance(m, QuantizedModule) for m in model.modules()):
+        raise UsageError(
+            f"the {type(model).__name__} has no quantized layer",
+            "quantize it first (monoquant_core.quantize(model, ...)), or save a float model "
+            "with its own save_pretrained",
+        )
+    dst = os.path.abspath(os.fspath(out))
+    if os.path.lexists(dst) and not overwrite:
+        raise UsageError(
+            f"output {dst!r} already exists", "pass overwrite=True or choose another path"
+        )
+    eng = engine or Engine()
+    art = model_artifact(eng.registries, model)
+    serializer = eng.serializers.get("safetensors")
+    facts = {name: qt.facts() for name, qt in art.qtensors.items()}
+    cfg = copy.deepcopy(config)
+    cfg.architectures = [type(model).__name__]
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    if floats:
+        cfg.dtype = str(floats[0]).replace("torch.", "")
+
+    def build(tmp: str) -> None:
+        cfg.save_pretrained(tmp)
+        mark_hf_config(os.path.join(tmp, "config.json"), serializer.hf_quantization_config(facts))
+        generation = getattr(model, "generation_config", None)
+        can_generate = getattr(model, "can_generate", lambda: False)
+        if generation is not None and can_generate():
+            generation.save_pretrained(tmp)
+        serializer.write(art, os.path.join(tmp, "model.safetensors"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    atomic_folder(dst, build, overwrite)
+    return dst
+
+
+def _save_refused() -> UsageError:
+    return UsageError(
+        "transformers' save_pretrained cannot write a Mono Quant model (it replaces the "
+        "file's metadata with its own)",
+        "use monoquant_core.hf.save_pretrained(model, OUT) (tokenizer=... to add its files)",
+    )
+
+
 def _quantized_names(folder: str) -> set[str]:
     """Names of the quantized weights (``x.weight``) of a Mono Quant folder, from its headers;
     the serializer stores each under names that start with ``x.weight.``."""
-    from .engine import Engine  # deferred: the verbs import the whole stack
-    from .inspection import inspect_path  # deferred: needed only once a model loads
-
     info = inspect_path(Engine().registries, folder)
     return {t["name"] for t in info["tensors"] if t["quantized"]}
 

@@ -16,7 +16,7 @@ import pluggy
 
 from . import hookspecs, pipeline
 from .config import Config
-from .errors import MonoQuantError, PluginConflictError, PluginLoadError
+from .errors import MonoQuantError, PluginConflictError, PluginLoadError, UsageError
 from .hooks import WRAPPABLE, plugin_error
 from .loading import (
     PluginInfo,
@@ -50,6 +50,7 @@ class PluginHost(ComponentAccess):
         disable: Iterable[str] = (),
         strict: bool | None = None,
     ):
+        self._init = (entry_points, tuple(disable), strict)  # for spawn_spec
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.strict = strict_from_env() if strict is None else bool(strict)
@@ -88,6 +89,32 @@ class PluginHost(ComponentAccess):
         self._check_pending()
         if self._infos.get(info.name) is info:  # not left out (a taken name, a misspelt hook)
             self._collect(info)
+
+    def spawn_spec(self) -> tuple[Any, ...]:
+        """What :func:`host_from_spec` needs to build an equal host in another process (a
+        ``--workers`` rank): the constructor's arguments and the plugins given as objects
+        (modules by name). Raises a one-line error for a plugin object that cannot be pickled.
+        """
+        import pickle  # deferred: only --workers needs it
+
+        given: list[tuple[str, Any]] = []
+        for info in self._infos.values():
+            if info.source != "argument":
+                continue
+            obj = info.plugin
+            if isinstance(obj, types.ModuleType):
+                given.append(("module", obj.__name__))
+                continue
+            try:
+                pickle.dumps(obj)
+            except Exception as e:
+                raise UsageError(
+                    f"plugin {info.name!r} cannot be sent to the worker processes ({e})",
+                    "define its class at module level (picklable), pass its module instead, or "
+                    "install it through an entry point",
+                ) from e
+            given.append(("object", obj))
+        return (*self._init, given)
 
     def _add(self, info: PluginInfo) -> None:
         """Register ``info``'s plugin with the manager; a plugin whose name is taken, whose

@@ -142,6 +142,8 @@ class CompressedTensorsSerializer(StreamingSerializer):
     def open_writer(self, path: str) -> CompressedTensorsWriter:
         return CompressedTensorsWriter(self, path)
 
+    unsupported_fix = _FIX
+
     def unsupported(self, name: str, qt: QTensor) -> str | None:
         why = _why_not(name, qt)
         return None if why is None else f"compressed-tensors cannot store {why}"

@@ -93,6 +93,11 @@ class Int4GroupScheme(Scheme):
     def activations(self, config):
         return config.activations
 
+    def cost_per_element(self, config: Int4GroupConfig) -> float:
+        # relative to int8's min/max + rounding; `python bench/checkpoint.py --costs` measures
+        # them (hqq's iterations and lsq's refits dominate)
+        return _COST[config.method]
+
     def validate_config(self, config: Int4GroupConfig) -> None:
         self.capabilities.require("scheme 'int4-group'", "group_sizes", config.group_size)
         if config.method == "hqq" and (config.symmetric or config.zero == "int"):
@@ -200,6 +205,9 @@ class Int4GroupScheme(Scheme):
                 zero[r0 : r0 + rows] = z
         return _valid_or(QParams(scale, zero), qparams, spec)
 
+
+#: work per element relative to int8, by optimiser (see ``cost_per_element``)
+_COST = {"rtn": 1.6, "lsq": 8.0, "hqq": 70.0}
 
 #: observer scales outside ``[2**-50, 2**50]`` make the optimisers' sums of squares overflow or
 #: underflow float32: such weights are optimised on groups rescaled by a power of two

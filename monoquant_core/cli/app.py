@@ -27,8 +27,13 @@ __all__ = ["build_cli", "main"]
 class _OneLineError(click.ClickException):
     exit_code = 1
 
+    def __init__(self, message: str, echo: bool = True):
+        super().__init__(message)
+        self.echo = echo
+
     def show(self, file: Any = None) -> None:
-        click.echo(f"monoquant: {self.message}", err=True)
+        if self.echo:  # False on the ranks > 0 of a distributed run: rank 0 says it once
+            click.echo(f"monoquant: {self.message}", err=True)
 
 
 class _Group(click.Group):
@@ -36,7 +41,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except MonoQuantError as e:
-            raise _OneLineError(str(e)) from e
+            raise _OneLineError(str(e), getattr(e, "echo", True)) from e
 
 
 def build_cli(engine: Engine) -> click.Group:

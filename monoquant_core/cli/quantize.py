@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
@@ -90,6 +91,22 @@ def add_quantize(cli: click.Group, engine: Engine, flags: list[PluginFlags]) -> 
         help="Per-weight error statistics in the report: exact up to ~1M elements and sampled "
         "rows above (sample), every element (full), or sizes only (off).",
     )
+    @click.option(
+        "--resume",
+        is_flag=True,
+        help="Checkpoint mode: continue an interrupted run into the same -o, reusing the tensors "
+        "it finished (kept in OUTPUT.monoquant-partial) when their settings and input bytes "
+        "are unchanged.",
+    )
+    @click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Checkpoint mode: split the tensors between N processes on this machine (each "
+        "with cores/N threads); the output is byte-identical. Across machines use torchrun "
+        "(docs/scale.md).",
+    )
     @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (no progress).")
     def quantize(
         source: str | None, report_path: str | None, html_path: str | None, **kw: Any
@@ -110,6 +127,8 @@ def add_quantize(cli: click.Group, engine: Engine, flags: list[PluginFlags]) -> 
             report, label = _checkpoint_mode(engine, config, source, kw)
         else:
             report, label = _module_mode(engine, config, kw)
+        if int(os.environ.get("RANK", "0") or 0) != 0:
+            return  # a torchrun rank other than 0: rank 0 writes the report and prints it
         if report_path:
             text = report.to_json()
             atomic_write(report_path, lambda tmp: write_text(tmp, text))
@@ -147,6 +166,8 @@ def _checkpoint_mode(
         allow_nonfinite=kw["allow_nonfinite"],
         progress=not kw["quiet"],
         serializer=kw["out_format"],
+        resume=kw["resume"],
+        workers=kw["workers"],
     )
     return report, source
 
@@ -163,6 +184,13 @@ def _module_mode(engine: Engine, config: Any, kw: dict[str, Any]) -> tuple[Quant
             "--sequential needs --calibration (it runs the calibration data layer by layer)",
             "pass --calibration FILE, or drop --sequential",
         )
+    for flag, value in (("--resume", kw["resume"]), ("--workers", kw["workers"] > 1)):
+        if value:
+            raise UsageError(
+                f"{flag} is for checkpoint mode (a SOURCE checkpoint); module mode quantizes "
+                "one model in one process",
+                f"drop {flag}, or quantize the checkpoint file: monoquant quantize SOURCE -o OUT",
+            )
     source = model_input(kw["demo"], kw["model_spec"], kw["weights"])
     data = load_calibration(kw["calibration"]) if kw["calibration"] else None
     model, sample, label = source.build()

@@ -50,10 +50,16 @@ def test_crash_midway_leaves_nothing(engine, tmp_path, monkeypatch, kind):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Run, "quantize_weight", crash_on_third)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(RuntimeError, match="simulated crash") as info:
         engine.quantize_checkpoint(str(src), str(dst), overwrite=True, progress=False)
     assert len(calls) == 3
-    assert sorted(os.listdir(tmp_path)) == before
+    if sys.version_info >= (3, 11):
+        assert info.value.__notes__ == [f"while quantizing tensor {calls[-1]!r}"]
+    # no output and no temporary path; the two finished tensors wait in the journal for
+    # --resume (tests/core/test_checkpoint_mode.py)
+    partial = f"{dst.name}.monoquant-partial"
+    assert sorted(os.listdir(tmp_path)) == sorted([*before, partial])
+    assert len(os.listdir(tmp_path / partial / "parts")) == 2
     if kind == "folder-overwrite":
         assert tree(dst) == {"previous.txt"}
     else:
@@ -251,33 +257,37 @@ def test_concurrent_writers_with_overwrite_both_succeed(tmp_path, kind):
 
 
 def test_two_checkpoint_runs_to_one_output_one_fails(tmp_path, small_file):
-    """The same race through ``quantize_checkpoint``: both runs pass ``check_paths`` and hold
-    in ``monoquant_report`` (just before the rename) until both are there."""
+    """The same race through ``quantize_checkpoint``: the first run holds the output's journal
+    (locked) while it is in ``monoquant_report``, just before its rename; the second is
+    refused at once, without touching the first's work."""
     src, _ = small_file
-    barrier = threading.Barrier(2)
+    holding, release = threading.Event(), threading.Event()
 
     class Hold:
         @hookimpl
         def monoquant_report(self, report):
-            barrier.wait(timeout=30)
+            holding.set()
+            release.wait(timeout=30)
 
     dst = tmp_path / "out.safetensors"
     results: list[str] = []
 
-    def run():
-        try:
-            Engine(plugins=[Hold()]).quantize_checkpoint(str(src), str(dst), progress=False)
-            results.append("ok")
-        except UsageError as e:
-            results.append(one_line(e))
+    def first():
+        Engine(plugins=[Hold()]).quantize_checkpoint(str(src), str(dst), progress=False)
+        results.append("ok")
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
+    t = threading.Thread(target=first)
+    t.start()
+    assert holding.wait(timeout=30)
+    try:
+        with pytest.raises(UsageError) as e:
+            Engine().quantize_checkpoint(str(src), str(dst), progress=False, resume=True)
+        assert f"another run (pid {os.getpid()} on " in one_line(e.value)
+        assert "is writing" in one_line(e.value)
+    finally:
+        release.set()
         t.join(timeout=60)
-    assert len(results) == 2 and results.count("ok") == 1, results
-    assert "already exists" in next(r for r in results if r != "ok")
+    assert results == ["ok"]
     assert sorted(os.listdir(tmp_path)) == ["in", "out.safetensors"]
     mq.load(str(dst), dequantize=True)  # complete and readable
 

