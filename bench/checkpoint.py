@@ -16,11 +16,20 @@ config.json), then measures, each in its own subprocess (peak RSS = that process
 * ``int8``: ``Engine().quantize_checkpoint(src, dst, scheme="int8")`` (minmax observer);
 * ``int4``: the same with ``scheme="int4-group"`` (default: minmax + lsq, g128);
 * ``int4, no read-ahead``: the same with ``MONOQUANT_CHECKPOINT_PREFETCH=0`` (the next tensor
-  is not read while one is quantized), so the table shows what overlapping I/O saves.
+  is not read while one is quantized), so the table shows what overlapping I/O saves;
+* ``int4, --workers N`` (``--workers 2 4``): the same split between N local ranks
+  (``workers=N``: gloo, one process each), each with ``OMP_NUM_THREADS`` threads (default 1).
+
+Every Mono Quant row also shows where its time went (quantizing into the journal, then writing
+the output from it) and, for workers, the largest peak RSS of one rank.
 
 ``--threads 1 2 ...`` repeats the runs per thread count (``OMP_NUM_THREADS``: torch's
 intra-op threads, which the optimiser's tensor ops use), so one run shows whether all threads
 in one process beat one.
+
+``--costs`` instead measures the work per element of each scheme and optimiser relative to
+``int8`` on one 5632x2048 tensor (the ``Scheme.cost_per_element`` figures a distributed run
+balances its ranks with).
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ import tempfile
 import time
 
 import torch
+
+from monoquant_core.hardware import isa
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -129,10 +140,39 @@ print("HOW", how)
 QUANT = """
 import sys
 from monoquant_core import Engine
-src, dst, scheme = sys.argv[1], sys.argv[2], sys.argv[3]
-rep = Engine().quantize_checkpoint(src, dst, scheme=scheme, progress=False)
-print("HOW", f"{len(rep.layers)} tensors quantized, min SQNR {rep.min_sqnr_db:.2f} dB, "
-      f"{rep.model_bytes_before / 2**30:.2f} GiB -> {rep.model_bytes_after / 2**30:.2f} GiB")
+src, dst, scheme, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+rep = Engine().quantize_checkpoint(src, dst, scheme=scheme, progress=False, workers=workers)
+ph = rep.extra["phase_s"]
+print("HOW", f"{len(rep.layers)} tensors, min SQNR {rep.min_sqnr_db:.2f} dB, "
+      f"{rep.model_bytes_before / 2**30:.2f} -> {rep.model_bytes_after / 2**30:.2f} GiB; "
+      f"quantize {ph['quantize']:.1f} s + write {ph['write']:.1f} s")
+"""
+
+COSTS = """
+import time, torch
+from monoquant_core import Engine
+torch.manual_seed(0)
+w = torch.randn(5632, 2048) * 0.02
+e = Engine()
+def seconds(scheme, **opts):
+    cfg = e.configure(scheme, scheme_options=opts)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        e.quantize_weight(w, scheme, cfg.observer, 0, cfg.scheme_config, cfg.observer_config)
+        best = min(best, time.perf_counter() - t)
+    return best
+base = seconds("int8")
+print("| scheme | s per tensor | per element vs int8 | cost_per_element |")
+print("|---|---|---|---|")
+for label, scheme, opts in [("int8", "int8", {}), ("fp16", "fp16", {}),
+                            ("int4-group rtn", "int4-group", {"method": "rtn"}),
+                            ("int4-group lsq (default)", "int4-group", {}),
+                            ("int4-group hqq", "int4-group", {"method": "hqq"})]:
+    s = seconds(scheme, **opts)
+    cfg = e.configure(scheme, scheme_options=opts)
+    declared = e.schemes.get(scheme).cost_per_element(cfg.scheme_config)
+    print(f"| {label} | {s:.3f} | {s / base:.1f} | {declared:g} |")
 """
 
 WRAP = """
@@ -143,6 +183,7 @@ sys.argv = sys.argv[1:]
 exec(compile(code, "<bench>", "exec"), {"__name__": "__main__"})
 print("WALL", time.perf_counter() - t)
 print("RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print("CHILD_RSS_KB", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
 
@@ -160,9 +201,19 @@ def run(code: str, *args: str, threads: int | None, env_extra=None) -> dict[str,
     return {
         "wall": float(out["WALL"]),
         "rss_mb": int(out["RSS_KB"]) / 1024,
+        "rank_rss_mb": int(out.get("CHILD_RSS_KB", 0)) / 1024,
         "how": out.get("HOW", ""),
         "total": time.perf_counter() - t,
     }
+
+
+def measure(work, label, code, src, extra, threads, env) -> tuple:
+    dst = os.path.join(work, "out")
+    shutil.rmtree(dst, ignore_errors=True)
+    res = run(code, src, dst, *extra, threads=threads, env_extra=env)
+    out = (label, threads, res, dir_bytes(dst))
+    shutil.rmtree(dst, ignore_errors=True)
+    return out
 
 
 def dir_bytes(path: str) -> int:
@@ -177,8 +228,25 @@ def main() -> None:
     ap.add_argument(
         "--threads", type=int, nargs="*", default=None, help="OMP threads (default: all)"
     )
+    ap.add_argument(
+        "--workers", type=int, nargs="*", default=[], help="also int4-group with N ranks"
+    )
+    ap.add_argument(
+        "--worker-threads", type=int, default=1, help="OMP threads per rank (default 1)"
+    )
+    ap.add_argument("--costs", action="store_true", help="only the per-element cost table")
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
     args = ap.parse_args()
+    print(
+        f"CPU: {', '.join(isa()) or 'unknown'}; torch {torch.__version__}; {os.cpu_count()} CPUs\n"
+    )
+    if args.costs:
+        subprocess.run(
+            [sys.executable, "-c", COSTS],
+            check=True,
+            env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")),
+        )
+        return
     work = args.workdir or tempfile.mkdtemp(prefix="mq-ckpt-bench-")
     src = os.path.join(work, "src")
     try:
@@ -196,27 +264,34 @@ def main() -> None:
         for threads in args.threads or [None]:
             for label, code, extra, env in [
                 ("plain load+save copy", COPY, [], None),
-                ("Mono Quant int8 (minmax)", QUANT, ["int8"], None),
-                ("Mono Quant int4-group (minmax + lsq, g128)", QUANT, ["int4-group"], None),
-                ("int4-group, no read-ahead", QUANT, ["int4-group"], no_prefetch),
+                ("Mono Quant int8 (minmax)", QUANT, ["int8", "1"], None),
+                ("Mono Quant int4-group (minmax + lsq, g128)", QUANT, ["int4-group", "1"], None),
+                ("int4-group, no read-ahead", QUANT, ["int4-group", "1"], no_prefetch),
             ]:
-                dst = os.path.join(work, "out")
-                shutil.rmtree(dst, ignore_errors=True)
-                res = run(code, src, dst, *extra, threads=threads, env_extra=env)
-                rows.append((label, threads, res, dir_bytes(dst)))
-                shutil.rmtree(dst, ignore_errors=True)
+                rows.append(measure(work, label, code, src, extra, threads, env))
+        for n in args.workers:
+            label = f"int4-group, --workers {n}"
+            extra = ["int4-group", str(n)]
+            rows.append(measure(work, label, QUANT, src, extra, args.worker_threads, None))
         base = rows[0][2]["wall"]
         src_bytes = dir_bytes(src)
         print(
             f"Checkpoint: {src_bytes / 2**30:.2f} GiB fp32 (`--params {args.params:g}`), "
             f"torch {torch.__version__}, {os.cpu_count()} CPUs\n"
         )
-        print("| run | threads | wall s | x copy time | peak RSS MiB | output GiB | note |")
-        print("|---|---|---|---|---|---|---|")
+        one = next(r[2]["wall"] for r in rows if r[0].startswith("Mono Quant int4"))
+        print(
+            "| run | threads | wall s | x copy time | x one-process int4 speed | peak RSS MiB "
+            "(largest rank) | output GiB | note |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
         for label, threads, res, out_bytes in rows:
+            rank = f" ({res['rank_rss_mb']:.0f})" if "workers" in label else ""
+            per = f"{threads or 'all'}" + (" per rank" if "workers" in label else "")
             print(
-                f"| {label} | {threads or 'all'} | {res['wall']:.1f} | {res['wall'] / base:.2f} | "
-                f"{res['rss_mb']:.0f} | {out_bytes / 2**30:.2f} | {res['how']} |"
+                f"| {label} | {per} | {res['wall']:.1f} | {res['wall'] / base:.2f} | "
+                f"{one / res['wall']:.2f} | {res['rss_mb']:.0f}{rank} | "
+                f"{out_bytes / 2**30:.2f} | {res['how']} |"
             )
     finally:
         if not args.keep and not args.workdir:

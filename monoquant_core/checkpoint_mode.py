@@ -183,6 +183,7 @@ def _work(
         for part in group.gather(done):
             finished.update(part)
         resumed = _resume_notes(resume, group.gather(counts))
+        t_quantized = time.perf_counter()
         _say(resumed if group.is_root else [], progress)
         report = group.step(
             "writing the output",
@@ -195,6 +196,8 @@ def _work(
         raise
     if group.is_root:
         journal.remove()
+        now = time.perf_counter()  # where the time went (bench/checkpoint.py prints it)
+        report.extra["phase_s"] = {"quantize": t_quantized - t0, "write": now - t_quantized}
     return report
 
 
