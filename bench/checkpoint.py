@@ -27,6 +27,9 @@ the output from it) and, for workers, the largest peak RSS of one rank.
 intra-op threads, which the optimiser's tensor ops use), so one run shows whether all threads
 in one process beat one.
 
+``--baseline CHECKOUT`` adds int8 and int4-group rows run with another checkout's code (an
+A/B in the same run, e.g. against the commit before a change).
+
 ``--costs`` instead measures the work per element of each scheme and optimiser relative to
 ``int8`` on one 5632x2048 tensor (the ``Scheme.cost_per_element`` figures a distributed run
 balances its ranks with).
@@ -148,6 +151,28 @@ print("HOW", f"{len(rep.layers)} tensors, min SQNR {rep.min_sqnr_db:.2f} dB, "
       f"quantize {ph['quantize']:.1f} s + write {ph['write']:.1f} s")
 """
 
+BASELINE = """
+import sys
+from monoquant_core import Engine
+src, dst, scheme = sys.argv[1], sys.argv[2], sys.argv[3]
+rep = Engine().quantize_checkpoint(src, dst, scheme=scheme, progress=False)
+print("HOW", f"{len(rep.layers)} tensors, min SQNR {rep.min_sqnr_db:.2f} dB (baseline checkout)")
+"""
+
+
+def baseline_path(checkout: str) -> str:
+    """A folder that makes ``checkout``'s packages importable under their import names."""
+    links = tempfile.mkdtemp(prefix="mq-baseline-")
+    os.symlink(
+        os.path.join(os.path.abspath(checkout), "monoquant_core"),
+        os.path.join(links, "monoquant_core"),
+    )
+    os.symlink(
+        os.path.join(os.path.abspath(checkout), "plugins"), os.path.join(links, "monoquant_plugins")
+    )
+    return links
+
+
 COSTS = """
 import time, torch
 from monoquant_core import Engine
@@ -192,8 +217,13 @@ def run(code: str, *args: str, threads: int | None, env_extra=None) -> dict[str,
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     t = time.perf_counter()
+    cwd = env.get("PYTHONPATH") if env_extra and "PYTHONPATH" in env_extra else None
     proc = subprocess.run(
-        [sys.executable, "-c", WRAP, code, *args], capture_output=True, text=True, env=env
+        [sys.executable, "-c", WRAP, code, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
     )
     if proc.returncode:
         raise SystemExit(proc.stderr[-2000:])
@@ -235,6 +265,12 @@ def main() -> None:
         "--worker-threads", type=int, default=1, help="OMP threads per rank (default 1)"
     )
     ap.add_argument("--costs", action="store_true", help="only the per-element cost table")
+    ap.add_argument(
+        "--baseline",
+        metavar="CHECKOUT",
+        help="also run int8 and int4-group with another checkout's code (e.g. a `git worktree` "
+        "of an older commit), right after this one's rows: an A/B in one run",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
     args = ap.parse_args()
     print(
@@ -269,6 +305,11 @@ def main() -> None:
                 ("int4-group, no read-ahead", QUANT, ["int4-group", "1"], no_prefetch),
             ]:
                 rows.append(measure(work, label, code, src, extra, threads, env))
+            if args.baseline:
+                env = {"PYTHONPATH": baseline_path(args.baseline)}
+                for scheme in ("int8", "int4-group"):
+                    label = f"{scheme}, baseline {os.path.basename(args.baseline.rstrip('/'))}"
+                    rows.append(measure(work, label, BASELINE, src, [scheme], threads, env))
         for n in args.workers:
             label = f"int4-group, --workers {n}"
             extra = ["int4-group", str(n)]

@@ -316,7 +316,8 @@ def monoquant_modify_plan(plan: Plan, model: nn.Module | None, run: Run) -> None
     Args:
         plan: the :class:`~monoquant_core.plan.Plan` (mutable).
         model: the model being quantized (do not modify it here), or None in checkpoint
-            mode (``quantize_checkpoint``), where the entries are tensors of the file.
+            mode (``quantize_checkpoint``), where the entries are tensors of the file
+            (``run.read_tensor(name)`` loads one, while this hook runs).
         run: the :class:`~monoquant_core.run.Run` (``run.entry_configs(entry)`` gives an
             entry's scheme / observer configs).
 

@@ -10,6 +10,7 @@ and one way to call hooks with error attribution. Nothing in it outlives the run
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -40,6 +41,9 @@ class Run(ComponentAccess):
             ``run.quantize_weight`` / ``run.scheme_config``, as on the Engine).
         calibration: the run's calibration data (module mode, ``calibration=``), or None; a
             plugin that measures the model while planning (``sensitivity``) runs it.
+        read_tensor: checkpoint mode, while ``monoquant_modify_plan`` runs: reads one input
+            tensor by name into memory (a plugin that plans from the weights' values, like
+            ``sensitivity``'s data-free allocation, reads them one at a time); else None.
         state: per-run state of plugins, by plugin name (``run.state["gptq"] = ...`` in
             ``monoquant_configure``); dropped with the run. Plugins keep no run state anywhere
             else.
@@ -50,6 +54,7 @@ class Run(ComponentAccess):
         self.registries = registries
         self.state: dict[str, Any] = {}
         self.calibration: Any = None
+        self.read_tensor: Callable[[str], torch.Tensor] | None = None
         self._pm = pm
 
     # ------------------------------------------------------------------ configuration

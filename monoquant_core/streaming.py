@@ -63,9 +63,16 @@ def _tensor_list(source: CheckpointSource) -> list[tuple[str, tuple[int, ...], t
 
 
 def checkpoint_plan(run: Run, source: CheckpointSource) -> Plan:
-    """The plan of a checkpoint source: tensors by name, the plan hook with ``model=None``."""
+    """The plan of a checkpoint source: tensors by name, the plan hook with ``model=None``
+    (during which ``run.read_tensor(name)`` loads one tensor, for plugins that plan from the
+    weights' values)."""
     plan = build_tensor_plan(run, _tensor_list(source))
-    run.call_each("monoquant_modify_plan", plan=plan, model=None)
+    where = {n: s.reader for s in source.shards for n in s.reader.tensor_names()}
+    run.read_tensor = lambda name: where[name].source(name).load()
+    try:
+        run.call_each("monoquant_modify_plan", plan=plan, model=None)
+    finally:
+        run.read_tensor = None
     for entry in plan.selected:
         run.schemes.get(entry.scheme)
         run.observers.get(entry.observer)

@@ -15,19 +15,33 @@ Rows are sorted by sensitivity: the lowest output SQNR of the cheapest candidate
 weight SQNR without data). A candidate a layer cannot take (a group size larger than its
 inputs, a weight the scheme cannot store) is listed with the reason. The weights are
 swapped in place and restored exactly after each measurement; the model is never replaced.
+Each measurement runs from its layer onward, the float model's earlier module outputs replayed
+(:mod:`.sensitivity_replay`; the same numbers as full forward passes).
+
+``monoquant sensitivity CHECKPOINT`` (a safetensors file or folder, no model) is data-free: the
+tensors checkpoint mode would select, read one at a time, with their weight SQNRs
+(:func:`measure_tensors`). The allocation (``monoquant_modify_plan``) works from the same
+table in checkpoint mode when the run gives the plan hook the tensors (``run.read_tensor``),
+and runs before the other plugins' plan hooks, so ``gptq`` quantizes each layer at its
+allocated scheme.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import click
+import torch
 
 from monoquant_core import PluginOptions, UsageError, hookimpl
 
+from .safetensors_io import SafetensorsReader, is_safetensors
 from .sensitivity_allocate import EXACT_STEPS, allocate, tradeoff
 from .sensitivity_table import (
     DEFAULT_CANDIDATES,
@@ -35,6 +49,7 @@ from .sensitivity_table import (
     cli_candidates,
     measure,
     measure_entries,
+    measure_tensors,
     parse_candidates,
     render,
 )
@@ -48,6 +63,7 @@ __all__ = [
     "html_report",
     "measure",
     "measure_entries",
+    "measure_tensors",
     "parse_candidates",
     "render",
     "tradeoff",
@@ -69,6 +85,9 @@ class SensitivityOptions(PluginOptions):
         save_rules: also write the choice as a rules file (JSON) here, so ``--rules FILE``
             repeats the run without the sensitivity pass.
         method: ``greedy`` (default) or ``exact`` (:func:`allocate`).
+        replay: measure each layer from that layer onward, replaying the float model's
+            earlier module outputs (same numbers; ``False``: full forward passes; see
+            :mod:`monoquant_plugins.sensitivity_replay`).
     """
 
     budget: float | None = None
@@ -76,6 +95,7 @@ class SensitivityOptions(PluginOptions):
     candidates: str = "int8,int4-g32,int4-g64,int4-g128"
     save_rules: str | None = None
     method: str = "greedy"
+    replay: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in ("greedy", "exact"):
@@ -169,19 +189,38 @@ def monoquant_add_cli_options(group):
     )
 
 
-@hookimpl
+@hookimpl(tryfirst=True)  # first: other plugins (gptq) see the allocated schemes
 def monoquant_modify_plan(plan, model, run):
     opts = run.options("sensitivity")
     if opts is None:
         return
-    if model is None:
-        raise UsageError(
-            "the sensitivity allocation measures the model's layers and needs module mode",
-            "pass --model PKG.MODULE:FACTORY --weights FILE (or --demo) instead of a SOURCE file",
-        )
     cands = parse_candidates(cli_candidates(opts.candidates))
-    by_label = {c.label: c for c in cands}
-    table = measure_entries(run, model, plan.selected, run.calibration, cands)
+    data = run.calibration
+    if data is not None and not isinstance(data, (torch.Tensor, Mapping)) and iter(data) is data:
+        raise UsageError(
+            f"the calibration data is a one-shot iterator ({type(data).__name__}): the "
+            "sensitivity pass would use it up before calibration runs",
+            "pass a list of batches (list(...)) or a DataLoader",
+        )
+    if model is not None:
+        table = measure_entries(run, model, plan.selected, run.calibration, cands, opts.replay)
+        weights = {e.name: [f"{e.name}.{p}" if e.name else p for p in e.params]
+                   for e in plan.selected}  # fmt: skip
+    elif run.read_tensor is not None:  # checkpoint mode: data-free, from the tensors
+        table = measure_tensors(run, plan.selected, run.read_tensor, cands)
+        weights = {e.name: [e.name] for e in plan.selected}
+    else:
+        raise UsageError(
+            "the sensitivity allocation needs the model or the checkpoint's tensors, and this "
+            "run gives it neither",
+            "quantize in module mode: --model PKG.MODULE:FACTORY --weights FILE (or --demo)",
+        )
+    _apply(plan, run, opts, table, weights, {c.label: c for c in cands})
+
+
+def _apply(plan, run, opts, table, weights, by_label) -> None:
+    """The allocator's choice into the plan (scheme, observer, options, a note each), the
+    run's state and the rules file."""
     res = allocate(table, opts.budget, opts.target_sqnr, opts.method)
     rows = {r["name"]: r for r in table["layers"]}
     which = "output" if table["batches"] else "weight"
@@ -194,7 +233,7 @@ def monoquant_modify_plan(plan, model, run):
     )
     rules = []
     for entry in plan.selected:
-        labels = {res["choice"][n] for n in res["choice"] if n.rsplit(".", 1)[0] == entry.name}
+        labels = {res["choice"][n] for n in weights[entry.name] if n in res["choice"]}
         if len(labels) != 1:
             continue
         (label,) = labels
@@ -202,8 +241,7 @@ def monoquant_modify_plan(plan, model, run):
         entry.scheme = c.scheme
         entry.observer = run.schemes.get(c.scheme).default_observer
         entry.options["scheme_options"] = dict(c.options)
-        name = next(n for n in res["choice"] if n.rsplit(".", 1)[0] == entry.name)
-        v = rows[name]["candidates"][label]
+        v = rows[weights[entry.name][0]]["candidates"][label]
         db = v.get("output_sqnr_db", v["weight_sqnr_db"])
         entry.notes.append(
             f"sensitivity: {label} ({v['bits_per_weight']:.2f} bits/weight, {which} SQNR "
@@ -226,6 +264,7 @@ def monoquant_add_cli_commands(cli, engine):
     from monoquant_core.cli.options import model_source_options, report_options
 
     @cli.command()
+    @click.argument("checkpoint", required=False, metavar="[CHECKPOINT]")
     @model_source_options("Import a callable that returns the nn.Module to analyse.")
     @click.option(
         "--calibration",
@@ -242,20 +281,59 @@ def monoquant_add_cli_commands(cli, engine):
     )
     @click.option("--only", multiple=True, metavar="GLOB", help="Only these modules.")
     @click.option("--skip", multiple=True, metavar="GLOB", help="Not these modules.")
+    @click.option(
+        "--replay/--no-replay",
+        default=True,
+        show_default=True,
+        help="Run each measurement from its layer onward, replaying the float model's earlier "
+        "module outputs (same numbers); --no-replay runs full forward passes.",
+    )
     @report_options("bars, trade-off curve, table")
     def sensitivity(
-        demo, model_spec, weights, calibration, candidates, only, skip, as_json, html_path
-    ):
+        checkpoint, demo, model_spec, weights, calibration, candidates, only, skip, replay,
+        as_json, html_path,
+    ):  # fmt: skip
         """How much quantizing each layer costs: for every layer the plan selects and every
         candidate scheme, the bits per weight, the weight SQNR and (with --calibration) the
-        model's output SQNR with only that layer quantized; most sensitive layers first."""
+        model's output SQNR with only that layer quantized; most sensitive layers first.
+        With a CHECKPOINT (a safetensors file or folder) instead of a model: data-free, the
+        weight SQNR of every tensor quantize would select."""
         cands = parse_candidates(cli_candidates(candidates))
-        source = model_input(demo, model_spec, weights)
-        data = load_calibration(calibration) if calibration else None
-        model, sample, _ = source.build()
-        if data is None and sample is not None and demo:
-            data = [sample]
-        res = measure(engine, model, data, cands, only=only, skip=skip)
+        if checkpoint is not None:
+            if demo or model_spec or weights or calibration:
+                raise UsageError(
+                    f"both a CHECKPOINT ({checkpoint}) and a model or calibration data",
+                    "give a CHECKPOINT (data-free) or --model/--demo with --calibration",
+                )
+            res = _checkpoint_table(engine, checkpoint, cands, only=only, skip=skip)
+        else:
+            source = model_input(demo, model_spec, weights)
+            data = load_calibration(calibration) if calibration else None
+            model, sample, _ = source.build()
+            if data is None and sample is not None and demo:
+                data = [sample]
+            res = measure(engine, model, data, cands, replay, only=only, skip=skip)
         click.echo(json.dumps(res, indent=2, default=str) if as_json else render(res))
         if html_path:
             _write_text(html_path, html_report(res))
+
+
+def _checkpoint_table(engine, path: str, cands: list[Candidate], **plan_options) -> dict:
+    """The data-free table of a safetensors file or folder: the tensors the checkpoint-mode
+    plan selects, read one at a time."""
+    plan = engine.plan_checkpoint(path, **plan_options)
+    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*")))
+    readers = [SafetensorsReader(f) for f in files if os.path.isfile(f) and is_safetensors(f)]
+    try:
+        where = {n: r for r in readers for n in r.entries}
+        missing = [e.name for e in plan.selected if e.name not in where]
+        if missing:
+            raise UsageError(
+                f"{path}: {missing[0]!r} is not in a safetensors file",
+                "give a .safetensors file or a folder of them (convert a .pt with monoquant "
+                "quantize's --format, or load it in Python)",
+            )
+        return measure_tensors(engine, plan.selected, lambda n: where[n].get(n), cands)
+    finally:
+        for r in readers:
+            r.close()

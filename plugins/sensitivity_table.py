@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,12 +18,15 @@ from monoquant_core.batches import iter_batches
 from monoquant_core.metrics import sqnr_db
 from monoquant_core.tables import format_table
 
+from .sensitivity_replay import Replay
+
 __all__ = [
     "DEFAULT_CANDIDATES",
     "Candidate",
     "cli_candidates",
     "measure",
     "measure_entries",
+    "measure_tensors",
     "parse_candidates",
     "render",
 ]
@@ -75,27 +79,6 @@ def _value(text: str) -> Any:
     return text
 
 
-def _outputs(model: nn.Module, batches: list[Any]) -> list[torch.Tensor]:
-    outs = []
-    with torch.no_grad():
-        for args, kwargs in batches:
-            outs.append(_flat(model(*args, **kwargs)))
-    return outs
-
-
-def _flat(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out.detach().reshape(-1).to(torch.float64)
-    if isinstance(out, dict):
-        out = list(out.values())
-    elif hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, (tuple, list)):
-        parts = [_flat(v) for v in out if isinstance(v, (torch.Tensor, tuple, list, dict))]
-        return torch.cat([p for p in parts if p.numel()]) if parts else torch.zeros(0)
-    return torch.zeros(0, dtype=torch.float64)
-
-
 def _output_sqnr(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
     num = sum(float((r * r).sum()) for r in ref)
     den = sum(float(((g - r) ** 2).sum()) for r, g in zip(ref, got, strict=True))
@@ -109,12 +92,15 @@ def measure(
     model: nn.Module,
     data: Any = None,
     candidates: list[Candidate] | None = None,
+    replay: bool = True,
     **plan_options: Any,
 ) -> dict[str, Any]:
     """The sensitivity table of ``model`` (see the module docstring); ``plan_options`` go to
-    ``engine.plan`` (``only=``, ``skip=``, ``rules=``) to choose the layers."""
+    ``engine.plan`` (``only=``, ``skip=``, ``rules=``) to choose the layers. ``replay=False``
+    runs every measurement as a full forward pass (same numbers, slower; see
+    :mod:`monoquant_plugins.sensitivity_replay`)."""
     plan = engine.plan(model, **plan_options)
-    return measure_entries(engine, model, plan.selected, data, candidates)
+    return measure_entries(engine, model, plan.selected, data, candidates, replay)
 
 
 def measure_entries(
@@ -123,25 +109,20 @@ def measure_entries(
     entries: list[Any],
     data: Any = None,
     candidates: list[Candidate] | None = None,
+    replay: bool = True,
 ) -> dict[str, Any]:
     """:func:`measure` for given plan entries; ``ctx`` is an :class:`~monoquant_core.Engine`
     or a run (both have ``scheme_config``, ``quantize_weight`` and the registries)."""
-    cands = candidates or parse_candidates(DEFAULT_CANDIDATES)
-    configs = {}
-    for c in cands:
-        observer = ctx.schemes.get(c.scheme).default_observer
-        configs[c.label] = (
-            observer,
-            ctx.scheme_config(c.scheme, c.options),
-            ctx.observers.get(observer).config_class(),
-        )
+    cands, configs = _configs(ctx, candidates)
     batches = list(iter_batches(data)) if data is not None else []
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
-    ref = _outputs(model, batches) if batches else []
     rows = []
     try:
+        targets = {e.name: [getattr(model.get_submodule(e.name), p) for p in e.params]
+                   for e in entries}  # fmt: skip
+        runs = Replay(model, batches, targets, replay) if batches else None
         for entry in entries:
             module = model.get_submodule(entry.name)
             replacer = ctx.replacers.for_type(type(module)).component
@@ -153,7 +134,7 @@ def measure_entries(
                 row: dict[str, Any] = {"name": name, "shape": list(w.shape), "candidates": {}}
                 for c in cands:
                     row["candidates"][c.label] = _one(ctx, configs[c.label], c, param, w, axis,
-                                                      name, batches, ref, model)  # fmt: skip
+                                                      name, runs, entry.name)  # fmt: skip
                 rows.append(row)
     finally:
         model.train(was_training)
@@ -161,12 +142,56 @@ def measure_entries(
     return {
         "candidates": [c.label for c in cands],
         "batches": len(batches),
+        "replay": runs.note if runs else "no data",
         "layers": rows,
         "seconds": time.perf_counter() - t0,
     }
 
 
-def _one(ctx, cfg, c, param, w, axis, name, batches, ref, model) -> dict[str, Any]:
+def measure_tensors(
+    ctx: Any,
+    entries: list[Any],
+    read: Callable[[str], torch.Tensor],
+    candidates: list[Candidate] | None = None,
+) -> dict[str, Any]:
+    """Data-free :func:`measure` of checkpoint tensors: ``entries`` are checkpoint-mode plan
+    entries (named by tensor), each read with ``read(name)`` one at a time and quantized along
+    axis 0 as checkpoint mode does; the table holds bits per weight and weight SQNR."""
+    cands, configs = _configs(ctx, candidates)
+    t0 = time.perf_counter()
+    rows = []
+    for entry in entries:
+        w = read(entry.name)
+        row: dict[str, Any] = {"name": entry.name, "shape": list(w.shape), "candidates": {}}
+        for c in cands:
+            row["candidates"][c.label] = _one(ctx, configs[c.label], c, None, w, 0, entry.name,
+                                              None, entry.name)  # fmt: skip
+        rows.append(row)
+        del w
+    rows.sort(key=lambda r: _sort_key(r, cands))
+    return {
+        "candidates": [c.label for c in cands],
+        "batches": 0,
+        "replay": "no data",
+        "layers": rows,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _configs(ctx: Any, candidates: list[Candidate] | None) -> tuple[list[Candidate], dict]:
+    cands = candidates or parse_candidates(DEFAULT_CANDIDATES)
+    configs = {}
+    for c in cands:
+        observer = ctx.schemes.get(c.scheme).default_observer
+        configs[c.label] = (
+            observer,
+            ctx.scheme_config(c.scheme, c.options),
+            ctx.observers.get(observer).config_class(),
+        )
+    return cands, configs
+
+
+def _one(ctx, cfg, c, param, w, axis, name, runs, target) -> dict[str, Any]:
     observer, scheme_cfg, observer_cfg = cfg
     try:
         qt = ctx.quantize_weight(w, c.scheme, observer, axis, scheme_cfg, observer_cfg, name)
@@ -178,11 +203,11 @@ def _one(ctx, cfg, c, param, w, axis, name, batches, ref, model) -> dict[str, An
         "bits_per_weight": 8 * qt.nbytes / w.numel(),
         "weight_sqnr_db": sqnr_db(w, wq),
     }
-    if batches:
+    if runs is not None:
         with torch.no_grad():
             param.data.copy_(wq)
             try:
-                out["output_sqnr_db"] = _output_sqnr(ref, _outputs(model, batches))
+                out["output_sqnr_db"] = _output_sqnr(runs.reference, runs.outputs(target))
             finally:
                 param.data.copy_(w)
     return out
