@@ -97,20 +97,28 @@ def test_a_killed_run_resumes_to_the_same_bytes_recomputing_only_what_was_unfini
     assert [layer.name for layer in report.layers] == [f"layers.{i:02d}.weight" for i in range(12)]
 
 
+def interrupt_at(src, out, sd, name) -> str:
+    """A run of ``sd`` that stops at ``name`` (a NaN in it), then ``src`` fixed again; the
+    run's one-line error."""
+    bad = dict(sd)
+    bad[name] = sd[name].clone()
+    bad[name][0, 0] = float("nan")
+    write_safetensors(str(src), bad, {})
+    with pytest.raises(UsageError) as e:
+        quantize(src, out)
+    write_safetensors(str(src), sd, {})
+    return one_line(e.value)
+
+
 def test_resume_recomputes_tensors_whose_settings_or_input_changed(tmp_path):
     src = tmp_path / "m.safetensors"
     sd = checkpoint(src)
     out = tmp_path / "out.safetensors"
-    # interrupted: layers 03 and 07 hold NaN, so the run stops after finishing the others
-    # that came first; then the checkpoint is fixed and resumed with other rules
-    bad = dict(sd)
-    bad["layers.07.weight"] = sd["layers.07.weight"].clone()
-    bad["layers.07.weight"][0, 0] = float("nan")
-    write_safetensors(str(src), bad, {})
-    with pytest.raises(UsageError) as e:
-        quantize(src, out)
-    assert "add --resume to reuse them" in one_line(e.value)
-    assert lines(out) == 7  # layers 00-06
+    # interrupted: layer 07 holds a NaN, so the run stops after finishing layers 00-06; then
+    # the checkpoint is fixed and resumed with other rules
+    msg = interrupt_at(src, out, sd, "layers.07.weight")
+    assert "add --resume to reuse them" in msg
+    assert lines(out) == 7
     sd["layers.02.weight"] = sd["layers.02.weight"] * 2  # edited in between
     write_safetensors(str(src), sd, {})
     rules = ["layers.05=int8"]  # another scheme for one finished tensor
@@ -128,13 +136,7 @@ def test_resume_recomputes_a_damaged_part_and_ignores_a_cut_journal_line(tmp_pat
     src = tmp_path / "m.safetensors"
     sd = checkpoint(src)
     out = tmp_path / "out.safetensors"
-    bad = dict(sd)
-    bad["layers.06.weight"] = sd["layers.06.weight"].clone()
-    bad["layers.06.weight"][1, 1] = float("inf")
-    write_safetensors(str(src), bad, {})
-    with pytest.raises(UsageError):
-        quantize(src, out)
-    write_safetensors(str(src), sd, {})
+    interrupt_at(src, out, sd, "layers.06.weight")
     folder = work_folder(str(out))
     parts = sorted(os.listdir(os.path.join(folder, "parts")))
     assert len(parts) == 6
