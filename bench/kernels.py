@@ -7,15 +7,14 @@
     python bench/kernels.py --chunks              # W8A8 at many rows: one fbgemm call vs chunks
 
 Linear 4096x4096 and 4096->11008 at M = 1, 8, 32, 128 tokens, in a float32 model (against
-fp32 and bf16 ``nn.Linear``) and in a bfloat16 model (bf16 inputs, against bf16
-``nn.Linear``). Weights are cold: every call uses the next of several copies of the layer,
-together larger than the L3 cache, so each call streams its weight from DRAM as in a real
-model. Each cell is the median of the timed calls,
-measured in one run, round-robin (a few calls of each variant in turn, in a shuffled order,
-so the machine's drift hits all alike), with fp32 ``nn.Linear`` as the baseline (speed-up =
-fp32 time / time). A bare ``torch.ao`` fbgemm dynamic Linear row shows the kernel's own speed.
-At M=1 the table also gives the fraction of the memory-bandwidth limit: weight bytes /
-latency / read bandwidth, the bandwidth measured here by ``tensor.sum()`` over 1 GiB.
+fp32 and bf16 ``nn.Linear``) and in a bfloat16 model (bf16 inputs, against bf16 ``nn.Linear``).
+Weights are cold (every call uses the next of several copies, together larger than the L3
+cache). Each cell is the median of calls measured in one run, round-robin in a shuffled order
+(the machine's drift hits all alike); speed-up = fp32 ``nn.Linear`` time / time. A bare
+``torch.ao`` fbgemm row shows the kernel's own speed. At M=1 the table also gives the fraction
+of the memory-bandwidth limit (weight bytes / latency / the ``tensor.sum()`` bandwidth over
+1 GiB) and of the "only read" row (a cold ``sum`` over as many bytes, interleaved with the
+rest). The ``torch int8pack`` row is weight-only int8 as it ran before torch-cpu's C GEMV.
 
 A last table times an end-to-end model (4 pre-norm transformer blocks, hidden 1024, MLP 4096)
 at batch 1 (one token, M=1) in fp32 and quantized.
@@ -32,21 +31,28 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from monoquant_plugins.backends import torch_cpu
 
 from monoquant_core import Engine
 from monoquant_core.demo import TransformerBlock
 from monoquant_core.hardware import isa
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_sweeps import _rel, _runnable, _timed, chunks_table, crossover_table
+
 POOL_BYTES = 512 * 2**20
+#: weight-only int8 as torch-cpu ran it before its C GEMV (torch._weight_int8pack_mm for few rows)
+PACK = "int8 weight-only, torch int8pack"
 W4A8 = {"activations": "dynamic"}  # int4-group with int8 inputs per token (cpu-vnni backend)
 METHODS = [  # label, scheme, options, backend
     ("int8 dynamic per token (W8A8)", "int8", {"activations": "dynamic"}, "torch-cpu"),
     ("int8 dynamic per tensor (W8A8)", "int8", {"activations": "dynamic-tensor"}, "torch-cpu"),
     ("int8 weight-only", "int8", {}, "torch-cpu"),
+    (PACK, "int8", {}, "torch-cpu"),
     ("int4-group g128", "int4-group", {"group_size": 128}, "torch-cpu"),
     ("int4-group g32", "int4-group", {"group_size": 32}, "torch-cpu"),
     ("int4-group g128 W4A8", "int4-group", {"group_size": 128, **W4A8}, "cpu-vnni"),
@@ -62,12 +68,6 @@ def bandwidth_gbs() -> float:
     t.sum()
     best = min(_timed(lambda: t.sum()) for _ in range(5))
     return t.numel() * 4 / best / 1e9
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def weight_bytes(module: nn.Module) -> int:
@@ -141,7 +141,7 @@ def linear_table(n: int, k: int, ms: list[int], bw: float, quick: bool) -> str:
         q, _ = engine.quantize(
             nn.Sequential(copy.deepcopy(base)), scheme=scheme, scheme_options=opts, backend=backend
         )
-        variants.append((label, backend, pool_of(q, weight_bytes(q)), torch.float32))
+        variants.append((label, backend, _pool(label, q), torch.float32))
         if label.startswith("int8 dynamic per token"):  # the bare kernel, for our overhead
             raw = _raw_fbgemm(base)
             variants.append(("(bare fbgemm dynamic Linear)", "torch.ao", raw, torch.float32))
@@ -151,21 +151,24 @@ def linear_table(n: int, k: int, ms: list[int], bw: float, quick: bool) -> str:
     for m in ms:
         xs = {dt: torch.randn(m, k, dtype=dt) for dt in (torch.float32, torch.bfloat16)}
         by_m[m] = interleaved(variants, xs.__getitem__, 3 if quick else 8, quick)
+    read = next((i for i, v in enumerate(variants) if v[1] == "memory"), None)
     for i, (label, backend, pool, _) in enumerate(variants):
         cells = [f"{by_m[m][i] * 1e3:.2f} ({by_m[m][0] / by_m[m][i]:.1f}x)" for m in ms]
         wb = n * k if backend == "torch.ao" else weight_bytes(pool[0])  # packed: not a buffer
-        frac = wb / by_m[ms[0]][i] / (bw * 1e9)
+        t1 = by_m[ms[0]][i]
+        # the read row's time for this row's bytes (interleaved with it) / this row's time
+        of_read = "-" if read is None else f"{by_m[ms[0]][read] * wb / (n * k) / t1 * 100:.0f}%"
         rows.append(
             f"| {label} | {backend} | {wb / (n * k):.2f} | "
             + " | ".join(cells)
-            + f" | {frac * 100:.0f}% |"
+            + f" | {wb / t1 / (bw * 1e9) * 100:.0f}% | {of_read} |"
         )
     head = (
         "| method | backend | bytes/weight | "
         + " | ".join(f"M={m} ms (x fp32)" for m in ms)
-        + " | M=1 % of BW |"
+        + " | M=1 % of BW | M=1 % of read |"
     )
-    sep = "|---|---|---|" + "---|" * len(ms) + "---|"
+    sep = "|---|---|---|" + "---|" * len(ms) + "---|---|"
     return "\n".join([f"Linear {k} -> {n} (N={n}, K={k})", "", head, sep, *rows])
 
 
@@ -183,7 +186,7 @@ def linear_table_bf16(n: int, k: int, ms: list[int], quick: bool) -> str:
         q, _ = engine.quantize(
             nn.Sequential(copy.deepcopy(base)), scheme=scheme, scheme_options=opts, backend=backend
         )
-        variants.append((label, backend, pool_of(q, weight_bytes(q)), torch.bfloat16))
+        variants.append((label, backend, _pool(label, q), torch.bfloat16))
     by_m = {}
     for m in ms:
         x = torch.randn(m, k, dtype=torch.bfloat16)
@@ -198,6 +201,21 @@ def linear_table_bf16(n: int, k: int, ms: list[int], quick: bool) -> str:
     sep = "|---|---|" + "---|" * len(ms)
     title = f"bfloat16 model: Linear {k} -> {n} (N={n}, K={k}), bf16 inputs"
     return "\n".join([title, "", head, sep, *rows])
+
+
+def _pool(label: str, q: nn.Module) -> list[nn.Module]:
+    """The pool of a quantized model; for :data:`PACK`, every copy prepared with torch-cpu's C
+    GEMV switched off (the layer as it ran before it; checked)."""
+    pool = pool_of(q, weight_bytes(q))
+    if label == PACK:
+        saved, torch_cpu.gemv_library = torch_cpu.gemv_library, lambda: None
+        try:
+            for m in pool:
+                m[0].prepare()
+        finally:
+            torch_cpu.gemv_library = saved
+        assert all(m[0].prepared().pick(1) == "int8-weight" for m in pool)
+    return pool
 
 
 def _raw_fbgemm(base: nn.Linear) -> list[nn.Module]:
@@ -320,102 +338,6 @@ def model_table(quick: bool = False) -> str:
             *rows,
         ]
     )
-
-
-def _runnable(methods: list[tuple]) -> list[tuple]:
-    """The methods whose backend is available here (a missing one is said on stderr)."""
-    engine, out = Engine(), []
-    for method in methods:
-        ok = engine.backends.get(method[-1]).available()
-        if ok is True:
-            out.append(method)
-        else:
-            print(f"skipping {method[0]} on {method[-1]}: {ok}", file=sys.stderr)
-    return out
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-CROSS_SHAPES = [(384, 384), (1536, 384), (384, 1536), (2048, 2048), (4096, 4096), (11008, 4096)]
-CROSS_MS = [8, 16, 32, 48, 64, 96, 128, 192]
-
-
-def crossover_table() -> str:
-    """torch-cpu's two weight-only kernels of each scheme (GEMV-class / blocked GEMM), timed
-    on the same prepared weight at every M: the first M where the GEMM is faster is the
-    crossover its table (``monoquant_plugins.backends.cpu_kernels.CROSSOVER``) should hold."""
-    from monoquant_plugins.backends.torch_cpu import KERNELS
-
-    os.environ["MONOQUANT_TORCH_CPU_CROSSOVER"] = "int8=2,int4=2"  # prepare both kernels
-    engine = Engine()
-    head = "| weight | scheme | N*K | " + " | ".join(f"M={m} ms" for m in CROSS_MS)
-    lines = [head + " | crossover |", "|" + "---|" * (len(CROSS_MS) + 4)]
-    for n, k in CROSS_SHAPES:
-        for scheme in ("int8", "int4-group"):
-            model, _ = engine.quantize(nn.Sequential(nn.Linear(k, n)), scheme=scheme)
-            p = model[0].prepared()
-            gemv, gemm = p.kernels[0][1], p.kernels[-1][1]
-            cells, first = [], None
-            for m in CROSS_MS:
-                x = torch.randn(m, k)
-                t = [statistics.median(_timed_n(KERNELS[kind], x, p, 5)) for kind in (gemv, gemm)]
-                cells.append(f"{t[0] * 1e3:.2f} / {t[1] * 1e3:.2f}")
-                if first is None and t[1] < t[0]:
-                    first = m
-            lines.append(
-                f"| {n}x{k} | {scheme} ({gemm}) | {n * k / 1e6:.1f}M | "
-                + " | ".join(cells)
-                + f" | {first or f'> {CROSS_MS[-1]}'} |"
-            )
-    del os.environ["MONOQUANT_TORCH_CPU_CROSSOVER"]
-    return "GEMV ms / GEMM ms per M (1 thread):\n\n" + "\n".join(lines)
-
-
-CHUNK_SHAPES = [(384, 384), (1536, 384), (384, 1536)]
-CHUNK_MS = [512, 1024, 4096]
-
-
-def chunks_table() -> str:
-    """torch-cpu's W8A8 kernel at many rows (MiniLM-sized weights, 32 x 128 tokens = 4096
-    rows): the whole input in one fbgemm call against chunks of ``CHUNK_ROWS`` rows, for fp32
-    and bf16 inputs, with the float ``nn.Linear`` of the input's dtype as the baseline."""
-    from monoquant_plugins.backends import cpu_kernels
-
-    chunk = cpu_kernels.CHUNK_ROWS
-    head = "| weight | input | M | float ms | one call ms | chunks ms | chunks x float |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
-    engine = Engine()
-    for n, k in CHUNK_SHAPES:
-        base = nn.Linear(k, n, bias=False)
-        model, _ = engine.quantize(
-            nn.Sequential(copy.deepcopy(base)),
-            scheme="int8",
-            scheme_options={"activations": "dynamic"},
-        )
-        p = model[0].prepared()
-        for dtype in (torch.float32, torch.bfloat16):
-            w = base.weight.detach().to(dtype)
-            for m in CHUNK_MS:
-                x = torch.randn(m, k).to(dtype)
-                t_float = statistics.median(_timed_n(F.linear, x, w, 5))
-                cpu_kernels.CHUNK_ROWS = 1 << 30
-                t_one = statistics.median(_timed_n(cpu_kernels.int8_dynamic, x, p, 5))
-                cpu_kernels.CHUNK_ROWS = chunk
-                t_chunk = statistics.median(_timed_n(cpu_kernels.int8_dynamic, x, p, 5))
-                lines.append(
-                    f"| {n}x{k} | {str(dtype)[6:]} | {m} | {t_float * 1e3:.2f} | "
-                    f"{t_one * 1e3:.2f} | {t_chunk * 1e3:.2f} | {t_float / t_chunk:.2f}x |"
-                )
-    return f"W8A8 (int8 dynamic), one call vs chunks of {chunk} rows (1 thread):\n\n" + "\n".join(
-        lines
-    )
-
-
-def _timed_n(fn, x: torch.Tensor, p, n: int) -> list[float]:
-    fn(x, p)
-    return [_timed(lambda: fn(x, p)) for _ in range(n)]
 
 
 def main() -> None:

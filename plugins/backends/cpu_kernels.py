@@ -7,7 +7,7 @@ Each kernel takes the input as ``[M, K]`` and a :class:`Prepared` weight and ret
 
 * GEMV-class kernels that read the packed weight once per call and are fastest for few rows
   (``torch._weight_int8pack_mm``, ``torch._weight_int4pack_mm_for_cpu``, fbgemm's dynamic
-  int8 linear);
+  int8 linear; the C int8 GEMV of :mod:`.gemv`);
 * GEMM paths for many rows: the weight is converted, block of rows by block of rows, into the
   compute dtype (bfloat16 where the CPU multiplies it natively, else float32) in a reused
   per-thread scratch buffer, and multiplied with a BLAS GEMM. No full float copy of the
@@ -39,11 +39,15 @@ __all__ = [
 #: Input rows (M) from which the GEMM path beats the GEMV-class kernel, by weight size
 #: (``N * K`` elements, first match). Measured single-threaded on an AVX512 + AVX512-BF16 CPU
 #: (Zen 5) with ``python bench/kernels.py --crossover`` (it prints both kernels' times per M
-#: for MiniLM-, 2k-, 4k- and 11k-sized weights). ``int4-c``: the int4 GEMM path with the C
-#: dequantization kernel (``int4``: with torch ops). ``MONOQUANT_TORCH_CPU_CROSSOVER``
-#: (``int8=32,int4=96``) overrides them for every size (``int4`` for both int4 paths).
+#: for MiniLM-, 2k-, 4k- and 11k-sized weights). ``int8-c``: the C GEMV (:mod:`.gemv`) against
+#: the GEMM path with the C conversion (three runs); ``int8``: ``torch._weight_int8pack_mm``
+#: against the torch-op GEMM path, what runs where the C kernels do not build (one run, with
+#: bfloat16 compute). ``int4-c``: the int4 GEMM path with the C dequantization kernel
+#: (``int4``: with torch ops). ``MONOQUANT_TORCH_CPU_CROSSOVER`` (``int8=32,int4=96``)
+#: overrides them for every size (``int8`` / ``int4`` for both paths of the scheme).
 CROSSOVER: dict[str, tuple[tuple[int | None, int], ...]] = {
-    "int8": ((1 << 25, 32), (None, 16)),
+    "int8": ((1 << 18, 48), (1 << 23, 32), (None, 16)),
+    "int8-c": ((1 << 18, 48), (1 << 23, 32), (None, 24)),
     "int4": ((1 << 20, 160), (None, 96)),
     "int4-c": ((1 << 18, 48), (None, 32)),
 }
@@ -63,6 +67,12 @@ SPEEDUP: dict[str, dict[torch.dtype, tuple[tuple[int | None, float], ...]]] = {
         torch.bfloat16: ((8, 2.5), (128, 1.5), (1024, 1.0), (None, 0.7)),
     },
     "int8-weight": {torch.float32: ((None, 2.0),), torch.bfloat16: ((1, 1.7), (None, 0.8))},
+    # the C GEMV: 5.1-5.4x fp32 and 3.7-4.5x bf16 at M = 1, 4.8-5.2x and 1.4-1.5x at M = 8
+    # (bench/kernels.py, two runs, 4096-wide layers); up to the crossover, --crossover
+    "int8-gemv-c": {
+        torch.float32: ((1, 4.0), (8, 3.0), (None, 2.0)),
+        torch.bfloat16: ((1, 3.0), (8, 1.2), (None, 0.8)),
+    },
     "int8-gemm": {torch.float32: ((None, 2.2),), torch.bfloat16: ((None, 0.8),)},
     "int8-gemm-c": {torch.float32: ((None, 2.2),), torch.bfloat16: ((128, 0.8), (None, 0.95))},
     "int4": {
@@ -90,8 +100,8 @@ _local = threading.local()
 
 
 def crossover(kind: str, n: int, k: int, override: dict[str, int] | None = None) -> int:
-    """The first ``M`` served by the GEMM path of ``kind`` (``int8`` / ``int4`` / ``int4-c``;
-    an ``int4`` override holds for both int4 paths)."""
+    """The first ``M`` served by the GEMM path of ``kind`` (``int8`` / ``int8-c`` / ``int4`` /
+    ``int4-c``; an ``int8`` or ``int4`` override holds for both paths of that scheme)."""
     key = kind.split("-")[0]
     if override and key in override:
         return override[key]

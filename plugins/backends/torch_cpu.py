@@ -10,10 +10,11 @@ What runs where (docs/performance.md has the measurements; :mod:`.cpu_kernels` t
 * ``int8`` with ``activations="dynamic-tensor"``: fbgemm at every ``M`` (one activation scale
   per call). ``activations="static"``: fbgemm's static int8 linear, checked against the
   reference on a probe input at prepare time (reference numerics with a warning on a mismatch).
-* ``int8`` weight-only: ``torch._weight_int8pack_mm`` (bf16 inputs) for few rows; from the
-  crossover ``M`` on, the codes are converted to the compute dtype in blocks and multiplied
-  with a GEMM (bfloat16 where the CPU has AVX512-BF16 or AMX, else float32). K % 16 != 0 uses
-  the GEMM path at every ``M``.
+* ``int8`` weight-only: for few rows the C GEMV of :mod:`.gemv` (float32 math, any K; AVX-512
+  and a C compiler), else ``torch._weight_int8pack_mm`` (bf16 inputs; K % 16 != 0 then uses
+  the GEMM path at every ``M``); from the crossover ``M`` on, the codes are converted to the
+  compute dtype in blocks and multiplied with a GEMM (bfloat16 where the CPU has AVX512-BF16 or
+  AMX, else float32).
 * ``int4-group``: ``torch._weight_int4pack_mm_for_cpu`` (bf16 inputs; layout derived at
   prepare time, never stored) for few rows, blocked dequantize + GEMM from the crossover on:
   the blocks dequantized into bfloat16 in one pass by the C kernel of
@@ -39,13 +40,16 @@ from monoquant_core.activations import fake_quantize_static, static_act_params
 from monoquant_core.hardware import has_bf16_compute
 from monoquant_core.qtensor import QTensor
 
-from . import cpu_kernels, dequant
+from . import cpu_kernels, dequant, gemv
 from .cpu_kernels import Prepared, crossover, expected_speedup, scratch
-from .dequant import FUSED_BIAS, dequant_library
+from .dequant import dequant_library
+from .gemv import gemv_library
 
-#: every kernel by name: PyTorch-op ones and the C-conversion ones
-KERNELS = {**cpu_kernels.KERNELS, **dequant.KERNELS}
-DESCRIPTIONS = {**cpu_kernels.DESCRIPTIONS, **dequant.DESCRIPTIONS}
+#: every kernel by name: PyTorch-op ones, the C-conversion ones and the C GEMV
+KERNELS = {**cpu_kernels.KERNELS, **dequant.KERNELS, **gemv.KERNELS}
+DESCRIPTIONS = {**cpu_kernels.DESCRIPTIONS, **dequant.DESCRIPTIONS, **gemv.DESCRIPTIONS}
+#: the kernels that take the bias (the caller adds it for the others)
+FUSED_BIAS = dequant.FUSED_BIAS | set(gemv.KERNELS)
 
 _GROUPS = (32, 64, 128, 256)
 #: first M at which a bfloat16 model's fp16 weights run the bf16 F.linear (``bench/kernels.py``:
@@ -125,6 +129,8 @@ def _schedule(scheme: str, activations: str, n: int, k: int, gs: int | None, dty
         if activations == "static":
             return ((1, "int8-static"),)
         gemm = "int8-gemm-c" if _native() else "int8-gemm"
+        if gemv_library() is not None:
+            return ((1, "int8-gemv-c"), (crossover("int8-c", n, k, _override()), gemm))
         if k % 16 or not _has("_weight_int8pack_mm"):
             return ((1, gemm),)
         return ((1, "int8-weight"), (crossover("int8", n, k, _override()), gemm))
@@ -149,8 +155,10 @@ class TorchCpuBackend(Backend):
         numerics=(
             "int8 dynamic: int8 inputs per token (dynamic-tensor: one uint8 scale per call; "
             "static: the calibrated uint8 scale / zero point), int32 accumulation; int8 "
-            "weight-only and int4-group: bfloat16 inputs (fp32 inputs are cast; float32 on "
-            "CPUs without native bfloat16 above the crossover M), fp32 accumulation; fp16: "
+            "weight-only below the crossover M: float32 arithmetic on the inputs as given (C "
+            "GEMV on AVX-512 CPUs; elsewhere torch's kernel on bfloat16 inputs); int8 "
+            "weight-only above it and int4-group: bfloat16 inputs (fp32 inputs are cast; float32 "
+            "on CPUs without native bfloat16 above the crossover M), fp32 accumulation; fp16: "
             "fbgemm fp16 weights with fp32 activations (a bfloat16 model's fp16 weights: bfloat16 "
             "F.linear from M = 16); bf16: bfloat16 F.linear"
         ),

@@ -1,15 +1,18 @@
-"""The one-pass C dequantization kernels (plugins/backends/dequant_kernels.c): each equal to its
-torch definition (bit for bit where the definition is a rounding of the same float32 value),
-the paths that use them picked above their crossover and within the reference's error bound,
-and a clean fallback to the torch-op paths when they cannot be built."""
+"""The C kernels of torch-cpu and cpu-vnni next to the VNNI one: the one-pass dequantizations
+(plugins/backends/dequant_kernels.c), each equal to its torch definition (bit for bit where the
+definition is a rounding of the same float32 value), and the int8 GEMV
+(plugins/backends/gemv_kernels.c), within float32 rounding of the exact product; the paths that
+use them picked on their side of the crossover and within the reference's error bound, and a
+clean fallback to the torch paths when they cannot be built."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from monoquant_plugins.backends import cpu_kernels, cpu_vnni, dequant, torch_cpu
+from monoquant_plugins.backends import cpu_kernels, cpu_vnni, dequant, gemv, torch_cpu
 from torch import nn
 
 from monoquant_core import Engine
@@ -21,6 +24,8 @@ needs_lib = pytest.mark.skipif(LIB is None, reason=f"C dequant kernels: {REASON}
 VNNI = Engine().backends.get("cpu-vnni").available()
 needs_vnni = pytest.mark.skipif(VNNI is not True, reason=f"cpu-vnni: {VNNI}")
 W4A8 = {"activations": "dynamic"}
+GEMV_LIB, GEMV_REASON = gemv.GEMV.library()
+needs_gemv = pytest.mark.skipif(GEMV_LIB is None, reason=f"C int8 GEMV: {GEMV_REASON}")
 
 
 def _bf16_of(w: torch.Tensor) -> torch.Tensor:
@@ -219,3 +224,97 @@ def test_w4a8_gemm_crossover_by_width_and_group_size():
         opts = {**W4A8, "group_size": 32}
         entry = Engine().plan(model, scheme="int4-group", scheme_options=opts).get("0")
         assert entry.kernels[1].startswith("M >= 96: ")
+
+
+# --------------------------------------------------------------------------- int8 GEMV
+
+
+def _int8_gemv_case(n: int, k: int, m: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    s = torch.rand(n, generator=g) * 0.02 + 1e-4
+    return q, s, torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+
+
+@needs_gemv
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    k=st.one_of(st.sampled_from([16, 32, 48, 256]), st.integers(1, 100)),
+    m=st.integers(1, 9),
+    bias=st.booleans(),
+    bf16=st.booleans(),
+)
+def test_int8_gemv_is_the_exact_product_within_float32_rounding(n, k, m, bias, bf16):
+    """Every output against the float64 product of the same codes, scales and inputs: at most
+    the float32 rounding of K products summed, the scale and the bias ((K + 3) ulps of the sum
+    of magnitudes), plus one bfloat16 rounding of the output for bfloat16 inputs; and against
+    the reference (dequantize, then F.linear in float32) within twice that."""
+    q, s, x, b = _int8_gemv_case(n, k, m, seed=n * 1000 + k * 10 + m)
+    x = x.to(torch.bfloat16) if bf16 else x
+    b = b if bias else None
+    p = cpu_kernels.Prepared(n, k, ((1, "int8-gemv-c"),), {"wq": q, "s": s})
+    y = gemv.int8_gemv_c(x, p, b)
+    assert y.dtype == x.dtype and y.shape == (m, n)
+    w, xd, bd = q.double() * s.double()[:, None], x.double(), 0 if b is None else b.double()
+    exact = xd @ w.T + bd
+    bound = (k + 3) * 2**-24 * (xd.abs() @ w.abs().T + (0 if b is None else bd.abs()))
+    if bf16:  # the output rounded once to bfloat16 (8 significant bits): at most 2^-8 of |y|
+        bound = bound * (1 + 2**-8) + 2**-8 * exact.abs()
+    assert ((y.double() - exact).abs() <= bound).all()
+    reference = F.linear(x.float(), q.float() * s[:, None], b)
+    assert ((y.double() - reference.double()).abs() <= 2 * bound + 1e-30).all()
+
+
+@needs_gemv
+def test_int8_gemv_threads_split_rows_with_the_same_result():
+    q, s, x, b = _int8_gemv_case(203, 300, 6, seed=1)
+    p = cpu_kernels.Prepared(203, 300, ((1, "int8-gemv-c"),), {"wq": q, "s": s})
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = gemv.int8_gemv_c(x, p, b)
+        torch.set_num_threads(2)
+        two = gemv.int8_gemv_c(x, p, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # each row is summed by one thread in one order
+
+
+@needs_gemv
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 40), (96, 256), (8, 33)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_torch_cpu_int8_runs_the_c_gemv_below_its_crossover(dtype, shape, bias):
+    """Weight-only int8 at few rows: the C GEMV for any K (K % 16 != 0 ran the GEMM path
+    before), float32 arithmetic: a float32 input matches the reference backend to float32
+    rounding, a bfloat16 one the reference of its float32 value to one output rounding."""
+    n, k = shape
+    fast, ref = fast_and_reference(n, k, "int8", {}, bias=bias)
+    p = fast[0].prepared()
+    first = cpu_kernels.crossover("int8-c", n, k)
+    assert p.pick(1) == p.pick(first - 1) == "int8-gemv-c" and p.pick(first) != "int8-gemv-c"
+    entry = Engine().plan(nn.Sequential(nn.Linear(k, n)), scheme="int8").get("0")
+    assert entry.kernels[0] == f"M 1-{first - 1}: {gemv.DESCRIPTIONS['int8-gemv-c']}"
+    for m in range(1, min(first, 9)):
+        x = torch.randn(m, k)
+        with torch.no_grad():
+            y, r = fast(x.to(dtype)), ref(x.to(dtype).float())
+        assert y.dtype == dtype and y.shape == (m, n)
+        assert rel_err(y, r) < (1e-6 if dtype == torch.float32 else 4e-3), (m, rel_err(y, r))
+    x3 = torch.randn(2, 3, 2 * k)[:, :, ::2]  # 3-D, not contiguous
+    with torch.no_grad():
+        assert rel_err(fast(x3), ref(x3)) < 1e-6
+
+
+def test_without_the_gemv_library_int8_runs_the_torch_kernel(monkeypatch):
+    monkeypatch.setattr(torch_cpu, "gemv_library", lambda: None)
+    fast, ref = fast_and_reference(96, 256, "int8", {})
+    assert fast[0].prepared().pick(1) == "int8-weight"
+    entry = Engine().plan(nn.Sequential(nn.Linear(256, 96)), scheme="int8").get("0")
+    assert entry.kernels[0].startswith("M 1-47: _weight_int8pack_mm"), entry.kernels
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        assert rel_err(fast(x), ref(x)) < 1.5e-2  # bfloat16 inputs on torch's kernel
+    entry = Engine().plan(nn.Sequential(nn.Linear(40, 32)), scheme="int8").get("0")
+    assert len(entry.kernels) == 1 and entry.kernels[0].startswith("any M: int8 rows")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 from monoquant_plugins.backends.dequant import dequant_library
+from monoquant_plugins.backends.gemv import gemv_library
+from monoquant_plugins.backends.torch_cpu import DESCRIPTIONS
 from torch import nn
 
 from monoquant_core import Engine
@@ -34,11 +36,18 @@ PATHS = [
 PICKS = {
     ("int8", "dynamic"): ("int8-dynamic", "int8-dynamic"),
     ("int8", "dynamic-tensor"): ("int8-dynamic-tensor", "int8-dynamic-tensor"),
-    ("int8", "none"): ("int8-weight", "int8-gemm-c" if dequant_library() else "int8-gemm"),
+    ("int8", "none"): (
+        "int8-gemv-c" if gemv_library() else "int8-weight",
+        "int8-gemm-c" if dequant_library() else "int8-gemm",
+    ),
     ("int4-group", "none"): ("int4", "int4-gemm-c" if dequant_library() else "int4-gemm"),
     ("fp16", "none"): ("fp16", "fp16"),
     ("bf16", "none"): ("bf16", "bf16"),
 }
+
+
+#: the int8 weight-only kernel of few rows, with and without the C GEMV, as the plan names them
+GEMV, PACK = DESCRIPTIONS["int8-gemv-c"], DESCRIPTIONS["int8-weight"]
 
 
 @pytest.fixture
@@ -92,7 +101,12 @@ def test_gemm_paths_in_float32_on_cpus_without_native_bf16(scheme, opts, compute
         ("int4-group", {"group_size": 32}, (40, 64), "any M: int4 rows -> "),
     ],
 )
-def test_shapes_the_gemv_kernels_refuse_run_the_gemm_path_at_every_m(scheme, opts, shape, kernel):
+def test_shapes_the_gemv_kernels_refuse_run_the_gemm_path_at_every_m(
+    scheme, opts, shape, kernel, monkeypatch
+):
+    # torch's GEMV kernels refuse these shapes; the C int8 GEMV takes any K, so it is switched
+    # off here (test_dequant_kernels.py runs it on them)
+    monkeypatch.setattr("monoquant_plugins.backends.torch_cpu.gemv_library", lambda: None)
     n, k = shape
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(k, n))
@@ -108,17 +122,23 @@ def test_shapes_the_gemv_kernels_refuse_run_the_gemm_path_at_every_m(scheme, opt
 def test_crossover_table_and_override(monkeypatch):
     from monoquant_plugins.backends.cpu_kernels import crossover
 
-    assert crossover("int8", 384, 384) == 32 and crossover("int8", 4096, 4096) == 32
+    assert crossover("int8", 384, 384) == 48 and crossover("int8", 4096, 4096) == 16
+    assert crossover("int8-c", 384, 384) == 48 and crossover("int8-c", 1536, 384) == 32
+    assert crossover("int8-c", 4096, 4096) == 24 and crossover("int8-c", 11008, 4096) == 24
     assert crossover("int4-c", 384, 384) == 48 and crossover("int4-c", 4096, 4096) == 32
     assert crossover("int8", 11008, 4096) == 16 and crossover("int4", 4096, 4096) == 96
+    first, small = (24, GEMV) if gemv_library() else (16, PACK)
     plan = Engine().plan(nn.Sequential(nn.Linear(4096, 4096)), scheme="int8")
     assert plan.get("0").kernels == [
-        "M 1-31: _weight_int8pack_mm, bf16 inputs",
-        f"M >= 32: int8 rows -> {plan.get('0').kernels[1].split('-> ')[1]}",
+        f"M 1-{first - 1}: {small}",
+        f"M >= {first}: int8 rows -> {plan.get('0').kernels[1].split('-> ')[1]}",
     ]
-    monkeypatch.setenv("MONOQUANT_TORCH_CPU_CROSSOVER", "int8=5")
+    monkeypatch.setenv("MONOQUANT_TORCH_CPU_CROSSOVER", "int8=5")  # both int8 paths
     plan = Engine().plan(nn.Sequential(nn.Linear(4096, 4096)), scheme="int8")
-    assert plan.get("0").kernels[0] == "M 1-4: _weight_int8pack_mm, bf16 inputs"
+    assert plan.get("0").kernels[0] == f"M 1-4: {small}"
+    monkeypatch.setattr("monoquant_plugins.backends.torch_cpu.gemv_library", lambda: None)
+    plan = Engine().plan(nn.Sequential(nn.Linear(4096, 4096)), scheme="int8")
+    assert plan.get("0").kernels[0] == f"M 1-4: {PACK}"
     monkeypatch.setenv("MONOQUANT_TORCH_CPU_CROSSOVER", "int9=5")
     from monoquant_core import UsageError
 

@@ -1,0 +1,143 @@
+"""The kernel sweeps of ``bench/kernels.py`` (``--crossover``, ``--chunks``): torch-cpu's
+few-row and many-row kernels timed on the same prepared weight at every M (where the crossover
+table should hand over), and W8A8 in one call against chunks of rows; and the small helpers
+the tables share (timing, available backends, relative error).
+
+Run them through ``python bench/kernels.py --crossover`` / ``--chunks``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from monoquant_plugins.backends import torch_cpu
+from torch import nn
+
+from monoquant_core import Engine
+
+
+def _runnable(methods: list[tuple]) -> list[tuple]:
+    """The methods whose backend is available here (a missing one is said on stderr)."""
+    engine, out = Engine(), []
+    for method in methods:
+        ok = engine.backends.get(method[-1]).available()
+        if ok is True:
+            out.append(method)
+        else:
+            print(f"skipping {method[0]} on {method[-1]}: {ok}", file=sys.stderr)
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+CROSS_SHAPES = [(384, 384), (1536, 384), (384, 1536), (2048, 2048), (4096, 4096), (11008, 4096)]
+CROSS_MS = [1, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192]
+
+
+def crossover_table() -> str:
+    """torch-cpu's two weight-only kernels of each scheme (GEMV-class / blocked GEMM), timed
+    on the same prepared weight at every M: the first M where the GEMM is faster is the
+    crossover its table (``monoquant_plugins.backends.cpu_kernels.CROSSOVER``) should hold.
+    int8 with the C GEMV gets a second row: what runs where the C kernels do not build, torch's
+    ``_weight_int8pack_mm`` against the torch-op GEMM path (CROSSOVER ``int8``)."""
+    os.environ["MONOQUANT_TORCH_CPU_CROSSOVER"] = "int8=2,int4=2"  # prepare both kernels
+    engine, kernels = Engine(), torch_cpu.KERNELS
+    head = "| weight | scheme | N*K | " + " | ".join(f"M={m} ms" for m in CROSS_MS)
+    lines = [head + " | crossover |", "|" + "---|" * (len(CROSS_MS) + 4)]
+    for n, k in CROSS_SHAPES:
+        for scheme in ("int8", "int4-group"):
+            model, _ = engine.quantize(nn.Sequential(nn.Linear(k, n)), scheme=scheme)
+            p = model[0].prepared()
+            gemv, gemm = p.kernels[0][1], p.kernels[-1][1]
+            pairs = [(gemv, gemm)]
+            if gemv == "int8-gemv-c":  # torch's kernels on the same codes
+                ts = p.tensors
+                ts["s_bf16"], ts["compute"] = ts["s"].to(torch.bfloat16), torch_cpu._compute()
+                ts["s_compute"] = ts["s"].to(ts["compute"])
+                pairs.append(("int8-weight", "int8-gemm"))
+            for small, big in pairs:
+                cells, first = [], None
+                for m in CROSS_MS:
+                    x = torch.randn(m, k)
+                    t = _alternating([kernels[small], kernels[big]], x, p, 7)
+                    cells.append(f"{t[0] * 1e3:.2f} / {t[1] * 1e3:.2f}")
+                    if first is None and t[1] < t[0]:
+                        first = m
+                lines.append(
+                    f"| {n}x{k} | {scheme} ({small} / {big}) | {n * k / 1e6:.1f}M | "
+                    + " | ".join(cells)
+                    + f" | {first or f'> {CROSS_MS[-1]}'} |"
+                )
+    del os.environ["MONOQUANT_TORCH_CPU_CROSSOVER"]
+    return "GEMV ms / GEMM ms per M (1 thread):\n\n" + "\n".join(lines)
+
+
+CHUNK_SHAPES = [(384, 384), (1536, 384), (384, 1536)]
+CHUNK_MS = [512, 1024, 4096]
+
+
+def chunks_table() -> str:
+    """torch-cpu's W8A8 kernel at many rows (MiniLM-sized weights, 32 x 128 tokens = 4096
+    rows): the whole input in one fbgemm call against chunks of ``CHUNK_ROWS`` rows, for fp32
+    and bf16 inputs, with the float ``nn.Linear`` of the input's dtype as the baseline."""
+    from monoquant_plugins.backends import cpu_kernels
+
+    chunk = cpu_kernels.CHUNK_ROWS
+    head = "| weight | input | M | float ms | one call ms | chunks ms | chunks x float |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    engine = Engine()
+    for n, k in CHUNK_SHAPES:
+        base = nn.Linear(k, n, bias=False)
+        model, _ = engine.quantize(
+            nn.Sequential(copy.deepcopy(base)),
+            scheme="int8",
+            scheme_options={"activations": "dynamic"},
+        )
+        p = model[0].prepared()
+        for dtype in (torch.float32, torch.bfloat16):
+            w = base.weight.detach().to(dtype)
+            for m in CHUNK_MS:
+                x = torch.randn(m, k).to(dtype)
+                t_float = statistics.median(_timed_n(F.linear, x, w, 5))
+                cpu_kernels.CHUNK_ROWS = 1 << 30
+                t_one = statistics.median(_timed_n(cpu_kernels.int8_dynamic, x, p, 5))
+                cpu_kernels.CHUNK_ROWS = chunk
+                t_chunk = statistics.median(_timed_n(cpu_kernels.int8_dynamic, x, p, 5))
+                lines.append(
+                    f"| {n}x{k} | {str(dtype)[6:]} | {m} | {t_float * 1e3:.2f} | "
+                    f"{t_one * 1e3:.2f} | {t_chunk * 1e3:.2f} | {t_float / t_chunk:.2f}x |"
+                )
+    return f"W8A8 (int8 dynamic), one call vs chunks of {chunk} rows (1 thread):\n\n" + "\n".join(
+        lines
+    )
+
+
+def _alternating(fns: list, x: torch.Tensor, p, rounds: int) -> list[float]:
+    """Median time of each ``fn(x, p)``, the functions called in turn ``rounds`` times (after
+    one untimed call each), so a slow spell of the machine hits all of them alike."""
+    for fn in fns:
+        fn(x, p)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            times[i].append(_timed(lambda fn=fn: fn(x, p)))
+    return [statistics.median(t) for t in times]
+
+
+def _timed_n(fn, x: torch.Tensor, p, n: int) -> list[float]:
+    fn(x, p)
+    return [_timed(lambda: fn(x, p)) for _ in range(n)]
