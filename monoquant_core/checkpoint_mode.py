@@ -32,6 +32,7 @@ no modules, so ``monoquant_quantize_weights`` and ``monoquant_module_done`` are 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -228,10 +229,15 @@ def _quantize_mine(
                 done[name] = rec
                 del t
                 prog.advance(name, shard.reader.source(name).nbytes)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the parts already handed over still land
+                share.journal.flush()
+            raise
         finally:
             for f in ahead.values():
                 f.cancel()
             prog.close()
+    share.journal.flush()
     return done, counts
 
 

@@ -30,7 +30,9 @@ import os
 import secrets
 import shutil
 import socket
+import threading
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 
 try:
     import fcntl
@@ -40,8 +42,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from .atomic import host_tag
 from .errors import FormatError, UsageError
@@ -102,6 +102,10 @@ class Journal:
         self.folder, self.rank = folder, rank
         self.parts = os.path.join(folder, "parts")
         self._lock_fd: int | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: list[Future[None]] = []
+        self._room = threading.Semaphore(2)
+        self._log_lock = threading.Lock()
         self._log = os.path.join(folder, f"journal-{rank}.jsonl")
 
     # ------------------------------------------------------------------ set-up (rank 0)
@@ -178,7 +182,11 @@ class Journal:
             ) from None
 
     def close(self) -> None:
-        """Release this run's lock (the journal stays for ``--resume``)."""
+        """Wait for the parts being written, release this run's lock (the journal stays for
+        ``--resume``)."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer, self._pending = None, []
         fd, self._lock_fd = getattr(self, "_lock_fd", None), None
         if fd is not None:
             os.close(fd)
@@ -224,17 +232,45 @@ class Journal:
         qt: QTensor,
         layer: LayerReport,
     ) -> Record:
-        """Write ``qt``'s part (temporary name, renamed) and then its journal line."""
-        data = _encode(qt)
+        """Record ``qt``: its part is written (temporary name, renamed) and then its journal
+        line appended, in a background thread (in order; at most two waiting), so writing
+        overlaps quantizing the next tensor. :meth:`flush` waits for them."""
+        chunks, tensors = _encode(qt)
+        crc = 0
+        for c in chunks:
+            crc = zlib.crc32(c, crc)
         part = f"t{index:07d}.safetensors"
-        path = os.path.join(self.parts, part)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-        rec = Record(name, input_crc, settings, part, _file_crc(data), asdict(layer), qt.facts())
-        self._append(rec)
+        rec = Record(
+            name, input_crc, settings, part, f"crc32:{crc:08x}:{sum(len(c) for c in chunks)}",
+            asdict(layer), qt.facts(),
+        )  # fmt: skip
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="monoquant-journal")
+        self._room.acquire()
+        self._pending.append(self._writer.submit(self._write_part, part, chunks, tensors, rec))
+        self._pending = [f for f in self._pending if not f.done() or f.exception()]
         return rec
+
+    def _write_part(
+        self, part: str, chunks: list[memoryview], tensors: dict[str, torch.Tensor], rec: Record
+    ) -> None:
+        """Write one part and then its journal line (``tensors`` back ``chunks``' views)."""
+        try:
+            path = os.path.join(self.parts, part)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                for c in chunks:
+                    f.write(c)
+            os.replace(tmp, path)
+            self._append(rec)
+        finally:
+            self._room.release()
+
+    def flush(self) -> None:
+        """Wait for the parts being written; re-raise the first write error."""
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
 
     def add_float(
         self, name: str, input_crc: str, settings: dict[str, Any], reason: str, nonfinite: bool
@@ -246,7 +282,7 @@ class Journal:
 
     def _append(self, rec: Record) -> None:
         line = json.dumps(asdict(rec), separators=(",", ":")) + "\n"
-        with open(self._log, "a", encoding="utf-8") as f:
+        with self._log_lock, open(self._log, "a", encoding="utf-8") as f:
             f.write(line)
 
     def part_ok(self, rec: Record) -> bool:
@@ -264,7 +300,7 @@ class Journal:
         path = os.path.join(self.parts, rec.part)
         try:
             with open(path, "rb") as f:
-                data = f.read()
+                data = bytearray(f.read())
         except OSError as e:
             raise FormatError(
                 f"the finished part of {rec.name!r} ({path}) is missing: {e.strerror or e}",
@@ -301,7 +337,19 @@ def _parse(line: str) -> Record | None:
         return None
 
 
-def _encode(qt: QTensor) -> bytes:
+#: safetensors dtype names of the tensors a QTensor holds
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+_TORCH = {v: k for k, v in _DTYPES.items()}
+
+
+def _encode(qt: QTensor) -> tuple[list[memoryview], dict[str, torch.Tensor]]:
+    """A part file's bytes in pieces (a safetensors file: header, then each tensor's bytes as
+    views of the tensors themselves: nothing is copied), and those tensors (the views do not
+    keep them alive: the caller holds them until the bytes are written)."""
     tensors = {f"t.{role}": t.detach().cpu().contiguous() for role, t in qt.tensors().items()}
     fields = {
         "bits": qt.bits,
@@ -314,13 +362,35 @@ def _encode(qt: QTensor) -> bytes:
         "zero_point": qt.zero_point is not None,
         "extra": list(qt.extra),
     }
-    return st_save(tensors, metadata={"qtensor": json.dumps(fields)})
+    header: dict[str, Any] = {"__metadata__": {"qtensor": json.dumps(fields)}}
+    offset, views = 0, []
+    for key, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + n]}  # fmt: skip
+        offset += n
+        if n:
+            views.append(memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())))
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * ((-len(raw)) % 8)
+    return [memoryview(len(raw).to_bytes(8, "little") + raw), *views], tensors
 
 
-def _decode(data: bytes) -> QTensor:
-    tensors = st_load(data)
+def _decode(data: bytearray) -> QTensor:
     n = int.from_bytes(data[:8], "little")
-    fields = json.loads(json.loads(data[8 : 8 + n])["__metadata__"]["qtensor"])
+    header = json.loads(bytes(data[8 : 8 + n]))
+    fields = json.loads(header.pop("__metadata__")["qtensor"])
+    tensors = {}
+    for key, info in header.items():
+        start, stop = info["data_offsets"]
+        dtype = _TORCH[info["dtype"]]
+        count = (stop - start) // torch.empty(0, dtype=dtype).element_size()
+        flat = (
+            torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + start)
+            if count
+            else torch.empty(0, dtype=dtype)
+        )
+        tensors[key] = flat.reshape(info["shape"])
     return QTensor(
         qdata=tensors["t.qdata"],
         scale=tensors["t.scale"],

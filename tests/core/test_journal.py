@@ -7,6 +7,7 @@ import zlib
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from monoquant_core import UsageError
 from monoquant_core.journal import Journal, _decode, _encode, checksum, work_folder
@@ -17,6 +18,12 @@ from tests.helpers import int8_qtensor, one_line, quantize_tensor
 def _layer(name: str) -> LayerReport:
     return LayerReport(name, "tensor", "int8", "minmax", "", (4, 8), 32, 128, 36, 9.0, 40.0,
                        0.01, 0.001, 0.1)  # fmt: skip
+
+
+def round_trip(qt):
+    """``qt`` through a part file's bytes and back."""
+    chunks, _tensors = _encode(qt)
+    return _decode(bytearray(b"".join(chunks)))
 
 
 def _same(a, b) -> None:
@@ -44,7 +51,7 @@ def _same(a, b) -> None:
 def test_a_part_round_trips_every_scheme_exactly(engine, scheme, options, dtype):
     w = torch.randn(24, 256, generator=torch.Generator().manual_seed(3)).to(dtype)
     qt, _ = quantize_tensor(engine, w, scheme, **options)
-    _same(qt, _decode(_encode(qt)))
+    _same(qt, round_trip(qt))
 
 
 def test_a_part_keeps_extras_and_float_columns():
@@ -52,7 +59,7 @@ def test_a_part_keeps_extras_and_float_columns():
     qt.extra["float_cols"] = torch.tensor([1, 7], dtype=torch.int64)
     qt.extra["float_values"] = torch.randn(6, 2, dtype=torch.float16)
     qt.meta["note"] = {"nested": [1, 2.5, "x"]}
-    _same(qt, _decode(_encode(qt)))
+    _same(qt, round_trip(qt))
 
 
 def test_checksum_is_crc32_of_the_bytes_for_any_layout():
@@ -74,6 +81,7 @@ def test_records_survive_a_cut_line_and_a_damaged_part_is_refused(tmp_path):
     settings = {"scheme": "int8"}
     rec = j.add_quantized(0, "a.weight", "crc32:1:2", settings, qt, _layer("a.weight"))
     j.add_float("b.weight", "crc32:3:4", settings, "kept in float: x", nonfinite=False)
+    j.flush()  # the part and its line are written in the background
     with open(os.path.join(j.folder, "journal-0.jsonl"), "a") as f:
         f.write('{"name": "c.weight", "input": "crc3')  # a kill in the middle of a line
     recs = j.records()
@@ -83,6 +91,9 @@ def test_records_survive_a_cut_line_and_a_damaged_part_is_refused(tmp_path):
     assert j.part_ok(rec)
     _same(qt, j.load(rec))
     path = os.path.join(j.parts, rec.part)
+    with safe_open(path, "pt") as f:  # a part is a plain safetensors file
+        assert torch.equal(f.get_tensor("t.qdata"), qt.qdata)
+        assert sorted(f.keys()) == ["t.qdata", "t.scale"]
     with open(path, "rb") as f:
         data = bytearray(f.read())
     data[-1] ^= 0xFF
