@@ -79,10 +79,11 @@ def quantize_checkpoint(
     progress: bool = True,
     serializer: str | None = None,
     resume: bool = False,
+    distributed: bool | None = None,
 ) -> QuantReport:
     """See :meth:`monoquant_core.Engine.quantize_checkpoint`."""
     t0 = time.perf_counter()
-    group = current_group()
+    group = current_group() if distributed is not False else Group()
     try:
         source = group.step(
             "reading the input", lambda: open_source(run.registries, src, trust_pickle)

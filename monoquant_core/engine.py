@@ -144,6 +144,7 @@ class Engine(PluginHost):
         serializer: str | None = None,
         resume: bool = False,
         workers: int = 1,
+        distributed: bool | None = None,
         **options: Any,
     ) -> QuantReport:
         """Quantize a checkpoint without its model class, streaming tensor by tensor, and
@@ -162,7 +163,8 @@ class Engine(PluginHost):
         process group already initialised) the ranks share the work and rank 0 writes the
         output, byte-identical to a single-process run (docs/scale.md). ``workers=N`` starts
         N such ranks on this machine (each with ``cores / N`` threads) and returns rank 0's
-        report; plugins given as objects must be picklable (or modules).
+        report; plugins given as objects must be picklable (or modules). ``distributed=False``
+        quantizes on this process alone even under torchrun (e.g. rank 0 of a training job).
         """
         cfg = self._config(config, options)
         if workers > 1:
@@ -190,6 +192,7 @@ class Engine(PluginHost):
                 progress=progress,
                 serializer=serializer,
                 resume=resume,
+                distributed=distributed,
             )
 
     def export(

@@ -185,3 +185,14 @@ def test_group_step_names_the_failing_rank():
     with pytest.raises(UsageError) as e:
         g1.step("quantizing", lambda: 1)
     assert e.value.echo is False  # the CLI of rank 1 stays silent: rank 0 says it
+
+
+def test_distributed_false_runs_alone_under_torchrun_variables(tmp_path, monkeypatch):
+    """Rank 0 of someone else's torchrun job quantizing a checkpoint by itself."""
+    src, out = tmp_path / "m.safetensors", tmp_path / "q.safetensors"
+    write_safetensors(str(src), {"a.weight": torch.randn(16, 64)}, {})
+    for var, value in (("WORLD_SIZE", "8"), ("RANK", "0"), ("MASTER_ADDR", "10.9.9.9")):
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("MASTER_PORT", "1")
+    report = Engine().quantize_checkpoint(str(src), str(out), progress=False, distributed=False)
+    assert [layer.name for layer in report.layers] == ["a.weight"] and out.exists()
