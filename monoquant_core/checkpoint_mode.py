@@ -56,7 +56,15 @@ from .report import QuantReport, layer_report
 from .run import Run
 from .selection import require_selected
 from .sources import CheckpointSource, Shard, open_source
-from .streaming import check_paths, checkpoint_plan, shard_path, write_from_journal
+from .streaming import (
+    ShardResult,
+    check_paths,
+    checkpoint_plan,
+    shard_from_journal,
+    shard_path,
+    staged_path,
+    write_from_journal,
+)
 from .tensor_plan import picked_tensors
 
 __all__ = ["quantize_checkpoint"]
@@ -187,10 +195,17 @@ def _work(
         resumed = _resume_notes(resume, group.gather(counts))
         t_quantized = time.perf_counter()
         _say(resumed if group.is_root else [], progress)
+        staged: dict[str, ShardResult] = {}
+        if group.world > 1 and source.kind == "folder" and len(source.shards) > 1:
+            mine_out = group.step(  # every rank writes its share of the output's shards
+                "writing the output shards", lambda: _stage(share, source, plan, finished, group)
+            )
+            for part in group.gather(mine_out):
+                staged.update(part)
         report = group.step(
             "writing the output",
             lambda: write_from_journal(run, source, journal, dst, plan, finished, overwrite,
-                                       serializer, progress, t0, notes + resumed)
+                                       serializer, progress, t0, notes + resumed, staged)
             if group.is_root else None,
         )  # fmt: skip
     except BaseException as e:
@@ -201,6 +216,30 @@ def _work(
         now = time.perf_counter()  # where the time went (bench/checkpoint.py prints it)
         report.extra["phase_s"] = {"quantize": t_quantized - t0, "write": now - t_quantized}
     return report
+
+
+def _stage(
+    share: _Share, source: CheckpointSource, plan: Plan, finished: dict[str, Record], group: Group
+) -> dict[str, ShardResult]:
+    """This rank's output shards (split by bytes, largest first to the least loaded rank),
+    written into the journal's ``shards/`` folder for rank 0 to move into place."""
+    sizes = [sum(s.reader.source(n).nbytes for n in s.reader.tensor_names()) for s in source.shards]
+    owner = assign([float(b) for b in sizes], group.world)
+    used = [share.run.schemes.entry(e.scheme).plugin for e in plan.selected]
+    prod = producers(share.run.registries, used)
+    selected = {e.name for e in plan.selected}
+    out: dict[str, ShardResult] = {}
+    for shard, rank in zip(source.shards, owner, strict=True):
+        if rank != group.rank:
+            continue
+        path = staged_path(share.journal, shard)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        out[shard.out_name] = shard_from_journal(
+            share.run, shard, tmp, share.journal, finished, selected, share.out_format, prod
+        )
+        os.replace(tmp, path)
+    return out
 
 
 def _quantize_mine(

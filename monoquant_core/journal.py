@@ -48,7 +48,7 @@ from .errors import FormatError, UsageError
 from .qtensor import QTensor
 from .report import LayerReport
 
-__all__ = ["Journal", "Record", "checksum", "work_folder"]
+__all__ = ["Journal", "Record", "as_layer_report", "checksum", "work_folder"]
 
 FORMAT = "monoquant-journal/1"
 _LOCK = "lock"
@@ -90,9 +90,14 @@ class Record:
     nonfinite: bool = False
 
     def layer_report(self) -> LayerReport:
-        d = dict(self.layer)
-        d["shape"] = tuple(d["shape"])
-        return LayerReport(**d)
+        return as_layer_report(self.layer)
+
+
+def as_layer_report(d: dict[str, Any]) -> LayerReport:
+    """A report line back from its JSON form (as a journal line holds it)."""
+    d = dict(d)
+    d["shape"] = tuple(d["shape"])
+    return LayerReport(**d)
 
 
 class Journal:

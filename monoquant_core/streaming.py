@@ -25,7 +25,7 @@ import torch
 from .atomic import atomic_folder, atomic_write, check_folder
 from .errors import UsageError
 from .files import producers, serializer_for_write
-from .journal import Journal, Record
+from .journal import Journal, Record, as_layer_report
 from .plan import Plan
 from .progress import Progress
 from .report import QuantReport
@@ -35,11 +35,14 @@ from .sources import CheckpointSource, Shard, open_source
 from .tensor_plan import build_tensor_plan, picked_tensors
 
 __all__ = [
+    "ShardResult",
     "check_paths",
     "checkpoint_plan",
     "mark_hf_config",
     "plan_checkpoint",
+    "shard_from_journal",
     "shard_path",
+    "staged_path",
     "write_from_journal",
     "write_output",
 ]
@@ -195,6 +198,52 @@ def shard_path(source: CheckpointSource, dst: str) -> str:
     return os.path.join(dst, source.shards[0].out_name)
 
 
+class ShardResult(dict):
+    """What writing one output shard from the journal gives its writer's rank to hand to rank 0
+    (plain data): ``names`` (stored names), ``nbytes`` (tensor bytes written), ``bytes_in``
+    (input tensor bytes), ``layers`` (report lines as dicts), ``skipped`` ((name, reason) of
+    tensors kept in float on their rank) and ``facts`` (name -> QTensor facts)."""
+
+
+def shard_from_journal(
+    run: Run,
+    shard: Shard,
+    path: str,
+    journal: Journal,
+    finished: dict[str, Record],
+    selected: set[str],
+    out_format: Any,
+    prod: dict[str, dict[str, str]],
+    prog: Progress | None = None,
+) -> ShardResult:
+    """Write one output shard at ``path`` from the finished records (each part checked against
+    its checksum as it is read): finished tensors from their parts, every other tensor copied
+    byte for byte, through the output serializer's streaming writer."""
+    out = ShardResult(names=[], nbytes=0, bytes_in=0, layers=[], skipped=[], facts={})
+    writer = out_format.open_writer(path)
+    try:
+        for name in shard.reader.tensor_names():
+            src = shard.reader.source(name)
+            rec = finished.get(name) if name in selected else None
+            if rec is not None and rec.part:
+                writer.add_qtensor(name, journal.load(rec))
+                out["layers"].append(rec.layer)
+                out["facts"][name] = rec.facts
+            else:
+                if rec is not None:  # kept in float on its rank
+                    out["skipped"].append((name, rec.reason))
+                writer.add_tensor(name, src)
+            out["names"].extend(writer.stored_names(name))
+            out["bytes_in"] += src.nbytes
+            if prog is not None:
+                prog.advance(name, src.nbytes)
+        out["nbytes"] = writer.close(prod, run.config.to_dict())
+    except BaseException:
+        writer.abort()
+        raise
+    return out
+
+
 def write_from_journal(
     run: Run,
     source: CheckpointSource,
@@ -207,59 +256,57 @@ def write_from_journal(
     progress: bool,
     t0: float,
     notes: list[str],
+    staged: dict[str, ShardResult] | None = None,
 ) -> QuantReport:
-    """The output of a checkpoint run (rank 0) from its finished records (each part checked
-    against its checksum as it is read): the input's shards through the output serializer's
-    streaming writer, finished tensors from their parts, every other tensor copied byte for
-    byte, then :func:`write_output`'s atomic commit. ``t0``: the run's start, for the report;
-    ``notes``: the journal's one-line notes, kept in ``report.extra["journal"]``."""
+    """The output of a checkpoint run (rank 0) from its finished records: every shard through
+    :func:`shard_from_journal` (or, for the shards in ``staged``, the file other ranks already
+    wrote into the journal's ``shards/`` folder, renamed into place), then
+    :func:`write_output`'s atomic commit. ``t0``: the run's start, for the report; ``notes``:
+    the journal's one-line notes, kept in ``report.extra["journal"]``."""
     report = QuantReport(config=run.config.to_dict())
     report.skipped = [(e.name, e.skip_reason or "") for e in plan.skipped]
     if notes:
         report.extra["journal"] = notes
     if source.not_copied:
         report.extra["not_copied"] = source.not_copied
+    staged = staged or {}
     entries = {e.name: e for e in plan}
-    names = [(s, n) for s in source.shards for n in s.reader.tensor_names()]
+    selected = {e.name for e in plan.selected}
+    mine = [
+        (s, n) for s in source.shards if s.out_name not in staged for n in s.reader.tensor_names()
+    ]
     prog = Progress(
-        len(names), sum(s.reader.source(n).nbytes for s, n in names), enabled=progress,
+        len(mine), sum(s.reader.source(n).nbytes for s, n in mine), enabled=progress,
         label="written",
     )  # fmt: skip
     used = [run.schemes.entry(e.scheme).plugin for e in plan.selected]
     prod = producers(run.registries, used)
     facts: dict[str, dict[str, Any]] = {}
     out_format = serializer_for_write(run.serializers, shard_path(source, dst), serializer)
+    bytes_in = [0]
 
     def write_shard(shard: Shard, path: str) -> tuple[list[str], int]:
-        writer = out_format.open_writer(path)
-        stored: list[str] = []
-        try:
-            for name in shard.reader.tensor_names():
-                src = shard.reader.source(name)
-                rec = finished.get(name) if entries[name].selected else None
-                if rec is not None and rec.part:
-                    writer.add_qtensor(name, journal.load(rec))
-                    report.layers.append(rec.layer_report())
-                    facts[name] = rec.facts
-                else:
-                    if rec is not None:  # kept in float on its rank
-                        entries[name].skip(rec.reason)
-                        report.skipped.append((name, rec.reason))
-                    writer.add_tensor(name, src)
-                stored.extend(writer.stored_names(name))
-                prog.advance(name, src.nbytes)
-            total = writer.close(prod, run.config.to_dict())
-        except BaseException:
-            writer.abort()
-            raise
-        return stored, total
+        if shard.out_name in staged:
+            res = staged[shard.out_name]
+            os.replace(staged_path(journal, shard), path)
+        else:
+            res = shard_from_journal(
+                run, shard, path, journal, finished, selected, out_format, prod, prog
+            )
+        report.layers.extend(as_layer_report(d) for d in res["layers"])
+        for name, reason in res["skipped"]:
+            entries[name].skip(reason)
+            report.skipped.append((name, reason))
+        facts.update(res["facts"])
+        bytes_in[0] += res["bytes_in"]
+        return res["names"], res["nbytes"]
 
     def before_commit(total: int) -> None:  # the report hook runs before the rename
         prog.close()
         # every selected weight may have been refused (kept in float): nothing to write
         require_selected(plan, picked_tensors(run.config, plan), "checkpoint")
         report.model_bytes_after = total
-        report.model_bytes_before = prog.bytes
+        report.model_bytes_before = bytes_in[0]
         report.time_s = time.perf_counter() - t0
         run.call_each("monoquant_report", report=report)
 
@@ -271,3 +318,8 @@ def write_from_journal(
     finally:
         prog.close()
     return report
+
+
+def staged_path(journal: Journal, shard: Shard) -> str:
+    """Where a rank other than 0 writes an output shard before rank 0 moves it into place."""
+    return os.path.join(journal.folder, "shards", shard.out_name)
