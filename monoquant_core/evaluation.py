@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -61,8 +62,9 @@ def _run(model: nn.Module, batches: list[Any], what: str) -> list[list[torch.Ten
             except MonoQuantError:
                 raise
             except Exception as e:
+                where = _failing_module(model, args, kwargs)
                 raise UsageError(
-                    f"batch {i} failed in the {what}: {type(e).__name__}: {first_line(e)}",
+                    f"batch {i} failed in the {what}{where}: {type(e).__name__}: {first_line(e)}",
                     "pass inputs the model takes (the --calibration formats)",
                 ) from e
             if not got:
@@ -72,6 +74,51 @@ def _run(model: nn.Module, batches: list[Any], what: str) -> list[list[torch.Ten
                 )
             outs.append([t.detach().to("cpu", torch.float64) for t in got])
     return outs
+
+
+def _failing_module(model: nn.Module, args: tuple, kwargs: dict) -> str:
+    """`` in module 'NAME' (Type)``: the innermost module whose forward was running when the
+    batch failed (the batch run again with hooks on every module), or ``""``."""
+    open_calls: list[str] = []
+    handles = []
+    mods = dict(model.named_modules())
+
+    def enter(name: str, *_: Any) -> None:
+        open_calls.append(name)
+
+    def leave(name: str, *_: Any) -> None:
+        open_calls.pop()
+
+    try:
+        for name, mod in mods.items():
+            if name:
+                handles.append(mod.register_forward_pre_hook(partial(enter, name)))
+                handles.append(mod.register_forward_hook(partial(leave, name)))
+        model(*args, **kwargs)
+    except Exception:  # the same failure, now with the module it happened in
+        if open_calls:
+            name = open_calls[-1]
+            return f" in module {name!r} ({type(mods[name]).__name__})"
+    finally:
+        for h in handles:
+            h.remove()
+    return ""
+
+
+def _same_model(state: dict[str, torch.Tensor], tensors: dict[str, Any], path: str) -> None:
+    """Refuse a file whose float tensors (biases, norms, ...: what quantization leaves as it
+    is) differ from the float model's: it was quantized from another model."""
+    for name, t in tensors.items():
+        ref = state.get(name)
+        if not isinstance(t, torch.Tensor) or ref is None or ref.shape != t.shape:
+            continue  # a missing or reshaped tensor: loading the file reports it
+        if not torch.equal(ref.detach().to(t.dtype), t):
+            raise UsageError(
+                f"{os.path.basename(path)} was quantized from another model: its float "
+                f"tensor {name!r} differs from the float model's",
+                "evaluate only files quantized from the float model given (--model, "
+                "--weights); files from different models need one evaluate each",
+            )
 
 
 def _compare(ref: list[list[torch.Tensor]], got: list[list[torch.Tensor]], top1: bool | None):
@@ -147,13 +194,10 @@ def evaluate_files(
     rows = []
     for path in quantized:
         info = inspect_path(registries, path)
-        model = load_model(
-            registries,
-            path,
-            build().eval(),
-            backend=backend,
-            artifact=read_artifact(registries, path),
-        )
+        artifact = read_artifact(registries, path)
+        fresh = build().eval()
+        _same_model(fresh.state_dict(), artifact.tensors, path)
+        model = load_model(registries, path, fresh, backend=backend, artifact=artifact)
         got = _run(model, batches, f"model loaded from {os.path.basename(path)}")
         del model
         schemes = sorted({t["scheme"] for t in info["tensors"] if t["quantized"]})

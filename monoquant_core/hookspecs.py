@@ -456,7 +456,8 @@ def monoquant_module_done(entry: PlanEntry, result: ModuleResult, run: Run) -> N
 
 @hookspec
 def monoquant_report(report: QuantReport, run: Run) -> None:
-    """Inspect or extend the final report (add to ``report.extra``).
+    """Inspect or extend the final report (add to ``report.extra``, and sections of the
+    ``--html`` page to ``report.html_sections``).
 
     Called once per run after every module (or checkpoint tensor) is quantized and before
     the result is committed: the model's modules are swapped in, or a checkpoint's output
@@ -476,7 +477,7 @@ def monoquant_report(report: QuantReport, run: Run) -> None:
         def monoquant_report(report, run):
             report.extra["my-plugin"] = {"layers": len(report.layers)}
 
-    Built-ins: ``gptq``.
+    Built-ins: ``gptq``, ``sensitivity``.
     """
 
 

@@ -140,6 +140,10 @@ class QuantReport:
     config: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     notes: list[tuple[str, str]] = field(default_factory=list)  # (layer, one-line fact)
+    #: sections plugins add to the HTML page in ``monoquant_report``: ``(heading, fragment)``,
+    #: a self-contained HTML fragment (inline SVG, tables; ``monoquant_core.tables`` builds
+    #: them); the numbers it shows belong in ``extra`` too, for the JSON report
+    html_sections: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def compression_ratio(self) -> float:
@@ -232,8 +236,8 @@ class QuantReport:
 
     def to_html(self) -> str:
         """One self-contained page (``quantize --html``): per-layer bars of the bits per weight
-        chosen and of the weight SQNR, the table, skips and notes (every number also in a
-        ``data-value`` attribute)."""
+        chosen and of the weight SQNR, the table, the plugins' :attr:`html_sections`, skips and
+        notes (every number also in a ``data-value`` attribute)."""
         layers = self.layers
         sqnr = [(la.name, la.sqnr_db) for la in layers if la.sqnr_db is not None]
         head = ["layer", "scheme", "backend", "bits/weight", "SQNR dB", "bytes"]
@@ -262,6 +266,8 @@ class QuantReport:
             tables.html_heading("Every quantized weight"),
             tables.html_table(head, rows, "layers"),
         ]
+        for heading, fragment in self.html_sections:
+            parts += [tables.html_heading(heading), fragment]
         if self.skipped:
             skipped = [list(s) for s in self.skipped]
             parts += [

@@ -34,19 +34,22 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import click
 import torch
 
 from monoquant_core import PluginOptions, UsageError, hookimpl
+from monoquant_core.batches import iter_batches
 
 from .safetensors_io import SafetensorsReader, is_safetensors
 from .sensitivity_allocate import EXACT_STEPS, allocate, tradeoff
+from .sensitivity_html import add_to_report, html_report
+from .sensitivity_refine import refine
 from .sensitivity_table import (
     DEFAULT_CANDIDATES,
     Candidate,
     cli_candidates,
+    configs,
     measure,
     measure_entries,
     measure_tensors,
@@ -55,6 +58,7 @@ from .sensitivity_table import (
 )
 
 __all__ = [
+    "ALLOCATION_CANDIDATES",
     "DEFAULT_CANDIDATES",
     "EXACT_STEPS",
     "Candidate",
@@ -68,6 +72,12 @@ __all__ = [
     "render",
     "tradeoff",
 ]
+
+
+#: the allocator's default candidates: int8, asymmetric int4 groups of 32/64/128 (5.0, 4.5,
+#: 4.25 bits/weight) and symmetric ones of 64/128 (4.25, 4.125: cheaper steps, so a budget
+#: below g64's 4.5 still has choices; docs/mixed-precision.md measures what they add)
+ALLOCATION_CANDIDATES = "int8,int4-g32,int4-g64,int4-g128,int4-s64,int4-s128"
 
 
 @dataclass(frozen=True)
@@ -88,16 +98,24 @@ class SensitivityOptions(PluginOptions):
         replay: measure each layer from that layer onward, replaying the float model's
             earlier module outputs (same numbers; ``False``: full forward passes; see
             :mod:`monoquant_plugins.sensitivity_replay`).
+        refine: with calibration data and a budget, rounds of correcting the allocation by
+            measuring its layers in context (each about one more sensitivity pass; default
+            ``0``: on all-MiniLM-L6-v2 no round measured better, docs/mixed-precision.md; see
+            :mod:`monoquant_plugins.sensitivity_refine`). The chosen mix's output SQNR on the
+            calibration data is measured either way.
     """
 
     budget: float | None = None
     target_sqnr: float | None = None
-    candidates: str = "int8,int4-g32,int4-g64,int4-g128"
+    candidates: str = ALLOCATION_CANDIDATES
     save_rules: str | None = None
     method: str = "greedy"
     replay: bool = True
+    refine: int = 0
 
     def __post_init__(self) -> None:
+        if self.refine < 0:
+            raise ValueError(f"refine {self.refine} is not a number of rounds (0 or more)")
         if self.method not in ("greedy", "exact"):
             raise ValueError(f"method {self.method!r} is not greedy or exact")
         if (self.budget is None) == (self.target_sqnr is None):
@@ -107,49 +125,6 @@ class SensitivityOptions(PluginOptions):
         if self.target_sqnr is not None and not math.isfinite(self.target_sqnr):
             raise ValueError(f"target_sqnr {self.target_sqnr} is not a number of dB")
         parse_candidates(cli_candidates(self.candidates))
-
-
-def html_report(res: dict[str, Any]) -> str:
-    """One self-contained HTML page of a :func:`measure` table: per-layer sensitivity bars,
-    the allocator's size/accuracy trade-off curve with the uniform schemes, and the table."""
-    from monoquant_core.tables import (  # deferred: only for --html
-        html_heading,
-        html_page,
-        html_table,
-        html_text,
-        svg_bars,
-        svg_curve,
-    )
-
-    which = "output SQNR" if res["batches"] else "weight SQNR"
-    bars = []
-    for r in res["layers"]:
-        usable = [v for v in r["candidates"].values() if "error" not in v]
-        if usable:
-            cheapest = min(usable, key=lambda v: v["bits_per_weight"])
-            bars.append((r["name"], cheapest.get("output_sqnr_db", cheapest["weight_sqnr_db"])))
-    rows = []
-    for r in res["layers"]:
-        row: list[object] = [r["name"]]
-        for c in res["candidates"]:
-            v = r["candidates"][c]
-            row += ["n/a", "n/a"] if "error" in v else [
-                v["bits_per_weight"], v.get("output_sqnr_db", v["weight_sqnr_db"])]  # fmt: skip
-        rows.append(row)
-    headers = ["layer"] + [f"{c} {k}" for c in res["candidates"] for k in ("bits", "dB")]
-    parts = [
-        html_text(
-            f"{len(res['layers'])} weights, {len(res['candidates'])} candidates, "
-            f"{res['batches']} batch(es) of data; {which} with only that layer quantized."
-        ),
-        html_heading(f"Sensitivity: {which} of the cheapest candidate (lower = more sensitive)"),
-        svg_bars(bars, "dB", "sensitivity"),
-        html_heading("Size against estimated output SQNR: the allocator and uniform schemes"),
-        svg_curve(tradeoff(res), "bits per weight", "estimated SQNR dB", "tradeoff"),
-        html_heading("Every layer and candidate"),
-        html_table(headers, rows, "layers"),
-    ]
-    return html_page("Mono Quant sensitivity", parts)
 
 
 def _write_text(path: str, text: str) -> None:
@@ -206,31 +181,39 @@ def monoquant_modify_plan(plan, model, run):
         table = measure_entries(run, model, plan.selected, run.calibration, cands, opts.replay)
         weights = {e.name: [f"{e.name}.{p}" if e.name else p for p in e.params]
                    for e in plan.selected}  # fmt: skip
+        res = allocate(table, opts.budget, opts.target_sqnr, opts.method)
+        if table["batches"]:  # measure the mix (and correct it: ``refine`` rounds)
+            batches = list(iter_batches(run.calibration))
+            cfgs = configs(run, cands)[1]
+            res = refine(run, model, plan.selected, batches, table, cfgs, cands, res,
+                         opts.budget, opts.method, opts.refine, opts.replay)  # fmt: skip
     elif run.read_tensor is not None:  # checkpoint mode: data-free, from the tensors
         table = measure_tensors(run, plan.selected, run.read_tensor, cands)
         weights = {e.name: [e.name] for e in plan.selected}
+        res = allocate(table, opts.budget, opts.target_sqnr, opts.method)
     else:
         raise UsageError(
             "the sensitivity allocation needs the model or the checkpoint's tensors, and this "
             "run gives it neither",
             "quantize in module mode: --model PKG.MODULE:FACTORY --weights FILE (or --demo)",
         )
-    _apply(plan, run, opts, table, weights, {c.label: c for c in cands})
+    _apply(plan, run, opts, table, weights, {c.label: c for c in cands}, res)
 
 
-def _apply(plan, run, opts, table, weights, by_label) -> None:
+def _apply(plan, run, opts, table, weights, by_label, res) -> None:
     """The allocator's choice into the plan (scheme, observer, options, a note each), the
     run's state and the rules file."""
-    res = allocate(table, opts.budget, opts.target_sqnr, opts.method)
     rows = {r["name"]: r for r in table["layers"]}
     which = "output" if table["batches"] else "weight"
     goal = (f"budget {opts.budget:g}" if opts.budget is not None
             else f"target {opts.target_sqnr:g} dB")  # fmt: skip
-    estimate = "estimated output SQNR" if table["batches"] else "summed weight-noise SQNR"
+    estimate = "estimated output SQNR" if table["batches"] else "size-weighted weight-noise SQNR"
     summary = (
         f"{goal}: {res['bits_per_weight']:.2f} bits/weight, {estimate} "
         f"{res['estimated_sqnr_db']:.1f} dB"
     )
+    if "measured_sqnr_db" in res:
+        summary += f", measured {res['measured_sqnr_db']:.1f} dB on the calibration data"
     rules = []
     for entry in plan.selected:
         labels = {res["choice"][n] for n in weights[entry.name] if n in res["choice"]}
@@ -248,9 +231,18 @@ def _apply(plan, run, opts, table, weights, by_label) -> None:
             f"{db:.1f} dB alone); {summary}"
         )
         rules.append({"pattern": entry.name, "scheme": c.scheme, "scheme_options": c.options})
-    run.state["sensitivity"] = {"allocation": res, "rules": rules}
+    run.state["sensitivity"] = {"allocation": res, "rules": rules, "table": table}
     if opts.save_rules:
         _write_text(opts.save_rules, json.dumps(rules, indent=2) + "\n")
+
+
+@hookimpl
+def monoquant_report(report, run):
+    """The allocation and its trade-off curve into ``report.extra["sensitivity"]`` and, drawn,
+    into the ``--html`` page (:func:`.sensitivity_html.add_to_report`)."""
+    state = run.state.get("sensitivity")
+    if state:
+        add_to_report(report, state)
 
 
 #: this plugin's name, whatever the loading path (entry point or object)

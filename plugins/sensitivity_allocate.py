@@ -9,19 +9,26 @@ from typing import Any
 
 from monoquant_core import UsageError
 
-__all__ = ["EXACT_STEPS", "allocate", "tradeoff"]
+__all__ = ["EXACT_STEPS", "allocate", "check_budget", "feasible", "tradeoff"]
 
 
-def _options_of(row: dict[str, Any], numel: int) -> list[tuple[float, float, str]]:
-    """``(bits, noise, label)`` per usable candidate, noise = 10^(-SQNR/10) (output noise
-    power relative to the signal; the layers' noises add up approximately)."""
+def _options_of(row: dict[str, Any], numel: int, total: int) -> list[tuple[float, float, str]]:
+    """``(bits, noise, label)`` per usable candidate. With an output SQNR, noise =
+    10^(-SQNR/10) (output noise power relative to the signal; the layers' noises add up
+    approximately). Data-free, from the weight SQNR, the same times the layer's share of the
+    weights (``numel / total``): the sum is then the relative noise of all the selected
+    weights together, so a small layer does not count as much as a large one."""
+    share = 1.0 if any("output_sqnr_db" in v for v in row["candidates"].values()) else numel / total
     out = []
     for label, v in row["candidates"].items():
         if "error" in v:
             continue
+        if "noise" in v:  # a relative noise power given directly (the in-context tables)
+            out.append((v["bits_per_weight"] * numel, v["noise"], label))
+            continue
         db = v.get("output_sqnr_db", v["weight_sqnr_db"])
         noise = 0.0 if db == math.inf else 10 ** (-db / 10) if math.isfinite(db) else math.inf
-        out.append((v["bits_per_weight"] * numel, noise, label))
+        out.append((v["bits_per_weight"] * numel, noise * share, label))
     return sorted(out)
 
 
@@ -46,10 +53,13 @@ def allocate(
     :data:`EXACT_STEPS` steps (a target: the smallest budget, by bisection, whose optimum
     reaches it).
 
-    Returns ``{"choice": {weight name: label}, "bits_per_weight", "estimated_sqnr_db"}``.
+    Returns ``{"choice": {weight name: label}, "bits_per_weight", "estimated_sqnr_db",
+    "noise"}`` (``noise``: the estimated relative output noise power the dB figure is of).
     """
     if method not in ("greedy", "exact"):
         raise UsageError(f"allocation method {method!r}", "use greedy or exact")
+    if budget is not None:
+        check_budget(table, budget)
     if method == "exact":
         return _allocate_exact(table, budget, target_sqnr)
     layers = _layers(table)
@@ -57,11 +67,6 @@ def allocate(
     pick = {name: 0 for name, _, _ in layers}
     bits = sum(opts[0][0] for _, _, opts in layers)
     noise = sum(opts[0][1] for _, _, opts in layers)
-    if budget is not None and bits > budget * total * (1 + 1e-9):
-        raise UsageError(
-            f"budget {budget:g} bits/weight is below the cheapest candidates' {bits / total:.2f}",
-            "raise --sensitivity-budget, or add a cheaper candidate",
-        )
 
     def done() -> bool:
         return target_sqnr is not None and _db(noise) >= target_sqnr
@@ -92,14 +97,46 @@ def allocate(
         "choice": {name: opts[pick[name]][2] for name, _, opts in layers},
         "bits_per_weight": bits / total,
         "estimated_sqnr_db": _db(noise),
+        "noise": noise,
     }
+
+
+def feasible(table: dict[str, Any]) -> tuple[float, float]:
+    """The budgets a table allows: ``(cheapest, dearest)`` average bits per weight (every
+    layer at its cheapest candidate, every layer at its dearest)."""
+    layers = _layers(table)
+    total = sum(n for _, n, _ in layers)
+    low = sum(opts[0][0] for _, _, opts in layers)
+    high = sum(max(o[0] for o in opts) for _, _, opts in layers)
+    return low / total, high / total
+
+
+def check_budget(table: dict[str, Any], budget: float) -> None:
+    """A one-line error with the feasible range when ``budget`` is outside it."""
+    low, high = feasible(table)
+    lo = f"{math.ceil(low * 1000 - 1e-6) / 1000:.3f}"  # within the range when given back
+    hi = f"{math.floor(high * 1000 + 1e-6) / 1000:.3f}"
+    fix = f"give --sensitivity-budget from {lo} to {hi} bits/weight, or other candidates"
+    if budget < low * (1 - 1e-9):
+        raise UsageError(
+            f"budget {budget:g} bits/weight is below the cheapest candidates' {lo} "
+            f"(feasible: {lo} to {hi})",
+            fix,
+        )
+    if budget > high * (1 + 1e-9):
+        raise UsageError(
+            f"budget {budget:g} bits/weight is above the dearest candidates' {hi} "
+            f"(feasible: {lo} to {hi})",
+            fix,
+        )
 
 
 def _layers(table: dict[str, Any]) -> list[tuple[str, int, list[tuple[float, float, str]]]]:
     out = []
+    total = sum(math.prod(row["shape"]) for row in table["layers"])
     for row in table["layers"]:
         numel = math.prod(row["shape"])
-        opts = _options_of(row, numel)
+        opts = _options_of(row, numel, total)
         if not opts:
             raise UsageError(
                 f"{row['name']}: no candidate applies to it",
@@ -160,12 +197,6 @@ def _allocate_exact(table, budget, target_sqnr) -> dict[str, Any]:
     low = sum(opts[0][0] for _, _, opts in layers)
     high = sum(max(o[0] for o in opts) for _, _, opts in layers)
     if budget is not None:
-        if low > budget * total * (1 + 1e-9):
-            raise UsageError(
-                f"budget {budget:g} bits/weight is below the cheapest candidates' "
-                f"{low / total:.2f}",
-                "raise --sensitivity-budget, or add a cheaper candidate",
-            )
         found = _knapsack(layers, budget * total)
         if found is None:  # rounding to steps: the cheapest choice is always feasible
             found = (0.0, {name: 0 for name, _, _ in layers})
@@ -194,6 +225,7 @@ def _allocate_exact(table, budget, target_sqnr) -> dict[str, Any]:
         "choice": {name: opts[pick[name]][2] for name, _, opts in layers},
         "bits_per_weight": bits / total,
         "estimated_sqnr_db": _db(noise),
+        "noise": noise,
     }
 
 
@@ -216,15 +248,10 @@ def tradeoff(table: dict[str, Any], points: int = 8) -> dict[str, list[tuple[flo
         curve.append((res["bits_per_weight"], res["estimated_sqnr_db"]))
     out: dict[str, list[tuple[float, float]]] = {"allocator (greedy)": curve}
     for label in table["candidates"]:
-        rows = [r["candidates"][label] for r in table["layers"]]
-        if any("error" in v for v in rows):
+        picks = [[o for o in opts if o[2] == label] for _, _, opts in layers]
+        if not all(picks):
             continue
-        bits = sum(v["bits_per_weight"] * math.prod(r["shape"])
-                   for v, r in zip(rows, table["layers"], strict=True)) / total  # fmt: skip
-        noise = sum(
-            10 ** (-v.get("output_sqnr_db", v["weight_sqnr_db"]) / 10)
-            for v in rows
-            if math.isfinite(v.get("output_sqnr_db", v["weight_sqnr_db"]))
-        )
+        bits = sum(p[0][0] for p in picks) / total
+        noise = sum(p[0][1] for p in picks if math.isfinite(p[0][1]))
         out[f"uniform {label}"] = [(bits, _db(noise))]
     return out

@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_CANDIDATES",
     "Candidate",
     "cli_candidates",
+    "configs",
     "measure",
     "measure_entries",
     "measure_tensors",
@@ -46,12 +47,15 @@ DEFAULT_CANDIDATES = ("fp16", "int8", "int4-g32", "int4-g64", "int4-g128")
 
 def parse_candidates(specs: tuple[str, ...] | list[str]) -> list[Candidate]:
     """``SCHEME[:KEY=VALUE,...]`` each (values as in ``--scheme-opt``: ints, floats, bools,
-    strings); ``int4-gN`` is short for ``int4-group:group_size=N`` (and stays its label)."""
+    strings); ``int4-gN`` is short for ``int4-group:group_size=N`` and ``int4-sN`` for
+    ``int4-group:group_size=N,symmetric=true`` (and stay their labels)."""
     out = []
     for spec in specs:
         label = spec
         if spec.startswith("int4-g") and spec[6:].isdigit():
             spec = f"int4-group:group_size={spec[6:]}"
+        elif spec.startswith("int4-s") and spec[6:].isdigit():
+            spec = f"int4-group:group_size={spec[6:]},symmetric=true"
         scheme, _, rest = spec.partition(":")
         opts: dict[str, Any] = {}
         for part in filter(None, (p.strip() for p in rest.split(","))):
@@ -113,7 +117,7 @@ def measure_entries(
 ) -> dict[str, Any]:
     """:func:`measure` for given plan entries; ``ctx`` is an :class:`~monoquant_core.Engine`
     or a run (both have ``scheme_config``, ``quantize_weight`` and the registries)."""
-    cands, configs = _configs(ctx, candidates)
+    cands, cfgs = configs(ctx, candidates)
     batches = list(iter_batches(data)) if data is not None else []
     was_training = model.training
     model.eval()
@@ -133,7 +137,7 @@ def measure_entries(
                 name = f"{entry.name}.{pname}" if entry.name else pname
                 row: dict[str, Any] = {"name": name, "shape": list(w.shape), "candidates": {}}
                 for c in cands:
-                    row["candidates"][c.label] = _one(ctx, configs[c.label], c, param, w, axis,
+                    row["candidates"][c.label] = _one(ctx, cfgs[c.label], c, param, w, axis,
                                                       name, runs, entry.name)  # fmt: skip
                 rows.append(row)
     finally:
@@ -157,14 +161,14 @@ def measure_tensors(
     """Data-free :func:`measure` of checkpoint tensors: ``entries`` are checkpoint-mode plan
     entries (named by tensor), each read with ``read(name)`` one at a time and quantized along
     axis 0 as checkpoint mode does; the table holds bits per weight and weight SQNR."""
-    cands, configs = _configs(ctx, candidates)
+    cands, cfgs = configs(ctx, candidates)
     t0 = time.perf_counter()
     rows = []
     for entry in entries:
         w = read(entry.name)
         row: dict[str, Any] = {"name": entry.name, "shape": list(w.shape), "candidates": {}}
         for c in cands:
-            row["candidates"][c.label] = _one(ctx, configs[c.label], c, None, w, 0, entry.name,
+            row["candidates"][c.label] = _one(ctx, cfgs[c.label], c, None, w, 0, entry.name,
                                               None, entry.name)  # fmt: skip
         rows.append(row)
         del w
@@ -178,7 +182,9 @@ def measure_tensors(
     }
 
 
-def _configs(ctx: Any, candidates: list[Candidate] | None) -> tuple[list[Candidate], dict]:
+def configs(ctx: Any, candidates: list[Candidate] | None) -> tuple[list[Candidate], dict]:
+    """The candidates (the defaults for ``None``) and, by label, ``(observer, scheme config,
+    observer config)``: how each is quantized."""
     cands = candidates or parse_candidates(DEFAULT_CANDIDATES)
     configs = {}
     for c in cands:

@@ -43,13 +43,21 @@ __all__ = [
 #: the GEMM path with the C conversion (three runs); ``int8``: ``torch._weight_int8pack_mm``
 #: against the torch-op GEMM path, what runs where the C kernels do not build (one run, with
 #: bfloat16 compute). ``int4-c``: the int4 GEMM path with the C dequantization kernel
-#: (``int4``: with torch ops). ``MONOQUANT_TORCH_CPU_CROSSOVER`` (``int8=32,int4=96``)
-#: overrides them for every size (``int8`` / ``int4`` for both paths of the scheme).
+#: (``int4``: with torch ops), both against ``torch._weight_int4pack_mm_for_cpu``: what runs
+#: where the C int4 GEMV does not build (``int4`` also where it builds but the C dequantization
+#: cannot run: no AVX512-BF16). ``int4-gemv-c``: the C int4 GEMV (:mod:`.int4_gemv`) against the
+#: GEMM path with the C dequantization (three runs: 48 on 384x384, 24-96 on the other MiniLM
+#: shapes and 24-96 on 2048-11008 wide ones, the two within 20% over M = 24-64; 32 there because
+#: on the cold 4096x4096 weight of ``bench/kernels.py --quick`` they were level at M = 32 with
+#: float32 inputs, the GEMV 5% behind with bfloat16 ones and further behind at g32).
+#: ``MONOQUANT_TORCH_CPU_CROSSOVER`` (``int8=32,int4=96``) overrides them for every size
+#: (``int8`` / ``int4`` for both paths of the scheme).
 CROSSOVER: dict[str, tuple[tuple[int | None, int], ...]] = {
     "int8": ((1 << 18, 48), (1 << 23, 32), (None, 16)),
     "int8-c": ((1 << 18, 48), (1 << 23, 32), (None, 24)),
     "int4": ((1 << 20, 160), (None, 96)),
     "int4-c": ((1 << 18, 48), (None, 32)),
+    "int4-gemv-c": ((1 << 18, 48), (None, 32)),
 }
 
 #: Speed of each kernel against a float ``nn.Linear`` in the input's dtype, by input rows
@@ -79,6 +87,13 @@ SPEEDUP: dict[str, dict[torch.dtype, tuple[tuple[int | None, float], ...]]] = {
         torch.float32: ((None, 1.3),),
         torch.bfloat16: ((1, 3.5), (8, 1.2), (None, 0.6)),
     },
+    # the C int4 GEMV: 8.4-9.0x fp32 and 6.3-16x bf16 at M = 1 (the float layers slowed by a
+    # loaded machine), 5.8-6.3x and 1.7-1.8x at M = 8 (bench/kernels.py --quick, 4096x4096
+    # g128, two runs; g32 4.9x / 1.3x at M = 8); up to the crossover, --crossover
+    "int4-gemv-c": {
+        torch.float32: ((1, 4.5), (8, 4.0), (None, 2.5)),
+        torch.bfloat16: ((1, 3.5), (8, 1.3), (None, 0.7)),
+    },
     "int4-gemm": {torch.float32: ((None, 1.5),), torch.bfloat16: ((None, 0.6),)},
     "int4-gemm-c": {torch.float32: ((None, 2.3),), torch.bfloat16: ((128, 0.8), (None, 0.95))},
     "fp16": {torch.float32: ((None, 2.0),), torch.bfloat16: ((1, 1.9), (8, 1.1), (None, 0.5))},
@@ -101,7 +116,8 @@ _local = threading.local()
 
 def crossover(kind: str, n: int, k: int, override: dict[str, int] | None = None) -> int:
     """The first ``M`` served by the GEMM path of ``kind`` (``int8`` / ``int8-c`` / ``int4`` /
-    ``int4-c``; an ``int8`` or ``int4`` override holds for both paths of that scheme)."""
+    ``int4-c`` / ``int4-gemv-c``; an ``int8`` or ``int4`` override holds for every path of that
+    scheme)."""
     key = kind.split("-")[0]
     if override and key in override:
         return override[key]

@@ -15,8 +15,9 @@ What runs where (docs/performance.md has the measurements; :mod:`.cpu_kernels` t
   the GEMM path at every ``M``); from the crossover ``M`` on, the codes are converted to the
   compute dtype in blocks and multiplied with a GEMM (bfloat16 where the CPU has AVX512-BF16 or
   AMX, else float32).
-* ``int4-group``: ``torch._weight_int4pack_mm_for_cpu`` (bf16 inputs; layout derived at
-  prepare time, never stored) for few rows, blocked dequantize + GEMM from the crossover on:
+* ``int4-group``: for few rows the C GEMV of :mod:`.int4_gemv` (float32 math, any N; AVX-512
+  and a C compiler), else ``torch._weight_int4pack_mm_for_cpu`` (bf16 inputs; N % 16 == 0);
+  layouts derived at prepare time, never stored; blocked dequantize + GEMM from the crossover on:
   the blocks dequantized into bfloat16 in one pass by the C kernel of
   :data:`.dequant.DEQUANT` where it builds (AVX-512, a C compiler) and the CPU computes in
   bfloat16, else with PyTorch ops (a later crossover).
@@ -40,16 +41,22 @@ from monoquant_core.activations import fake_quantize_static, static_act_params
 from monoquant_core.hardware import has_bf16_compute
 from monoquant_core.qtensor import QTensor
 
-from . import cpu_kernels, dequant, gemv
+from . import cpu_kernels, dequant, gemv, int4_gemv
 from .cpu_kernels import Prepared, crossover, expected_speedup, scratch
 from .dequant import dequant_library
 from .gemv import gemv_library
+from .int4_gemv import int4_gemv_library
 
-#: every kernel by name: PyTorch-op ones, the C-conversion ones and the C GEMV
-KERNELS = {**cpu_kernels.KERNELS, **dequant.KERNELS, **gemv.KERNELS}
-DESCRIPTIONS = {**cpu_kernels.DESCRIPTIONS, **dequant.DESCRIPTIONS, **gemv.DESCRIPTIONS}
+#: every kernel by name: PyTorch-op ones, the C-conversion ones and the C GEMVs
+KERNELS = {**cpu_kernels.KERNELS, **dequant.KERNELS, **gemv.KERNELS, **int4_gemv.KERNELS}
+DESCRIPTIONS = {
+    **cpu_kernels.DESCRIPTIONS,
+    **dequant.DESCRIPTIONS,
+    **gemv.DESCRIPTIONS,
+    **int4_gemv.DESCRIPTIONS,
+}
 #: the kernels that take the bias (the caller adds it for the others)
-FUSED_BIAS = dequant.FUSED_BIAS | set(gemv.KERNELS)
+FUSED_BIAS = dequant.FUSED_BIAS | set(gemv.KERNELS) | set(int4_gemv.KERNELS)
 
 _GROUPS = (32, 64, 128, 256)
 #: first M at which a bfloat16 model's fp16 weights run the bf16 F.linear (``bench/kernels.py``:
@@ -137,6 +144,9 @@ def _schedule(scheme: str, activations: str, n: int, k: int, gs: int | None, dty
     if scheme == "int4-group":
         native = gs is not None and gs % 32 == 0 and _native()
         gemm = "int4-gemm-c" if native else "int4-gemm"
+        if gs in _GROUPS and int4_gemv_library() is not None:  # any N; then either GEMM
+            first = crossover("int4-gemv-c" if native else "int4", n, k, _override())
+            return ((1, "int4-gemv-c"), (first, gemm))
         if not _int4pack_ok(n, k, gs):
             return ((1, gemm),)
         return ((1, "int4"), (crossover("int4-c" if native else "int4", n, k, _override()), gemm))
@@ -154,11 +164,11 @@ class TorchCpuBackend(Backend):
         devices=("cpu",),
         numerics=(
             "int8 dynamic: int8 inputs per token (dynamic-tensor: one uint8 scale per call; "
-            "static: the calibrated uint8 scale / zero point), int32 accumulation; int8 "
-            "weight-only below the crossover M: float32 arithmetic on the inputs as given (C "
-            "GEMV on AVX-512 CPUs; elsewhere torch's kernel on bfloat16 inputs); int8 "
-            "weight-only above it and int4-group: bfloat16 inputs (fp32 inputs are cast; float32 "
-            "on CPUs without native bfloat16 above the crossover M), fp32 accumulation; fp16: "
+            "static: the calibrated uint8 scale / zero point), int32 accumulation; int8 and "
+            "int4-group weight-only below the crossover M: float32 arithmetic on the inputs as "
+            "given (C GEMVs on AVX-512 CPUs; elsewhere torch's kernels on bfloat16 inputs); "
+            "above it: bfloat16 inputs (fp32 inputs are cast; float32 on CPUs without native "
+            "bfloat16), fp32 accumulation; fp16: "
             "fbgemm fp16 weights with fp32 activations (a bfloat16 model's fp16 weights: bfloat16 "
             "F.linear from M = 16); bf16: bfloat16 F.linear"
         ),
@@ -285,9 +295,9 @@ def _prepare_int4(qt: QTensor, sched, n: int, k: int) -> Prepared:
     zero = torch.full_like(scale, 8.0) if qt.symmetric else qt.zero_point.to(torch.float32)
     t: dict = {"gs": gs}
     if "int4" in kinds:
-        t["packed"] = _int4pack(qt.qdata, n, k, qt.symmetric)
-        sz = torch.stack([scale, (8.0 - zero) * scale], dim=-1)
-        t["sz"] = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # [K/gs, N, 2]
+        t.update(int4pack_tensors(qt))
+    if "int4-gemv-c" in kinds:
+        t.update(int4_gemv.prepare(qt))
     if kinds & {"int4-gemm", "int4-gemm-c"}:
         t["compute"] = _compute()
         t["scale"] = scale.contiguous()
@@ -295,6 +305,17 @@ def _prepare_int4(qt: QTensor, sched, n: int, k: int) -> Prepared:
         t["flip"] = qt.symmetric
         t["codes"] = qt.qdata  # stored layout: two nibbles per byte, low first
     return Prepared(n, k, sched, t)
+
+
+def int4pack_tensors(qt: QTensor) -> dict:
+    """torch's ``_weight_int4pack_mm_for_cpu`` operands of an int4-group QTensor: the packed
+    codes and the bfloat16 ``[K / gs, N, 2]`` scales and offsets."""
+    n, k = qt.shape
+    scale = qt.scale.to(torch.float32)
+    zero = torch.full_like(scale, 8.0) if qt.symmetric else qt.zero_point.to(torch.float32)
+    sz = torch.stack([scale, (8.0 - zero) * scale], dim=-1)
+    packed = _int4pack(qt.qdata, n, k, qt.symmetric)
+    return {"packed": packed, "sz": sz.transpose(0, 1).contiguous().to(torch.bfloat16)}
 
 
 #: rows converted to torch's CPU int4 layout at a time: a multiple of its 64-row tiles, so the

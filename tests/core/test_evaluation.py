@@ -100,14 +100,42 @@ def test_bad_inputs_are_one_line_errors(files, tmp_path):
         Engine().evaluate(_classifier, [str(tmp_path / "nope.safetensors")], data)
     with pytest.raises(UsageError, match="no quantized file"):
         Engine().evaluate(_classifier, [], data)
-    with pytest.raises(UsageError, match="batch 0 failed in the float model"):
+    with pytest.raises(UsageError, match="batch 0 failed in the float model") as err:
         Engine().evaluate(_classifier, [paths["q8"]], [torch.randn(2, 7)])
+    msg = err.value.problem
+    assert "in module '0' (Linear): RuntimeError:" in msg and "\n" not in msg, msg
+    with pytest.raises(UsageError, match="in module '2' \\(Linear\\)"):  # fits 0, not 2
+        Engine().evaluate(_wrong_head, [paths["q8"]], data)
 
     def other() -> nn.Module:
         return nn.Sequential(nn.Linear(64, 16))
 
     with pytest.raises(Exception, match="does not match the model|has shape"):
         Engine().evaluate(other, [paths["q8"]], data)
+
+
+def _wrong_head() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(100, 10))
+
+
+def _other_classifier() -> nn.Module:
+    """The same architecture as ``_classifier`` with other weights: another model."""
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def test_files_from_different_models_are_refused(files, tmp_path):
+    _, paths, data = files
+    engine = Engine()
+    q, _ = engine.quantize(_other_classifier(), scheme="int8")
+    other = str(tmp_path / "other.safetensors")
+    engine.save(q, other)
+    with pytest.raises(UsageError, match="other.safetensors was quantized from another model: "
+                       "its float tensor '0.bias' differs"):  # fmt: skip
+        engine.evaluate(_classifier, [paths["q8"], other], data)
+    # each file against its own float model is fine
+    assert len(engine.evaluate(_other_classifier, [other], data)["files"]) == 1
 
 
 def _html_values(text: str) -> dict[str, list[tuple[dict, str]]]:

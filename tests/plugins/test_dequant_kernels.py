@@ -127,8 +127,10 @@ def test_torch_cpu_int4_runs_the_c_path_above_its_crossover(dtype, opts, monkeyp
     monkeypatch.setattr(torch_cpu, "_compute", lambda: torch.bfloat16)
     fast, ref = fast_and_reference(80, 256, "int4-group", opts)
     p = fast[0].prepared()
-    first = cpu_kernels.crossover("int4-c", 80, 256)
-    assert p.pick(first - 1) == "int4" and p.pick(first) == "int4-gemm-c"
+    c_gemv = torch_cpu.int4_gemv_library() is not None  # the C GEMV for few rows (AVX-512)
+    first = cpu_kernels.crossover("int4-gemv-c" if c_gemv else "int4-c", 80, 256)
+    small = "int4-gemv-c" if c_gemv else "int4"
+    assert p.pick(first - 1) == small and p.pick(first) == "int4-gemm-c"
     for m in (first, 600):  # one block, and more rows than a block has
         x = torch.randn(m, 256).to(dtype)
         with torch.no_grad():
@@ -142,6 +144,7 @@ def test_torch_cpu_int4_runs_the_c_path_above_its_crossover(dtype, opts, monkeyp
 
 def test_without_the_library_int4_runs_the_torch_op_path(monkeypatch):
     monkeypatch.setattr(torch_cpu, "dequant_library", lambda: None)
+    monkeypatch.setattr(torch_cpu, "int4_gemv_library", lambda: None)  # built from the same ISA
     monkeypatch.setattr(cpu_vnni, "dequant_library", lambda: None)
     plan = Engine().plan(nn.Sequential(nn.Linear(256, 64)), scheme="int4-group")
     assert not any("(C" in k for k in plan.get("0").kernels), plan.get("0").kernels

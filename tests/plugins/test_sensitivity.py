@@ -217,7 +217,7 @@ def test_budget_beats_uniform_schemes_of_the_same_size_and_saves_rules(tmp_path)
     plan = engine.plan(demo_model(), scheme="int4-group",
                        plugin_options={"sensitivity": {"budget": 5.0}})  # fmt: skip
     notes = [n for e in plan.selected for n in e.notes if n.startswith("sensitivity: ")]
-    assert len(notes) == 25 and "summed weight-noise SQNR" in notes[0]  # no data: weights
+    assert len(notes) == 25 and "size-weighted weight-noise SQNR" in notes[0]  # no data: weights
     saved = json.loads(rules.read_text())
     assert {r["scheme"] for r in saved} <= {"int8", "int4-group"} and len(saved) == 25
     again, _ = engine.quantize(demo_model().eval(), scheme="int4-group", rules=saved)

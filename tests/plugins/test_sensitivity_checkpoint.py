@@ -108,8 +108,8 @@ def test_data_free_allocation_beats_the_uniform_scheme_of_the_same_size():
     assert sum(b for _, b in chosen) / numel <= 4.5 + 1e-9
     assert sum(b for _, b in uniform) / numel == pytest.approx(4.5)
     assert sum(n for n, _ in chosen) < 0.9 * sum(n for n, _ in uniform)
-    assert got["allocation"]["estimated_sqnr_db"] == pytest.approx(
-        -10 * math.log10(sum(n for n, _ in chosen))
+    assert got["allocation"]["estimated_sqnr_db"] == pytest.approx(  # each weight's share
+        -10 * math.log10(sum(n for n, _ in chosen) / len(WEIGHTS))  # (equal sizes here)
     )
     outlier = next(e for e in plan.selected if e.name == "layers.1.proj.weight")
     bits = {e.name: b for e, (_, b) in zip(plan.selected, chosen, strict=True)}

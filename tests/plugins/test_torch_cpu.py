@@ -8,6 +8,7 @@ import pytest
 import torch
 from monoquant_plugins.backends.dequant import dequant_library
 from monoquant_plugins.backends.gemv import gemv_library
+from monoquant_plugins.backends.int4_gemv import int4_gemv_library
 from monoquant_plugins.backends.torch_cpu import DESCRIPTIONS
 from torch import nn
 
@@ -40,7 +41,10 @@ PICKS = {
         "int8-gemv-c" if gemv_library() else "int8-weight",
         "int8-gemm-c" if dequant_library() else "int8-gemm",
     ),
-    ("int4-group", "none"): ("int4", "int4-gemm-c" if dequant_library() else "int4-gemm"),
+    ("int4-group", "none"): (
+        "int4-gemv-c" if int4_gemv_library() else "int4",
+        "int4-gemm-c" if dequant_library() else "int4-gemm",
+    ),
     ("fp16", "none"): ("fp16", "fp16"),
     ("bf16", "none"): ("bf16", "bf16"),
 }
@@ -104,9 +108,10 @@ def test_gemm_paths_in_float32_on_cpus_without_native_bf16(scheme, opts, compute
 def test_shapes_the_gemv_kernels_refuse_run_the_gemm_path_at_every_m(
     scheme, opts, shape, kernel, monkeypatch
 ):
-    # torch's GEMV kernels refuse these shapes; the C int8 GEMV takes any K, so it is switched
-    # off here (test_dequant_kernels.py runs it on them)
+    # torch's GEMV kernels refuse these shapes; the C GEMVs take any K (int8) and any N (int4),
+    # so they are switched off here (test_dequant_kernels.py and test_int4_gemv.py run them)
     monkeypatch.setattr("monoquant_plugins.backends.torch_cpu.gemv_library", lambda: None)
+    monkeypatch.setattr("monoquant_plugins.backends.torch_cpu.int4_gemv_library", lambda: None)
     n, k = shape
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(k, n))
@@ -127,6 +132,8 @@ def test_crossover_table_and_override(monkeypatch):
     assert crossover("int8-c", 4096, 4096) == 24 and crossover("int8-c", 11008, 4096) == 24
     assert crossover("int4-c", 384, 384) == 48 and crossover("int4-c", 4096, 4096) == 32
     assert crossover("int8", 11008, 4096) == 16 and crossover("int4", 4096, 4096) == 96
+    sizes = ((384, 384), (1536, 384), (4096, 4096))
+    assert [crossover("int4-gemv-c", n, k) for n, k in sizes] == [48, 32, 32]
     first, small = (24, GEMV) if gemv_library() else (16, PACK)
     plan = Engine().plan(nn.Sequential(nn.Linear(4096, 4096)), scheme="int8")
     assert plan.get("0").kernels == [
