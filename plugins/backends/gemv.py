@@ -18,7 +18,7 @@ import torch
 from . import cpu_kernels as ck
 from .native import NativeLibrary
 
-__all__ = ["DESCRIPTIONS", "GEMV", "KERNELS", "gemv_library", "int8_gemv_c"]
+__all__ = ["DESCRIPTIONS", "GEMV", "KERNELS", "gemv_library", "gemv_operands", "int8_gemv_c"]
 
 _P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 #: the int8 GEMV kernel (``gemv_kernels.c``): AVX512F/BW only, like :data:`.dequant.DEQUANT`
@@ -37,20 +37,31 @@ def gemv_library() -> ctypes.CDLL | None:
     return GEMV.library()[0]
 
 
-def int8_gemv_c(x: torch.Tensor, p: ck.Prepared, bias: torch.Tensor | None = None):
-    """``(x @ q^T) * s + bias`` for ``x`` ``[M, K]`` in float32 arithmetic, returned in
-    bfloat16 for bfloat16 inputs and in float32 otherwise (the caller casts float16 back)."""
-    t = p.tensors
-    m, k, n = x.shape[0], p.k, p.n
+def gemv_operands(
+    x: torch.Tensor, n: int, bias: torch.Tensor | None, scratch: str
+) -> tuple[torch.Tensor, bool, int | None, torch.Tensor, torch.Tensor | None]:
+    """What the C GEMVs take: ``x`` contiguous float32 or bfloat16 (float16 and others cast to
+    float32), whether it is bfloat16, a float32 scratch to widen it into (its pointer, named
+    ``scratch``; None for float32), the output ``[M, n]`` in ``x``'s dtype, a float32 bias."""
     bf16 = x.dtype == torch.bfloat16
     if not bf16 and x.dtype != torch.float32:
         x = x.to(torch.float32)
     if not x.is_contiguous():
         x = x.contiguous()
-    x32 = ck.scratch("int8_gemv.x32", (m, k), torch.float32).data_ptr() if bf16 else None
+    m, k = x.shape
+    x32 = ck.scratch(scratch, (m, k), torch.float32).data_ptr() if bf16 else None
     y = torch.empty(m, n, dtype=x.dtype)
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.to(torch.float32).contiguous()
+    return x, bf16, x32, y, bias
+
+
+def int8_gemv_c(x: torch.Tensor, p: ck.Prepared, bias: torch.Tensor | None = None):
+    """``(x @ q^T) * s + bias`` for ``x`` ``[M, K]`` in float32 arithmetic, returned in
+    bfloat16 for bfloat16 inputs and in float32 otherwise (the caller casts float16 back)."""
+    t = p.tensors
+    m, k, n = x.shape[0], p.k, p.n
+    x, bf16, x32, y, bias = gemv_operands(x, n, bias, "int8_gemv.x32")
     gemv_library().mq_int8_gemv(
         x.data_ptr(), m, k, int(bf16), x32, t["wq"].data_ptr(), t["s"].data_ptr(),
         None if bias is None else bias.data_ptr(), n, y.data_ptr(), int(bf16),

@@ -21,6 +21,7 @@ import torch
 from monoquant_core.qtensor import QTensor
 
 from . import cpu_kernels as ck
+from .gemv import gemv_operands
 from .native import NativeLibrary
 
 __all__ = ["DESCRIPTIONS", "INT4_GEMV", "KERNELS", "int4_gemv_c", "int4_gemv_library", "prepare"]
@@ -98,15 +99,7 @@ def int4_gemv_c(x: torch.Tensor, p: ck.Prepared, bias: torch.Tensor | None = Non
     float16 back)."""
     t = p.tensors
     m, k, n = x.shape[0], p.k, p.n
-    bf16 = x.dtype == torch.bfloat16
-    if not bf16 and x.dtype != torch.float32:
-        x = x.to(torch.float32)
-    if not x.is_contiguous():
-        x = x.contiguous()
-    x32 = ck.scratch("int4_gemv.x32", (m, k), torch.float32).data_ptr() if bf16 else None
-    y = torch.empty(m, n, dtype=x.dtype)
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-        bias = bias.to(torch.float32).contiguous()
+    x, bf16, x32, y, bias = gemv_operands(x, n, bias, "int4_gemv.x32")
     int4_gemv_library().mq_int4_gemv(
         x.data_ptr(), m, k, int(bf16), x32, t["w4"].data_ptr(), t["p4"].data_ptr(),
         int(t["sym"]), t["kc"], t["gs"], None if bias is None else bias.data_ptr(), n,
