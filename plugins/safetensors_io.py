@@ -10,7 +10,9 @@ bounded by the largest tensor read, never by the file.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import io
 import json
 import math
 import os
@@ -24,7 +26,15 @@ import torch
 
 from monoquant_core import FormatError, UsageError
 
-__all__ = ["DTYPES", "NAMES", "SafetensorsReader", "bytes_view", "is_safetensors", "open_regular"]
+__all__ = [
+    "DTYPES",
+    "NAMES",
+    "SafetensorsReader",
+    "bytes_view",
+    "copy_in_kernel",
+    "is_safetensors",
+    "open_regular",
+]
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -85,6 +95,27 @@ def open_regular(path: str) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def copy_in_kernel(src_fd: int, pos: int, end: int, out: BinaryIO) -> int:
+    """Copy bytes ``[pos, end)`` of ``src_fd`` to the end of ``out`` inside the kernel
+    (``os.copy_file_range``: no trip through Python buffers) where the OS allows; returns how
+    far it got (``pos`` when it could not start: the caller copies the rest in chunks)."""
+    if not hasattr(os, "copy_file_range") or pos >= end:
+        return pos
+    try:
+        out.flush()
+        dst = out.fileno()
+        while pos < end:
+            n = os.copy_file_range(src_fd, dst, end - pos, pos)
+            if n <= 0:
+                break
+            pos += n
+    except (OSError, io.UnsupportedOperation, AttributeError):
+        pass
+    with contextlib.suppress(OSError, io.UnsupportedOperation, AttributeError):
+        out.seek(os.lseek(out.fileno(), 0, os.SEEK_CUR))  # the buffered file's position
+    return pos
 
 
 def is_safetensors(path: str) -> bool:
@@ -278,6 +309,7 @@ class SafetensorsReader:
         e = self.entries[name]
         pos, end = self.data_start + e["start"], self.data_start + e["end"]
         fd = self._f.fileno()
+        pos = copy_in_kernel(fd, pos, end, out)
         while pos < end:
             if hasattr(os, "pread"):
                 chunk = os.pread(fd, min(end - pos, _CHUNK), pos)

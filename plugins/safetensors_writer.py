@@ -33,7 +33,7 @@ from monoquant_core import (
 )
 from monoquant_core.atomic import temp_tag
 
-from .safetensors_io import NAMES, bytes_view
+from .safetensors_io import NAMES, bytes_view, copy_in_kernel
 
 __all__ = ["SafetensorsArtifactWriter", "SafetensorsWriter", "StreamingSerializer"]
 
@@ -136,6 +136,8 @@ class SafetensorsWriter:
                     spool, spath = self._spools[size]
                     spool.close()
                     with open(spath, "rb") as src:
+                        end = os.fstat(src.fileno()).st_size
+                        src.seek(copy_in_kernel(src.fileno(), 0, end, f))
                         while chunk := src.read(_CHUNK):
                             f.write(chunk)
         finally:

@@ -172,3 +172,23 @@ def test_a_real_million_entry_header_is_refused_in_seconds(tmp_path):
     with pytest.raises(FormatError, match="more than the 300000"):
         Engine().inspect(str(tmp_path / "big.safetensors"))
     assert time.perf_counter() - t0 < 5
+
+
+def test_copy_in_kernel_copies_exact_ranges_into_files_and_leaves_buffers_to_the_caller(tmp_path):
+    import io
+
+    from monoquant_plugins.safetensors_io import copy_in_kernel
+
+    src = tmp_path / "src.bin"
+    data = bytes(range(256)) * 1000
+    src.write_bytes(data)
+    with open(src, "rb") as f, open(tmp_path / "dst.bin", "wb") as out:
+        out.write(b"head")
+        assert copy_in_kernel(f.fileno(), 1000, 200_000, out) == 200_000
+        assert out.tell() == 4 + 199_000  # the buffered file knows where it is
+        out.write(b"tail")
+    assert (tmp_path / "dst.bin").read_bytes() == b"head" + data[1000:200_000] + b"tail"
+    buf = io.BytesIO()
+    with open(src, "rb") as f:  # no file descriptor: nothing copied, the caller copies
+        assert copy_in_kernel(f.fileno(), 10, 20, buf) == 10
+    assert buf.getvalue() == b""
