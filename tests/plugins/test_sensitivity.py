@@ -228,6 +228,7 @@ def test_budget_beats_uniform_schemes_of_the_same_size_and_saves_rules(tmp_path)
                 assert torch.equal(qt.qdata, m2.qtensor(p).qdata), n1
 
 
+@pytest.mark.slow  # numeric, seconds: run by .ci/run's slow set
 def test_allocation_then_gptq_at_each_allocated_scheme():
     """Allocate first, then GPTQ each layer at its scheme: the same bits per layer as the
     allocation alone, every layer solved by GPTQ, and a better output on other inputs."""

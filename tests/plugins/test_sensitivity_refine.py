@@ -27,6 +27,7 @@ def _sqnr(ref: torch.nn.Module, q: torch.nn.Module, data) -> float:
     return 10 * math.log10(float((r**2).sum()) / float(((g - r) ** 2).sum()))
 
 
+@pytest.mark.slow  # numeric, seconds: run by .ci/run's slow set
 def test_the_measured_sqnr_is_the_mixs_and_a_correction_only_helps():
     engine = Engine()
     model = demo_model().eval()
@@ -76,6 +77,7 @@ def test_a_quantize_run_reports_estimate_and_measurement():
     assert plain.extra["sensitivity"]["measured_sqnr_db"] == got["first_measured_sqnr_db"]
 
 
+@pytest.mark.slow  # numeric, seconds: run by .ci/run's slow set
 def test_the_default_candidates_beat_uniform_g128_at_its_size():
     """The symmetric int4 candidates (4.25 and 4.125 bits/weight) give a budget of 4.25 room to
     move: without them it can only be uniform g128; with them it beats g128 on other inputs
