@@ -535,3 +535,15 @@ def tiny_bert(path):
     model = transformers.BertModel(cfg).eval()
     model.save_pretrained(path)
     return model, cfg
+
+
+def with_1_and_2_threads(fn):
+    """``(fn() with one torch thread, fn() with two)``, the thread count restored after."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fn()
+        torch.set_num_threads(2)
+        return one, fn()
+    finally:
+        torch.set_num_threads(threads)

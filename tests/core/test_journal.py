@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 
 from monoquant_core import UsageError
-from monoquant_core.journal import Journal, _decode, _encode, checksum, work_folder
+from monoquant_core.journal import Journal, checksum, work_folder
+from monoquant_core.parts import decode_part, encode_part
 from monoquant_core.report import LayerReport
 from tests.helpers import int8_qtensor, one_line, quantize_tensor
 
@@ -22,8 +23,8 @@ def _layer(name: str) -> LayerReport:
 
 def round_trip(qt):
     """``qt`` through a part file's bytes and back."""
-    chunks, _tensors = _encode(qt)
-    return _decode(bytearray(b"".join(chunks)))
+    chunks, _tensors = encode_part(qt)
+    return decode_part(bytearray(b"".join(chunks)))
 
 
 def _same(a, b) -> None:

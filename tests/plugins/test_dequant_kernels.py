@@ -17,7 +17,7 @@ from torch import nn
 
 from monoquant_core import Engine
 from monoquant_core.activations import quantize_per_token
-from tests.helpers import fast_and_reference, rel_err
+from tests.helpers import fast_and_reference, rel_err, with_1_and_2_threads
 
 LIB, REASON = dequant.DEQUANT.library()
 needs_lib = pytest.mark.skipif(LIB is None, reason=f"C dequant kernels: {REASON}")
@@ -273,14 +273,7 @@ def test_int8_gemv_is_the_exact_product_within_float32_rounding(n, k, m, bias, b
 def test_int8_gemv_threads_split_rows_with_the_same_result():
     q, s, x, b = _int8_gemv_case(203, 300, 6, seed=1)
     p = cpu_kernels.Prepared(203, 300, ((1, "int8-gemv-c"),), {"wq": q, "s": s})
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = gemv.int8_gemv_c(x, p, b)
-        torch.set_num_threads(2)
-        two = gemv.int8_gemv_c(x, p, b)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = with_1_and_2_threads(lambda: gemv.int8_gemv_c(x, p, b))
     assert torch.equal(one, two)  # each row is summed by one thread in one order
 
 

@@ -16,7 +16,7 @@ from monoquant_plugins.backends import cpu_kernels, int4_gemv, native, torch_cpu
 from torch import nn
 
 from monoquant_core import Engine
-from tests.helpers import fast_and_reference, rel_err
+from tests.helpers import fast_and_reference, rel_err, with_1_and_2_threads
 
 LIB, REASON = int4_gemv.INT4_GEMV.library()
 needs_lib = pytest.mark.skipif(LIB is None, reason=f"C int4 GEMV: {REASON}")
@@ -107,14 +107,7 @@ def test_in_register_weights_are_the_references_bit_for_bit(symmetric, gs, k):
 def test_int4_gemv_threads_split_tiles_with_the_same_result():
     qt, b = _qtensor(203, 512, 128, False, "float", "float16", seed=1)
     p, x = _prepared(qt), torch.randn(6, 512)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = int4_gemv.int4_gemv_c(x, p, b)
-        torch.set_num_threads(2)
-        two = int4_gemv.int4_gemv_c(x, p, b)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = with_1_and_2_threads(lambda: int4_gemv.int4_gemv_c(x, p, b))
     assert torch.equal(one, two)  # each output is summed by one thread in one order
 
 
