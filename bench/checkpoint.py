@@ -17,8 +17,13 @@ config.json), then measures, each in its own subprocess (peak RSS = that process
 * ``int4``: the same with ``scheme="int4-group"`` (default: minmax + lsq, g128);
 * ``int4, no read-ahead``: the same with ``MONOQUANT_CHECKPOINT_PREFETCH=0`` (the next tensor
   is not read while one is quantized), so the table shows what overlapping I/O saves;
+* ``int4, freed memory not reused``: with ``MONOQUANT_REUSE_FREED_MEMORY=0`` (glibc's default
+  thresholds: every big block a fresh ``mmap``, faulted and zeroed page by page), so the
+  table shows what ``monoquant_core/heap.py`` saves;
 * ``int4, --workers N`` (``--workers 2 4``): the same split between N local ranks
-  (``workers=N``: gloo, one process each), each with ``OMP_NUM_THREADS`` threads (default 1).
+  (``workers=N``: gloo, one process each), each with ``OMP_NUM_THREADS`` threads (default 1),
+  once started the default way (forked where safe) and once spawned
+  (``MONOQUANT_WORKER_START=spawn``: each rank imports Python and torch again).
 
 Every Mono Quant row also shows where its time went (quantizing into the journal, then writing
 the output from it) and, for workers, the largest peak RSS of one rank.
@@ -148,7 +153,8 @@ rep = Engine().quantize_checkpoint(src, dst, scheme=scheme, progress=False, work
 ph = rep.extra["phase_s"]
 print("HOW", f"{len(rep.layers)} tensors, min SQNR {rep.min_sqnr_db:.2f} dB, "
       f"{rep.model_bytes_before / 2**30:.2f} -> {rep.model_bytes_after / 2**30:.2f} GiB; "
-      f"quantize {ph['quantize']:.1f} s + write {ph['write']:.1f} s")
+      f"quantize {ph['quantize']:.1f} s + write {ph['write']:.1f} s"
+      + (f" (ranks busy {', '.join(f'{b:.1f}' for b in ph['ranks'])} s)" if workers > 1 else ""))
 """
 
 BASELINE = """
@@ -297,12 +303,14 @@ def main() -> None:
             )
         rows = []
         no_prefetch = {"MONOQUANT_CHECKPOINT_PREFETCH": "0"}
+        no_reuse = {"MONOQUANT_REUSE_FREED_MEMORY": "0"}
         for threads in args.threads or [None]:
             for label, code, extra, env in [
                 ("plain load+save copy", COPY, [], None),
                 ("Mono Quant int8 (minmax)", QUANT, ["int8", "1"], None),
                 ("Mono Quant int4-group (minmax + lsq, g128)", QUANT, ["int4-group", "1"], None),
                 ("int4-group, no read-ahead", QUANT, ["int4-group", "1"], no_prefetch),
+                ("int4-group, freed memory not reused", QUANT, ["int4-group", "1"], no_reuse),
             ]:
                 rows.append(measure(work, label, code, src, extra, threads, env))
             if args.baseline:
@@ -311,9 +319,11 @@ def main() -> None:
                     label = f"{scheme}, baseline {os.path.basename(args.baseline.rstrip('/'))}"
                     rows.append(measure(work, label, BASELINE, src, [scheme], threads, env))
         for n in args.workers:
-            label = f"int4-group, --workers {n}"
             extra = ["int4-group", str(n)]
-            rows.append(measure(work, label, QUANT, src, extra, args.worker_threads, None))
+            for how in ("", "spawn"):  # default start (forked where safe), then spawned ranks
+                label = f"int4-group, --workers {n}" + (f", {how}ed ranks" if how else "")
+                env = {"MONOQUANT_WORKER_START": how} if how else None
+                rows.append(measure(work, label, QUANT, src, extra, args.worker_threads, env))
         base = rows[0][2]["wall"]
         src_bytes = dir_bytes(src)
         print(

@@ -32,30 +32,22 @@ no modules, so ``monoquant_quantize_weights`` and ``monoquant_module_done`` are 
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
 import os
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, is_dataclass
-from typing import Any
 
-import torch
-
+from .checkpoint_tensors import Share, cost_of, quantize_share, settings_of
 from .components import Serializer
 from .distributed import Group, assign, current_group
-from .errors import MonoQuantError, UsageError, WeightNotRepresentable
+from .errors import MonoQuantError
 from .files import producers, serializer_for_write
-from .journal import Journal, Record, checksum
-from .metrics import all_finite, count_nonfinite
-from .plan import Plan, PlanEntry
-from .progress import Progress
-from .report import QuantReport, layer_report
+from .heap import reuse_freed_memory
+from .journal import Journal, Record
+from .plan import Plan
+from .report import QuantReport
 from .run import Run
 from .selection import require_selected
-from .sources import CheckpointSource, Shard, open_source
+from .sources import CheckpointSource, open_source
 from .streaming import (
     ShardResult,
     check_paths,
@@ -68,12 +60,6 @@ from .streaming import (
 from .tensor_plan import picked_tensors
 
 __all__ = ["quantize_checkpoint"]
-
-#: read the next selected tensor while quantizing this one (``0`` turns it off: a measurement
-#: switch for bench/checkpoint.py; memory then holds at most two selected tensors)
-_PREFETCH = os.environ.get("MONOQUANT_CHECKPOINT_PREFETCH", "1") != "0"
-
-Item = tuple[int, Shard, str]  # (index of the tensor in the input, its shard, its name)
 
 
 def quantize_checkpoint(
@@ -90,6 +76,23 @@ def quantize_checkpoint(
     distributed: bool | None = None,
 ) -> QuantReport:
     """See :meth:`monoquant_core.Engine.quantize_checkpoint`."""
+    with reuse_freed_memory():  # the same sizes are allocated over and over (heap.py)
+        return _quantize_checkpoint(run, src, dst, overwrite, trust_pickle, allow_nonfinite,
+                                    progress, serializer, resume, distributed)  # fmt: skip
+
+
+def _quantize_checkpoint(
+    run: Run,
+    src: str,
+    dst: str,
+    overwrite: bool,
+    trust_pickle: bool,
+    allow_nonfinite: bool,
+    progress: bool,
+    serializer: str | None,
+    resume: bool,
+    distributed: bool | None,
+) -> QuantReport:
     t0 = time.perf_counter()
     group = current_group() if distributed is not False else Group()
     try:
@@ -137,7 +140,7 @@ def _run(
         )
         notes = list(started[2]) if started else []
         _say(notes, progress)
-        share = _Share(run, journal, {e.name: e for e in plan}, allow_nonfinite, out_format)
+        share = Share(run, journal, {e.name: e for e in plan}, allow_nonfinite, out_format)
         report = _work(share, group, source, dst, plan, overwrite, progress, serializer,
                        resume, t0, notes)  # fmt: skip
     finally:
@@ -146,21 +149,8 @@ def _run(
     return group.broadcast(report)
 
 
-@dataclass
-class _Share:
-    """What quantizing one rank's share needs besides the tensors."""
-
-    run: Run
-    journal: Journal
-    entries: dict[str, PlanEntry]
-    allow_nonfinite: bool
-    out_format: Serializer
-    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
-    earlier: dict[str, list[Record]] = field(default_factory=dict)
-
-
 def _work(
-    share: _Share,
+    share: Share,
     group: Group,
     source: CheckpointSource,
     dst: str,
@@ -181,14 +171,16 @@ def _work(
         )
         if entries[name].selected
     ]
-    owner = assign([_cost(run, entries[n], s) for _, s, n in items], group.world)
+    owner = assign([cost_of(run, entries[n], s) for _, s, n in items], group.world)
     mine = [it for it, r in zip(items, owner, strict=True) if r == group.rank]
-    share.settings = {n: _settings(run, entries[n]) for _, _, n in items}
+    share.settings = {n: settings_of(run, entries[n]) for _, _, n in items}
     share.earlier = journal.records() if resume else {}
     try:
+        t_start = time.perf_counter()
         done, counts = group.step(
-            "quantizing", lambda: _quantize_mine(share, mine, progress and group.is_root)
+            "quantizing", lambda: quantize_share(share, mine, progress and group.is_root)
         )
+        busy = group.gather(counts.pop("busy_s"))  # each rank's own seconds on its share
         finished: dict[str, Record] = {}
         for part in group.gather(done):
             finished.update(part)
@@ -214,12 +206,17 @@ def _work(
     if group.is_root:
         journal.remove()
         now = time.perf_counter()  # where the time went (bench/checkpoint.py prints it)
-        report.extra["phase_s"] = {"quantize": t_quantized - t0, "write": now - t_quantized}
+        report.extra["phase_s"] = {
+            "start": t_start - t0,
+            "quantize": t_quantized - t_start,
+            "write": now - t_quantized,
+            "ranks": busy,
+        }
     return report
 
 
 def _stage(
-    share: _Share, source: CheckpointSource, plan: Plan, finished: dict[str, Record], group: Group
+    share: Share, source: CheckpointSource, plan: Plan, finished: dict[str, Record], group: Group
 ) -> dict[str, ShardResult]:
     """This rank's output shards (split by bytes, largest first to the least loaded rank),
     written into the journal's ``shards/`` folder for rank 0 to move into place."""
@@ -240,103 +237,6 @@ def _stage(
         )
         os.replace(tmp, path)
     return out
-
-
-def _quantize_mine(
-    share: _Share, mine: list[Item], progress: bool
-) -> tuple[dict[str, Record], dict[str, int]]:
-    """This rank's share: the records it finished (name -> Record) and counts of reused /
-    computed tensors (and why earlier records were not reused)."""
-    done: dict[str, Record] = {}
-    counts = {"reused": 0, "computed": 0, "settings": 0, "input": 0, "part": 0}
-    prog = Progress(len(mine), sum(s.reader.source(n).nbytes for _, s, n in mine), enabled=progress)
-    ahead: dict[str, Future[tuple[torch.Tensor, str]]] = {}
-    with ThreadPoolExecutor(1, thread_name_prefix="monoquant-read") as pool:
-        try:
-            for k, (index, shard, name) in enumerate(mine):
-                fut = ahead.pop(name, None)
-                t, crc = fut.result() if fut is not None else _load(shard, name)
-                if _PREFETCH and k + 1 < len(mine):
-                    _, nshard, nname = mine[k + 1]
-                    if getattr(nshard.reader, "concurrent_loads", False):
-                        ahead[nname] = pool.submit(_load, nshard, nname)
-                rec = _reusable(share, name, crc, counts)
-                if rec is None:
-                    rec = _one(share, index, share.entries[name], t, crc)
-                    counts["computed"] += 1
-                else:
-                    counts["reused"] += 1
-                done[name] = rec
-                del t
-                prog.advance(name, shard.reader.source(name).nbytes)
-        except BaseException:
-            with contextlib.suppress(Exception):  # the parts already handed over still land
-                share.journal.flush()
-            raise
-        finally:
-            for f in ahead.values():
-                f.cancel()
-            prog.close()
-    share.journal.flush()
-    return done, counts
-
-
-def _load(shard: Shard, name: str) -> tuple[torch.Tensor, str]:
-    t = shard.reader.source(name).load()
-    return t, checksum(t)
-
-
-def _reusable(share: _Share, name: str, crc: str, counts: dict[str, int]) -> Record | None:
-    """The newest earlier record of a tensor that still holds; counts why the others fail."""
-    records, settings = share.earlier.get(name, []), share.settings[name]
-    if not records:
-        return None
-    for rec in reversed(records):
-        if rec.settings == settings and rec.input == crc and share.journal.part_ok(rec):
-            # a tensor kept in float by --allow-nonfinite then is refused now without it
-            return None if rec.nonfinite and not share.allow_nonfinite else rec
-    last = records[-1]
-    why = "settings" if last.settings != settings else "input" if last.input != crc else "part"
-    counts[why] += 1
-    return None
-
-
-def _one(share: _Share, index: int, entry: PlanEntry, t: torch.Tensor, crc: str) -> Record:
-    """Quantize one tensor and record it (or why it stays in float) in the journal."""
-    run, journal, name, settings = share.run, share.journal, entry.name, share.settings[entry.name]
-    if not all_finite(t):
-        if not share.allow_nonfinite:
-            raise UsageError(
-                f"tensor {name!r} contains {count_nonfinite(t)} NaN/Inf value(s); "
-                "quantizing it would hide a broken checkpoint",
-                "fix the checkpoint, exclude it with --skip, or pass --allow-nonfinite to "
-                "keep such tensors in float",
-            )
-        reason = f"contains {count_nonfinite(t)} NaN/Inf value(s): kept in float"
-        return journal.add_float(name, crc, settings, reason, nonfinite=True)
-    t1 = time.perf_counter()
-    scheme_cfg, obs_cfg = run.entry_configs(entry)
-    try:
-        qt = run.quantize_weight(t, entry.scheme, entry.observer, 0, scheme_cfg, obs_cfg, name)
-    except WeightNotRepresentable as e:  # as module mode: kept in float, with why
-        return journal.add_float(name, crc, settings, f"kept in float: {e.problem}", False)
-    except MonoQuantError as e:
-        if name in e.problem:
-            raise
-        raise type(e)(f"tensor {name!r}: {e.problem}", e.fix) from e
-    except Exception as e:  # a plugin's bug: kept as it is, with the tensor named
-        if hasattr(e, "add_note"):  # Python >= 3.11
-            e.add_note(f"while quantizing tensor {name!r}")
-        raise
-    why = share.out_format.unsupported(name, qt)
-    if why is not None:  # found at the first such tensor, not after all the work
-        raise UsageError(f"{name}: {why}", share.out_format.unsupported_fix)
-    scheme = run.schemes.get(qt.scheme)
-    layer = layer_report(
-        name, "tensor", entry.observer or "", "", t, qt, scheme, stats=run.config.stats
-    )
-    layer.time_s = time.perf_counter() - t1
-    return journal.add_quantized(index, name, crc, settings, qt, layer)
 
 
 def _say(lines: list[str], enabled: bool) -> None:
@@ -373,27 +273,3 @@ def _resume_notes(resume: bool, counts: list[dict[str, int]]) -> list[str]:
         f"resumed: {total.get('reused', 0)} tensor(s) reused from the unfinished run, "
         f"{total.get('computed', 0)} computed" + (f" ({', '.join(why)})" if why else "")
     ]
-
-
-def _settings(run: Run, entry: PlanEntry) -> dict[str, Any]:
-    """Everything a tensor's result depends on besides its bytes, as plain JSON."""
-    scheme_cfg, obs_cfg = run.entry_configs(entry)
-    plugins = [run.schemes.entry(entry.scheme).plugin, run.observers.entry(entry.observer).plugin]
-    raw = {
-        "scheme": entry.scheme,
-        "observer": entry.observer,
-        "scheme_config": asdict(scheme_cfg) if is_dataclass(scheme_cfg) else scheme_cfg,
-        "observer_config": asdict(obs_cfg) if is_dataclass(obs_cfg) else obs_cfg,
-        "options": entry.options,
-        "stats": run.config.stats,
-        "plugins": producers(run.registries, plugins),
-    }
-    return json.loads(json.dumps(raw, sort_keys=True, default=str))
-
-
-def _cost(run: Run, entry: PlanEntry, shard: Shard) -> float:
-    """Estimated work of one tensor: elements x its scheme's cost per element."""
-    scheme = run.schemes.get(entry.scheme)
-    scheme_cfg, _ = run.entry_configs(entry)
-    numel = math.prod(shard.reader.source(entry.name).shape)
-    return numel * float(scheme.cost_per_element(scheme_cfg))

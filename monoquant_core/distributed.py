@@ -19,12 +19,14 @@ import contextlib
 import datetime
 import os
 import socket
+import sys
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .errors import MonoQuantError, UsageError
 
-__all__ = ["Group", "RankFailed", "assign", "current_group", "spawn_ranks"]
+__all__ = ["Group", "RankFailed", "assign", "current_group", "spawn_ranks", "start_method"]
 
 T = TypeVar("T")
 
@@ -153,14 +155,16 @@ def spawn_ranks(world: int, fn: Callable[..., T], *args: Any) -> T:
     Each process gets ``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` / ``MASTER_PORT`` and, unless
     ``OMP_NUM_THREADS`` is set, an equal share of the cores as intra-op threads. A rank's
     error is re-raised here once (the one every rank agreed on); a rank that dies (killed,
-    crashed) ends the others and fails the run with one line naming it.
+    crashed) ends the others and fails the run with one line naming it. The ranks are forked
+    where that is safe (:func:`start_method`), so they start at once instead of importing
+    Python and torch again (2-3 s each on a small VM).
     """
     import multiprocessing as mp  # deferred: only --workers needs it
 
-    ctx = mp.get_context("spawn")
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // world))
+    ctx = mp.get_context(start_method(threads))
     results = ctx.Queue()
     port = _free_port()
-    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // world))
     procs = [
         ctx.Process(
             target=_rank_main,
@@ -179,6 +183,33 @@ def spawn_ranks(world: int, fn: Callable[..., T], *args: Any) -> T:
                 p.terminate()
         for p in procs:
             p.join(5)
+
+
+def start_method(threads: int = 1) -> str:
+    """How ``--workers`` starts ranks of ``threads`` intra-op threads each: ``"fork"`` where
+    a forked child is safe, else ``"spawn"``. ``MONOQUANT_WORKER_START=spawn|fork`` overrides.
+
+    Fork is used on Linux when each rank runs one thread (a forked child that starts an
+    OpenMP team after its parent started one hangs in GNU OpenMP; with one thread torch
+    starts none), this process runs no other Python thread (one could hold a lock the child
+    inherits) and CUDA is not initialised. Otherwise each rank imports Python and torch again.
+    """
+    forced = os.environ.get("MONOQUANT_WORKER_START", "")
+    if forced:
+        if forced not in ("fork", "spawn"):
+            raise UsageError(
+                f"MONOQUANT_WORKER_START={forced!r}", "set it to fork or spawn, or unset it"
+            )
+        return forced
+    cuda = sys.modules.get("torch.cuda")
+    if (
+        not sys.platform.startswith("linux")
+        or threads != 1
+        or threading.active_count() != 1
+        or (cuda is not None and cuda.is_initialized())
+    ):
+        return "spawn"
+    return "fork"
 
 
 def _wait(procs: list[Any], results: Any) -> Any:

@@ -167,6 +167,7 @@ def load_entry_point(ep: md.EntryPoint, dname: str | None, dver: str | None) -> 
     finally:
         if timer is not None:
             timer.cancel()
+            timer.join()  # no thread left behind (a forked --workers rank needs none)
     took = time.perf_counter() - start
     declared = getattr(obj, "monoquant_plugin_name", None)
     if declared is not None and declared != ep.name:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from monoquant_plugins.safetensors_format import write_safetensors
 
 from monoquant_core import Engine, UsageError
-from monoquant_core.distributed import Group, assign, current_group
+from monoquant_core.distributed import Group, assign, current_group, start_method
 from monoquant_core.journal import work_folder
 from tests.helpers import cli_ok, cli_one_line_error, one_line, write_folder
 
@@ -75,7 +75,9 @@ def test_torchrun_variables_without_a_master_are_one_line_errors(monkeypatch):
     assert "WORLD_SIZE=2 is set but MASTER_ADDR is not" in one_line(e.value)
 
 
-def test_two_workers_write_the_same_bytes_as_one_process_cli(cli, tmp_path):
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_two_workers_write_the_same_bytes_as_one_process_cli(cli, tmp_path, monkeypatch, start):
+    monkeypatch.setenv("MONOQUANT_WORKER_START", start)
     src = tmp_path / "src"
     mixed_folder(src)
     rules = ["--rule", "blocks.1.*=int8", "--rule", "head=fp16", "--rule", "blocks.3.mlp=skip"]
@@ -111,6 +113,28 @@ def test_a_failing_rank_fails_the_run_naming_rank_and_tensor_and_writes_nothing(
     ref = tmp_path / "ref.safetensors"
     Engine().quantize_checkpoint(str(src), str(ref), progress=False)
     assert out.read_bytes() == ref.read_bytes()
+
+
+def test_ranks_are_forked_only_where_a_forked_child_is_safe(monkeypatch):
+    import threading
+
+    monkeypatch.delenv("MONOQUANT_WORKER_START", raising=False)
+    assert start_method(2) == "spawn"  # several threads per rank: OpenMP after fork hangs
+    if sys.platform.startswith("linux") and threading.active_count() == 1:
+        assert start_method(1) == "fork"
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        assert start_method(1) == "spawn"  # another Python thread could hold a lock
+    finally:
+        stop.set()
+        t.join()
+    monkeypatch.setenv("MONOQUANT_WORKER_START", "spawn")
+    assert start_method(1) == "spawn"
+    monkeypatch.setenv("MONOQUANT_WORKER_START", "thread")
+    with pytest.raises(UsageError, match="MONOQUANT_WORKER_START='thread'"):
+        start_method(1)
 
 
 def test_workers_are_refused_in_module_mode_and_under_torchrun(cli, engine, monkeypatch):

@@ -488,7 +488,7 @@ def test_reads_from_several_threads_are_exact(tmp_path):
 def test_prefetching_the_next_tensor_changes_no_byte(engine, tmp_path, monkeypatch):
     import threading
 
-    from monoquant_core import checkpoint_mode
+    from monoquant_core import checkpoint_tensors
 
     src = tmp_path / "src"
     write_folder(src, small_state(), n_shards=2, extra_files=False)
@@ -503,7 +503,7 @@ def test_prefetching_the_next_tensor_changes_no_byte(engine, tmp_path, monkeypat
     outs = []
     for on in (True, False):
         threads.clear()
-        monkeypatch.setattr(checkpoint_mode, "_PREFETCH", on)
+        monkeypatch.setattr(checkpoint_tensors, "_PREFETCH", on)
         out = tmp_path / f"out-{on}"
         engine.quantize_checkpoint(
             str(src), str(out), scheme="int4-group", scheme_options={"group_size": 32},

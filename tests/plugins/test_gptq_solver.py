@@ -225,23 +225,35 @@ def test_per_channel_int8_static_params():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("act_order", [True, False], ids=["act_order", "dynamic_groups"])
-def test_4096_layer_under_two_seconds_single_thread(act_order):
-    """One thread, Hessian given. CPU time of this thread (best of 5), so that time another
-    process takes on a shared machine does not count; the wall time is in the message."""
-    x = torch.randn(8192, 4096)
-    h = 2 * x.T @ x / x.shape[0]
-    w = torch.randn(4096, 4096) * 0.02
-    spec = QuantSpec(4, False, 0, 128, True, torch.float16)
-    grid = minmax_grid(spec)
-    kw = {"params": grid(w), "act_order": True} if act_order else {"grid": grid}
-    cpu = wall = math.inf
-    for _ in range(5):
-        t0, c0 = time.perf_counter(), time.thread_time()
-        res = gptq_solve(w, h, spec, **kw)
-        cpu = min(cpu, time.thread_time() - c0)
-        wall = min(wall, time.perf_counter() - t0)
-        assert res.fallback is None
-    assert cpu < 2.0, f"GPTQ on 4096x4096 took {cpu:.2f} s CPU ({wall:.2f} s wall), one thread"
+def test_4096_layer_within_two_matmuls_single_thread(act_order):
+    """One thread, Hessian given: the solve costs at most 1.8x one fp32 4096x4096 matmul timed
+    in the same run (machines differ: an absolute bound failed on a slower CI machine). CPU time
+    of this thread (best of 5), so that time another process takes does not count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.randn(8192, 4096)
+        h = 2 * x.T @ x / x.shape[0]
+        w = torch.randn(4096, 4096) * 0.02
+        spec = QuantSpec(4, False, 0, 128, True, torch.float16)
+        grid = minmax_grid(spec)
+        kw = {"params": grid(w), "act_order": True} if act_order else {"grid": grid}
+        cpu = wall = matmul = math.inf
+        for _ in range(5):
+            c0 = time.thread_time()
+            torch.mm(w, h)
+            matmul = min(matmul, time.thread_time() - c0)
+            t0, c0 = time.perf_counter(), time.thread_time()
+            res = gptq_solve(w, h, spec, **kw)
+            cpu = min(cpu, time.thread_time() - c0)
+            wall = min(wall, time.perf_counter() - t0)
+            assert res.fallback is None
+    finally:
+        torch.set_num_threads(threads)
+    assert cpu < 1.8 * matmul, (
+        f"GPTQ on 4096x4096 took {cpu:.2f} s CPU ({wall:.2f} s wall), one thread: "
+        f"{cpu / matmul:.2f}x one fp32 4096x4096 matmul ({matmul:.2f} s)"
+    )
 
 
 @pytest.mark.parametrize(
