@@ -17,9 +17,6 @@ config.json), then measures, each in its own subprocess (peak RSS = that process
 * ``int4``: the same with ``scheme="int4-group"`` (default: minmax + lsq, g128);
 * ``int4, no read-ahead``: the same with ``MONOQUANT_CHECKPOINT_PREFETCH=0`` (the next tensor
   is not read while one is quantized), so the table shows what overlapping I/O saves;
-* ``int4, freed memory not reused``: with ``MONOQUANT_REUSE_FREED_MEMORY=0`` (glibc's default
-  thresholds: every big block a fresh ``mmap``, faulted and zeroed page by page), so the
-  table shows what ``monoquant_core/heap.py`` saves;
 * ``int4, --workers N`` (``--workers 2 4``): the same split between N local ranks
   (``workers=N``: gloo, one process each), each with ``OMP_NUM_THREADS`` threads (default 1),
   once started the default way (forked where safe) and once spawned
@@ -303,14 +300,12 @@ def main() -> None:
             )
         rows = []
         no_prefetch = {"MONOQUANT_CHECKPOINT_PREFETCH": "0"}
-        no_reuse = {"MONOQUANT_REUSE_FREED_MEMORY": "0"}
         for threads in args.threads or [None]:
             for label, code, extra, env in [
                 ("plain load+save copy", COPY, [], None),
                 ("Mono Quant int8 (minmax)", QUANT, ["int8", "1"], None),
                 ("Mono Quant int4-group (minmax + lsq, g128)", QUANT, ["int4-group", "1"], None),
                 ("int4-group, no read-ahead", QUANT, ["int4-group", "1"], no_prefetch),
-                ("int4-group, freed memory not reused", QUANT, ["int4-group", "1"], no_reuse),
             ]:
                 rows.append(measure(work, label, code, src, extra, threads, env))
             if args.baseline:

@@ -41,7 +41,6 @@ from .components import Serializer
 from .distributed import Group, assign, current_group
 from .errors import MonoQuantError
 from .files import producers, serializer_for_write
-from .heap import reuse_freed_memory
 from .journal import Journal, Record
 from .plan import Plan
 from .report import QuantReport
@@ -76,23 +75,6 @@ def quantize_checkpoint(
     distributed: bool | None = None,
 ) -> QuantReport:
     """See :meth:`monoquant_core.Engine.quantize_checkpoint`."""
-    with reuse_freed_memory():  # the same sizes are allocated over and over (heap.py)
-        return _quantize_checkpoint(run, src, dst, overwrite, trust_pickle, allow_nonfinite,
-                                    progress, serializer, resume, distributed)  # fmt: skip
-
-
-def _quantize_checkpoint(
-    run: Run,
-    src: str,
-    dst: str,
-    overwrite: bool,
-    trust_pickle: bool,
-    allow_nonfinite: bool,
-    progress: bool,
-    serializer: str | None,
-    resume: bool,
-    distributed: bool | None,
-) -> QuantReport:
     t0 = time.perf_counter()
     group = current_group() if distributed is not False else Group()
     try:

@@ -41,22 +41,32 @@ from monoquant_core.activations import fake_quantize_static, static_act_params
 from monoquant_core.hardware import has_bf16_compute
 from monoquant_core.qtensor import QTensor
 
-from . import cpu_kernels, dequant, gemv, int4_gemv
+from . import bf16_gemm, cpu_kernels, dequant, gemv, int4_gemv
+from .bf16_gemm import bf16_gemm_library
 from .cpu_kernels import Prepared, crossover, expected_speedup, scratch
 from .dequant import dequant_library
 from .gemv import gemv_library
 from .int4_gemv import int4_gemv_library
 
 #: every kernel by name: PyTorch-op ones, the C-conversion ones and the C GEMVs
-KERNELS = {**cpu_kernels.KERNELS, **dequant.KERNELS, **gemv.KERNELS, **int4_gemv.KERNELS}
+KERNELS = {
+    **cpu_kernels.KERNELS,
+    **dequant.KERNELS,
+    **gemv.KERNELS,
+    **int4_gemv.KERNELS,
+    **bf16_gemm.KERNELS,
+}
 DESCRIPTIONS = {
     **cpu_kernels.DESCRIPTIONS,
+    **bf16_gemm.DESCRIPTIONS,
     **dequant.DESCRIPTIONS,
     **gemv.DESCRIPTIONS,
     **int4_gemv.DESCRIPTIONS,
 }
 #: the kernels that take the bias (the caller adds it for the others)
-FUSED_BIAS = dequant.FUSED_BIAS | set(gemv.KERNELS) | set(int4_gemv.KERNELS)
+FUSED_BIAS = (
+    dequant.FUSED_BIAS | set(gemv.KERNELS) | set(int4_gemv.KERNELS) | set(bf16_gemm.KERNELS)
+)
 
 _GROUPS = (32, 64, 128, 256)
 #: first M at which a bfloat16 model's fp16 weights run the bf16 F.linear (``bench/kernels.py``:
@@ -136,6 +146,8 @@ def _schedule(scheme: str, activations: str, n: int, k: int, gs: int | None, dty
         if activations == "static":
             return ((1, "int8-static"),)
         gemm = "int8-gemm-c" if _native() else "int8-gemm"
+        if bf16_gemm.fits(n, k) and _compute() == torch.bfloat16 and bf16_gemm_library():
+            gemm = "int8-gemm-bf16"  # our AVX512-BF16 GEMM on the stored codes
         if gemv_library() is not None:
             return ((1, "int8-gemv-c"), (crossover("int8-c", n, k, _override()), gemm))
         if k % 16 or not _has("_weight_int8pack_mm"):
@@ -281,7 +293,7 @@ def _prepare_int8(qt: QTensor, scheme, sched, n: int, k: int) -> Prepared:
             return _static_prepare(qt, scheme, t["packed"], n, k)
     if "int8-weight" in kinds:
         t["s_bf16"] = scale.to(torch.bfloat16)
-    if kinds & {"int8-gemm", "int8-gemm-c"}:
+    if kinds & {"int8-gemm", "int8-gemm-c", "int8-gemm-bf16"}:
         t["compute"] = _compute()
         t["s_compute"] = scale.to(t["compute"])
     return Prepared(n, k, sched, t)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from monoquant_plugins.backends.bf16_gemm import bf16_gemm_library
 from monoquant_plugins.backends.dequant import dequant_library
 from monoquant_plugins.backends.gemv import gemv_library
 from monoquant_plugins.backends.int4_gemv import int4_gemv_library
@@ -13,6 +14,7 @@ from monoquant_plugins.backends.torch_cpu import DESCRIPTIONS
 from torch import nn
 
 from monoquant_core import Engine
+from monoquant_core.hardware import has_bf16_compute
 from monoquant_core.testing import odd_inputs
 from tests.helpers import fast_and_reference, rel_err
 
@@ -39,7 +41,11 @@ PICKS = {
     ("int8", "dynamic-tensor"): ("int8-dynamic-tensor", "int8-dynamic-tensor"),
     ("int8", "none"): (
         "int8-gemv-c" if gemv_library() else "int8-weight",
-        "int8-gemm-c" if dequant_library() else "int8-gemm",
+        "int8-gemm-bf16"
+        if bf16_gemm_library() and has_bf16_compute()
+        else "int8-gemm-c"
+        if dequant_library()
+        else "int8-gemm",
     ),
     ("int4-group", "none"): (
         "int4-gemv-c" if int4_gemv_library() else "int4",

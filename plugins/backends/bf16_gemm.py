@@ -1,0 +1,74 @@
+"""The many-row kernel of the ``torch-cpu`` backend's int8 weight-only layers on CPUs with
+AVX512-BF16 (``int8-gemm-bf16``): a GEMM of our own (``bf16_gemm_kernels.c``, built on first use
+by :mod:`.native`) that converts each panel of 32 weight rows from the stored int8 codes into
+bfloat16 pairs once per call and multiplies every input row with it by ``vdpbf16ps``, the
+per-channel scale and the bias applied to the float32 sums. No second copy of the weight is
+kept; nothing goes through oneDNN.
+
+It replaces "convert ``q * s`` into bfloat16 blocks, then a oneDNN bf16 GEMM per block"
+(:mod:`.dequant`) where it can run (``K % 64 == 0``, ``N % 32 == 0``): that path paid the
+conversion on top of a GEMM of the bf16 ``nn.Linear``'s speed, so a bfloat16 model ran its int8
+layers at 0.77-0.9x its own bf16 layers at 32-128 rows (docs/performance.md has the tables;
+``python bench/kernels.py``). Numerics: the codes are exact in bfloat16, so only the input
+(float32 inputs are rounded to bfloat16, as on the path it replaces) and the output are
+rounded."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from . import cpu_kernels as ck
+from .native import NativeLibrary
+
+__all__ = ["BF16_GEMM", "DESCRIPTIONS", "KERNELS", "bf16_gemm_library", "fits", "int8_gemm_bf16"]
+
+_P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+BF16_GEMM = NativeLibrary(
+    "bf16_gemm",
+    "bf16_gemm_kernels.c",
+    ("avx512f", "avx512bw", "avx512_bf16"),
+    ("-mavx512f", "-mavx512bw", "-mavx512bf16"),
+    1,
+    {"mq_int8_gemm_bf16": ([_P, _I, _I, _P, _I, _P, _P, _P, _C, _C], ctypes.c_int)},
+)
+
+
+def bf16_gemm_library() -> ctypes.CDLL | None:
+    """The kernel, or None where it cannot run (no AVX512-BF16, no C compiler, a failed
+    build: ``monoquant env`` says why)."""
+    return BF16_GEMM.library()[0]
+
+
+def fits(n: int, k: int) -> bool:
+    """Whether a ``[n, k]`` weight has the shape the kernel takes."""
+    return n % 32 == 0 and k % 64 == 0 and k > 0
+
+
+def int8_gemm_bf16(x: torch.Tensor, p: ck.Prepared, bias: torch.Tensor | None = None):
+    """``(x @ q^T) * s + bias`` with bfloat16 inputs and float32 sums: bfloat16 out for bfloat16
+    inputs, float32 otherwise (the caller casts float16 back)."""
+    t = p.tensors
+    xb = x if x.dtype == torch.bfloat16 and x.is_contiguous() else x.to(torch.bfloat16).contiguous()
+    out_f32 = x.dtype != torch.bfloat16
+    y = torch.empty(x.shape[0], p.n, dtype=torch.float32 if out_f32 else torch.bfloat16)
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.to(torch.float32).contiguous()
+    rc = bf16_gemm_library().mq_int8_gemm_bf16(
+        xb.data_ptr(), x.shape[0], p.k, t["wq"].data_ptr(), p.n, t["s"].data_ptr(),
+        None if bias is None else bias.data_ptr(), y.data_ptr(), int(out_f32),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError(f"int8-gemm-bf16: no memory for {x.shape[0]} packed input rows")
+    return y
+
+
+KERNELS = {"int8-gemm-bf16": int8_gemm_bf16}
+
+#: what each kernel is, as ``monoquant plan`` shows it
+DESCRIPTIONS = {
+    "int8-gemm-bf16": "int8 rows -> bf16 panels (C, per call) + AVX512-BF16 GEMM (C), "
+    "scale on the sums",
+}

@@ -1,0 +1,187 @@
+/* Mono Quant: int8 weight-only GEMM with AVX512-BF16 dot products, for many input rows.
+ *
+ * Compiled on first use by plugins/backends/native.py (``cc -O3 -mavx512f -mavx512bw
+ * -mavx512bf16 -shared``, with -fopenmp where the compiler has it) and called through ctypes;
+ * every pointer comes from a contiguous torch tensor.
+ *
+ * out[m][n] = s[n] * sum_k x[m][k] * q[n][k] + bias[n], x in bfloat16, q the int8 codes of the
+ * row-major weight [N, K] (as stored: no second layout is kept), float32 accumulation,
+ * the per-channel scale and the bias applied to the float32 sums, the output rounded once
+ * (bfloat16, round to nearest even) or written in float32.
+ *
+ * The int8 codes are exact in bfloat16, so the only roundings are the input's (if it was
+ * float32) and the output's: more accurate than converting q * s into bfloat16 first.
+ *
+ * Loop order: threads split the output columns in panels of 32. Each panel's 32 weight rows
+ * are converted once per call into bfloat16 pairs [K/2][32][2] (a 16x16 transpose of 4-byte
+ * groups, a byte shuffle, a widening), the layout vdpbf16ps takes; every tile of up to 12 input
+ * rows is then multiplied with it (24 accumulators: 12 rows x 2 vectors of 16 columns). The
+ * input rows are packed per tile as [K/2][rows] pairs first, so the broadcasts read one stream
+ * (rows 8 KiB apart at K = 4096 fall into one L1 set). Requires K % 64 == 0 and N % 32 == 0;
+ * the Python side sends other shapes to the other kernels.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+int mq_abi_version(void) { return 1; }
+
+#define MR 12
+
+#define SHUF(a, b, i) \
+    _mm512_castps_si512(_mm512_shuffle_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), i))
+
+/* r[0..15]: 16 rows of 16 4-byte groups -> r[u] holds group u of the 16 rows (a transpose). */
+static inline __attribute__((always_inline)) void transpose16(__m512i *r) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int g = 0; g < 16; g += 4) {
+        r[g] = SHUF(t[g], t[g + 2], 0x44);
+        r[g + 1] = SHUF(t[g], t[g + 2], 0xEE);
+        r[g + 2] = SHUF(t[g + 1], t[g + 3], 0x44);
+        r[g + 3] = SHUF(t[g + 1], t[g + 3], 0xEE);
+    }
+    for (int h = 0; h < 16; h += 8)
+        for (int i = 0; i < 4; i++) {
+            t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
+            t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
+        }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    }
+}
+
+/* 16 pairs of int8 (32 bytes: lanes 0-1 of v, or 2-3 when high) -> 32 bfloat16 */
+static inline __m512i widen_pairs(__m512i v, int high) {
+    const __m128i a = high ? _mm512_extracti32x4_epi32(v, 2) : _mm512_extracti32x4_epi32(v, 0);
+    const __m128i b = high ? _mm512_extracti32x4_epi32(v, 3) : _mm512_extracti32x4_epi32(v, 1);
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+/* 32 int8 weight rows (row stride k) -> bfloat16 [k/2][32][2] (exact: the codes are integers) */
+static void convert_panel(const int8_t *q, int64_t k, uint16_t *dst) {
+    /* within each 128-bit lane (4 rows x 4 bytes): the (k, k+1) pairs first, then (k+2, k+3) */
+    const __m512i pairs = _mm512_set4_epi32(0x0F0E0B0A, 0x07060302, 0x0D0C0908, 0x05040100);
+    const __m512i halves = _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0);
+    for (int64_t c = 0; c < k; c += 64)
+        for (int h = 0; h < 2; h++) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(q + (h * 16 + i) * k + c);
+            transpose16(r);
+            for (int u = 0; u < 16; u++) {
+                __m512i v = _mm512_permutexvar_epi64(halves, _mm512_shuffle_epi8(r[u], pairs));
+                const int64_t j = (c + 4 * u) / 2; /* the first of the two k-pairs */
+                _mm512_storeu_si512(dst + j * 64 + h * 32, widen_pairs(v, 0));
+                _mm512_storeu_si512(dst + (j + 1) * 64 + h * 32, widen_pairs(v, 1));
+            }
+        }
+}
+
+static inline uint16_t round_bf16(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    if ((u & 0x7f800000u) == 0x7f800000u) return (uint16_t)((u >> 16) | ((u & 0xffff) ? 0x40 : 0));
+    u += 0x7fff + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+/* mr rows (packed [kp][mr] pairs) x one panel: 32 outputs per row, scaled, biased, stored */
+static inline __attribute__((always_inline)) void
+tile(const int mr, const uint32_t *a, const uint16_t *b, int64_t kp, const float *sc,
+     const float *bias, void *out, int64_t ldo, int out_f32) {
+    __m512 acc[MR][2];
+    for (int r = 0; r < mr; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < kp; j++) {
+        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + j * 64);
+        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + j * 64 + 32);
+        for (int r = 0; r < mr; r++) {
+            const __m512bh x = (__m512bh)_mm512_set1_epi32((int)a[j * mr + r]);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, b0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, b1);
+        }
+    }
+    const __m512 s0 = _mm512_loadu_ps(sc), s1 = _mm512_loadu_ps(sc + 16);
+    const __m512 c0 = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+    const __m512 c1 = bias ? _mm512_loadu_ps(bias + 16) : _mm512_setzero_ps();
+    for (int r = 0; r < mr; r++) {
+        const __m512 y0 = _mm512_fmadd_ps(acc[r][0], s0, c0);
+        const __m512 y1 = _mm512_fmadd_ps(acc[r][1], s1, c1);
+        if (out_f32) {
+            float *o = (float *)out + r * ldo;
+            _mm512_storeu_ps(o, y0);
+            _mm512_storeu_ps(o + 16, y1);
+        } else {
+            float tmp[32];
+            _mm512_storeu_ps(tmp, y0);
+            _mm512_storeu_ps(tmp + 16, y1);
+            uint16_t *o = (uint16_t *)out + r * ldo;
+            for (int c = 0; c < 32; c++) o[c] = round_bf16(tmp[c]);
+        }
+    }
+}
+
+/* x bf16 [m, k], q int8 [n, k] row-major, scale fp32 [n], bias fp32 [n] or NULL ->
+ * out [m, n] (float32 when out_f32, else bfloat16). k % 64 == 0, n % 32 == 0.
+ * Returns 0, or -1 when memory for the packed input could not be allocated. */
+int mq_int8_gemm_bf16(const uint16_t *x, int64_t m, int64_t k, const int8_t *q, int64_t n,
+                      const float *scale, const float *bias, void *out, int out_f32,
+                      int nthreads) {
+    const int64_t kp = k / 2, panels = n / 32, tiles = (m + MR - 1) / MR;
+    uint32_t *ap = aligned_alloc(64, ((size_t)m * kp * 4 + 63) / 64 * 64);
+    int64_t *start = malloc((size_t)(tiles + 1) * sizeof(int64_t));
+    if (!ap || !start) {
+        free(ap);
+        free(start);
+        return -1;
+    }
+    for (int64_t t = 0, i = 0; t < tiles; t++) { /* balanced tiles of at most MR rows */
+        const int64_t r = (m - i + (tiles - t) - 1) / (tiles - t);
+        start[t] = i;
+        uint32_t *dst = ap + i * kp;
+        for (int64_t rr = 0; rr < r; rr++) {
+            const uint32_t *row = (const uint32_t *)(x + (i + rr) * k);
+            for (int64_t j = 0; j < kp; j++) dst[j * r + rr] = row[j];
+        }
+        i += r;
+    }
+    start[tiles] = m;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        uint16_t *panel = aligned_alloc(64, (size_t)kp * 64 * 2);
+        if (!panel) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; p++) {
+            if (!panel) continue;
+            convert_panel(q + p * 32 * k, k, panel);
+            const float *sc = scale + p * 32, *bi = bias ? bias + p * 32 : NULL;
+            for (int64_t t = 0; t < tiles; t++) {
+                const int64_t i = start[t], r = start[t + 1] - i;
+                void *o = out_f32 ? (void *)((float *)out + i * n + p * 32)
+                                  : (void *)((uint16_t *)out + i * n + p * 32);
+                const uint32_t *a = ap + i * kp;
+                switch (r) {
+#define TILE(R) \
+    case R: tile(R, a, panel, kp, sc, bi, o, n, out_f32); break;
+                    TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
+                    TILE(7) TILE(8) TILE(9) TILE(10) TILE(11) TILE(12)
+                    default: break;
+                }
+            }
+        }
+        free(panel);
+    }
+    free(ap);
+    free(start);
+    return failed ? -1 : 0;
+}

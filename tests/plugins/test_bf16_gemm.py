@@ -1,0 +1,96 @@
+"""The int8 AVX512-BF16 GEMM of torch-cpu (plugins/backends/bf16_gemm_kernels.c,
+``int8-gemm-bf16``): its float32 sums equal to the exact products of the bfloat16 inputs and the
+codes up to float32 summation rounding, its bfloat16 output the float32 result rounded once, the
+same bits on 1 and 2 threads, and the dispatch (many rows, shapes it takes) as the plan shows it.
+Skipped with the reason on CPUs without AVX512-BF16 or without a C compiler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from monoquant_plugins.backends import bf16_gemm, cpu_kernels, torch_cpu
+from torch import nn
+
+from monoquant_core import Engine
+from tests.helpers import fast_and_reference, rel_err, with_1_and_2_threads
+
+LIB, REASON = bf16_gemm.BF16_GEMM.library()
+needs_lib = pytest.mark.skipif(LIB is None, reason=f"C bf16 GEMM: {REASON}")
+
+
+def _layer(n: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    s = torch.rand(n, generator=g) * 0.01 + 1e-4
+    p = cpu_kernels.Prepared(n, k, ((1, "int8-gemm-bf16"),), {"wq": q, "s": s})
+    return q, s, p
+
+
+@needs_lib
+@settings(max_examples=40, deadline=None)
+@given(
+    panels=st.integers(1, 5),
+    chunks=st.integers(1, 7),
+    m=st.integers(1, 40),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_sums_are_the_exact_products_up_to_float32_rounding(panels, chunks, m, bias, seed):
+    n, k = 32 * panels, 64 * chunks
+    q, s, p = _layer(n, k, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    b = torch.randn(n, generator=g) if bias else None
+    y32 = bf16_gemm.int8_gemm_bf16(x.float(), p, b)  # float32 in: rounded to bf16, f32 out
+    exact = (x.double() @ q.double().T) * s.double() + (0 if b is None else b.double())
+    bound = 64 * k * 2.0**-24 * ((x.double().abs() @ q.double().abs().T) * s.double()).max()
+    assert y32.dtype == torch.float32
+    assert (y32.double() - exact).abs().max() <= bound + 1e-12
+    ybf = bf16_gemm.int8_gemm_bf16(x, p, b)  # bfloat16 in and out: the same sums, rounded once
+    assert ybf.dtype == torch.bfloat16 and torch.equal(ybf, y32.to(torch.bfloat16))
+
+
+@needs_lib
+def test_one_and_two_threads_give_the_same_bits():
+    *_, p = _layer(320, 448, 3)
+    x = torch.randn(37, 448).to(torch.bfloat16)
+    one, two = with_1_and_2_threads(lambda: bf16_gemm.int8_gemm_bf16(x, p, None))
+    assert torch.equal(one, two)
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_layer_runs_it_from_the_crossover_on_and_matches_reference(dtype, monkeypatch):
+    monkeypatch.setattr(torch_cpu, "has_bf16_compute", lambda: True)
+    fast, ref = fast_and_reference(96, 256, "int8", {})
+    p = fast[0].prepared()
+    first = p.kernels[1][0]
+    assert p.pick(first) == "int8-gemm-bf16" and p.pick(first - 1) == "int8-gemv-c"
+    x = torch.randn(2, first + 5, 256).to(dtype)
+    with torch.no_grad():
+        y, r = fast(x), ref(x)
+    assert y.dtype == dtype and y.shape == (2, first + 5, 96)
+    assert rel_err(y, r) < 1.5e-2
+    plan = Engine().plan(nn.Sequential(nn.Linear(256, 96)), scheme="int8")
+    assert plan.get("0").kernels[1] == f"M >= {first}: {bf16_gemm.DESCRIPTIONS['int8-gemm-bf16']}"
+
+
+@pytest.mark.parametrize("shape", [(40, 256), (96, 200), (96, 32)])
+def test_shapes_it_does_not_take_run_the_other_gemm(shape, monkeypatch):
+    monkeypatch.setattr(torch_cpu, "has_bf16_compute", lambda: True)
+    n, k = shape
+    assert not bf16_gemm.fits(n, k)
+    fast, ref = fast_and_reference(n, k, "int8", {})
+    kinds = {name for _, name in fast[0].prepared().kernels}
+    assert "int8-gemm-bf16" not in kinds
+    x = torch.randn(70, k)
+    with torch.no_grad():
+        assert rel_err(fast(x), ref(x)) < 1.5e-2
+
+
+def test_without_the_library_the_other_gemm_runs(monkeypatch):
+    monkeypatch.setattr(torch_cpu, "bf16_gemm_library", lambda: None)
+    fast, _ = fast_and_reference(96, 256, "int8", {})
+    assert "int8-gemm-bf16" not in {name for _, name in fast[0].prepared().kernels}
