@@ -22,7 +22,17 @@ import torch
 from . import cpu_kernels as ck
 from .native import NativeLibrary
 
-__all__ = ["BF16_GEMM", "DESCRIPTIONS", "KERNELS", "bf16_gemm_library", "fits", "int8_gemm_bf16"]
+__all__ = [
+    "BF16_GEMM",
+    "DESCRIPTIONS",
+    "KERNELS",
+    "bf16_gemm_library",
+    "fits",
+    "fits_int4",
+    "int4_gemm_bf16",
+    "int4_tensors",
+    "int8_gemm_bf16",
+]
 
 _P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 BF16_GEMM = NativeLibrary(
@@ -31,7 +41,10 @@ BF16_GEMM = NativeLibrary(
     ("avx512f", "avx512bw", "avx512_bf16"),
     ("-mavx512f", "-mavx512bw", "-mavx512bf16"),
     1,
-    {"mq_int8_gemm_bf16": ([_P, _I, _I, _P, _I, _P, _P, _P, _C, _C], ctypes.c_int)},
+    {
+        "mq_int8_gemm_bf16": ([_P, _I, _I, _P, _I, _P, _P, _P, _C, _C], ctypes.c_int),
+        "mq_int4_gemm_bf16": ([_P, _I, _I, _P, _I, _I, _P, _P, _C, _P, _P, _C, _C], ctypes.c_int),
+    },
 )
 
 
@@ -46,29 +59,73 @@ def fits(n: int, k: int) -> bool:
     return n % 32 == 0 and k % 64 == 0 and k > 0
 
 
+def fits_int4(n: int, k: int, gs: int | None) -> bool:
+    """Whether an int4-group ``[n, k]`` weight with groups of ``gs`` has a shape it takes."""
+    return n % 32 == 0 and k % 128 == 0 and k > 0 and gs in (32, 64, 128, 256) and k % gs == 0
+
+
+def int4_tensors(qt) -> dict:
+    """The int4 kernel's operands of an int4-group QTensor: the stored codes and the per-group
+    scale and zero * scale, float32, transposed to ``[K / gs, N]``."""
+    scale = qt.scale.to(torch.float32)
+    zero = torch.full_like(scale, 8.0) if qt.symmetric else qt.zero_point.to(torch.float32)
+    return {
+        "codes4": qt.qdata.contiguous(),
+        "st": scale.t().contiguous(),
+        "zt": (zero * scale).t().contiguous(),
+        "flip4": bool(qt.symmetric),
+    }
+
+
+def _operands(x: torch.Tensor, n: int, bias: torch.Tensor | None):
+    xb = x if x.dtype == torch.bfloat16 and x.is_contiguous() else x.to(torch.bfloat16).contiguous()
+    out_f32 = x.dtype != torch.bfloat16
+    y = torch.empty(x.shape[0], n, dtype=torch.float32 if out_f32 else torch.bfloat16)
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.to(torch.float32).contiguous()
+    return xb, out_f32, y, bias  # the caller holds the float32 bias while the kernel runs
+
+
+def _check(rc: int, kind: str, m: int) -> None:
+    if rc != 0:
+        raise MemoryError(f"{kind}: no memory for {m} packed input rows")
+
+
 def int8_gemm_bf16(x: torch.Tensor, p: ck.Prepared, bias: torch.Tensor | None = None):
     """``(x @ q^T) * s + bias`` with bfloat16 inputs and float32 sums: bfloat16 out for bfloat16
     inputs, float32 otherwise (the caller casts float16 back)."""
-    t = p.tensors
-    xb = x if x.dtype == torch.bfloat16 and x.is_contiguous() else x.to(torch.bfloat16).contiguous()
-    out_f32 = x.dtype != torch.bfloat16
-    y = torch.empty(x.shape[0], p.n, dtype=torch.float32 if out_f32 else torch.bfloat16)
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-        bias = bias.to(torch.float32).contiguous()
+    t, m = p.tensors, x.shape[0]
+    xb, out_f32, y, b = _operands(x, p.n, bias)
     rc = bf16_gemm_library().mq_int8_gemm_bf16(
-        xb.data_ptr(), x.shape[0], p.k, t["wq"].data_ptr(), p.n, t["s"].data_ptr(),
-        None if bias is None else bias.data_ptr(), y.data_ptr(), int(out_f32),
-        torch.get_num_threads(),
+        xb.data_ptr(), m, p.k, t["wq"].data_ptr(), p.n, t["s"].data_ptr(),
+        None if b is None else b.data_ptr(), y.data_ptr(),
+        int(out_f32), torch.get_num_threads(),
     )  # fmt: skip
-    if rc != 0:
-        raise MemoryError(f"int8-gemm-bf16: no memory for {x.shape[0]} packed input rows")
+    _check(rc, "int8-gemm-bf16", m)
     return y
 
 
-KERNELS = {"int8-gemm-bf16": int8_gemm_bf16}
+def int4_gemm_bf16(x: torch.Tensor, p: ck.Prepared, bias: torch.Tensor | None = None):
+    """``x @ w^T + bias`` for an int4-group weight, ``w = (u - z) * s`` rounded to bfloat16
+    per panel, bfloat16 inputs, float32 sums; the output dtype as :func:`int8_gemm_bf16`."""
+    t, m = p.tensors, x.shape[0]
+    xb, out_f32, y, b = _operands(x, p.n, bias)
+    rc = bf16_gemm_library().mq_int4_gemm_bf16(
+        xb.data_ptr(), m, p.k, t["codes4"].data_ptr(), p.n, t["gs"], t["st"].data_ptr(),
+        t["zt"].data_ptr(), int(t["flip4"]), None if b is None else b.data_ptr(), y.data_ptr(),
+        int(out_f32),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "int4-gemm-bf16", m)
+    return y
+
+
+KERNELS = {"int8-gemm-bf16": int8_gemm_bf16, "int4-gemm-bf16": int4_gemm_bf16}
 
 #: what each kernel is, as ``monoquant plan`` shows it
 DESCRIPTIONS = {
     "int8-gemm-bf16": "int8 rows -> bf16 panels (C, per call) + AVX512-BF16 GEMM (C), "
     "scale on the sums",
+    "int4-gemm-bf16": "int4 rows -> bf16 panels of (u - z) * s (C, per call) + AVX512-BF16 "
+    "GEMM (C)",
 }

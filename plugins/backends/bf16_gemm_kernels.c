@@ -1,4 +1,5 @@
-/* Mono Quant: int8 weight-only GEMM with AVX512-BF16 dot products, for many input rows.
+/* Mono Quant: int8 and int4-group weight-only GEMMs with AVX512-BF16 dot products, for many
+ * input rows.
  *
  * Compiled on first use by plugins/backends/native.py (``cc -O3 -mavx512f -mavx512bw
  * -mavx512bf16 -shared``, with -fopenmp where the compiler has it) and called through ctypes;
@@ -11,6 +12,10 @@
  *
  * The int8 codes are exact in bfloat16, so the only roundings are the input's (if it was
  * float32) and the output's: more accurate than converting q * s into bfloat16 first.
+ *
+ * int4-group: the same GEMM, each panel converted from the stored codes (one byte per k-pair,
+ * low nibble first) into bfloat16 of the dequantized weight (u - z) * s, rounded once, as the
+ * conversion path it replaces did; no scale on the sums.
  *
  * Loop order: threads split the output columns in panels of 32. Each panel's 32 weight rows
  * are converted once per call into bfloat16 pairs [K/2][32][2] (a 16x16 transpose of 4-byte
@@ -93,6 +98,59 @@ static void convert_panel(const int8_t *q, int64_t k, uint16_t *dst) {
         }
 }
 
+/* 32 rows of stored int4 codes (row stride k / 2 bytes, low nibble first: one byte per
+ * k-pair) -> bfloat16 [k/2][32][2] of the dequantized weights (u - z) * s, rounded once.
+ * st, zt: the per-group scale and zero * scale transposed, [groups][n] (this panel's rows at
+ * st + row0); flip: symmetric codes, stored signed (u = code ^ 8). k % 128 == 0, gs >= 32. */
+static void convert_panel_int4(const uint8_t *c, int64_t k, int64_t gs, const float *st,
+                               const float *zt, int64_t n, int flip, uint16_t *dst) {
+    const int64_t half = k / 2;
+    const __m512i m15 = _mm512_set1_epi32(15), x8 = _mm512_set1_epi32(flip ? 8 : 0);
+    const __m512i mff = _mm512_set1_epi32(0xff);
+    /* lanes (row, nibble): rows 0-7 from lo/hi, then rows 8-15 */
+    const __m512i idx0 = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i idx1 =
+        _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    const __m512i dup0 = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i dup1 =
+        _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
+    for (int64_t cb = 0; cb < half; cb += 64) { /* 64 bytes: 64 k-pairs of each row */
+        for (int h = 0; h < 2; h++) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++) {
+                const uint8_t *row = c + (h * 16 + i) * half + cb;
+                _mm_prefetch((const char *)(row + PREFETCH), _MM_HINT_T0);
+                r[i] = _mm512_loadu_si512(row);
+            }
+            transpose16(r);
+            int64_t g = -1;
+            __m512 s0 = _mm512_setzero_ps(), s1 = s0, z0 = s0, z1 = s0;
+            for (int u = 0; u < 16; u++) {
+                for (int t = 0; t < 4; t++) {
+                    const int64_t j = cb + 4 * u + t; /* k-pair: k = 2j, 2j + 1 */
+                    if ((2 * j) / gs != g) {
+                        g = (2 * j) / gs;
+                        const __m512 sv = _mm512_loadu_ps(st + g * n + h * 16);
+                        const __m512 zv = _mm512_loadu_ps(zt + g * n + h * 16);
+                        s0 = _mm512_permutexvar_ps(dup0, sv);
+                        s1 = _mm512_permutexvar_ps(dup1, sv);
+                        z0 = _mm512_permutexvar_ps(dup0, zv);
+                        z1 = _mm512_permutexvar_ps(dup1, zv);
+                    }
+                    const __m512i v = _mm512_and_si512(_mm512_srli_epi32(r[u], 8 * t), mff);
+                    const __m512i lo = _mm512_xor_si512(_mm512_and_si512(v, m15), x8);
+                    const __m512i hi = _mm512_xor_si512(_mm512_srli_epi32(v, 4), x8);
+                    const __m512 w0 = _mm512_fmsub_ps(
+                        _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo, idx0, hi)), s0, z0);
+                    const __m512 w1 = _mm512_fmsub_ps(
+                        _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo, idx1, hi)), s1, z1);
+                    _mm512_storeu_si512(dst + j * 64 + h * 32, (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
+                }
+            }
+        }
+    }
+}
+
 /* mr rows (packed [kp][mr] pairs) x one panel: 32 outputs per row, scaled, biased, stored */
 static inline __attribute__((always_inline)) void
 tile(const int mr, const uint32_t *a, const uint16_t *b, int64_t kp, const float *sc,
@@ -108,7 +166,8 @@ tile(const int mr, const uint32_t *a, const uint16_t *b, int64_t kp, const float
             acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, b1);
         }
     }
-    const __m512 s0 = _mm512_loadu_ps(sc), s1 = _mm512_loadu_ps(sc + 16);
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 s0 = sc ? _mm512_loadu_ps(sc) : one, s1 = sc ? _mm512_loadu_ps(sc + 16) : one;
     const __m512 c0 = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
     const __m512 c1 = bias ? _mm512_loadu_ps(bias + 16) : _mm512_setzero_ps();
     for (int r = 0; r < mr; r++) {
@@ -124,12 +183,18 @@ tile(const int mr, const uint32_t *a, const uint16_t *b, int64_t kp, const float
     }
 }
 
-/* x bf16 [m, k], q int8 [n, k] row-major, scale fp32 [n], bias fp32 [n] or NULL ->
- * out [m, n] (float32 when out_f32, else bfloat16). k % 64 == 0, n % 32 == 0.
- * Returns 0, or -1 when memory for the packed input could not be allocated. */
-int mq_int8_gemm_bf16(const uint16_t *x, int64_t m, int64_t k, const int8_t *q, int64_t n,
-                      const float *scale, const float *bias, void *out, int out_f32,
-                      int nthreads) {
+/* What a panel is converted from: int8 codes (scale on the sums) or int4 codes with
+ * per-group parameters (dequantized in the conversion). */
+typedef struct {
+    const int8_t *q8;
+    const uint8_t *q4;
+    int64_t gs;
+    const float *st, *zt;
+    int flip;
+} weights_t;
+
+static int gemm(const uint16_t *x, int64_t m, int64_t k, int64_t n, const weights_t *w,
+                const float *scale, const float *bias, void *out, int out_f32, int nthreads) {
     const int64_t kp = k / 2, panels = n / 32, tiles = (m + MR - 1) / MR;
     uint32_t *ap = aligned_alloc(64, ((size_t)m * kp * 4 + 63) / 64 * 64);
     int64_t *start = malloc((size_t)(tiles + 1) * sizeof(int64_t));
@@ -160,8 +225,12 @@ int mq_int8_gemm_bf16(const uint16_t *x, int64_t m, int64_t k, const int8_t *q, 
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < panels; p++) {
             if (!panel) continue;
-            convert_panel(q + p * 32 * k, k, panel);
-            const float *sc = scale + p * 32, *bi = bias ? bias + p * 32 : NULL;
+            if (w->q8)
+                convert_panel(w->q8 + p * 32 * k, k, panel);
+            else
+                convert_panel_int4(w->q4 + p * 32 * (k / 2), k, w->gs, w->st + p * 32,
+                                   w->zt + p * 32, n, w->flip, panel);
+            const float *sc = scale ? scale + p * 32 : NULL, *bi = bias ? bias + p * 32 : NULL;
             for (int64_t t = 0; t < tiles; t++) {
                 const int64_t i = start[t], r = start[t + 1] - i;
                 void *o = out_f32 ? (void *)((float *)out + i * n + p * 32)
@@ -181,4 +250,24 @@ int mq_int8_gemm_bf16(const uint16_t *x, int64_t m, int64_t k, const int8_t *q, 
     free(ap);
     free(start);
     return failed ? -1 : 0;
+}
+
+/* x bf16 [m, k], q int8 [n, k] row-major, scale fp32 [n], bias fp32 [n] or NULL ->
+ * out [m, n] (float32 when out_f32, else bfloat16). k % 64 == 0, n % 32 == 0.
+ * Returns 0, or -1 when memory for the packed input could not be allocated. */
+int mq_int8_gemm_bf16(const uint16_t *x, int64_t m, int64_t k, const int8_t *q, int64_t n,
+                      const float *scale, const float *bias, void *out, int out_f32,
+                      int nthreads) {
+    const weights_t w = {q, NULL, 0, NULL, NULL, 0};
+    return gemm(x, m, k, n, &w, scale, bias, out, out_f32, nthreads);
+}
+
+/* The same for int4-group weights: codes [n, k / 2] as stored, st / zt the scale and zero *
+ * scale as float32 [k / gs, n] (transposed), flip for symmetric codes. k % 128 == 0,
+ * n % 32 == 0, gs in 32, 64, 128, 256 dividing k. */
+int mq_int4_gemm_bf16(const uint16_t *x, int64_t m, int64_t k, const uint8_t *codes, int64_t n,
+                      int64_t gs, const float *st, const float *zt, int flip, const float *bias,
+                      void *out, int out_f32, int nthreads) {
+    const weights_t w = {NULL, codes, gs, st, zt, flip};
+    return gemm(x, m, k, n, &w, NULL, bias, out, out_f32, nthreads);
 }

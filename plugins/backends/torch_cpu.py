@@ -156,6 +156,8 @@ def _schedule(scheme: str, activations: str, n: int, k: int, gs: int | None, dty
     if scheme == "int4-group":
         native = gs is not None and gs % 32 == 0 and _native()
         gemm = "int4-gemm-c" if native else "int4-gemm"
+        if bf16_gemm.fits_int4(n, k, gs) and _compute() == torch.bfloat16 and bf16_gemm_library():
+            gemm, native = "int4-gemm-bf16", True  # our AVX512-BF16 GEMM on the stored codes
         if gs in _GROUPS and int4_gemv_library() is not None:  # any N; then either GEMM
             first = crossover("int4-gemv-c" if native else "int4", n, k, _override())
             return ((1, "int4-gemv-c"), (first, gemm))
@@ -310,6 +312,9 @@ def _prepare_int4(qt: QTensor, sched, n: int, k: int) -> Prepared:
         t.update(int4pack_tensors(qt))
     if "int4-gemv-c" in kinds:
         t.update(int4_gemv.prepare(qt))
+    if "int4-gemm-bf16" in kinds:
+        t["compute"] = torch.bfloat16
+        t.update(bf16_gemm.int4_tensors(qt))
     if kinds & {"int4-gemm", "int4-gemm-c"}:
         t["compute"] = _compute()
         t["scale"] = scale.contiguous()

@@ -17,6 +17,7 @@ from monoquant_core import Engine
 from tests.helpers import fast_and_reference, rel_err, with_1_and_2_threads
 
 LIB, REASON = bf16_gemm.BF16_GEMM.library()
+ENGINE = Engine()
 needs_lib = pytest.mark.skipif(LIB is None, reason=f"C bf16 GEMM: {REASON}")
 
 
@@ -94,3 +95,69 @@ def test_without_the_library_the_other_gemm_runs(monkeypatch):
     monkeypatch.setattr(torch_cpu, "bf16_gemm_library", lambda: None)
     fast, _ = fast_and_reference(96, 256, "int8", {})
     assert "int8-gemm-bf16" not in {name for _, name in fast[0].prepared().kernels}
+
+
+def _int4_layer(n: int, k: int, gs: int, symmetric: bool, seed: int):
+    """An int4-group QTensor of a ``Linear(k, n)`` and its float64 dequantized weight."""
+    torch.manual_seed(seed)
+    opts = {"group_size": gs, "symmetric": symmetric, "method": "rtn"}
+    model, _ = ENGINE.quantize(
+        nn.Sequential(nn.Linear(k, n)), scheme="int4-group", scheme_options=opts,
+        backend="reference", progress=False,
+    )  # fmt: skip
+    qt = model[0].qtensor("weight")
+    w = model[0].scheme.dequantize(qt).double()
+    t = {"gs": gs, **bf16_gemm.int4_tensors(qt)}
+    return cpu_kernels.Prepared(n, k, ((1, "int4-gemm-bf16"),), t), w
+
+
+@needs_lib
+@settings(max_examples=15, deadline=None)
+@given(
+    panels=st.integers(1, 4),
+    gs=st.sampled_from([32, 64, 128, 256]),
+    groups=st.integers(1, 3),
+    m=st.integers(1, 30),
+    symmetric=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_int4_products_are_those_of_the_bf16_rounded_weight(panels, gs, groups, m, symmetric, seed):
+    n, k = 32 * panels, max(128, gs * groups)
+    k += (-k) % 128
+    if k % gs:
+        k = gs * (k // gs + 1)
+    p, w = _int4_layer(n, k, gs, symmetric, seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    y32 = bf16_gemm.int4_gemm_bf16(x.float(), p, None)
+    wb = w.float().to(torch.bfloat16).double()  # the dequantized weight, rounded once
+    exact = x.double() @ wb.T
+    bound = 64 * k * 2.0**-24 * (x.double().abs() @ wb.abs().T).max()
+    # the kernel rounds (u - z) * s after one fused multiply-subtract: a weight may land one
+    # bfloat16 step away from torch's two-step rounding, hence the second term
+    step = (x.double().abs() @ (w.abs() * 2.0**-8).T).max()
+    assert (y32.double() - exact).abs().max() <= bound + step + 1e-12
+    ybf = bf16_gemm.int4_gemm_bf16(x, p, None)
+    assert torch.equal(ybf, y32.to(torch.bfloat16))
+
+
+@needs_lib
+def test_int4_one_and_two_threads_give_the_same_bits():
+    p, _ = _int4_layer(320, 384, 128, False, 5)
+    x = torch.randn(29, 384).to(torch.bfloat16)
+    one, two = with_1_and_2_threads(lambda: bf16_gemm.int4_gemm_bf16(x, p, None))
+    assert torch.equal(one, two)
+
+
+@needs_lib
+@pytest.mark.parametrize("opts", [{}, {"group_size": 32, "symmetric": True}])
+def test_int4_layers_run_it_from_the_crossover_on(opts, monkeypatch):
+    monkeypatch.setattr(torch_cpu, "has_bf16_compute", lambda: True)
+    fast, ref = fast_and_reference(96, 256, "int4-group", opts)
+    p = fast[0].prepared()
+    first = p.kernels[1][0]
+    assert p.pick(first) == "int4-gemm-bf16"
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(first + 3, 256).to(dtype)
+        with torch.no_grad():
+            assert rel_err(fast(x), ref(x)) < 1.5e-2
+    assert not bf16_gemm.fits_int4(96, 320, 64) and not bf16_gemm.fits_int4(40, 256, 128)

@@ -55,7 +55,9 @@ def test_int4_rows_equal_the_dequantized_weight_in_bf16(n, groups, gs, symmetric
     k = gs * groups
     layer = _int4_layer(n, k, gs, symmetric, seed=n + groups)
     qt = layer.qtensor("weight")
-    t = torch_cpu.TorchCpuBackend().prepare(qt, None).tensors
+    with pytest.MonkeyPatch.context() as mp:  # the conversion path, not the bf16 GEMM
+        mp.setattr(torch_cpu, "bf16_gemm_library", lambda: None)
+        t = torch_cpu.TorchCpuBackend().prepare(qt, None).tensors
     out = torch.empty(n, k, dtype=torch.bfloat16)
     LIB.mq_int4_rows_bf16(
         t["codes"].data_ptr(), n, k, gs, t["scale"].data_ptr(), t["zs"].data_ptr(),
@@ -145,6 +147,7 @@ def test_torch_cpu_int4_runs_the_c_path_above_its_crossover(dtype, opts, monkeyp
 def test_without_the_library_int4_runs_the_torch_op_path(monkeypatch):
     monkeypatch.setattr(torch_cpu, "dequant_library", lambda: None)
     monkeypatch.setattr(torch_cpu, "int4_gemv_library", lambda: None)  # built from the same ISA
+    monkeypatch.setattr(torch_cpu, "bf16_gemm_library", lambda: None)
     monkeypatch.setattr(cpu_vnni, "dequant_library", lambda: None)
     plan = Engine().plan(nn.Sequential(nn.Linear(256, 64)), scheme="int4-group")
     assert not any("(C" in k for k in plan.get("0").kernels), plan.get("0").kernels

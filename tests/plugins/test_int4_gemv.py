@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from monoquant_plugins.backends import cpu_kernels, int4_gemv, native, torch_cpu
+from monoquant_plugins.backends import bf16_gemm, cpu_kernels, int4_gemv, native, torch_cpu
 from torch import nn
 
 from monoquant_core import Engine
@@ -126,7 +126,9 @@ def test_torch_cpu_int4_runs_the_c_gemv_below_its_crossover(dtype, shape, opts):
     fast, ref = fast_and_reference(n, k, "int4-group", opts)
     p = fast[0].prepared()
     first = cpu_kernels.crossover("int4-gemv-c", n, k)
-    gemm = "int4-gemm-c" if torch_cpu._native() else "int4-gemm"
+    own = bf16_gemm.fits_int4(n, k, p.tensors["gs"]) and bf16_gemm.bf16_gemm_library()
+    own = own and torch_cpu._compute() == torch.bfloat16
+    gemm = "int4-gemm-bf16" if own else "int4-gemm-c" if torch_cpu._native() else "int4-gemm"
     assert p.pick(1) == p.pick(first - 1) == "int4-gemv-c" and p.pick(first) == gemm
     entry = Engine().plan(nn.Sequential(nn.Linear(k, n)), scheme="int4-group", scheme_options=opts)
     kernels = entry.get("0").kernels
@@ -146,6 +148,7 @@ def test_torch_cpu_int4_runs_the_c_gemv_below_its_crossover(dtype, shape, opts):
 @needs_lib
 def test_without_the_c_gemm_the_gemv_hands_over_at_the_torch_op_crossover(monkeypatch):
     monkeypatch.setattr(torch_cpu, "dequant_library", lambda: None)
+    monkeypatch.setattr(torch_cpu, "bf16_gemm_library", lambda: None)
     fast, ref = fast_and_reference(64, 256, "int4-group", {})
     first = cpu_kernels.crossover("int4", 64, 256)
     p = fast[0].prepared()

@@ -49,7 +49,11 @@ PICKS = {
     ),
     ("int4-group", "none"): (
         "int4-gemv-c" if int4_gemv_library() else "int4",
-        "int4-gemm-c" if dequant_library() else "int4-gemm",
+        "int4-gemm-bf16"
+        if bf16_gemm_library() and has_bf16_compute()
+        else "int4-gemm-c"
+        if dequant_library()
+        else "int4-gemm",
     ),
     ("fp16", "none"): ("fp16", "fp16"),
     ("bf16", "none"): ("bf16", "bf16"),
