@@ -29,6 +29,7 @@ import torch
 from monoquant_core import Backend, Capabilities, Kernel, hookimpl
 from monoquant_core.qtensor import QTensor
 
+from . import bf16_gemm, cpu_kernels
 from .cpu_kernels import MIN_GEMM_ROWS, gemm_into, rows_per_block, scratch
 from .dequant import dequant_library
 from .native import NativeLibrary, find_compiler
@@ -93,6 +94,9 @@ class Prepared:
     packed: torch.Tensor  # uint8 [N, K / 2], chunks of 128 inputs, planar nibbles
     scale: torch.Tensor  # float32 [N, K / group_size]
     offset: torch.Tensor  # float32 [N, K / group_size]: w = code * scale + offset
+    #: torch-cpu's AVX512-BF16 GEMM on the stored codes (bfloat16 inputs, many rows), where
+    #: it runs and the shape fits; None: the conversion path (:func:`_bf16_gemm`)
+    own: cpu_kernels.Prepared | None = None
 
 
 def pack_chunks(codes: torch.Tensor) -> torch.Tensor:
@@ -140,6 +144,8 @@ class CpuVnniBackend(Backend):
         vnni = "AVX512-VNNI int4 x int8 kernel (C), per-token int8 inputs"
         if info.dtype == torch.bfloat16 and dequant_library() is not None:
             gemm = "int8 codes x int4 rows -> bf16 blocks (C) + bf16 GEMM"
+            if _own(*info.shape, info.spec.group_size):
+                gemm = "int8 codes x int4 rows -> bf16 panels (C) + AVX512-BF16 GEMM (C)"
             first = bf16_gemm_rows(info.shape[1], info.spec.group_size)
             return (Kernel(vnni, 1, first - 1), Kernel(gemm, first))
         return (Kernel(vnni),)
@@ -149,6 +155,8 @@ class CpuVnniBackend(Backend):
         if info.dtype == torch.bfloat16:
             first = bf16_gemm_rows(info.shape[1], info.spec.group_size)
             if rows >= first and dequant_library() is not None:
+                if _own(*info.shape, info.spec.group_size):
+                    return 1.0  # torch-cpu's own bf16 GEMM
                 return 0.8 if rows <= 128 else 0.95  # the bf16 GEMM path
             return 6.0 if rows == 1 else 2.5 if rows <= 8 else 1.0 if rows <= 128 else 0.6
         return 8.0 if rows == 1 else 4.5 if rows <= 128 else 1.3
@@ -163,7 +171,11 @@ class CpuVnniBackend(Backend):
             offset = -8.0 * scale
         else:  # w = (q - z) * s = q * s - z * s
             offset = -qt.zero_point.reshape(n, k // gs).to(torch.float32) * scale
-        return Prepared(n, k, gs, pack_chunks(codes), scale.contiguous(), offset.contiguous())
+        own = None
+        if _own(n, k, gs):  # the stored codes (no copy) and the transposed parameters
+            t = {"gs": gs, **bf16_gemm.int4_tensors(qt)}
+            own = cpu_kernels.Prepared(n, k, ((1, "int4-gemm-bf16"),), t)
+        return Prepared(n, k, gs, pack_chunks(codes), scale.contiguous(), offset.contiguous(), own)
 
     def linear(self, x: torch.Tensor, prepared: Prepared, bias: torch.Tensor | None):
         p = prepared
@@ -174,7 +186,8 @@ class CpuVnniBackend(Backend):
         if x.dtype == torch.bfloat16 and x.numel() >= bf16_gemm_rows(p.k, p.group_size) * p.k:
             gemm = dequant_library()
             if gemm is not None:
-                y = _bf16_gemm(gemm, x.reshape(-1, p.k).contiguous(), p)
+                xb = x.reshape(-1, p.k).contiguous()
+                y = _own_gemm(gemm, xb, p) if p.own is not None else _bf16_gemm(gemm, xb, p)
                 if bias is not None:
                     y = y.add_(bias) if bias.dtype == y.dtype else y + bias.to(y.dtype)
                 return y.reshape(*lead, p.n)
@@ -195,6 +208,24 @@ class CpuVnniBackend(Backend):
         if bias is not None:
             y = y.add_(bias) if bias.dtype == y.dtype else y + bias.to(y.dtype)
         return y.reshape(*lead, p.n)
+
+
+def _own(n: int, k: int, gs: int | None) -> bool:
+    """torch-cpu's AVX512-BF16 GEMM runs here and takes this shape."""
+    return bf16_gemm.fits_int4(n, k, gs) and bf16_gemm.bf16_gemm_library() is not None
+
+
+def _own_gemm(lib, x: torch.Tensor, p: Prepared) -> torch.Tensor:
+    """W4A8 for many bfloat16 rows on torch-cpu's own GEMM: the per-token int8 codes held in
+    bfloat16 (exact) times the weight panels dequantized into bfloat16 inside the GEMM, float32
+    sums, then each row times its scale (the numerics of :func:`_bf16_gemm`)."""
+    m, k, n = x.shape[0], p.k, p.n
+    q = scratch("w4a8.codes", (m, k), torch.bfloat16)
+    sx = torch.empty(m, 1, dtype=torch.float32)
+    lib.mq_quantize_rows_bf16(x.data_ptr(), m, k, q.data_ptr(), sx.data_ptr())
+    out = bf16_gemm.int4_gemm_bf16(q, p.own, None)
+    lib.mq_scale_rows_bf16(out.data_ptr(), m, n, sx.data_ptr())
+    return out
 
 
 def _bf16_gemm(lib, x: torch.Tensor, p: Prepared) -> torch.Tensor:

@@ -6,6 +6,8 @@ Skipped with the reason on CPUs without AVX512-BF16 or without a C compiler."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -161,3 +163,24 @@ def test_int4_layers_run_it_from_the_crossover_on(opts, monkeypatch):
         with torch.no_grad():
             assert rel_err(fast(x), ref(x)) < 1.5e-2
     assert not bf16_gemm.fits_int4(96, 320, 64) and not bf16_gemm.fits_int4(40, 256, 128)
+
+
+@needs_lib
+def test_w4a8_on_bf16_inputs_at_many_rows_runs_it_with_the_conversion_paths_numerics(monkeypatch):
+    from monoquant_plugins.backends import cpu_vnni
+
+    if cpu_vnni.library()[0] is None or cpu_vnni.dequant_library() is None:
+        pytest.skip(f"cpu-vnni: {cpu_vnni.library()[1] or 'no C dequantization library'}")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 256)).to(torch.bfloat16)
+    opts = {"activations": "dynamic"}
+    own, _ = ENGINE.quantize(copy.deepcopy(model), scheme="int4-group", scheme_options=opts)
+    assert own[0].backend.name == "cpu-vnni" and own[0].prepared().own is not None
+    monkeypatch.setattr(cpu_vnni, "_own", lambda *a: False)
+    conv, _ = ENGINE.quantize(copy.deepcopy(model), scheme="int4-group", scheme_options=opts)
+    assert conv[0].prepared().own is None
+    x = torch.randn(300, 512).to(torch.bfloat16)  # above cpu-vnni's bf16 hand-over
+    with torch.no_grad():
+        a, b = own(x), conv(x)
+    # the same codes, weights and roundings; float32 sums in another order
+    assert rel_err(a, b) < 8e-3
