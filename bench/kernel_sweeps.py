@@ -1,10 +1,11 @@
-"""The kernel sweeps of ``bench/kernels.py`` (``--crossover``, ``--chunks``): torch-cpu's
-few-row and many-row kernels timed on the same prepared weight at every M (where the crossover
-table should hand over), and W8A8 in one call against chunks of rows; and the small helpers
+"""The kernel sweeps of ``bench/kernels.py`` (``--crossover``, ``--chunks``, ``--own-gemm``):
+torch-cpu's few-row and many-row kernels timed on the same prepared weight at every M (where the
+crossover table should hand over), W8A8 in one call against chunks of rows, and the own bf16
+GEMM against the conversion path at many rows; and the small helpers
 the tables share (timing, available backends, relative error, pools of cold weight copies,
 the layers as they ran before torch-cpu's C GEMVs).
 
-Run them through ``python bench/kernels.py --crossover`` / ``--chunks``.
+Run them through ``python bench/kernels.py --crossover`` / ``--chunks`` / ``--own-gemm``.
 """
 
 from __future__ import annotations
@@ -187,3 +188,42 @@ def _alternating(fns: list, x: torch.Tensor, p, rounds: int) -> list[float]:
 def _timed_n(fn, x: torch.Tensor, p, n: int) -> list[float]:
     fn(x, p)
     return [_timed(lambda: fn(x, p)) for _ in range(n)]
+
+
+OWN_SHAPES = [(1024, 1024), (4096, 1024), (1024, 4096), (1536, 384), (384, 1536)]
+OWN_MS = [128, 256, 512, 1024, 2048, 4096]
+
+
+def own_gemm_table(rounds: int = 5) -> str:
+    """torch-cpu's own AVX512-BF16 GEMM against the conversion path (C conversion + oneDNN's
+    bf16 GEMM) on the same weight, bf16 inputs, per M: where the own GEMM should hand back
+    (``bf16_gemm.MAX_INPUT_ELEMENTS``). Ratio = conversion ms / own ms (> 1: own is faster)."""
+    from monoquant_plugins.backends import bf16_gemm
+
+    if bf16_gemm.bf16_gemm_library() is None:
+        return f"own bf16 GEMM: {bf16_gemm.BF16_GEMM.library()[1]}"
+    head = "| weight | scheme | " + " | ".join(f"M={m}" for m in OWN_MS) + " |"
+    lines = [head, "|---|---|" + "---|" * len(OWN_MS)]
+    for scheme, own, conv in (
+        ("int8", "int8-gemm-bf16", "int8-gemm-c"),
+        ("int4-group", "int4-gemm-bf16", "int4-gemm-c"),
+    ):
+        for n, k in OWN_SHAPES:
+            torch.manual_seed(0)
+            layer = nn.Sequential(nn.Linear(k, n)).to(torch.bfloat16)
+            q, _ = Engine().quantize(layer, scheme=scheme, progress=False)
+            p = q[0].prepared()
+            kinds = {name for _, name in p.kernels}
+            if own not in kinds or conv not in kinds:
+                return f"{scheme} {n}x{k}: this machine does not run both paths ({kinds})"
+            cells = []
+            for m in OWN_MS:
+                x = torch.randn(m, k).to(torch.bfloat16)
+                a, b = _alternating([torch_cpu.KERNELS[own], torch_cpu.KERNELS[conv]], x, p, rounds)
+                cells.append(f"{b / a:.2f}")
+            lines.append(f"| {n}x{k} | {scheme} | " + " | ".join(cells) + " |")
+            print(lines[-1], file=sys.stderr)
+    return (
+        "Own bf16 GEMM vs the conversion path, bf16 inputs, 1 thread "
+        "(conversion ms / own ms; > 1: the own GEMM is faster):\n\n" + "\n".join(lines)
+    )

@@ -5,6 +5,7 @@
     python bench/kernels.py --overhead            # our int8 layers vs the bare fbgemm kernel
     python bench/kernels.py --crossover           # torch-cpu's GEMV vs GEMM crossover M
     python bench/kernels.py --chunks              # W8A8 at many rows: one fbgemm call vs chunks
+    python bench/kernels.py --own-gemm            # the own bf16 GEMM vs the conversion path
 
 Linear 4096x4096 and 4096->11008 at M = 1, 8, 32, 128 tokens, in a float32 model (against
 fp32 and bf16 ``nn.Linear``) and in a bfloat16 model (bf16 inputs, against bf16 ``nn.Linear``).
@@ -50,6 +51,7 @@ from kernel_sweeps import (
     _timed,
     chunks_table,
     crossover_table,
+    own_gemm_table,
     pool_of,
     weight_bytes,
 )
@@ -345,7 +347,16 @@ def main() -> None:
         action="store_true",
         help="torch-cpu's W8A8 kernel at many rows: one fbgemm call vs row chunks",
     )
+    ap.add_argument(
+        "--own-gemm",
+        action="store_true",
+        help="torch-cpu's own bf16 GEMM vs the conversion path per M (where to hand back)",
+    )
     args = ap.parse_args()
+    if args.own_gemm:
+        torch.set_num_threads((args.threads or [1])[0])
+        print(own_gemm_table())
+        return
     if args.chunks:
         torch.set_num_threads((args.threads or [1])[0])
         print(chunks_table())

@@ -32,6 +32,7 @@ __all__ = [
     "int4_gemm_bf16",
     "int4_tensors",
     "int8_gemm_bf16",
+    "last_rows",
 ]
 
 _P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -52,6 +53,19 @@ def bf16_gemm_library() -> ctypes.CDLL | None:
     """The kernel, or None where it cannot run (no AVX512-BF16, no C compiler, a failed
     build: ``monoquant env`` says why)."""
     return BF16_GEMM.library()[0]
+
+
+#: input elements (M x K) up to which the own GEMM runs; above, the conversion path: every panel
+#: passes over the whole packed input, which then no longer stays in cache (``python
+#: bench/kernels.py --own-gemm``, 2026-12-02: on 1024x4096 weights the own GEMM was 0.99-1.30x
+#: the conversion path up to 1024 rows and 0.47-0.72x at 2048-4096; on 384x1536 0.93-0.96x at
+#: 2048 and 0.64-0.74x at 4096; on 1024-wide inputs 0.94-1.03x at 4096)
+MAX_INPUT_ELEMENTS = 3 << 20
+
+
+def last_rows(k: int) -> int:
+    """The most input rows the own GEMM takes for a weight with ``k`` inputs."""
+    return max(1, MAX_INPUT_ELEMENTS // max(1, k))
 
 
 def fits(n: int, k: int) -> bool:

@@ -147,7 +147,11 @@ def _schedule(scheme: str, activations: str, n: int, k: int, gs: int | None, dty
             return ((1, "int8-static"),)
         gemm = "int8-gemm-c" if _native() else "int8-gemm"
         if bf16_gemm.fits(n, k) and _compute() == torch.bfloat16 and bf16_gemm_library():
-            gemm = "int8-gemm-bf16"  # our AVX512-BF16 GEMM on the stored codes
+            if gemv_library() is not None:  # our AVX512-BF16 GEMM, then the conversion path
+                first = crossover("int8-c", n, k, _override())
+                last = max(first, bf16_gemm.last_rows(k))
+                return ((1, "int8-gemv-c"), (first, "int8-gemm-bf16"), (last + 1, gemm))
+            gemm = "int8-gemm-bf16"
         if gemv_library() is not None:
             return ((1, "int8-gemv-c"), (crossover("int8-c", n, k, _override()), gemm))
         if k % 16 or not _has("_weight_int8pack_mm"):
@@ -157,7 +161,11 @@ def _schedule(scheme: str, activations: str, n: int, k: int, gs: int | None, dty
         native = gs is not None and gs % 32 == 0 and _native()
         gemm = "int4-gemm-c" if native else "int4-gemm"
         if bf16_gemm.fits_int4(n, k, gs) and _compute() == torch.bfloat16 and bf16_gemm_library():
-            gemm, native = "int4-gemm-bf16", True  # our AVX512-BF16 GEMM on the stored codes
+            if gs in _GROUPS and int4_gemv_library() is not None:  # then the conversion path
+                first = crossover("int4-gemv-c", n, k, _override())
+                last = max(first, bf16_gemm.last_rows(k))
+                return ((1, "int4-gemv-c"), (first, "int4-gemm-bf16"), (last + 1, gemm))
+            gemm, native = "int4-gemm-bf16", True
         if gs in _GROUPS and int4_gemv_library() is not None:  # any N; then either GEMM
             first = crossover("int4-gemv-c" if native else "int4", n, k, _override())
             return ((1, "int4-gemv-c"), (first, gemm))

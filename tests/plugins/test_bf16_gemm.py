@@ -77,7 +77,10 @@ def test_the_layer_runs_it_from_the_crossover_on_and_matches_reference(dtype, mo
     assert y.dtype == dtype and y.shape == (2, first + 5, 96)
     assert rel_err(y, r) < 1.5e-2
     plan = Engine().plan(nn.Sequential(nn.Linear(256, 96)), scheme="int8")
-    assert plan.get("0").kernels[1] == f"M >= {first}: {bf16_gemm.DESCRIPTIONS['int8-gemm-bf16']}"
+    last = bf16_gemm.last_rows(256)  # then the conversion path: the input no longer in cache
+    desc = bf16_gemm.DESCRIPTIONS["int8-gemm-bf16"]
+    assert plan.get("0").kernels[1] == f"M {first}-{last}: {desc}"
+    assert p.pick(last) == "int8-gemm-bf16" and p.pick(last + 1) == "int8-gemm-c"
 
 
 @pytest.mark.parametrize("shape", [(40, 256), (96, 200), (96, 32)])

@@ -133,7 +133,8 @@ def test_torch_cpu_int4_runs_the_c_gemv_below_its_crossover(dtype, shape, opts):
     entry = Engine().plan(nn.Sequential(nn.Linear(k, n)), scheme="int4-group", scheme_options=opts)
     kernels = entry.get("0").kernels
     assert kernels[0] == f"M 1-{first - 1}: {int4_gemv.DESCRIPTIONS['int4-gemv-c']}"
-    assert kernels[1].startswith(f"M >= {first}: int4 rows -> ")
+    assert kernels[1].startswith((f"M >= {first}: int4 rows -> ", f"M {first}-"))
+    assert "int4 rows -> " in kernels[1]
     for m in range(1, 10):
         x = torch.randn(m, k)
         with torch.no_grad():
