@@ -144,9 +144,15 @@ class CpuVnniBackend(Backend):
         vnni = "AVX512-VNNI int4 x int8 kernel (C), per-token int8 inputs"
         if info.dtype == torch.bfloat16 and dequant_library() is not None:
             gemm = "int8 codes x int4 rows -> bf16 blocks (C) + bf16 GEMM"
-            if _own(*info.shape, info.spec.group_size):
-                gemm = "int8 codes x int4 rows -> bf16 panels (C) + AVX512-BF16 GEMM (C)"
             first = bf16_gemm_rows(info.shape[1], info.spec.group_size)
+            if _own(*info.shape, info.spec.group_size):  # then the blocks above its rows
+                own = "int8 codes x int4 rows -> bf16 panels (C) + AVX512-BF16 GEMM (C)"
+                last = max(first, bf16_gemm.last_rows(info.shape[1]))
+                return (
+                    Kernel(vnni, 1, first - 1),
+                    Kernel(own, first, last),
+                    Kernel(gemm, last + 1),
+                )
             return (Kernel(vnni, 1, first - 1), Kernel(gemm, first))
         return (Kernel(vnni),)
 
@@ -155,8 +161,9 @@ class CpuVnniBackend(Backend):
         if info.dtype == torch.bfloat16:
             first = bf16_gemm_rows(info.shape[1], info.spec.group_size)
             if rows >= first and dequant_library() is not None:
-                if _own(*info.shape, info.spec.group_size):
-                    return 1.0  # torch-cpu's own bf16 GEMM
+                own = _own(*info.shape, info.spec.group_size)
+                if own and rows <= bf16_gemm.last_rows(info.shape[1]):
+                    return 0.9  # torch-cpu's own bf16 GEMM (0.92-0.93x MiniLM, bench/e2e.py)
                 return 0.8 if rows <= 128 else 0.95  # the bf16 GEMM path
             return 6.0 if rows == 1 else 2.5 if rows <= 8 else 1.0 if rows <= 128 else 0.6
         return 8.0 if rows == 1 else 4.5 if rows <= 128 else 1.3
@@ -187,7 +194,8 @@ class CpuVnniBackend(Backend):
             gemm = dequant_library()
             if gemm is not None:
                 xb = x.reshape(-1, p.k).contiguous()
-                y = _own_gemm(gemm, xb, p) if p.own is not None else _bf16_gemm(gemm, xb, p)
+                own = p.own is not None and xb.shape[0] <= bf16_gemm.last_rows(p.k)
+                y = _own_gemm(gemm, xb, p) if own else _bf16_gemm(gemm, xb, p)
                 if bias is not None:
                     y = y.add_(bias) if bias.dtype == y.dtype else y + bias.to(y.dtype)
                 return y.reshape(*lead, p.n)

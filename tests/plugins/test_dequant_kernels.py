@@ -229,7 +229,7 @@ def test_w4a8_gemm_crossover_by_width_and_group_size():
         model = nn.Sequential(nn.Linear(4096, 64)).to(torch.bfloat16)
         opts = {**W4A8, "group_size": 32}
         entry = Engine().plan(model, scheme="int4-group", scheme_options=opts).get("0")
-        assert entry.kernels[1].startswith("M >= 96: ")
+        assert entry.kernels[1].startswith(("M >= 96: ", "M 96-768: "))  # own bf16 GEMM: 96-768
 
 
 # --------------------------------------------------------------------------- int8 GEMV
