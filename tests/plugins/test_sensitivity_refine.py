@@ -61,6 +61,7 @@ def test_the_measured_sqnr_is_the_mixs_and_a_correction_only_helps():
     assert abs(out["first_measured_sqnr_db"] - first["estimated_sqnr_db"]) < 1.0, out
 
 
+@pytest.mark.slow  # 4-5 s: a whole sensitivity pass and a refined quantize run
 def test_a_quantize_run_reports_estimate_and_measurement():
     data = [demo_inputs(seed=s) for s in range(2)]
     engine = Engine()
