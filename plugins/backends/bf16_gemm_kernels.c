@@ -66,6 +66,17 @@ static inline __attribute__((always_inline)) void transpose16(__m512i *r) {
     }
 }
 
+/* 64 bytes of each of 16 rows (stride bytes apart), each row prefetched PREFETCH bytes ahead,
+ * transposed: r[u] holds bytes 4u..4u+3 of the 16 rows */
+static inline __attribute__((always_inline)) void load_transposed(const uint8_t *p,
+                                                                  int64_t stride, __m512i *r) {
+    for (int i = 0; i < 16; i++) {
+        _mm_prefetch((const char *)(p + i * stride + PREFETCH), _MM_HINT_T0);
+        r[i] = _mm512_loadu_si512(p + i * stride);
+    }
+    transpose16(r);
+}
+
 /* 16 pairs of int8 (32 bytes: lanes 0-1 of v, or 2-3 when high) -> 32 bfloat16 */
 static inline __m512i widen_pairs(__m512i v, int high) {
     const __m128i a = high ? _mm512_extracti32x4_epi32(v, 2) : _mm512_extracti32x4_epi32(v, 0);
@@ -83,12 +94,7 @@ static void convert_panel(const int8_t *q, int64_t k, uint16_t *dst) {
     for (int64_t c = 0; c < k; c += 64)
         for (int h = 0; h < 2; h++) {
             __m512i r[16];
-            for (int i = 0; i < 16; i++) {
-                const int8_t *row = q + (h * 16 + i) * k + c;
-                _mm_prefetch((const char *)(row + PREFETCH), _MM_HINT_T0);
-                r[i] = _mm512_loadu_si512(row);
-            }
-            transpose16(r);
+            load_transposed((const uint8_t *)q + h * 16 * k + c, k, r);
             for (int u = 0; u < 16; u++) {
                 __m512i v = _mm512_permutexvar_epi64(halves, _mm512_shuffle_epi8(r[u], pairs));
                 const int64_t j = (c + 4 * u) / 2; /* the first of the two k-pairs */
@@ -117,12 +123,7 @@ static void convert_panel_int4(const uint8_t *c, int64_t k, int64_t gs, const fl
     for (int64_t cb = 0; cb < half; cb += 64) { /* 64 bytes: 64 k-pairs of each row */
         for (int h = 0; h < 2; h++) {
             __m512i r[16];
-            for (int i = 0; i < 16; i++) {
-                const uint8_t *row = c + (h * 16 + i) * half + cb;
-                _mm_prefetch((const char *)(row + PREFETCH), _MM_HINT_T0);
-                r[i] = _mm512_loadu_si512(row);
-            }
-            transpose16(r);
+            load_transposed(c + h * 16 * half + cb, half, r);
             int64_t g = -1;
             __m512 s0 = _mm512_setzero_ps(), s1 = s0, z0 = s0, z1 = s0;
             for (int u = 0; u < 16; u++) {
