@@ -1,12 +1,12 @@
 """The many-row kernel of the ``torch-cpu`` backend's int8 weight-only layers on CPUs with
 AVX512-BF16 (``int8-gemm-bf16``): a GEMM of our own (``bf16_gemm_kernels.c``, built on first use
-by :mod:`.native`) that converts each panel of 32 weight rows from the stored int8 codes into
+by :mod:`.native`) that converts each panel of 64 weight rows from the stored int8 codes into
 bfloat16 pairs once per call and multiplies every input row with it by ``vdpbf16ps``, the
 per-channel scale and the bias applied to the float32 sums. No second copy of the weight is
 kept; nothing goes through oneDNN.
 
 It replaces "convert ``q * s`` into bfloat16 blocks, then a oneDNN bf16 GEMM per block"
-(:mod:`.dequant`) where it can run (``K % 64 == 0``, ``N % 32 == 0``): that path paid the
+(:mod:`.dequant`) where it can run (``K % 64 == 0``, ``N % 64 == 0``): that path paid the
 conversion on top of a GEMM of the bf16 ``nn.Linear``'s speed, so a bfloat16 model ran its int8
 layers at 0.77-0.9x its own bf16 layers at 32-128 rows (docs/performance.md has the tables;
 ``python bench/kernels.py``). Numerics: the codes are exact in bfloat16, so only the input
@@ -70,12 +70,12 @@ def last_rows(k: int) -> int:
 
 def fits(n: int, k: int) -> bool:
     """Whether a ``[n, k]`` weight has the shape the kernel takes."""
-    return n % 32 == 0 and k % 64 == 0 and k > 0
+    return n % 64 == 0 and k % 64 == 0 and k > 0
 
 
 def fits_int4(n: int, k: int, gs: int | None) -> bool:
     """Whether an int4-group ``[n, k]`` weight with groups of ``gs`` has a shape it takes."""
-    return n % 32 == 0 and k % 128 == 0 and k > 0 and gs in (32, 64, 128, 256) and k % gs == 0
+    return n % 64 == 0 and k % 128 == 0 and k > 0 and gs in (32, 64, 128, 256) and k % gs == 0
 
 
 def int4_tensors(qt) -> dict:

@@ -17,14 +17,15 @@
  * low nibble first) into bfloat16 of the dequantized weight (u - z) * s, rounded once, as the
  * conversion path it replaces did; no scale on the sums.
  *
- * Loop order: threads split the output columns in panels of 32. Each panel's 32 weight rows
- * are converted once per call into bfloat16 pairs [K/2][32][2] (a 16x16 transpose of 4-byte
- * groups, a byte shuffle, a widening), the layout vdpbf16ps takes; every tile of up to 12 input
- * rows is then multiplied with it (24 accumulators: 12 rows x 2 vectors of 16 columns). The
- * input rows are packed per tile as [K/2][rows] pairs first, so the broadcasts read one stream
- * (rows 8 KiB apart at K = 4096 fall into one L1 set). The 32 weight rows of a panel are read
- * 64 bytes at a time each, with a software prefetch 512 bytes ahead. Requires K % 64 == 0 and N % 32 == 0;
- * the Python side sends other shapes to the other kernels.
+ * Loop order: threads split the output columns in panels of 64. Each panel's 64 weight rows
+ * are converted once per call into bfloat16 pairs [K/2][64][2] (16x16 transposes of 4-byte
+ * groups, a byte shuffle, a widening), the layout vdpbf16ps takes; every tile of up to 6 input
+ * rows is then multiplied with it (24 accumulators: 6 rows x 4 vectors of 16 columns, chosen
+ * over 12 rows x 2 vectors in an A/B of the two builds while tuning; bench/kernels.py).
+ * The input rows are packed per tile as [K/2][rows] pairs first, so the broadcasts read one
+ * stream (rows 8 KiB apart at K = 4096 fall into one L1 set). The weight rows of a panel are
+ * read 64 bytes at a time each, with a software prefetch 512 bytes ahead. Requires
+ * K % 64 == 0 and N % 64 == 0; the Python side sends other shapes to the other kernels.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -33,8 +34,10 @@
 
 int mq_abi_version(void) { return 1; }
 
-#define MR 12
-/* bytes ahead in each of the 32 weight rows a panel reads at once (more streams than the
+#define MR 6  /* input rows per tile */
+#define NP 64 /* weight rows (output columns) per panel */
+#define NV (NP / 16)
+/* bytes ahead in each of the 64 weight rows a panel reads at once (more streams than the
  * hardware prefetcher follows); 512 was the best of 256/512/1024 while tuning, the effect on
  * whole models is in bench/e2e.py */
 #define PREFETCH 512
@@ -86,26 +89,26 @@ static inline __m512i widen_pairs(__m512i v, int high) {
     return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
-/* 32 int8 weight rows (row stride k) -> bfloat16 [k/2][32][2] (exact: the codes are integers) */
+/* NP int8 weight rows (row stride k) -> bfloat16 [k/2][NP][2] (exact: the codes are integers) */
 static void convert_panel(const int8_t *q, int64_t k, uint16_t *dst) {
     /* within each 128-bit lane (4 rows x 4 bytes): the (k, k+1) pairs first, then (k+2, k+3) */
     const __m512i pairs = _mm512_set4_epi32(0x0F0E0B0A, 0x07060302, 0x0D0C0908, 0x05040100);
     const __m512i halves = _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0);
     for (int64_t c = 0; c < k; c += 64)
-        for (int h = 0; h < 2; h++) {
+        for (int h = 0; h < NP / 16; h++) {
             __m512i r[16];
             load_transposed((const uint8_t *)q + h * 16 * k + c, k, r);
             for (int u = 0; u < 16; u++) {
                 __m512i v = _mm512_permutexvar_epi64(halves, _mm512_shuffle_epi8(r[u], pairs));
                 const int64_t j = (c + 4 * u) / 2; /* the first of the two k-pairs */
-                _mm512_storeu_si512(dst + j * 64 + h * 32, widen_pairs(v, 0));
-                _mm512_storeu_si512(dst + (j + 1) * 64 + h * 32, widen_pairs(v, 1));
+                _mm512_storeu_si512(dst + j * 2 * NP + h * 32, widen_pairs(v, 0));
+                _mm512_storeu_si512(dst + (j + 1) * 2 * NP + h * 32, widen_pairs(v, 1));
             }
         }
 }
 
-/* 32 rows of stored int4 codes (row stride k / 2 bytes, low nibble first: one byte per
- * k-pair) -> bfloat16 [k/2][32][2] of the dequantized weights (u - z) * s, rounded once.
+/* NP rows of stored int4 codes (row stride k / 2 bytes, low nibble first: one byte per
+ * k-pair) -> bfloat16 [k/2][NP][2] of the dequantized weights (u - z) * s, rounded once.
  * st, zt: the per-group scale and zero * scale transposed, [groups][n] (this panel's rows at
  * st + row0); flip: symmetric codes, stored signed (u = code ^ 8). k % 128 == 0, gs >= 32. */
 static void convert_panel_int4(const uint8_t *c, int64_t k, int64_t gs, const float *st,
@@ -121,7 +124,7 @@ static void convert_panel_int4(const uint8_t *c, int64_t k, int64_t gs, const fl
     const __m512i dup1 =
         _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
     for (int64_t cb = 0; cb < half; cb += 64) { /* 64 bytes: 64 k-pairs of each row */
-        for (int h = 0; h < 2; h++) {
+        for (int h = 0; h < NP / 16; h++) {
             __m512i r[16];
             load_transposed(c + h * 16 * half + cb, half, r);
             int64_t g = -1;
@@ -145,41 +148,46 @@ static void convert_panel_int4(const uint8_t *c, int64_t k, int64_t gs, const fl
                         _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo, idx0, hi)), s0, z0);
                     const __m512 w1 = _mm512_fmsub_ps(
                         _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo, idx1, hi)), s1, z1);
-                    _mm512_storeu_si512(dst + j * 64 + h * 32, (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
+                    _mm512_storeu_si512(dst + j * 2 * NP + h * 32,
+                                        (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
                 }
             }
         }
     }
 }
 
-/* mr rows (packed [kp][mr] pairs) x one panel: 32 outputs per row, scaled, biased, stored */
+/* mr rows (packed [kp][mr] pairs) x one panel: NP outputs per row, scaled, biased, stored */
 static inline __attribute__((always_inline)) void
 tile(const int mr, const uint32_t *a, const uint16_t *b, int64_t kp, const float *sc,
      const float *bias, void *out, int64_t ldo, int out_f32) {
-    __m512 acc[MR][2];
-    for (int r = 0; r < mr; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    __m512 acc[MR][NV];
+    for (int r = 0; r < mr; r++)
+        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
     for (int64_t j = 0; j < kp; j++) {
-        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + j * 64);
-        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + j * 64 + 32);
+        __m512bh bv[NV];
+        for (int v = 0; v < NV; v++) bv[v] = (__m512bh)_mm512_loadu_si512(b + j * 2 * NP + v * 32);
         for (int r = 0; r < mr; r++) {
             const __m512bh x = (__m512bh)_mm512_set1_epi32((int)a[j * mr + r]);
-            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, b0);
-            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, b1);
+            for (int v = 0; v < NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, bv[v]);
         }
     }
-    const __m512 one = _mm512_set1_ps(1.0f);
-    const __m512 s0 = sc ? _mm512_loadu_ps(sc) : one, s1 = sc ? _mm512_loadu_ps(sc + 16) : one;
-    const __m512 c0 = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
-    const __m512 c1 = bias ? _mm512_loadu_ps(bias + 16) : _mm512_setzero_ps();
-    for (int r = 0; r < mr; r++) {
-        const __m512 y0 = _mm512_fmadd_ps(acc[r][0], s0, c0);
-        const __m512 y1 = _mm512_fmadd_ps(acc[r][1], s1, c1);
-        if (out_f32) {
-            float *o = (float *)out + r * ldo;
-            _mm512_storeu_ps(o, y0);
-            _mm512_storeu_ps(o + 16, y1);
-        } else { /* round to nearest even, NaN kept a NaN (vcvtne2ps2bf16) */
-            _mm512_storeu_si512((uint16_t *)out + r * ldo, (__m512i)_mm512_cvtne2ps_pbh(y1, y0));
+    const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+    for (int v = 0; v < NV; v += 2) {
+        const __m512 s0 = sc ? _mm512_loadu_ps(sc + v * 16) : one;
+        const __m512 s1 = sc ? _mm512_loadu_ps(sc + v * 16 + 16) : one;
+        const __m512 c0 = bias ? _mm512_loadu_ps(bias + v * 16) : zero;
+        const __m512 c1 = bias ? _mm512_loadu_ps(bias + v * 16 + 16) : zero;
+        for (int r = 0; r < mr; r++) {
+            const __m512 y0 = _mm512_fmadd_ps(acc[r][v], s0, c0);
+            const __m512 y1 = _mm512_fmadd_ps(acc[r][v + 1], s1, c1);
+            if (out_f32) {
+                float *o = (float *)out + r * ldo + v * 16;
+                _mm512_storeu_ps(o, y0);
+                _mm512_storeu_ps(o + 16, y1);
+            } else { /* round to nearest even, NaN kept a NaN (vcvtne2ps2bf16) */
+                _mm512_storeu_si512((uint16_t *)out + r * ldo + v * 16,
+                                    (__m512i)_mm512_cvtne2ps_pbh(y1, y0));
+            }
         }
     }
 }
@@ -196,7 +204,7 @@ typedef struct {
 
 static int gemm(const uint16_t *x, int64_t m, int64_t k, int64_t n, const weights_t *w,
                 const float *scale, const float *bias, void *out, int out_f32, int nthreads) {
-    const int64_t kp = k / 2, panels = n / 32, tiles = (m + MR - 1) / MR;
+    const int64_t kp = k / 2, panels = n / NP, tiles = (m + MR - 1) / MR;
     uint32_t *ap = aligned_alloc(64, ((size_t)m * kp * 4 + 63) / 64 * 64);
     int64_t *start = malloc((size_t)(tiles + 1) * sizeof(int64_t));
     if (!ap || !start) {
@@ -218,7 +226,7 @@ static int gemm(const uint16_t *x, int64_t m, int64_t k, int64_t n, const weight
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-        uint16_t *panel = aligned_alloc(64, (size_t)kp * 64 * 2);
+        uint16_t *panel = aligned_alloc(64, (size_t)kp * NP * 4);
         if (!panel) {
 #pragma omp atomic write
             failed = 1;
@@ -227,21 +235,20 @@ static int gemm(const uint16_t *x, int64_t m, int64_t k, int64_t n, const weight
         for (int64_t p = 0; p < panels; p++) {
             if (!panel) continue;
             if (w->q8)
-                convert_panel(w->q8 + p * 32 * k, k, panel);
+                convert_panel(w->q8 + p * NP * k, k, panel);
             else
-                convert_panel_int4(w->q4 + p * 32 * (k / 2), k, w->gs, w->st + p * 32,
-                                   w->zt + p * 32, n, w->flip, panel);
-            const float *sc = scale ? scale + p * 32 : NULL, *bi = bias ? bias + p * 32 : NULL;
+                convert_panel_int4(w->q4 + p * NP * (k / 2), k, w->gs, w->st + p * NP,
+                                   w->zt + p * NP, n, w->flip, panel);
+            const float *sc = scale ? scale + p * NP : NULL, *bi = bias ? bias + p * NP : NULL;
             for (int64_t t = 0; t < tiles; t++) {
                 const int64_t i = start[t], r = start[t + 1] - i;
-                void *o = out_f32 ? (void *)((float *)out + i * n + p * 32)
-                                  : (void *)((uint16_t *)out + i * n + p * 32);
+                void *o = out_f32 ? (void *)((float *)out + i * n + p * NP)
+                                  : (void *)((uint16_t *)out + i * n + p * NP);
                 const uint32_t *a = ap + i * kp;
                 switch (r) {
 #define TILE(R) \
     case R: tile(R, a, panel, kp, sc, bi, o, n, out_f32); break;
                     TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
-                    TILE(7) TILE(8) TILE(9) TILE(10) TILE(11) TILE(12)
                     default: break;
                 }
             }
@@ -254,7 +261,7 @@ static int gemm(const uint16_t *x, int64_t m, int64_t k, int64_t n, const weight
 }
 
 /* x bf16 [m, k], q int8 [n, k] row-major, scale fp32 [n], bias fp32 [n] or NULL ->
- * out [m, n] (float32 when out_f32, else bfloat16). k % 64 == 0, n % 32 == 0.
+ * out [m, n] (float32 when out_f32, else bfloat16). k % 64 == 0, n % 64 == 0.
  * Returns 0, or -1 when memory for the packed input could not be allocated. */
 int mq_int8_gemm_bf16(const uint16_t *x, int64_t m, int64_t k, const int8_t *q, int64_t n,
                       const float *scale, const float *bias, void *out, int out_f32,
@@ -265,7 +272,7 @@ int mq_int8_gemm_bf16(const uint16_t *x, int64_t m, int64_t k, const int8_t *q, 
 
 /* The same for int4-group weights: codes [n, k / 2] as stored, st / zt the scale and zero *
  * scale as float32 [k / gs, n] (transposed), flip for symmetric codes. k % 128 == 0,
- * n % 32 == 0, gs in 32, 64, 128, 256 dividing k. */
+ * n % 64 == 0, gs in 32, 64, 128, 256 dividing k. */
 int mq_int4_gemm_bf16(const uint16_t *x, int64_t m, int64_t k, const uint8_t *codes, int64_t n,
                       int64_t gs, const float *st, const float *zt, int flip, const float *bias,
                       void *out, int out_f32, int nthreads) {

@@ -41,7 +41,7 @@ def _layer(n: int, k: int, seed: int):
     seed=st.integers(0, 2**16),
 )
 def test_sums_are_the_exact_products_up_to_float32_rounding(panels, chunks, m, bias, seed):
-    n, k = 32 * panels, 64 * chunks
+    n, k = 64 * panels, 64 * chunks
     q, s, p = _layer(n, k, seed)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(m, k, generator=g).to(torch.bfloat16)
@@ -57,7 +57,7 @@ def test_sums_are_the_exact_products_up_to_float32_rounding(panels, chunks, m, b
 
 @needs_lib
 def test_one_and_two_threads_give_the_same_bits():
-    *_, p = _layer(320, 448, 3)
+    *_, p = _layer(320, 448, 3)  # 5 panels of 64
     x = torch.randn(37, 448).to(torch.bfloat16)
     one, two = with_1_and_2_threads(lambda: bf16_gemm.int8_gemm_bf16(x, p, None))
     assert torch.equal(one, two)
@@ -67,23 +67,23 @@ def test_one_and_two_threads_give_the_same_bits():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_layer_runs_it_from_the_crossover_on_and_matches_reference(dtype, monkeypatch):
     monkeypatch.setattr(torch_cpu, "has_bf16_compute", lambda: True)
-    fast, ref = fast_and_reference(96, 256, "int8", {})
+    fast, ref = fast_and_reference(128, 256, "int8", {})
     p = fast[0].prepared()
     first = p.kernels[1][0]
     assert p.pick(first) == "int8-gemm-bf16" and p.pick(first - 1) == "int8-gemv-c"
     x = torch.randn(2, first + 5, 256).to(dtype)
     with torch.no_grad():
         y, r = fast(x), ref(x)
-    assert y.dtype == dtype and y.shape == (2, first + 5, 96)
+    assert y.dtype == dtype and y.shape == (2, first + 5, 128)
     assert rel_err(y, r) < 1.5e-2
-    plan = Engine().plan(nn.Sequential(nn.Linear(256, 96)), scheme="int8")
+    plan = Engine().plan(nn.Sequential(nn.Linear(256, 128)), scheme="int8")
     last = bf16_gemm.last_rows(256)  # then the conversion path: the input no longer in cache
     desc = bf16_gemm.DESCRIPTIONS["int8-gemm-bf16"]
     assert plan.get("0").kernels[1] == f"M {first}-{last}: {desc}"
     assert p.pick(last) == "int8-gemm-bf16" and p.pick(last + 1) == "int8-gemm-c"
 
 
-@pytest.mark.parametrize("shape", [(40, 256), (96, 200), (96, 32)])
+@pytest.mark.parametrize("shape", [(96, 256), (128, 200), (128, 32)])
 def test_shapes_it_does_not_take_run_the_other_gemm(shape, monkeypatch):
     monkeypatch.setattr(torch_cpu, "has_bf16_compute", lambda: True)
     n, k = shape
@@ -98,7 +98,7 @@ def test_shapes_it_does_not_take_run_the_other_gemm(shape, monkeypatch):
 
 def test_without_the_library_the_other_gemm_runs(monkeypatch):
     monkeypatch.setattr(torch_cpu, "bf16_gemm_library", lambda: None)
-    fast, _ = fast_and_reference(96, 256, "int8", {})
+    fast, _ = fast_and_reference(128, 256, "int8", {})
     assert "int8-gemm-bf16" not in {name for _, name in fast[0].prepared().kernels}
 
 
@@ -127,7 +127,7 @@ def _int4_layer(n: int, k: int, gs: int, symmetric: bool, seed: int):
     seed=st.integers(0, 2**16),
 )
 def test_int4_products_are_those_of_the_bf16_rounded_weight(panels, gs, groups, m, symmetric, seed):
-    n, k = 32 * panels, max(128, gs * groups)
+    n, k = 64 * panels, max(128, gs * groups)
     k += (-k) % 128
     if k % gs:
         k = gs * (k // gs + 1)
@@ -157,7 +157,7 @@ def test_int4_one_and_two_threads_give_the_same_bits():
 @pytest.mark.parametrize("opts", [{}, {"group_size": 32, "symmetric": True}])
 def test_int4_layers_run_it_from_the_crossover_on(opts, monkeypatch):
     monkeypatch.setattr(torch_cpu, "has_bf16_compute", lambda: True)
-    fast, ref = fast_and_reference(96, 256, "int4-group", opts)
+    fast, ref = fast_and_reference(128, 256, "int4-group", opts)
     p = fast[0].prepared()
     first = p.kernels[1][0]
     assert p.pick(first) == "int4-gemm-bf16"
@@ -165,7 +165,7 @@ def test_int4_layers_run_it_from_the_crossover_on(opts, monkeypatch):
         x = torch.randn(first + 3, 256).to(dtype)
         with torch.no_grad():
             assert rel_err(fast(x), ref(x)) < 1.5e-2
-    assert not bf16_gemm.fits_int4(96, 320, 64) and not bf16_gemm.fits_int4(40, 256, 128)
+    assert not bf16_gemm.fits_int4(128, 320, 64) and not bf16_gemm.fits_int4(96, 256, 128)
 
 
 @needs_lib

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from monoquant_plugins.backends import bf16_gemm
 from monoquant_plugins.backends.bf16_gemm import bf16_gemm_library
 from monoquant_plugins.backends.dequant import dequant_library
 from monoquant_plugins.backends.gemv import gemv_library
@@ -42,7 +43,7 @@ PICKS = {
     ("int8", "none"): (
         "int8-gemv-c" if gemv_library() else "int8-weight",
         "int8-gemm-bf16"
-        if bf16_gemm_library() and has_bf16_compute()
+        if bf16_gemm_library() and has_bf16_compute() and bf16_gemm.fits(96, 256)
         else "int8-gemm-c"
         if dequant_library()
         else "int8-gemm",
@@ -50,7 +51,7 @@ PICKS = {
     ("int4-group", "none"): (
         "int4-gemv-c" if int4_gemv_library() else "int4",
         "int4-gemm-bf16"
-        if bf16_gemm_library() and has_bf16_compute()
+        if bf16_gemm_library() and has_bf16_compute() and bf16_gemm.fits_int4(96, 256, 128)
         else "int4-gemm-c"
         if dequant_library()
         else "int4-gemm",
