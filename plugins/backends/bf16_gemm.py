@@ -57,9 +57,9 @@ def bf16_gemm_library() -> ctypes.CDLL | None:
 
 #: input elements (M x K) up to which the own GEMM runs; above, the conversion path: every panel
 #: passes over the whole packed input, which then no longer stays in cache (``python
-#: bench/kernels.py --own-gemm``, 2026-12-02: on 1024x4096 weights the own GEMM was 0.99-1.30x
-#: the conversion path up to 1024 rows and 0.47-0.72x at 2048-4096; on 384x1536 0.93-0.96x at
-#: 2048 and 0.64-0.74x at 4096; on 1024-wide inputs 0.94-1.03x at 4096)
+#: bench/kernels.py --own-gemm``, 2026-12-02: on 1024x4096 weights the own GEMM was 1.08-1.21x
+#: the conversion path up to 512 rows, 0.97-0.98x at 1024 and 0.67-0.82x at 2048-4096; on
+#: 384x1536 0.89-0.97x at 2048 and 0.74-0.84x at 4096; on 1024-wide inputs 0.95-1.04x at 4096)
 MAX_INPUT_ELEMENTS = 3 << 20
 
 

@@ -163,7 +163,7 @@ class CpuVnniBackend(Backend):
             if rows >= first and dequant_library() is not None:
                 own = _own(*info.shape, info.spec.group_size)
                 if own and rows <= bf16_gemm.last_rows(info.shape[1]):
-                    return 0.9  # torch-cpu's own bf16 GEMM (0.92-0.93x MiniLM, bench/e2e.py)
+                    return 0.9  # torch-cpu's own bf16 GEMM (0.94-0.98x MiniLM, bench/e2e.py)
                 return 0.8 if rows <= 128 else 0.95  # the bf16 GEMM path
             return 6.0 if rows == 1 else 2.5 if rows <= 8 else 1.0 if rows <= 128 else 0.6
         return 8.0 if rows == 1 else 4.5 if rows <= 128 else 1.3
