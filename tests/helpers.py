@@ -365,6 +365,21 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return error_stats(ref.float(), got.float())[2]
 
 
+def assert_gemv_rows_match_reference(fast, ref, n: int, k: int, dtype, rows) -> None:
+    """A float32-arithmetic GEMV layer ``fast`` against the reference backend ``ref`` at each M
+    in ``rows``: float32 inputs to float32 rounding, bfloat16 ones to the reference of their
+    float32 value within one output rounding; then a 3-D, non-contiguous input."""
+    for m in rows:
+        x = torch.randn(m, k)
+        with torch.no_grad():
+            y, r = fast(x.to(dtype)), ref(x.to(dtype).float())
+        assert y.dtype == dtype and y.shape == (m, n)
+        assert rel_err(y, r) < (1e-6 if dtype == torch.float32 else 4e-3), (m, rel_err(y, r))
+    x3 = torch.randn(2, 3, 2 * k)[:, :, ::2]  # 3-D, not contiguous
+    with torch.no_grad():
+        assert rel_err(fast(x3), ref(x3)) < 1e-6
+
+
 def quantize_tensor(engine: Engine, w: torch.Tensor, scheme: str, observer=None, **options):
     """``w`` through the per-tensor path with validated options: ``(qtensor, sqnr_db)``."""
     cfg = engine.configure(scheme=scheme, observer=observer, scheme_options=options)

@@ -17,7 +17,12 @@ from torch import nn
 
 from monoquant_core import Engine
 from monoquant_core.activations import quantize_per_token
-from tests.helpers import fast_and_reference, rel_err, with_1_and_2_threads
+from tests.helpers import (
+    assert_gemv_rows_match_reference,
+    fast_and_reference,
+    rel_err,
+    with_1_and_2_threads,
+)
 
 LIB, REASON = dequant.DEQUANT.library()
 needs_lib = pytest.mark.skipif(LIB is None, reason=f"C dequant kernels: {REASON}")
@@ -295,15 +300,7 @@ def test_torch_cpu_int8_runs_the_c_gemv_below_its_crossover(dtype, shape, bias):
     assert p.pick(1) == p.pick(first - 1) == "int8-gemv-c" and p.pick(first) != "int8-gemv-c"
     entry = Engine().plan(nn.Sequential(nn.Linear(k, n)), scheme="int8").get("0")
     assert entry.kernels[0] == f"M 1-{first - 1}: {gemv.DESCRIPTIONS['int8-gemv-c']}"
-    for m in range(1, min(first, 9)):
-        x = torch.randn(m, k)
-        with torch.no_grad():
-            y, r = fast(x.to(dtype)), ref(x.to(dtype).float())
-        assert y.dtype == dtype and y.shape == (m, n)
-        assert rel_err(y, r) < (1e-6 if dtype == torch.float32 else 4e-3), (m, rel_err(y, r))
-    x3 = torch.randn(2, 3, 2 * k)[:, :, ::2]  # 3-D, not contiguous
-    with torch.no_grad():
-        assert rel_err(fast(x3), ref(x3)) < 1e-6
+    assert_gemv_rows_match_reference(fast, ref, n, k, dtype, range(1, min(first, 9)))
 
 
 def test_without_the_gemv_library_int8_runs_the_torch_kernel(monkeypatch):

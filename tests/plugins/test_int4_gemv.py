@@ -16,7 +16,12 @@ from monoquant_plugins.backends import bf16_gemm, cpu_kernels, int4_gemv, native
 from torch import nn
 
 from monoquant_core import Engine
-from tests.helpers import fast_and_reference, rel_err, with_1_and_2_threads
+from tests.helpers import (
+    assert_gemv_rows_match_reference,
+    fast_and_reference,
+    rel_err,
+    with_1_and_2_threads,
+)
 
 LIB, REASON = int4_gemv.INT4_GEMV.library()
 needs_lib = pytest.mark.skipif(LIB is None, reason=f"C int4 GEMV: {REASON}")
@@ -135,15 +140,7 @@ def test_torch_cpu_int4_runs_the_c_gemv_below_its_crossover(dtype, shape, opts):
     assert kernels[0] == f"M 1-{first - 1}: {int4_gemv.DESCRIPTIONS['int4-gemv-c']}"
     assert kernels[1].startswith((f"M >= {first}: int4 rows -> ", f"M {first}-"))
     assert "int4 rows -> " in kernels[1]
-    for m in range(1, 10):
-        x = torch.randn(m, k)
-        with torch.no_grad():
-            y, r = fast(x.to(dtype)), ref(x.to(dtype).float())
-        assert y.dtype == dtype and y.shape == (m, n)
-        assert rel_err(y, r) < (1e-6 if dtype == torch.float32 else 4e-3), (m, rel_err(y, r))
-    x3 = torch.randn(2, 3, 2 * k)[:, :, ::2]  # 3-D, not contiguous
-    with torch.no_grad():
-        assert rel_err(fast(x3), ref(x3)) < 1e-6
+    assert_gemv_rows_match_reference(fast, ref, n, k, dtype, range(1, 10))
 
 
 @needs_lib
