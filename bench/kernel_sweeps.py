@@ -227,3 +227,100 @@ def own_gemm_table(rounds: int = 5) -> str:
         "Own bf16 GEMM vs the conversion path, bf16 inputs, 1 thread "
         "(conversion ms / own ms; > 1: the own GEMM is faster):\n\n" + "\n".join(lines)
     )
+
+
+VNNI_SHAPES = [(384, 384), (1536, 384), (384, 1536), (2048, 2048), (4096, 4096)]
+VNNI_MS = [8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+
+
+def vnni_crossover_table(rounds: int = 7) -> str:
+    """cpu-vnni's W4A8 on bfloat16 inputs: its VNNI kernel against torch-cpu's own bf16 GEMM
+    on the same prepared weight per M (g128 and g32): the first M where the GEMM is faster is
+    where ``cpu_vnni.BF16_GEMM_ROWS`` / ``G32_GEMM_ROWS`` should hand over."""
+    from monoquant_plugins.backends import cpu_vnni
+    from monoquant_plugins.backends.dequant import dequant_library
+
+    lib, reason = cpu_vnni.library()
+    if lib is None or dequant_library() is None:
+        return f"cpu-vnni W4A8 crossover: {reason or 'no C conversions here'}"
+
+    def vnni(x, p):
+        return cpu_vnni._vnni(lib, x, p).to(torch.bfloat16)
+
+    def own(x, p):
+        return cpu_vnni._own_gemm(dequant_library(), x, p)
+
+    head = "| weight | group | " + " | ".join(f"M={m}" for m in VNNI_MS) + " | GEMM from |"
+    lines = [head, "|---|---|" + "---|" * (len(VNNI_MS) + 1)]
+    for n, k in VNNI_SHAPES:
+        for gs in (128, 32):
+            torch.manual_seed(0)
+            layer = nn.Sequential(nn.Linear(k, n)).to(torch.bfloat16)
+            q, _ = Engine().quantize(
+                layer,
+                scheme="int4-group",
+                scheme_options={"group_size": gs, "activations": "dynamic"},
+                backend="cpu-vnni",
+                progress=False,
+            )
+            p = q[0].prepared()
+            if p.own is None:
+                return f"{n}x{k}: the own GEMM does not run here"
+            cells, first = [], None
+            for m in VNNI_MS:
+                x = torch.randn(m, k).to(torch.bfloat16)
+                a, b = _alternating([vnni, own], x, p, rounds)
+                cells.append(f"{a / b:.2f}")
+                if first is None and b < a:
+                    first = m
+            lines.append(
+                f"| {n}x{k} | g{gs} | " + " | ".join(cells) + f" | {first or '>' + str(m)} |"
+            )
+            print(lines[-1], file=sys.stderr)
+    return (
+        "cpu-vnni W4A8, bf16 inputs, 1 thread: VNNI kernel ms / own bf16 GEMM ms per M "
+        "(> 1: the GEMM is faster):\n\n" + "\n".join(lines)
+    )
+
+
+W8A8_SHAPES = [(384, 384), (1536, 384), (384, 1536), (1024, 1024), (4096, 1024), (1024, 4096)]
+W8A8_MS = [16, 32, 64, 128, 256, 512]
+
+
+def w8a8_bf16_table(rounds: int = 15) -> str:
+    """torch-cpu's W8A8 (``activations="dynamic"``) on bfloat16 inputs: fbgemm's kernel and the
+    own bf16 GEMM on per-token codes, each against the bf16 ``nn.Linear`` it replaces, per M
+    (where ``bf16_gemm.W8A8_ROWS`` / ``W8A8_MAX_K`` should hold)."""
+    from monoquant_plugins.backends import bf16_gemm
+    from monoquant_plugins.backends import cpu_kernels as ck
+
+    if bf16_gemm.bf16_gemm_library() is None:
+        return f"own bf16 GEMM: {bf16_gemm.BF16_GEMM.library()[1]}"
+    head = "| weight | kernel | " + " | ".join(f"M={m}" for m in W8A8_MS) + " |"
+    lines = [head, "|---|---|" + "---|" * len(W8A8_MS)]
+    for n, k in W8A8_SHAPES:
+        torch.manual_seed(0)
+        layer = nn.Sequential(nn.Linear(k, n)).to(torch.bfloat16)
+        ref = copy.deepcopy(layer)
+        q, _ = Engine().quantize(
+            layer, scheme="int8", scheme_options={"activations": "dynamic"}, progress=False
+        )
+        p = q[0].prepared()
+        cells: dict[str, list[str]] = {"fbgemm": [], "own bf16 GEMM": []}
+        for m in W8A8_MS:
+            x = torch.randn(m, k).to(torch.bfloat16)
+            fb, own, lin = _alternating(
+                [ck.int8_dynamic, bf16_gemm.int8_dynamic_gemm_bf16, lambda x, p, ref=ref: ref(x)],
+                x,
+                p,
+                rounds,
+            )
+            cells["fbgemm"].append(f"{lin / fb:.2f}")
+            cells["own bf16 GEMM"].append(f"{lin / own:.2f}")
+        for label, row in cells.items():
+            lines.append(f"| {n}x{k} | {label} | " + " | ".join(row) + " |")
+            print(lines[-1], file=sys.stderr)
+    return (
+        "W8A8 on bf16 inputs, 1 thread, x a bf16 nn.Linear (> 1: faster than the bf16 layer):\n\n"
+        + "\n".join(lines)
+    )

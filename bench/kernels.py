@@ -6,6 +6,8 @@
     python bench/kernels.py --crossover           # torch-cpu's GEMV vs GEMM crossover M
     python bench/kernels.py --chunks              # W8A8 at many rows: one fbgemm call vs chunks
     python bench/kernels.py --own-gemm            # the own bf16 GEMM vs the conversion path
+    python bench/kernels.py --vnni-crossover      # cpu-vnni W4A8 (bf16): VNNI kernel vs own GEMM
+    python bench/kernels.py --w8a8-bf16           # W8A8 (bf16): fbgemm vs own GEMM vs bf16
 
 Linear 4096x4096 and 4096->11008 at M = 1, 8, 32, 128 tokens, in a float32 model (against
 fp32 and bf16 ``nn.Linear``) and in a bfloat16 model (bf16 inputs, against bf16 ``nn.Linear``).
@@ -53,6 +55,8 @@ from kernel_sweeps import (
     crossover_table,
     own_gemm_table,
     pool_of,
+    vnni_crossover_table,
+    w8a8_bf16_table,
     weight_bytes,
 )
 
@@ -352,7 +356,25 @@ def main() -> None:
         action="store_true",
         help="torch-cpu's own bf16 GEMM vs the conversion path per M (where to hand back)",
     )
+    ap.add_argument(
+        "--vnni-crossover",
+        action="store_true",
+        help="cpu-vnni W4A8 on bf16 inputs: its VNNI kernel vs the own bf16 GEMM per M",
+    )
+    ap.add_argument(
+        "--w8a8-bf16",
+        action="store_true",
+        help="W8A8 on bf16 inputs: fbgemm vs the own bf16 GEMM, x a bf16 nn.Linear, per M",
+    )
     args = ap.parse_args()
+    if args.w8a8_bf16:
+        torch.set_num_threads((args.threads or [1])[0])
+        print(w8a8_bf16_table())
+        return
+    if args.vnni_crossover:
+        torch.set_num_threads((args.threads or [1])[0])
+        print(vnni_crossover_table())
+        return
     if args.own_gemm:
         torch.set_num_threads((args.threads or [1])[0])
         print(own_gemm_table())

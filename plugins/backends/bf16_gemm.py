@@ -20,6 +20,7 @@ import ctypes
 import torch
 
 from . import cpu_kernels as ck
+from .dequant import dequant_library
 from .native import NativeLibrary
 
 __all__ = [
@@ -134,7 +135,39 @@ def int4_gemm_bf16(x: torch.Tensor, p: ck.Prepared, bias: torch.Tensor | None = 
     return y
 
 
-KERNELS = {"int8-gemm-bf16": int8_gemm_bf16, "int4-gemm-bf16": int4_gemm_bf16}
+def int8_dynamic_gemm_bf16(x: torch.Tensor, p: ck.Prepared) -> torch.Tensor:
+    """W8A8 (``activations="dynamic"``) for bfloat16 inputs: each row's per-token int8 codes
+    (the reference's, held in bfloat16: exact) times the int8 weight rows (bfloat16 panels:
+    exact), float32 sums times the weight's scale, rounded to bfloat16, then each row times its
+    input scale (the two roundings of cpu-vnni's W4A8 at many rows). Other input dtypes run
+    fbgemm's kernel (:func:`~.cpu_kernels.int8_dynamic`). No bias (the caller adds it)."""
+    lib = dequant_library()
+    if x.dtype != torch.bfloat16 or lib is None:
+        return ck.int8_dynamic(x, p)
+    x = x.contiguous()
+    m = x.shape[0]
+    q = ck.scratch("w8a8.codes", (m, p.k), torch.bfloat16)
+    sx = torch.empty(m, 1, dtype=torch.float32)
+    lib.mq_quantize_rows_bf16(x.data_ptr(), m, p.k, q.data_ptr(), sx.data_ptr())
+    y = int8_gemm_bf16(q, p)
+    lib.mq_scale_rows_bf16(y.data_ptr(), m, p.n, sx.data_ptr())
+    return y
+
+
+#: first M of :func:`int8_dynamic_gemm_bf16` in a bfloat16 model, and the largest K it runs
+#: at: against fbgemm's kernel (a bf16 -> float32 pass, amax, its uint8 quantization) it won
+#: on MiniLM-sized layers (K = 384: 1.2-1.7x a bf16 nn.Linear at M = 16-512 where fbgemm was
+#: 0.55-1.2x) and lost from K = 1536 on (0.95-1.06x against 1.15-1.3x), one thread on Zen 5
+#: (``python bench/kernels.py --w8a8-bf16``)
+W8A8_ROWS, W8A8_MAX_K = 16, 512
+
+KERNELS = {
+    "int8-gemm-bf16": int8_gemm_bf16,
+    "int4-gemm-bf16": int4_gemm_bf16,
+    "int8-dynamic-bf16": int8_dynamic_gemm_bf16,
+}
+#: the kernels that take the bias
+FUSED_BIAS = {"int8-gemm-bf16", "int4-gemm-bf16"}
 
 #: what each kernel is, as ``monoquant plan`` shows it
 DESCRIPTIONS = {
@@ -142,4 +175,6 @@ DESCRIPTIONS = {
     "scale on the sums",
     "int4-gemm-bf16": "int4 rows -> bf16 panels of (u - z) * s (C, per call) + AVX512-BF16 "
     "GEMM (C)",
+    "int8-dynamic-bf16": "per-token int8 codes in bf16 (C) x int8 rows -> bf16 panels + "
+    "AVX512-BF16 GEMM (C)",
 }

@@ -84,6 +84,7 @@ SPEEDUP: dict[str, dict[torch.dtype, tuple[tuple[int | None, float], ...]]] = {
     "int8-gemm": {torch.float32: ((None, 2.2),), torch.bfloat16: ((None, 0.8),)},
     "int8-gemm-c": {torch.float32: ((None, 2.2),), torch.bfloat16: ((128, 0.8), (None, 0.95))},
     "int8-gemm-bf16": {torch.float32: ((None, 2.5),), torch.bfloat16: ((None, 1.0),)},
+    "int8-dynamic-bf16": {torch.float32: ((None, 2.5),), torch.bfloat16: ((None, 1.2),)},
     "int4-gemm-bf16": {torch.float32: ((None, 2.5),), torch.bfloat16: ((None, 1.0),)},
     "int4": {
         torch.float32: ((None, 1.3),),

@@ -51,12 +51,20 @@ BF16_GEMM_ROWS = ((512, 48), (2048, 160), (None, 256))
 #: layers it was 1.07-1.09x a bf16 nn.Linear at M = 32 but 0.78x at 128, where the GEMM path
 #: is 0.92x (``bench/kernels.py``, bfloat16-model tables)
 G32_GEMM_ROWS = 96
+#: the same for weights torch-cpu's own bf16 GEMM takes (:func:`_own`), which is faster per
+#: row than the conversion path: ``python bench/kernels.py --vnni-crossover`` (Zen 5, one
+#: thread, VNNI kernel vs own GEMM on one weight): g128 faster from M = 8-16 (K = 384), 16-32
+#: (384 -> 1536), 48 (2048x2048), 64 (4096x4096); g32 from 8, 16, 32, 32
+OWN_GEMM_ROWS = ((512, 16), (1536, 32), (2048, 48), (None, 64))
+G32_OWN_ROWS = 32
 
 
-def bf16_gemm_rows(k: int, group_size: int = 128) -> int:
-    """The first M of the bfloat16 GEMM path for a weight with ``k`` inputs."""
-    m = next(m for limit, m in BF16_GEMM_ROWS if limit is None or k <= limit)
-    return min(m, G32_GEMM_ROWS) if group_size <= 32 else m
+def bf16_gemm_rows(k: int, group_size: int = 128, own: bool = False) -> int:
+    """The first M of the bfloat16 GEMM path for a weight with ``k`` inputs (``own``: the
+    weight runs on torch-cpu's own bf16 GEMM)."""
+    table, cap = (OWN_GEMM_ROWS, G32_OWN_ROWS) if own else (BF16_GEMM_ROWS, G32_GEMM_ROWS)
+    m = next(m for limit, m in table if limit is None or k <= limit)
+    return min(m, cap) if group_size <= 32 else m
 
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -144,8 +152,9 @@ class CpuVnniBackend(Backend):
         vnni = "AVX512-VNNI int4 x int8 kernel (C), per-token int8 inputs"
         if info.dtype == torch.bfloat16 and dequant_library() is not None:
             gemm = "int8 codes x int4 rows -> bf16 blocks (C) + bf16 GEMM"
-            first = bf16_gemm_rows(info.shape[1], info.spec.group_size)
-            if _own(*info.shape, info.spec.group_size):  # then the blocks above its rows
+            own_fits = _own(*info.shape, info.spec.group_size)
+            first = bf16_gemm_rows(info.shape[1], info.spec.group_size, own_fits)
+            if own_fits:  # then the blocks above its rows
                 own = "int8 codes x int4 rows -> bf16 panels (C) + AVX512-BF16 GEMM (C)"
                 last = max(first, bf16_gemm.last_rows(info.shape[1]))
                 return (
@@ -159,9 +168,9 @@ class CpuVnniBackend(Backend):
     def expected_speedup(self, info, rows):
         # bench/kernels.py (M = 1 to 128) and bench/e2e.py (thousands of rows), Zen 5, 1 thread
         if info.dtype == torch.bfloat16:
-            first = bf16_gemm_rows(info.shape[1], info.spec.group_size)
+            own = _own(*info.shape, info.spec.group_size)
+            first = bf16_gemm_rows(info.shape[1], info.spec.group_size, own)
             if rows >= first and dequant_library() is not None:
-                own = _own(*info.shape, info.spec.group_size)
                 if own and rows <= bf16_gemm.last_rows(info.shape[1]):
                     return 0.9  # torch-cpu's own bf16 GEMM (0.94-0.98x MiniLM, bench/e2e.py)
                 return 0.8 if rows <= 128 else 0.95  # the bf16 GEMM path
@@ -190,7 +199,8 @@ class CpuVnniBackend(Backend):
         if lib is None:  # unreachable after selection; a clear error rather than a crash
             raise RuntimeError(f"cpu-vnni: {reason}")
         lead = x.shape[:-1]
-        if x.dtype == torch.bfloat16 and x.numel() >= bf16_gemm_rows(p.k, p.group_size) * p.k:
+        first = bf16_gemm_rows(p.k, p.group_size, p.own is not None)
+        if x.dtype == torch.bfloat16 and x.numel() >= first * p.k:
             gemm = dequant_library()
             if gemm is not None:
                 xb = x.reshape(-1, p.k).contiguous()
@@ -199,23 +209,29 @@ class CpuVnniBackend(Backend):
                 if bias is not None:
                     y = y.add_(bias) if bias.dtype == y.dtype else y + bias.to(y.dtype)
                 return y.reshape(*lead, p.n)
-        x2 = x.reshape(-1, p.k).to(torch.float32).contiguous()
-        m = x2.shape[0]
-        y = torch.empty((m, p.n), dtype=torch.float32)
-        if m:
-            xq = torch.empty((m, p.k), dtype=torch.int8)
-            sx = torch.empty(m, dtype=torch.float32)
-            xsum = torch.empty((m, p.k // p.group_size), dtype=torch.float32)
-            lib.mq_w4a8(
-                x2.data_ptr(), m, p.k, xq.data_ptr(), sx.data_ptr(), xsum.data_ptr(),
-                p.packed.data_ptr(), p.scale.data_ptr(), p.offset.data_ptr(),
-                p.n, p.group_size, y.data_ptr(), torch.get_num_threads(),
-            )  # fmt: skip
+        y = _vnni(lib, x.reshape(-1, p.k), p)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         if bias is not None:
             y = y.add_(bias) if bias.dtype == y.dtype else y + bias.to(y.dtype)
         return y.reshape(*lead, p.n)
+
+
+def _vnni(lib, x: torch.Tensor, p: Prepared) -> torch.Tensor:
+    """W4A8 on the VNNI kernel: ``x`` [M, K] -> float32 [M, N] (no bias)."""
+    x2 = x.to(torch.float32).contiguous()
+    m = x2.shape[0]
+    y = torch.empty((m, p.n), dtype=torch.float32)
+    if m:
+        xq = torch.empty((m, p.k), dtype=torch.int8)
+        sx = torch.empty(m, dtype=torch.float32)
+        xsum = torch.empty((m, p.k // p.group_size), dtype=torch.float32)
+        lib.mq_w4a8(
+            x2.data_ptr(), m, p.k, xq.data_ptr(), sx.data_ptr(), xsum.data_ptr(),
+            p.packed.data_ptr(), p.scale.data_ptr(), p.offset.data_ptr(),
+            p.n, p.group_size, y.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    return y
 
 
 def _own(n: int, k: int, gs: int | None) -> bool:

@@ -64,9 +64,7 @@ DESCRIPTIONS = {
     **int4_gemv.DESCRIPTIONS,
 }
 #: the kernels that take the bias (the caller adds it for the others)
-FUSED_BIAS = (
-    dequant.FUSED_BIAS | set(gemv.KERNELS) | set(int4_gemv.KERNELS) | set(bf16_gemm.KERNELS)
-)
+FUSED_BIAS = dequant.FUSED_BIAS | set(gemv.KERNELS) | set(int4_gemv.KERNELS) | bf16_gemm.FUSED_BIAS
 
 _GROUPS = (32, 64, 128, 256)
 #: first M at which a bfloat16 model's fp16 weights run the bf16 F.linear (``bench/kernels.py``:
@@ -127,6 +125,18 @@ def _int4pack_ok(n: int, k: int, gs: int | None) -> bool:
     return _has("_weight_int4pack_mm_for_cpu") and gs in _GROUPS and k % gs == 0 and n % 16 == 0
 
 
+def _w8a8_own(n: int, k: int, dtype: torch.dtype) -> bool:
+    """W8A8 of a bfloat16 model runs our bf16 GEMM for many rows (where it takes the shape and
+    the inputs are narrow enough: :data:`.bf16_gemm.W8A8_MAX_K`)."""
+    return (
+        dtype == torch.bfloat16
+        and k <= bf16_gemm.W8A8_MAX_K
+        and bf16_gemm.fits(n, k)
+        and bf16_gemm_library() is not None
+        and dequant_library() is not None
+    )
+
+
 def _schedule(scheme: str, activations: str, n: int, k: int, gs: int | None, dtype: torch.dtype):
     """``((first M, kernel), ...)`` for a supported weight: what :meth:`prepare` builds.
 
@@ -140,7 +150,17 @@ def _schedule(scheme: str, activations: str, n: int, k: int, gs: int | None, dty
         return ((1, "fp16"), (FP16_BF16_ROWS, "bf16")) if _fbgemm() else ((1, "bf16"),)
     if scheme == "int8":
         if activations == "dynamic":
-            return ((1, "int8-dynamic" if _fbgemm() else "int8-dynamic-intmm"),)
+            if not _fbgemm():
+                return ((1, "int8-dynamic-intmm"),)
+            if _w8a8_own(n, k, dtype):  # fbgemm, our bf16 GEMM, fbgemm again
+                last = max(bf16_gemm.W8A8_ROWS, bf16_gemm.last_rows(k))
+                first = bf16_gemm.W8A8_ROWS
+                return (
+                    (1, "int8-dynamic"),
+                    (first, "int8-dynamic-bf16"),
+                    (last + 1, "int8-dynamic"),
+                )
+            return ((1, "int8-dynamic"),)
         if activations == "dynamic-tensor":
             return ((1, "int8-dynamic-tensor"),)
         if activations == "static":

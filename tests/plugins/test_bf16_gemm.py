@@ -187,3 +187,83 @@ def test_w4a8_on_bf16_inputs_at_many_rows_runs_it_with_the_conversion_paths_nume
         a, b = own(x), conv(x)
     # the same codes, weights and roundings; float32 sums in another order
     assert rel_err(a, b) < 8e-3
+
+
+@needs_lib
+def test_w4a8_on_bf16_inputs_hands_over_to_the_own_gemm_at_its_own_crossover():
+    from monoquant_plugins.backends import cpu_vnni
+
+    if cpu_vnni.library()[0] is None or cpu_vnni.dequant_library() is None:
+        pytest.skip(f"cpu-vnni: {cpu_vnni.library()[1] or 'no C dequantization library'}")
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(512, 128)).to(torch.bfloat16)
+    opts = {"activations": "dynamic"}
+    fast, _ = ENGINE.quantize(copy.deepcopy(model), scheme="int4-group", scheme_options=opts)
+    ref, _ = ENGINE.quantize(model, scheme="int4-group", scheme_options=opts, backend="reference")
+    first = cpu_vnni.bf16_gemm_rows(512, 128, own=True)
+    assert first == 16 < cpu_vnni.bf16_gemm_rows(512, 128)  # earlier than the conversion path
+    plan = ENGINE.plan(nn.Sequential(nn.Linear(512, 128)).to(torch.bfloat16),
+                       scheme="int4-group", scheme_options=opts).get("0")  # fmt: skip
+    assert plan.kernels[1].startswith(f"M {first}-") and "AVX512-BF16 GEMM" in plan.kernels[1]
+    for m in (first - 1, first):  # the VNNI kernel, then the own GEMM: both the reference's
+        x = torch.randn(m, 512).to(torch.bfloat16)
+        with torch.no_grad():
+            assert rel_err(fast(x), ref(x)) < 1e-2, m
+
+
+@needs_lib
+@settings(max_examples=25, deadline=None)
+@given(panels=st.integers(1, 3), chunks=st.integers(1, 8), m=st.integers(1, 40))
+def test_w8a8_on_bf16_inputs_is_the_exact_integer_sums_scaled_and_rounded_twice(panels, chunks, m):
+    """``int8-dynamic-bf16``: the reference's per-token codes (held in bf16, exact) times the
+    int8 weight; for K <= 512 the float32 sums are exact integers, so the output must equal the
+    int64 products times the weight scale rounded to bf16, times the row scale rounded again."""
+    from monoquant_plugins.backends.dequant import dequant_library
+
+    from monoquant_core.activations import quantize_per_token
+
+    if dequant_library() is None:
+        pytest.skip("no C conversion library here")
+    n, k = 64 * panels, 64 * chunks
+    q, s, p = _layer(n, k, seed=m)
+    x = torch.randn(m, k).to(torch.bfloat16)
+    y = bf16_gemm.int8_dynamic_gemm_bf16(x, p)
+    codes, sx = quantize_per_token(x)
+    sums = (codes.to(torch.int64) @ q.to(torch.int64).t()).to(torch.float32)
+    want = ((sums * s).to(torch.bfloat16).to(torch.float32) * sx).to(torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)
+    assert torch.equal(bf16_gemm.int8_dynamic_gemm_bf16(x.float(), _fbgemm_ready(q, s)),
+                       cpu_kernels.int8_dynamic(x.float(), _fbgemm_ready(q, s)))  # fmt: skip
+
+
+def _fbgemm_ready(q: torch.Tensor, s: torch.Tensor):
+    """The layer of ``q``/``s`` prepared by torch-cpu for W8A8 (fbgemm's packed weight too)."""
+    import warnings
+
+    n, k = q.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        qw = torch._make_per_channel_quantized_tensor(
+            q, s.double(), torch.zeros(n, dtype=torch.long), 0
+        )
+        packed = torch.ops.quantized.linear_prepack(qw, None)
+    return cpu_kernels.Prepared(n, k, ((1, "int8-dynamic"),), {"wq": q, "s": s, "packed": packed})
+
+
+@needs_lib
+def test_w8a8_of_a_bf16_model_runs_the_own_gemm_for_narrow_layers_at_many_rows():
+    torch.manual_seed(3)
+    opts = {"activations": "dynamic"}
+    wide = ENGINE.plan(nn.Sequential(nn.Linear(1536, 384)).to(torch.bfloat16), scheme="int8",
+                       scheme_options=opts).get("0")  # fmt: skip
+    assert list(wide.kernels) == ["any M: fbgemm int8 x int8, per-token inputs"]
+    layer = nn.Sequential(nn.Linear(384, 384)).to(torch.bfloat16)
+    q, _ = ENGINE.quantize(copy.deepcopy(layer), scheme="int8", scheme_options=opts)
+    r, _ = ENGINE.quantize(layer, scheme="int8", scheme_options=opts, backend="reference")
+    first = bf16_gemm.W8A8_ROWS
+    assert [q[0].prepared().pick(m) for m in (first - 1, first)] == [
+        "int8-dynamic", "int8-dynamic-bf16"]  # fmt: skip
+    for m in (first - 1, first, 300):
+        x = torch.randn(m, 384).to(torch.bfloat16)
+        with torch.no_grad():
+            assert rel_err(q(x), r(x)) < 2e-2, m
