@@ -20,7 +20,6 @@ import ctypes
 import torch
 
 from . import cpu_kernels as ck
-from .dequant import dequant_library
 from .native import NativeLibrary
 
 __all__ = [
@@ -42,10 +41,15 @@ BF16_GEMM = NativeLibrary(
     "bf16_gemm_kernels.c",
     ("avx512f", "avx512bw", "avx512_bf16"),
     ("-mavx512f", "-mavx512bw", "-mavx512bf16"),
-    1,
+    2,
     {
         "mq_int8_gemm_bf16": ([_P, _I, _I, _P, _I, _P, _P, _P, _C, _C], ctypes.c_int),
         "mq_int4_gemm_bf16": ([_P, _I, _I, _P, _I, _I, _P, _P, _C, _P, _P, _C, _C], ctypes.c_int),
+        "mq_int8_gemm_bf16_q": ([_P, _I, _I, _P, _I, _P, _P, _P, _P, _C, _C], ctypes.c_int),
+        "mq_int4_gemm_bf16_q": (
+            [_P, _I, _I, _P, _I, _I, _P, _P, _C, _P, _P, _P, _C, _C],
+            ctypes.c_int,
+        ),
     },
 )
 
@@ -135,22 +139,40 @@ def int4_gemm_bf16(x: torch.Tensor, p: ck.Prepared, bias: torch.Tensor | None = 
     return y
 
 
-def int8_dynamic_gemm_bf16(x: torch.Tensor, p: ck.Prepared) -> torch.Tensor:
-    """W8A8 (``activations="dynamic"``) for bfloat16 inputs: each row's per-token int8 codes
-    (the reference's, held in bfloat16: exact) times the int8 weight rows (bfloat16 panels:
-    exact), float32 sums times the weight's scale, rounded to bfloat16, then each row times its
-    input scale (the two roundings of cpu-vnni's W4A8 at many rows). Other input dtypes run
-    fbgemm's kernel (:func:`~.cpu_kernels.int8_dynamic`). No bias (the caller adds it)."""
-    lib = dequant_library()
-    if x.dtype != torch.bfloat16 or lib is None:
-        return ck.int8_dynamic(x, p)
-    x = x.contiguous()
-    m = x.shape[0]
-    q = ck.scratch("w8a8.codes", (m, p.k), torch.bfloat16)
-    sx = torch.empty(m, 1, dtype=torch.float32)
-    lib.mq_quantize_rows_bf16(x.data_ptr(), m, p.k, q.data_ptr(), sx.data_ptr())
-    y = int8_gemm_bf16(q, p)
-    lib.mq_scale_rows_bf16(y.data_ptr(), m, p.n, sx.data_ptr())
+def int8_dynamic_gemm_bf16(x: torch.Tensor, p: ck.Prepared, bias: torch.Tensor | None = None):
+    """W8A8 (``activations="dynamic"``) for bfloat16 inputs: each row quantized to its per-token
+    int8 codes (the reference's, exact in bfloat16) while the GEMM packs it, times the int8
+    weight rows (bfloat16 panels: exact), the float32 sums times weight scale x row scale plus
+    the bias, rounded once. Other input dtypes run fbgemm's kernel
+    (:func:`~.cpu_kernels.int8_dynamic`, the bias added after)."""
+    if x.dtype != torch.bfloat16:
+        y = ck.int8_dynamic(x, p)
+        return y if bias is None else y.add_(bias.to(y.dtype))
+    t, m = p.tensors, x.shape[0]
+    xb, out_f32, y, b = _operands(x, p.n, bias)
+    rs = torch.empty(m, dtype=torch.float32)
+    rc = bf16_gemm_library().mq_int8_gemm_bf16_q(
+        xb.data_ptr(), m, p.k, t["wq"].data_ptr(), p.n, t["s"].data_ptr(),
+        None if b is None else b.data_ptr(), rs.data_ptr(), y.data_ptr(), int(out_f32),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "int8-dynamic-bf16", m)
+    return y
+
+
+def int4_dynamic_gemm_bf16(x: torch.Tensor, p: ck.Prepared, bias: torch.Tensor | None = None):
+    """W4A8 for bfloat16 inputs (cpu-vnni's many-row path): each row quantized to its per-token
+    int8 codes while packed, times the int4-group weight dequantized into bfloat16 panels
+    (:func:`int4_gemm_bf16`), the float32 sums times the row scale plus the bias, rounded once."""
+    t, m = p.tensors, x.shape[0]
+    xb, out_f32, y, b = _operands(x, p.n, bias)
+    rs = torch.empty(m, dtype=torch.float32)
+    rc = bf16_gemm_library().mq_int4_gemm_bf16_q(
+        xb.data_ptr(), m, p.k, t["codes4"].data_ptr(), p.n, t["gs"], t["st"].data_ptr(),
+        t["zt"].data_ptr(), int(t["flip4"]), None if b is None else b.data_ptr(), rs.data_ptr(),
+        y.data_ptr(), int(out_f32), torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "int4-dynamic-bf16", m)
     return y
 
 
@@ -166,8 +188,8 @@ KERNELS = {
     "int4-gemm-bf16": int4_gemm_bf16,
     "int8-dynamic-bf16": int8_dynamic_gemm_bf16,
 }
-#: the kernels that take the bias
-FUSED_BIAS = {"int8-gemm-bf16", "int4-gemm-bf16"}
+#: the kernels that take the bias (all)
+FUSED_BIAS = set(KERNELS)
 
 #: what each kernel is, as ``monoquant plan`` shows it
 DESCRIPTIONS = {
@@ -175,6 +197,6 @@ DESCRIPTIONS = {
     "scale on the sums",
     "int4-gemm-bf16": "int4 rows -> bf16 panels of (u - z) * s (C, per call) + AVX512-BF16 "
     "GEMM (C)",
-    "int8-dynamic-bf16": "per-token int8 codes in bf16 (C) x int8 rows -> bf16 panels + "
-    "AVX512-BF16 GEMM (C)",
+    "int8-dynamic-bf16": "per-token int8 codes in bf16 x int8 rows -> bf16 panels (C, per "
+    "call) + AVX512-BF16 GEMM (C), scales and bias on the sums",
 }

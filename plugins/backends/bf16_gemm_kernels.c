@@ -13,6 +13,11 @@
  * The int8 codes are exact in bfloat16, so the only roundings are the input's (if it was
  * float32) and the output's: more accurate than converting q * s into bfloat16 first.
  *
+ * W8A8 / W4A8 (the ``_q`` entry points): each input row is first quantized to its per-token
+ * int8 codes (scale = max |x| / 127, 1 for a zero row; x / scale rounded to nearest even,
+ * clamped to +-127: the reference's codes, exact in bfloat16) while it is packed, and the
+ * sums are multiplied by weight scale x row scale in the epilogue with the bias: one rounding.
+ *
  * int4-group: the same GEMM, each panel converted from the stored codes (one byte per k-pair,
  * low nibble first) into bfloat16 of the dequantized weight (u - z) * s, rounded once, as the
  * conversion path it replaces did; no scale on the sums.
@@ -32,7 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-int mq_abi_version(void) { return 1; }
+int mq_abi_version(void) { return 2; }
 
 #define MR 6  /* input rows per tile */
 #define NP 64 /* weight rows (output columns) per panel */
@@ -159,7 +164,7 @@ static void convert_panel_int4(const uint8_t *c, int64_t k, int64_t gs, const fl
 /* mr rows (packed [kp][mr] pairs) x one panel: NP outputs per row, scaled, biased, stored */
 static inline __attribute__((always_inline)) void
 tile(const int mr, const uint32_t *a, const uint16_t *b, int64_t kp, const float *sc,
-     const float *bias, void *out, int64_t ldo, int out_f32) {
+     const float *rs, const float *bias, void *out, int64_t ldo, int out_f32) {
     __m512 acc[MR][NV];
     for (int r = 0; r < mr; r++)
         for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
@@ -178,8 +183,14 @@ tile(const int mr, const uint32_t *a, const uint16_t *b, int64_t kp, const float
         const __m512 c0 = bias ? _mm512_loadu_ps(bias + v * 16) : zero;
         const __m512 c1 = bias ? _mm512_loadu_ps(bias + v * 16 + 16) : zero;
         for (int r = 0; r < mr; r++) {
-            const __m512 y0 = _mm512_fmadd_ps(acc[r][v], s0, c0);
-            const __m512 y1 = _mm512_fmadd_ps(acc[r][v + 1], s1, c1);
+            __m512 f0 = s0, f1 = s1;
+            if (rs) { /* per-token input scale: weight scale x row scale */
+                const __m512 rr = _mm512_set1_ps(rs[r]);
+                f0 = _mm512_mul_ps(s0, rr);
+                f1 = _mm512_mul_ps(s1, rr);
+            }
+            const __m512 y0 = _mm512_fmadd_ps(acc[r][v], f0, c0);
+            const __m512 y1 = _mm512_fmadd_ps(acc[r][v + 1], f1, c1);
             if (out_f32) {
                 float *o = (float *)out + r * ldo + v * 16;
                 _mm512_storeu_ps(o, y0);
@@ -202,14 +213,42 @@ typedef struct {
     int flip;
 } weights_t;
 
+/* One bfloat16 row [k] (k % 32 == 0) -> its per-token int8 codes as bfloat16 into dst (k
+ * values), its scale returned. */
+static float quantize_row(const uint16_t *x, int64_t k, uint16_t *dst) {
+    __m512 vmax = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16) {
+        const __m512i b = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + i)));
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_castsi512_ps(_mm512_slli_epi32(b, 16))));
+    }
+    const float amax = _mm512_reduce_max_ps(vmax);
+    const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+    const __m512 vs = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-127.0f),
+                 hi = _mm512_set1_ps(127.0f);
+    for (int64_t i = 0; i < k; i += 16) {
+        const __m512i b = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + i)));
+        __m512 v = _mm512_div_ps(_mm512_castsi512_ps(_mm512_slli_epi32(b, 16)), vs);
+        v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+        /* an integer of at most 7 bits: its float's top 16 bits are its bfloat16, exactly */
+        _mm256_storeu_si256((__m256i *)(dst + i),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+    }
+    return scale;
+}
+
+/* rs: NULL, or [m] floats that receive each row's per-token scale (the rows are quantized) */
 static int gemm(const uint16_t *x, int64_t m, int64_t k, int64_t n, const weights_t *w,
-                const float *scale, const float *bias, void *out, int out_f32, int nthreads) {
+                const float *scale, float *rs, const float *bias, void *out, int out_f32,
+                int nthreads) {
     const int64_t kp = k / 2, panels = n / NP, tiles = (m + MR - 1) / MR;
     uint32_t *ap = aligned_alloc(64, ((size_t)m * kp * 4 + 63) / 64 * 64);
     int64_t *start = malloc((size_t)(tiles + 1) * sizeof(int64_t));
-    if (!ap || !start) {
+    uint16_t *qrow = rs ? aligned_alloc(64, (size_t)k * 2 + 64) : NULL;
+    if (!ap || !start || (rs && !qrow)) {
         free(ap);
         free(start);
+        free(qrow);
         return -1;
     }
     for (int64_t t = 0, i = 0; t < tiles; t++) { /* balanced tiles of at most MR rows */
@@ -217,11 +256,17 @@ static int gemm(const uint16_t *x, int64_t m, int64_t k, int64_t n, const weight
         start[t] = i;
         uint32_t *dst = ap + i * kp;
         for (int64_t rr = 0; rr < r; rr++) {
-            const uint32_t *row = (const uint32_t *)(x + (i + rr) * k);
+            const uint16_t *xr = x + (i + rr) * k;
+            if (rs) {
+                rs[i + rr] = quantize_row(xr, k, qrow);
+                xr = qrow;
+            }
+            const uint32_t *row = (const uint32_t *)xr;
             for (int64_t j = 0; j < kp; j++) dst[j * r + rr] = row[j];
         }
         i += r;
     }
+    free(qrow);
     start[tiles] = m;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
@@ -245,9 +290,10 @@ static int gemm(const uint16_t *x, int64_t m, int64_t k, int64_t n, const weight
                 void *o = out_f32 ? (void *)((float *)out + i * n + p * NP)
                                   : (void *)((uint16_t *)out + i * n + p * NP);
                 const uint32_t *a = ap + i * kp;
+                const float *ri = rs ? rs + i : NULL;
                 switch (r) {
 #define TILE(R) \
-    case R: tile(R, a, panel, kp, sc, bi, o, n, out_f32); break;
+    case R: tile(R, a, panel, kp, sc, ri, bi, o, n, out_f32); break;
                     TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
                     default: break;
                 }
@@ -267,7 +313,16 @@ int mq_int8_gemm_bf16(const uint16_t *x, int64_t m, int64_t k, const int8_t *q, 
                       const float *scale, const float *bias, void *out, int out_f32,
                       int nthreads) {
     const weights_t w = {q, NULL, 0, NULL, NULL, 0};
-    return gemm(x, m, k, n, &w, scale, bias, out, out_f32, nthreads);
+    return gemm(x, m, k, n, &w, scale, NULL, bias, out, out_f32, nthreads);
+}
+
+/* W8A8: the same with the rows of x quantized per token first (their scales into rs [m]);
+ * x must be bfloat16. */
+int mq_int8_gemm_bf16_q(const uint16_t *x, int64_t m, int64_t k, const int8_t *q, int64_t n,
+                        const float *scale, const float *bias, float *rs, void *out, int out_f32,
+                        int nthreads) {
+    const weights_t w = {q, NULL, 0, NULL, NULL, 0};
+    return gemm(x, m, k, n, &w, scale, rs, bias, out, out_f32, nthreads);
 }
 
 /* The same for int4-group weights: codes [n, k / 2] as stored, st / zt the scale and zero *
@@ -277,5 +332,13 @@ int mq_int4_gemm_bf16(const uint16_t *x, int64_t m, int64_t k, const uint8_t *co
                       int64_t gs, const float *st, const float *zt, int flip, const float *bias,
                       void *out, int out_f32, int nthreads) {
     const weights_t w = {NULL, codes, gs, st, zt, flip};
-    return gemm(x, m, k, n, &w, NULL, bias, out, out_f32, nthreads);
+    return gemm(x, m, k, n, &w, NULL, NULL, bias, out, out_f32, nthreads);
+}
+
+/* W4A8: the same with the rows of x quantized per token first (their scales into rs [m]). */
+int mq_int4_gemm_bf16_q(const uint16_t *x, int64_t m, int64_t k, const uint8_t *codes,
+                        int64_t n, int64_t gs, const float *st, const float *zt, int flip,
+                        const float *bias, float *rs, void *out, int out_f32, int nthreads) {
+    const weights_t w = {NULL, codes, gs, st, zt, flip};
+    return gemm(x, m, k, n, &w, NULL, rs, bias, out, out_f32, nthreads);
 }

@@ -204,8 +204,9 @@ class CpuVnniBackend(Backend):
             gemm = dequant_library()
             if gemm is not None:
                 xb = x.reshape(-1, p.k).contiguous()
-                own = p.own is not None and xb.shape[0] <= bf16_gemm.last_rows(p.k)
-                y = _own_gemm(gemm, xb, p) if own else _bf16_gemm(gemm, xb, p)
+                if p.own is not None and xb.shape[0] <= bf16_gemm.last_rows(p.k):
+                    return _own_gemm(xb, p, bias).reshape(*lead, p.n)
+                y = _bf16_gemm(gemm, xb, p)
                 if bias is not None:
                     y = y.add_(bias) if bias.dtype == y.dtype else y + bias.to(y.dtype)
                 return y.reshape(*lead, p.n)
@@ -239,17 +240,12 @@ def _own(n: int, k: int, gs: int | None) -> bool:
     return bf16_gemm.fits_int4(n, k, gs) and bf16_gemm.bf16_gemm_library() is not None
 
 
-def _own_gemm(lib, x: torch.Tensor, p: Prepared) -> torch.Tensor:
-    """W4A8 for many bfloat16 rows on torch-cpu's own GEMM: the per-token int8 codes held in
-    bfloat16 (exact) times the weight panels dequantized into bfloat16 inside the GEMM, float32
-    sums, then each row times its scale (the numerics of :func:`_bf16_gemm`)."""
-    m, k, n = x.shape[0], p.k, p.n
-    q = scratch("w4a8.codes", (m, k), torch.bfloat16)
-    sx = torch.empty(m, 1, dtype=torch.float32)
-    lib.mq_quantize_rows_bf16(x.data_ptr(), m, k, q.data_ptr(), sx.data_ptr())
-    out = bf16_gemm.int4_gemm_bf16(q, p.own, None)
-    lib.mq_scale_rows_bf16(out.data_ptr(), m, n, sx.data_ptr())
-    return out
+def _own_gemm(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Tensor:
+    """W4A8 for many bfloat16 rows on torch-cpu's own GEMM: each row quantized to its per-token
+    int8 codes (held in bfloat16, exact) as the GEMM packs it, times the weight panels
+    dequantized into bfloat16, float32 sums times the row scale plus the bias, rounded once
+    (:func:`.bf16_gemm.int4_dynamic_gemm_bf16`)."""
+    return bf16_gemm.int4_dynamic_gemm_bf16(x, p.own, bias)
 
 
 def _bf16_gemm(lib, x: torch.Tensor, p: Prepared) -> torch.Tensor:

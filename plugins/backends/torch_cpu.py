@@ -133,7 +133,6 @@ def _w8a8_own(n: int, k: int, dtype: torch.dtype) -> bool:
         and k <= bf16_gemm.W8A8_MAX_K
         and bf16_gemm.fits(n, k)
         and bf16_gemm_library() is not None
-        and dequant_library() is not None
     )
 
 
