@@ -19,7 +19,7 @@ from __future__ import annotations
 from . import _quiet  # noqa: F401  (first: torch's NumPy warning is filtered before torch loads)
 from .affine import minmax_qparams
 from .api import load, quantize, save
-from .artifacts import ArtifactReader, ArtifactWriter, TensorSource
+from .artifacts import ArtifactReader, ArtifactWriter, TensorSource, write_through
 from .calibration import CalibrationWarning
 from .capabilities import Capabilities
 from .components import (
@@ -102,4 +102,5 @@ __all__ = [
     "quantize",
     "save",
     "sqnr_db",
+    "write_through",
 ]

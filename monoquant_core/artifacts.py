@@ -21,7 +21,7 @@ from .qtensor import QTensor
 if TYPE_CHECKING:  # pragma: no cover
     from .components import Serializer
 
-__all__ = ["Artifact", "ArtifactReader", "ArtifactWriter", "TensorSource"]
+__all__ = ["Artifact", "ArtifactReader", "ArtifactWriter", "TensorSource", "write_through"]
 
 
 @dataclass
@@ -142,6 +142,14 @@ class ArtifactReader:
 class ArtifactWriter:
     """Takes tensors one at a time (default: buffers them, then ``serializer.write``)."""
 
+    #: Set by the caller before the first tensor when the file is (a shard of) the weights of
+    #: a Hugging Face transformers folder whose ``config.json`` carries the serializer's
+    #: :meth:`~monoquant_core.Serializer.hf_quantization_config`. A format that transformers
+    #: cannot load without an integration being imported stores what makes transformers fail
+    #: loudly without it, instead of loading random weights (the ``safetensors`` format: an
+    #: empty guard tensor under each quantized weight's name, docs/formats.md).
+    for_transformers: bool = False
+
     def __init__(self, serializer: Serializer, path: str):
         self.serializer = serializer
         self.path = path
@@ -171,3 +179,17 @@ class ArtifactWriter:
 
     def abort(self) -> None:
         self.artifact = Artifact()
+
+
+def write_through(writer: ArtifactWriter, artifact: Artifact) -> int:
+    """Add every tensor of ``artifact`` to ``writer`` and close it (aborted on any error): the
+    whole-file write of a streaming serializer. Returns the tensor bytes written."""
+    try:
+        for name, t in artifact.tensors.items():
+            writer.add_tensor(name, t)
+        for name, qt in artifact.qtensors.items():
+            writer.add_qtensor(name, qt)
+        return writer.close(artifact.producers, artifact.config)
+    except BaseException:
+        writer.abort()
+        raise

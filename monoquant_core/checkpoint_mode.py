@@ -215,8 +215,9 @@ def _stage(
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         out[shard.out_name] = shard_from_journal(
-            share.run, shard, tmp, share.journal, finished, selected, share.out_format, prod
-        )
+            share.run, shard, tmp, share.journal, finished, selected, share.out_format, prod,
+            None, source.transformers,
+        )  # fmt: skip
         os.replace(tmp, path)
     return out
 

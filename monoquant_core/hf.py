@@ -20,9 +20,11 @@ mappings (``transformers/quantizers/auto.py``: ``AUTO_QUANTIZATION_CONFIG_MAPPIN
 ``register_quantization_config``); it reads no entry points, and ``trust_remote_code`` loads
 config, model and tokenizer classes, never a quantizer. Without this import,
 ``AutoHfQuantizer.supports_quant_method`` logs "Unknown quantization type, got monoquant ...
-we will skip the quantization" and transformers builds the float model: every quantized
-layer's ``weight`` is reported missing and left randomly initialised (a warning, not an
-error). Import this module (or call ``register()``) before ``from_pretrained``.
+we will skip the quantization" and transformers builds the float model; every quantized
+weight's guard (an empty tensor the serializer stores under the weight's name in
+transformers folders, docs/formats.md) is then a size mismatch and transformers raises, so it
+never loads random weights silently. Import this module (or call ``register()``) before
+``from_pretrained``; the quantizer here expects the guards.
 
 Saving: :func:`save_pretrained` (``config.json`` with the ``quantization_config``, the
 weights in Mono Quant's format, ``generation_config.json`` and the tokenizer's files when
@@ -43,9 +45,11 @@ import os
 import re
 from typing import Any
 
+import torch
 from torch import nn
 
 from .api import load
+from .artifacts import write_through
 from .atomic import atomic_folder
 from .engine import Engine
 from .errors import UsageError
@@ -94,6 +98,12 @@ def register() -> None:
         def __init__(self, quantization_config: Any, **kwargs: Any) -> None:
             super().__init__(quantization_config, **kwargs)
             self.folder: str | None = None
+            self.quantized: dict[str, tuple[int, ...]] = {}  # name -> shape
+
+        def param_needs_quantization(self, model: Any, param_name: str, **kwargs: Any) -> bool:
+            # A quantized weight's guard (an empty tensor under its float name, so that
+            # transformers without this quantizer raises a size mismatch): not a mismatch here.
+            return param_name in self.quantized
 
         def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
             files = kwargs.get("checkpoint_files") or []
@@ -109,7 +119,8 @@ def register() -> None:
                 )
             # The quantized layers' float weights are absent and their codes are not model
             # parameters yet: load() fills both after transformers' pass; no warnings for them.
-            names = _quantized_names(self.folder)
+            self.quantized = _quantized_names(self.folder)
+            names = set(self.quantized)
             weights = {"^" + re.escape(n) + "$" for n in names}
             pieces = {"^" + re.escape(n) + r"\." for n in names}
             model._keys_to_ignore_on_load_missing = (
@@ -122,6 +133,15 @@ def register() -> None:
 
         def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
             assert self.folder is not None
+            for name, shape in self.quantized.items():  # a guard loaded in place of a weight
+                mname, _, pname = name.rpartition(".")
+                module = model.get_submodule(mname)
+                guard = getattr(module, pname, None)
+                if isinstance(guard, torch.Tensor) and guard.numel() == 0:
+                    # the weight's shape, no memory (one element, zero strides): load()
+                    # checks the shape and replaces the layer
+                    one = torch.empty((), dtype=guard.dtype, device=guard.device)
+                    setattr(module, pname, nn.Parameter(one.expand(shape), requires_grad=False))
             return load(self.folder, model)
 
         def is_serializable(self) -> bool:
@@ -210,7 +230,9 @@ def save_pretrained(
         can_generate = getattr(model, "can_generate", lambda: False)
         if generation is not None and can_generate():
             generation.save_pretrained(tmp)
-        serializer.write(art, os.path.join(tmp, "model.safetensors"))
+        writer = serializer.open_writer(os.path.join(tmp, "model.safetensors"))
+        writer.for_transformers = True  # guards: transformers alone raises, never loads noise
+        write_through(writer, art)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
@@ -226,11 +248,12 @@ def _save_refused() -> UsageError:
     )
 
 
-def _quantized_names(folder: str) -> set[str]:
-    """Names of the quantized weights (``x.weight``) of a Mono Quant folder, from its headers;
-    the serializer stores each under names that start with ``x.weight.``."""
+def _quantized_names(folder: str) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the quantized weights (``x.weight``) of a Mono Quant folder, from
+    its headers; the serializer stores each under names that start with ``x.weight.`` (and,
+    in format version 2, an empty guard under ``x.weight`` itself)."""
     info = inspect_path(Engine().registries, folder)
-    return {t["name"] for t in info["tensors"] if t["quantized"]}
+    return {t["name"]: tuple(t["shape"]) for t in info["tensors"] if t["quantized"]}
 
 
 register()

@@ -80,6 +80,7 @@ def _rewrite(
             reader: ArtifactReader = shard.reader
             ser = out_format or serializer_for_write(registries.serializers, path)
             writer = ser.open_writer(path)
+            writer.for_transformers = out_format is not None and source.transformers
             names: list[str] = []
             try:
                 for name in reader.tensor_names():

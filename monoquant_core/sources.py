@@ -33,7 +33,7 @@ from .errors import FormatError, MonoQuantError, UsageError
 from .files import check_regular_file, serializer_for_read
 from .registry import Registries
 
-__all__ = ["CheckpointSource", "Shard", "open_source", "read_artifact"]
+__all__ = ["CheckpointSource", "Shard", "hf_config", "open_source", "read_artifact"]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
@@ -64,6 +64,9 @@ class CheckpointSource:
     index: dict[str, Any] | None = None
     copy: list[str] = field(default_factory=list)  # relative paths (files or folders)
     not_copied: list[str] = field(default_factory=list)
+    #: a Hugging Face transformers folder (its copied config.json is a model config): the
+    #: output's writers are told so (:attr:`~monoquant_core.ArtifactWriter.for_transformers`)
+    transformers: bool = False
 
     def close(self) -> None:
         for s in self.shards:
@@ -176,7 +179,22 @@ def _folder(path: str) -> CheckpointSource:
             src.not_copied.append(n)
         else:
             src.copy.append(n)
+    config = os.path.join(path, "config.json")
+    src.transformers = "config.json" in src.copy and hf_config(config) is not None
     return src
+
+
+def hf_config(path: str) -> dict[str, Any] | None:
+    """The JSON object of a Hugging Face ``config.json`` (one with ``model_type`` or
+    ``architectures``), or None for anything else (unreadable, not JSON, another config)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict) or not ("model_type" in cfg or "architectures" in cfg):
+        return None
+    return cfg
 
 
 def _no_shards(path: str, names: list[str]) -> UsageError:

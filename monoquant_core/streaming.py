@@ -31,7 +31,7 @@ from .progress import Progress
 from .report import QuantReport
 from .run import Run
 from .selection import require_selected
-from .sources import CheckpointSource, Shard, open_source
+from .sources import CheckpointSource, Shard, hf_config, open_source
 from .tensor_plan import build_tensor_plan, picked_tensors
 
 __all__ = [
@@ -174,12 +174,8 @@ def mark_hf_config(path: str, quantization_config: dict[str, Any] | None) -> boo
     ``config.json`` (a JSON object with ``model_type`` or ``architectures``), so transformers
     does not take the folder for a float model, or remove it (None: a float output, e.g.
     ``monoquant dequantize``); anything else is left as it is. True when changed."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError):
-        return False
-    if not isinstance(cfg, dict) or not ("model_type" in cfg or "architectures" in cfg):
+    cfg = hf_config(path)
+    if cfg is None:
         return False
     if quantization_config is not None:
         cfg["quantization_config"] = quantization_config
@@ -215,12 +211,15 @@ def shard_from_journal(
     out_format: Any,
     prod: dict[str, dict[str, str]],
     prog: Progress | None = None,
+    for_transformers: bool = False,
 ) -> ShardResult:
     """Write one output shard at ``path`` from the finished records (each part checked against
     its checksum as it is read): finished tensors from their parts, every other tensor copied
-    byte for byte, through the output serializer's streaming writer."""
+    byte for byte, through the output serializer's streaming writer (``for_transformers``: a
+    shard of a transformers folder, :attr:`~monoquant_core.ArtifactWriter.for_transformers`)."""
     out = ShardResult(names=[], nbytes=0, bytes_in=0, layers=[], skipped=[], facts={})
     writer = out_format.open_writer(path)
+    writer.for_transformers = for_transformers
     try:
         for name in shard.reader.tensor_names():
             src = shard.reader.source(name)
@@ -291,8 +290,9 @@ def write_from_journal(
             os.replace(staged_path(journal, shard), path)
         else:
             res = shard_from_journal(
-                run, shard, path, journal, finished, selected, out_format, prod, prog
-            )
+                run, shard, path, journal, finished, selected, out_format, prod, prog,
+                source.transformers,
+            )  # fmt: skip
         report.layers.extend(as_layer_report(d) for d in res["layers"])
         for name, reason in res["skipped"]:
             entries[name].skip(reason)

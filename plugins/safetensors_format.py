@@ -1,10 +1,17 @@
-"""``safetensors`` serializer: the Mono Quant on-disk format (``format_version`` 1).
+"""``safetensors`` serializer: the Mono Quant on-disk format (``format_version`` 1 and 2).
 
 For each quantized tensor ``<name>``: ``<name>.qdata``, ``<name>.scale``, optionally
 ``<name>.zero_point`` and any scheme extras ``<name>.<role>``; other tensors unchanged. The
 header's ``__metadata__`` holds ``format = "monoquant"``, ``format_version``, ``quantization``
 (JSON per tensor), ``producers`` (JSON plugin -> distribution/version) and, when known,
 ``config``. A file without ``format = "monoquant"`` is read as a plain float checkpoint.
+
+Version 2 adds guards: in the weights of a Hugging Face transformers folder
+(:attr:`~monoquant_core.ArtifactWriter.for_transformers`), each quantized tensor ``<name>``
+also has an empty ``uint8`` tensor stored under ``<name>`` itself. transformers without
+``monoquant_core.hf`` imported then finds a size mismatch for every quantized weight and
+raises, instead of leaving them randomly initialised; Mono Quant's readers skip the guards.
+Files without guards are still written as version 1, so older readers keep reading them.
 
 Reading and writing stream one tensor at a time (:mod:`monoquant_plugins.safetensors_io`,
 :mod:`monoquant_plugins.safetensors_writer`), so checkpoint mode's memory is bounded by the
@@ -33,7 +40,9 @@ from monoquant_core import (
 from .safetensors_io import SafetensorsReader, is_safetensors
 from .safetensors_writer import SafetensorsArtifactWriter, SafetensorsWriter, StreamingSerializer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: the version a file without guards is written in (every reader since the first reads it)
+PLAIN_VERSION = 1
 _DTYPES = {
     str(d).replace("torch.", ""): d
     for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -89,9 +98,12 @@ class MonoQuantWriter(SafetensorsArtifactWriter):
 
     def add_qtensor(self, name: str, qt: QTensor) -> None:
         roles = qt.tensors()
+        guard = [name] if self.for_transformers else []
+        for key in guard:  # empty: transformers alone reports a size mismatch and raises
+            self._w.add(key, torch.empty(0, dtype=torch.uint8))
         for role, t in roles.items():
             self._w.add(f"{name}.{role}", t)
-        self._stored[name] = [f"{name}.{role}" for role in roles]
+        self._stored[name] = guard + [f"{name}.{role}" for role in roles]
         self._quant[name] = {
             "scheme": qt.scheme,
             "bits": qt.bits,
@@ -107,9 +119,10 @@ class MonoQuantWriter(SafetensorsArtifactWriter):
     def close(self, producers: dict[str, dict[str, str]], config: dict[str, Any]) -> int:
         if not producers and not self._quant:  # nothing quantized, no provenance: plain file
             return self._w.close({"format": "pt"})
+        guarded = any(name in self._stored[name] for name in self._quant)
         metadata = {
             "format": "monoquant",
-            "format_version": str(FORMAT_VERSION),
+            "format_version": str(FORMAT_VERSION if guarded else PLAIN_VERSION),
             "quantization": json.dumps(self._quant, sort_keys=True),
             "producers": json.dumps(producers, sort_keys=True),
         }
@@ -141,6 +154,7 @@ class MonoQuantReader(ArtifactReader):
                 self._producers = _producers(base, _json(base, meta, "producers"))
                 self.config = _json(base, meta, "config")
             self._pieces = self._check_pieces(base)
+            self._guards = self._check_guards(base)
         except BaseException:
             self._r.close()
             raise
@@ -163,6 +177,17 @@ class MonoQuantReader(ArtifactReader):
                 pieces.add(key)
         return pieces
 
+    def _check_guards(self, base: str) -> set[str]:
+        """The quantized tensors' guards (an empty tensor under the quantized name itself)."""
+        guards = {n for n in self._quant if n in self._r.entries}
+        for name in guards:
+            if self._version < 2 or self._r.nbytes(name) != 0:
+                raise FormatError(
+                    f"{base}: {name!r} is stored both quantized and as a plain tensor",
+                    "the file is corrupted or was edited; write it again",
+                )
+        return guards
+
     @property
     def producers(self) -> dict[str, dict[str, str]]:
         return self._producers
@@ -176,7 +201,8 @@ class MonoQuantReader(ArtifactReader):
         return self._mq
 
     def tensor_names(self) -> list[str]:
-        return [k for k in self._r.keys() if k not in self._pieces]  # noqa: SIM118
+        skip = self._pieces | self._guards
+        return [k for k in self._r.keys() if k not in skip]  # noqa: SIM118
 
     def stored_names(self) -> set[str]:
         return set(self._r.entries)

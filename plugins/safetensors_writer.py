@@ -30,6 +30,7 @@ from monoquant_core import (
     Serializer,
     TensorSource,
     UsageError,
+    write_through,
 )
 from monoquant_core.atomic import temp_tag
 
@@ -165,16 +166,7 @@ class StreamingSerializer(Serializer):
     ``open_writer`` / ``open_reader`` (one code path for both modes)."""
 
     def write(self, artifact: Artifact, path: str) -> None:
-        w = self.open_writer(path)
-        try:
-            for name, t in artifact.tensors.items():
-                w.add_tensor(name, t)
-            for name, qt in artifact.qtensors.items():
-                w.add_qtensor(name, qt)
-            w.close(artifact.producers, artifact.config)
-        except BaseException:
-            w.abort()
-            raise
+        write_through(self.open_writer(path), artifact)
 
     def read(self, path: str) -> Artifact:
         with self.open_reader(path) as r:

@@ -77,9 +77,9 @@ def test_truncated_file(tmp_path, saved, keep):
 def test_newer_format_version_is_refused(tmp_path, saved):
     path, _ = saved
     out = edited_copy(
-        path, tmp_path / "v2.safetensors", edit_meta=lambda m: m.update(format_version="2")
+        path, tmp_path / "v3.safetensors", edit_meta=lambda m: m.update(format_version="3")
     )
-    with pytest.raises(FormatError, match="format version 2 by a newer Mono Quant.*pip install -U"):
+    with pytest.raises(FormatError, match="format version 3 by a newer Mono Quant.*pip install -U"):
         mq.load(str(out), mlp())
 
 

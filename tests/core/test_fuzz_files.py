@@ -203,7 +203,7 @@ WHOLE_HEADERS = {
 
 #: ``__metadata__`` values of the quantized file replaced
 METADATA = [
-    ("format_version", "2"),
+    ("format_version", "3"),
     ("format_version", "0"),
     ("format_version", "one"),
     ("quantization", "[]"),

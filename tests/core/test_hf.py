@@ -2,8 +2,8 @@
 transformers folder's config.json, and with ``monoquant_core.hf`` imported
 ``AutoModel.from_pretrained`` loads the quantized layers, equal to :func:`monoquant_core.load`
 into the same architecture; transformers' own ``save_pretrained`` refuses in one line; without
-the registration transformers reports exactly the quantized weights as missing. Skipped
-without transformers (CI installs the ``hf`` extra)."""
+the registration transformers raises on the quantized weights' guards instead of loading
+random weights. Skipped without transformers (CI installs the ``hf`` extra)."""
 
 from __future__ import annotations
 
@@ -129,22 +129,94 @@ def test_save_pretrained_refuses_what_it_cannot_write(folders, tmp_path):
     assert not [p for p in tmp_path.iterdir() if "monoquant-tmp" in p.name]
 
 
-def test_without_the_registration_transformers_reports_the_quantized_weights(folders, monkeypatch):
-    """What happens where Mono Quant is not imported (docs/deploy.md): transformers skips the
-    unknown quant_method and builds the float model; exactly the quantized layers' weights are
-    reported missing (randomly initialised) and their stored pieces unexpected."""
-    root, float_model, _ = folders
+def _unregistered(monkeypatch):
+    """transformers as it is where Mono Quant is not imported."""
     from transformers.quantizers import auto as hf_auto
 
     monkeypatch.delitem(hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, "monoquant")
     monkeypatch.delitem(hf_auto.AUTO_QUANTIZER_MAPPING, "monoquant")
-    model, info = transformers.AutoModel.from_pretrained(str(root / "q"), output_loading_info=True)
-    quantized = {
-        n + ".weight" for n, m in float_model.named_modules() if type(m).__name__ == "Linear"
-    }
-    assert set(info["missing_keys"]) == quantized
-    assert {k.rsplit(".", 1)[0] for k in info["unexpected_keys"]} == quantized
-    assert not any(type(m).__name__ == "QuantizedLinear" for m in model.modules())
+
+
+def test_without_the_registration_from_pretrained_raises_never_loads_noise(
+    folders, monkeypatch, tmp_path
+):
+    """Where Mono Quant is not imported, transformers skips the unknown quant_method and
+    builds the float model; each quantized weight's guard (an empty tensor under its name)
+    is then a size mismatch, so it raises instead of leaving the layers random. The same for
+    a folder written by save_pretrained and for a sharded folder."""
+    root, _, _ = folders
+    from monoquant_core import hf
+
+    saved = hf.save_pretrained(transformers.AutoModel.from_pretrained(str(root / "q")),
+                               str(tmp_path / "saved"))  # fmt: skip
+    sharded = _sharded(tmp_path)
+    _unregistered(monkeypatch)
+    for folder in (str(root / "q"), saved, sharded):
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            transformers.AutoModel.from_pretrained(folder)
+
+
+def _sharded(tmp_path):
+    """A transformers folder saved in shards, quantized to int4-group by checkpoint mode."""
+    float_model, _ = tiny_bert(tmp_path / "float-sharded")
+    float_model.save_pretrained(tmp_path / "float-sharded", max_shard_size="100KB")
+    out = str(tmp_path / "q-sharded")
+    Engine().quantize_checkpoint(str(tmp_path / "float-sharded"), out, scheme="int4-group",
+                                 progress=False)  # fmt: skip
+    return out
+
+
+def test_guards_are_in_the_files_and_the_index_and_invisible_to_mono_quant(folders, tmp_path):
+    from safetensors import safe_open
+
+    root, _, cfg = folders
+    with safe_open(str(root / "q" / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+        quantized = set(json.loads(meta["quantization"]))
+        assert meta["format_version"] == "2" and quantized
+        for name in quantized:  # the float weight's name, an empty uint8 tensor
+            assert f.get_slice(name).get_shape() == [0] and f.get_slice(name).get_dtype() == "U8"
+    ser = Engine().registries.serializers.get("safetensors")
+    art = ser.read(str(root / "q" / "model.safetensors"))  # Mono Quant's reader skips them
+    assert set(art.qtensors) == quantized and not quantized & set(art.tensors)
+    # a module-mode file has no guards and stays format version 1 (older readers read it)
+    plain = tmp_path / "plain.safetensors"
+    mq.save(mq.quantize(torch.nn.Sequential(torch.nn.Linear(64, 64))), str(plain))
+    with safe_open(str(plain), "pt") as f:
+        assert f.metadata()["format_version"] == "1" and "0.weight" not in set(f.keys())
+    # sharded: every guard is in the index, next to its pieces, and transformers loads it
+    sharded = _sharded(tmp_path)
+    index = json.loads(next((tmp_path / "q-sharded").glob("*.index.json")).read_text())
+    wm = index["weight_map"]
+    guarded = [k for k in wm if k + ".qdata" in wm]
+    assert guarded and all(wm[k] == wm[k + ".qdata"] for k in guarded)
+    import monoquant_core.hf  # noqa: F401
+
+    model, info = transformers.AutoModel.from_pretrained(sharded, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not info["mismatched_keys"], info
+    ids = torch.randint(0, 120, (2, 16))
+    want = _outputs(load(sharded, transformers.BertModel(cfg).eval()), ids)
+    assert torch.equal(_outputs(model, ids), want)
+
+
+def test_a_guard_that_is_not_empty_or_in_a_version_1_file_is_refused(folders, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from monoquant_core import FormatError
+
+    root, _, _ = folders
+    with safe_open(str(root / "q" / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    name = next(iter(json.loads(meta["quantization"])))
+    for label, edit, version in (("filled", torch.zeros(3, dtype=torch.uint8), "2"),
+                                 ("v1", tensors[name], "1")):  # fmt: skip
+        path = tmp_path / f"{label}.safetensors"
+        save_file({**tensors, name: edit}, str(path), metadata={**meta, "format_version": version})
+        with pytest.raises(FormatError, match="stored both quantized and as a plain tensor"):
+            load(str(path))
 
 
 def test_register_is_idempotent_and_needs_transformers(monkeypatch):
