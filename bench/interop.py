@@ -14,6 +14,9 @@ unexpected and mismatched keys, the cosine of the mean-pooled sentence embedding
 model's (mean and worst over the sentences), and the check that makes the row trustworthy:
 (1) outputs equal ``monoquant_core.load(folder, AutoModel.from_config(...))`` bit for bit;
 (2) every Linear weight transformers decompressed equals Mono Quant's dequantized weight.
+For (1) also what ``from_pretrained`` does where ``monoquant_core.hf`` is not imported (the
+registration removed for the call): it must raise, never load the quantized layers randomly
+initialised.
 """
 
 from __future__ import annotations
@@ -65,10 +68,10 @@ def _label(scheme: str, opts: dict) -> str:
 def _head(check: str) -> None:
     print(f"| scheme | folder MiB | load s | missing/unexpected/mismatched keys | cos mean "
           f"| cos min | {check} |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|" + "---|" * check.count("|"))
 
 
-def _row(label, out, seconds, info, got, ref, same) -> None:
+def _row(label, out, seconds, info, got, ref, same, extra=None) -> None:
     size = sum(
         os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".safetensors")
     )
@@ -77,8 +80,26 @@ def _row(label, out, seconds, info, got, ref, same) -> None:
     cos = (got * ref).sum(-1)
     print(
         f"| {label} | {size / 2**20:.1f} | {seconds:.2f} | {keys} | {cos.mean():.5f} | "
-        f"{cos.min():.5f} | {'yes' if same else 'NO'} |"
+        f"{cos.min():.5f} | {'yes' if same else 'NO'} |" + (f" {extra} |" if extra else "")
     )
+
+
+def _unregistered(folder: str) -> str:
+    """What ``from_pretrained(folder)`` does without the registration: "raises (Error)" or,
+    if it loads, the cosine of its embeddings would be random: "LOADS"."""
+    import transformers
+    from transformers.quantizers import auto as hf_auto
+
+    maps = (hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, hf_auto.AUTO_QUANTIZER_MAPPING)
+    saved = [(m, m.pop("monoquant")) for m in maps]
+    try:
+        transformers.AutoModel.from_pretrained(folder)
+        return "LOADS"
+    except Exception as e:  # the point: anything but a silent load
+        return f"raises ({type(e).__name__})"
+    finally:
+        for mapping, value in saved:
+            mapping["monoquant"] = value
 
 
 def main() -> int:
@@ -104,7 +125,7 @@ def main() -> int:
     print()
     print("all-MiniLM-L6-v2, 64 real sentences; cosine of sentence embeddings to float32")
     print()
-    _head("== load()")
+    _head("== load() | without the import")
     with tempfile.TemporaryDirectory() as tmp:
         for scheme, opts in SCHEMES:
             label = _label(scheme, opts)
@@ -119,7 +140,7 @@ def main() -> int:
             config = transformers.AutoConfig.from_pretrained(src)
             ours = load(out, transformers.AutoModel.from_config(config).eval())
             same = torch.equal(got, _embed(ours, batch))
-            _row(label, out, seconds, info, got, ref, same)
+            _row(label, out, seconds, info, got, ref, same, _unregistered(out))
         print()
         try:
             import compressed_tensors  # noqa: F401
