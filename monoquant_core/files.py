@@ -251,14 +251,7 @@ def _rebuild(
         expected.update(
             (prefix + k, tuple(v.shape)) for k, v in m.state_dict().items() if k not in qb
         )
-    # A buffer the model registers with persistent=False (e.g. a Hugging Face model's
-    # position_ids) is not in its state_dict, but older checkpoints hold it: the model builds
-    # its own, so a tensor of the same shape in the file is not an unexpected key.
-    persistent = set(model.state_dict())
-    own = {k: tuple(b.shape) for k, b in model.named_buffers() if k not in persistent}
-    tensors = {
-        k: v for k, v in art.tensors.items() if k in expected or own.get(k) != tuple(v.shape)
-    }
+    tensors = without_own_buffers(model, art.tensors, expected)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     wrong = sorted(
@@ -301,6 +294,20 @@ def _rebuild(
     return model
 
 
+def without_own_buffers(
+    model: nn.Module, tensors: dict[str, torch.Tensor], expected: Any = None
+) -> dict[str, torch.Tensor]:
+    """``tensors`` without the model's non-persistent buffers of the same shape (``expected``:
+    the names the model's state_dict takes; default its own). A buffer registered with
+    ``persistent=False`` (e.g. a Hugging Face model's ``position_ids``) is not in the
+    state_dict, but older checkpoints hold it: the model builds its own, so such a tensor in
+    the file is not an unexpected key."""
+    persistent = set(model.state_dict())
+    expected = persistent if expected is None else expected
+    own = {k: tuple(b.shape) for k, b in model.named_buffers() if k not in persistent}
+    return {k: v for k, v in tensors.items() if k in expected or own.get(k) != tuple(v.shape)}
+
+
 def _names(names: list[str], shown: int = 5) -> str:
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
@@ -332,7 +339,9 @@ def export_model_file(
         raise UsageError(
             f"{src!r} holds no quantized tensor", "give the output of `monoquant quantize`"
         )
-    state = load_model(registries, src, None, dequantize=True, artifact=art)
+    state = without_own_buffers(
+        model, load_model(registries, src, None, dequantize=True, artifact=art)
+    )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -102,8 +102,9 @@ class OnnxSerializer(Serializer):
             warnings.simplefilter("ignore", FutureWarning)
             try:
                 program = torch.onnx.export(
-                    model.eval(), example, dynamo=True, optimize=False, verbose=False
-                )
+                    model.eval(), example, dynamo=True, optimize=False, verbose=False,
+                    dynamic_shapes=_dynamic(example),
+                )  # fmt: skip
             except ImportError as e:
                 raise UsageError(f"torch.onnx.export needs onnxscript ({e})", _FIX_EXTRA) from None
             except Exception as e:
@@ -118,6 +119,16 @@ class OnnxSerializer(Serializer):
         counts = _rewrite(proto, artifact)
         onnx.save_model(proto, path)
         return counts
+
+
+def _dynamic(example: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Every dimension of every tensor input dynamic where the model allows it (the exporter
+    keeps a dimension static where the model's code needs it, e.g. a feature size that meets a
+    weight), so the exported graph takes other batch sizes and sequence lengths."""
+    auto = torch.export.Dim.AUTO
+    return tuple(
+        {d: auto for d in range(a.dim())} if isinstance(a, torch.Tensor) else None for a in example
+    )
 
 
 def _rewrite(proto: Any, artifact: Artifact) -> dict[str, int]:

@@ -301,3 +301,34 @@ def test_minilm_quantized_in_python_saves_and_loads_bit_for_bit(minilm, tmp_path
     # and Mono Quant's own load() takes the folder (the non-persistent position_ids included)
     ours = load(out, transformers.AutoModel.from_config(float_model.config).eval())
     assert torch.equal(_embed(ours, batch), want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["int8", "int4-group"])
+def test_minilm_exported_to_onnx_matches_mono_quants_own_model(minilm, tmp_path, scheme):
+    """all-MiniLM-L6-v2 quantized by checkpoint mode, exported with the ONNX serializer (traced
+    at 2 sentences) and run by onnxruntime on 64 sentences at once: the sentence embeddings
+    match Mono Quant's own quantized model (cosine >= 0.999; onnxruntime's default session,
+    which runs int8 weights with int8 inputs)."""
+    ort = pytest.importorskip("onnxruntime", reason="needs the onnx extra (onnxruntime)")
+    pytest.importorskip("onnxscript", reason="needs the onnx extra (onnxscript)")
+    path, tok, _ = minilm
+    texts = [f"{a} {b} {c}." for a in ("The old captain", "A small child", "My neighbour",
+             "The committee") for b in ("quietly repaired", "never mentioned", "carefully read",
+             "suddenly sold") for c in ("the broken radio", "a letter from Paris",
+             "the red bicycle", "every report")]  # fmt: skip
+    batch = tok(texts, padding=True, return_tensors="pt")  # 64 sentences
+    folder, out = str(tmp_path / "q"), str(tmp_path / "m.onnx")
+    Engine().quantize_checkpoint(path, folder, scheme=scheme, progress=False)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    example = (batch["input_ids"][:2], batch["attention_mask"][:2])
+    Engine().export(folder, out, "onnx", model=model, example_inputs=example)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(out, so, providers=["CPUExecutionProvider"])
+    hidden = sess.run(None, {k: batch[k].numpy() for k in ("input_ids", "attention_mask")})[0]
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    got = (torch.from_numpy(hidden) * mask).sum(1) / mask.sum(1)
+    want = _embed(load(folder, transformers.AutoModel.from_pretrained(path).eval()), batch)
+    cos = torch.nn.functional.cosine_similarity(got, want).min().item()
+    assert cos >= 0.999, f"{scheme}: ONNX vs Mono Quant cosine {cos:.6f}"

@@ -118,3 +118,49 @@ def test_cli_exports_the_demo_model(tmp_path, cli):
     with torch.no_grad():
         want = load(str(src), demo_model(), backend="reference")(x)
     assert _rel(_run(out, x), want) < 1e-5
+
+
+@pytest.mark.parametrize("scheme, opts", [("int4-group", {"group_size": 32}), ("int8", {})])
+def test_the_export_takes_other_batch_sizes_and_lengths(tmp_path, scheme, opts):
+    """Traced at (2, 7, 64), the graph runs at other leading dimensions (dynamic axes where the
+    model allows them) with the reference backend's outputs."""
+    out, _, _ = _export(tmp_path, scheme, opts, torch.randn(2, 7, 64))
+    ref = load(str(tmp_path / "q.safetensors"), Net(), backend="reference")
+    for shape in ((5, 11, 64), (1, 1, 64)):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            want = ref(x)
+        assert _rel(_run(out, x, "0"), want) < 1e-5, shape
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 32, 3, stride=2)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2(torch.relu(self.conv(x))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_a_conv2d_model_exports_and_runs_in_onnxruntime(tmp_path):
+    """int8 Conv2d weights become DequantizeLinear feeding onnxruntime's Conv; the outputs are
+    the reference backend's (other image sizes and batch sizes too)."""
+    q, _ = Engine().quantize(ConvNet(), scheme="int8")
+    assert type(q.conv).__name__.startswith("Quantized")
+    src, out = tmp_path / "cnn.safetensors", tmp_path / "cnn.onnx"
+    Engine().save(q, str(src))
+    counts = Engine().export(str(src), str(out), "onnx", model=ConvNet(),
+                             example_inputs=torch.randn(2, 3, 16, 16))  # fmt: skip
+    assert counts, counts
+    ref = load(str(src), ConvNet(), backend="reference")
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert {"DequantizeLinear", "Conv"} <= ops
+    for shape in ((2, 3, 16, 16), (4, 3, 24, 20)):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            want = ref(x)
+        assert _rel(_run(out, x, "0"), want) < 1e-5, shape
