@@ -108,10 +108,13 @@ class OnnxSerializer(Serializer):
             except ImportError as e:
                 raise UsageError(f"torch.onnx.export needs onnxscript ({e})", _FIX_EXTRA) from None
             except Exception as e:
+                root, where = _trace_failure(model, e)
                 raise UsageError(
-                    f"torch.onnx.export could not trace the model: {type(e).__name__}: "
-                    f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}",
-                    "check that the example input is what the model's forward takes",
+                    f"torch.onnx.export could not trace the model{where}: "
+                    f"{type(root).__name__}: {_first_line(root)}",
+                    "make that module traceable by torch.export (no Python branches on tensor "
+                    "values, no .item()/.numpy()), or check that the example input is what the "
+                    "model's forward takes",
                 ) from None
             finally:
                 quiet.setLevel(level)
@@ -119,6 +122,32 @@ class OnnxSerializer(Serializer):
         counts = _rewrite(proto, artifact)
         onnx.save_model(proto, path)
         return counts
+
+
+def _trace_failure(model: nn.Module, exc: BaseException) -> tuple[BaseException, str]:
+    """The first error of ``exc``'s chain (what the exporter wrapped) and `` in module 'NAME'
+    (Type)``: the innermost of ``model``'s modules whose code was running when it failed (from
+    the tracebacks; ``""`` when no module's frame is in them)."""
+    names = {id(m): n for n, m in model.named_modules() if n}
+    where, root, seen = "", exc, set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        root = e
+        tb = e.__traceback__
+        while tb is not None:
+            name = names.get(id(tb.tb_frame.f_locals.get("self")))
+            if name is not None:
+                module = model.get_submodule(name)
+                where = f" in module {name!r} ({type(module).__name__})"
+            tb = tb.tb_next
+        e = e.__cause__ or e.__context__
+    return root, where
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0][:300] if lines else ""
 
 
 def _dynamic(example: tuple[Any, ...]) -> tuple[Any, ...]:

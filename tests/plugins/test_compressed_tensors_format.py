@@ -194,3 +194,36 @@ def test_dequantize_drops_the_quantization_config(bert, tmp_path):
     assert json.loads((fl / "config.json").read_text()) == json.loads(
         (root / "float" / "config.json").read_text()
     )
+
+
+def test_export_needs_overwrite_and_an_interrupted_export_writes_nothing(
+    bert, tmp_path, cli, monkeypatch
+):
+    from monoquant_plugins import compressed_tensors_format as ctf
+
+    root, _ = bert
+    src, out = tmp_path / "q", tmp_path / "ct"
+    Engine().quantize_checkpoint(str(root / "float"), str(src), progress=False)
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    res = cli("export", src, "-o", out, "--format", "compressed-tensors")
+    assert res.exit_code == 1 and "already exists" in res.output and "--overwrite" in res.output
+    calls = []
+    real = ctf.CompressedTensorsWriter.add_qtensor
+
+    def second_interrupts(self, name, qt):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(self, name, qt)
+
+    monkeypatch.setattr(ctf.CompressedTensorsWriter, "add_qtensor", second_interrupts)
+    with pytest.raises(KeyboardInterrupt):
+        Engine().export(str(src), str(out), "compressed-tensors", overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]  # the old folder, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct", "q"]  # no temporary left
+    monkeypatch.undo()
+    res = cli("export", src, "-o", out, "--format", "compressed-tensors", "--overwrite")
+    assert res.exit_code == 0, res.output
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and not (out / "keep.txt").exists()

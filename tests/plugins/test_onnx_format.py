@@ -164,3 +164,87 @@ def test_a_conv2d_model_exports_and_runs_in_onnxruntime(tmp_path):
         with torch.no_grad():
             want = ref(x)
         assert _rel(_run(out, x, "0"), want) < 1e-5, shape
+
+
+class _Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum().item() > 0:  # a Python branch on a tensor's value: torch.export cannot
+            return self.lin(x)
+        return -self.lin(x)
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(64, 64)
+        self.inner = _Branchy()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.a(x))
+
+
+def test_a_model_the_exporter_cannot_trace_is_named_in_one_line(tmp_path, cli):
+    q, _ = Engine().quantize(Untraceable(), scheme="int8")
+    src, out = tmp_path / "u.safetensors", tmp_path / "u.onnx"
+    Engine().save(q, str(src))
+    with pytest.raises(UsageError) as err:
+        Engine().export(str(src), str(out), "onnx", model=Untraceable(),
+                        example_inputs=torch.randn(2, 64))  # fmt: skip
+    msg = str(err.value)
+    assert "could not trace the model in module 'inner' (_Branchy)" in msg, msg
+    assert "\n" not in msg and "fix:" in msg
+    assert not out.exists() and list(tmp_path.iterdir()) == [src]
+
+
+def test_a_missing_onnx_package_names_the_install(tmp_path, monkeypatch):
+    src = tmp_path / "q.safetensors"
+    Engine().save(Engine().quantize(Net(), scheme="int8")[0], str(src))
+    monkeypatch.setitem(__import__("sys").modules, "onnx", None)
+    with pytest.raises(UsageError, match=r"needs the onnx package.*pip install"):
+        Engine().export(str(src), str(tmp_path / "m.onnx"), "onnx", model=Net(),
+                        example_inputs=torch.randn(2, 64))  # fmt: skip
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_an_existing_output_needs_overwrite_and_an_interrupted_export_writes_nothing(
+    tmp_path, cli, monkeypatch
+):
+    src, out = tmp_path / "q4.safetensors", tmp_path / "demo.onnx"
+    assert cli("quantize", "--demo", "-o", src, "--scheme", "int4-group", "-q").exit_code == 0
+    out.write_bytes(b"keep me")
+    res = cli("export", src, "-o", out, "--format", "onnx", "--demo")
+    assert res.exit_code == 1 and "already exists" in res.output and "--overwrite" in res.output
+    assert out.read_bytes() == b"keep me"
+
+    def half_then_interrupted(proto, path, *a, **k):
+        with open(path, "wb") as f:
+            f.write(proto.SerializeToString()[:1000])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx, "save_model", half_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Engine().export(str(src), str(out), "onnx", overwrite=True, model=_demo(),
+                        example_inputs=_demo_x())  # fmt: skip
+    assert out.read_bytes() == b"keep me"  # the old file stays, no partial one replaces it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.onnx", "q4.safetensors"]
+    monkeypatch.undo()
+    res = cli("export", src, "-o", out, "--format", "onnx", "--demo", "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert onnx.load(str(out)).graph.node
+
+
+def _demo():
+    from monoquant_core.demo import demo_model
+
+    return demo_model()
+
+
+def _demo_x():
+    from monoquant_core.demo import demo_inputs
+
+    return demo_inputs(seed=1)
