@@ -156,7 +156,7 @@ def main() -> int:
             return 0
         print("compressed-tensors export, loaded by transformers without Mono Quant")
         print()
-        _head("== Mono Quant weights")
+        _head("== Mono Quant weights | cos to Mono Quant min")
         for scheme, opts in CT_SCHEMES:
             label = _label(scheme, opts)
             out = os.path.join(tmp, "ct-" + label.replace(" ", "-"))
@@ -174,7 +174,8 @@ def main() -> int:
                 for n, m in model.named_modules()
                 if isinstance(m, torch.nn.Linear) and f"{n}.weight" in dq
             )
-            _row(label, out, seconds, info, got, ref, same)
+            ours = _embed(load(out, transformers.AutoModel.from_config(config).eval()), batch)
+            _row(label, out, seconds, info, got, ref, same, f"{(got * ours).sum(-1).min():.6f}")
         print()
         onnx_table(src, tmp, batch, ref)
     return 0

@@ -324,3 +324,25 @@ def w8a8_bf16_table(rounds: int = 15) -> str:
         "W8A8 on bf16 inputs, 1 thread, x a bf16 nn.Linear (> 1: faster than the bf16 layer):\n\n"
         + "\n".join(lines)
     )
+
+
+#: ``bench/kernels.py --FLAG``: (table function, help)
+SWEEPS = {
+    "crossover": (
+        crossover_table,
+        "torch-cpu's GEMV vs GEMM kernels per M (where the GEMM path should start)",
+    ),
+    "chunks": (chunks_table, "torch-cpu's W8A8 kernel at many rows: one fbgemm call vs row chunks"),
+    "own-gemm": (
+        own_gemm_table,
+        "torch-cpu's own bf16 GEMM vs the conversion path per M (where to hand back)",
+    ),
+    "vnni-crossover": (
+        vnni_crossover_table,
+        "cpu-vnni W4A8 on bf16 inputs: its VNNI kernel vs the own bf16 GEMM per M",
+    ),
+    "w8a8-bf16": (
+        w8a8_bf16_table,
+        "W8A8 on bf16 inputs: fbgemm vs the own bf16 GEMM, x a bf16 nn.Linear, per M",
+    ),
+}

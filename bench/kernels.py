@@ -44,21 +44,7 @@ from monoquant_core.demo import TransformerBlock
 from monoquant_core.hardware import isa
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_sweeps import (
-    PACK,
-    PACK4,
-    _pool,
-    _rel,
-    _runnable,
-    _timed,
-    chunks_table,
-    crossover_table,
-    own_gemm_table,
-    pool_of,
-    vnni_crossover_table,
-    w8a8_bf16_table,
-    weight_bytes,
-)
+from kernel_sweeps import PACK, PACK4, SWEEPS, _pool, _rel, _runnable, _timed, pool_of, weight_bytes
 
 W4A8 = {"activations": "dynamic"}  # int4-group with int8 inputs per token (cpu-vnni backend)
 METHODS = [  # label, scheme, options, backend
@@ -336,61 +322,16 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="one shape, fewer calls")
     ap.add_argument("--no-bf16", action="store_true", help="leave out the bfloat16-model tables")
-    ap.add_argument(
-        "--overhead",
-        action="store_true",
-        help="only our int8 W8A8 layers against the bare fbgemm kernel (many rounds)",
-    )
-    ap.add_argument(
-        "--crossover",
-        action="store_true",
-        help="torch-cpu's GEMV vs GEMM kernels per M (where the GEMM path should start)",
-    )
-    ap.add_argument(
-        "--chunks",
-        action="store_true",
-        help="torch-cpu's W8A8 kernel at many rows: one fbgemm call vs row chunks",
-    )
-    ap.add_argument(
-        "--own-gemm",
-        action="store_true",
-        help="torch-cpu's own bf16 GEMM vs the conversion path per M (where to hand back)",
-    )
-    ap.add_argument(
-        "--vnni-crossover",
-        action="store_true",
-        help="cpu-vnni W4A8 on bf16 inputs: its VNNI kernel vs the own bf16 GEMM per M",
-    )
-    ap.add_argument(
-        "--w8a8-bf16",
-        action="store_true",
-        help="W8A8 on bf16 inputs: fbgemm vs the own bf16 GEMM, x a bf16 nn.Linear, per M",
-    )
+    sweeps = {"overhead": (overhead_table, "only our int8 W8A8 layers against the bare fbgemm "
+                           "kernel (many rounds)"), **SWEEPS}  # fmt: skip
+    for flag, (_, text) in sweeps.items():
+        ap.add_argument(f"--{flag}", action="store_true", help=text)
     args = ap.parse_args()
-    if args.w8a8_bf16:
-        torch.set_num_threads((args.threads or [1])[0])
-        print(w8a8_bf16_table())
-        return
-    if args.vnni_crossover:
-        torch.set_num_threads((args.threads or [1])[0])
-        print(vnni_crossover_table())
-        return
-    if args.own_gemm:
-        torch.set_num_threads((args.threads or [1])[0])
-        print(own_gemm_table())
-        return
-    if args.chunks:
-        torch.set_num_threads((args.threads or [1])[0])
-        print(chunks_table())
-        return
-    if args.crossover:
-        torch.set_num_threads((args.threads or [1])[0])
-        print(crossover_table())
-        return
-    if args.overhead:
-        torch.set_num_threads((args.threads or [1])[0])
-        print(overhead_table())
-        return
+    for flag, (table, _) in sweeps.items():  # one sweep, on the first thread count (1)
+        if getattr(args, flag.replace("-", "_")):
+            torch.set_num_threads((args.threads or [1])[0])
+            print(table())
+            return
     threads = args.threads or sorted({1, os.cpu_count() or 1})
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)]
     print(

@@ -183,6 +183,17 @@ def int4_dynamic_gemm_bf16(x: torch.Tensor, p: ck.Prepared, bias: torch.Tensor |
 #: (``python bench/kernels.py --w8a8-bf16``)
 W8A8_ROWS, W8A8_MAX_K = 16, 512
 
+
+def w8a8_schedule(n: int, k: int, dtype: torch.dtype) -> tuple[tuple[int, str], ...]:
+    """torch-cpu's W8A8 kernels by M where fbgemm runs: fbgemm's kernel, and for a bfloat16
+    model's layers this GEMM takes (``K <= W8A8_MAX_K``) :func:`int8_dynamic_gemm_bf16` from
+    :data:`W8A8_ROWS` up to :func:`last_rows`, then fbgemm's again."""
+    if dtype != torch.bfloat16 or k > W8A8_MAX_K or not fits(n, k) or not bf16_gemm_library():
+        return ((1, "int8-dynamic"),)
+    last = max(W8A8_ROWS, last_rows(k))
+    return ((1, "int8-dynamic"), (W8A8_ROWS, "int8-dynamic-bf16"), (last + 1, "int8-dynamic"))
+
+
 KERNELS = {
     "int8-gemm-bf16": int8_gemm_bf16,
     "int4-gemm-bf16": int4_gemm_bf16,

@@ -125,17 +125,6 @@ def _int4pack_ok(n: int, k: int, gs: int | None) -> bool:
     return _has("_weight_int4pack_mm_for_cpu") and gs in _GROUPS and k % gs == 0 and n % 16 == 0
 
 
-def _w8a8_own(n: int, k: int, dtype: torch.dtype) -> bool:
-    """W8A8 of a bfloat16 model runs our bf16 GEMM for many rows (where it takes the shape and
-    the inputs are narrow enough: :data:`.bf16_gemm.W8A8_MAX_K`)."""
-    return (
-        dtype == torch.bfloat16
-        and k <= bf16_gemm.W8A8_MAX_K
-        and bf16_gemm.fits(n, k)
-        and bf16_gemm_library() is not None
-    )
-
-
 def _schedule(scheme: str, activations: str, n: int, k: int, gs: int | None, dtype: torch.dtype):
     """``((first M, kernel), ...)`` for a supported weight: what :meth:`prepare` builds.
 
@@ -151,15 +140,7 @@ def _schedule(scheme: str, activations: str, n: int, k: int, gs: int | None, dty
         if activations == "dynamic":
             if not _fbgemm():
                 return ((1, "int8-dynamic-intmm"),)
-            if _w8a8_own(n, k, dtype):  # fbgemm, our bf16 GEMM, fbgemm again
-                last = max(bf16_gemm.W8A8_ROWS, bf16_gemm.last_rows(k))
-                first = bf16_gemm.W8A8_ROWS
-                return (
-                    (1, "int8-dynamic"),
-                    (first, "int8-dynamic-bf16"),
-                    (last + 1, "int8-dynamic"),
-                )
-            return ((1, "int8-dynamic"),)
+            return bf16_gemm.w8a8_schedule(n, k, dtype)  # fbgemm (+ our GEMM for many rows)
         if activations == "dynamic-tensor":
             return ((1, "int8-dynamic-tensor"),)
         if activations == "static":
