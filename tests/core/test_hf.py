@@ -281,6 +281,7 @@ def _embed(model, batch):
     return (hidden * mask).sum(1) / mask.sum(1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [8, 4])
 def test_minilm_quantized_in_python_saves_and_loads_bit_for_bit(minilm, tmp_path, bits):
     from monoquant_core import hf
