@@ -19,6 +19,7 @@ from .distributed import spawn_ranks
 from .errors import UsageError
 from .evaluation import evaluate_files
 from .files import export_model_file, load_model, save_model
+from .hooks import call_each
 from .host import PluginHost
 from .inspection import inspect_path, verify_paths
 from .module_mode import calibrate_model, plan_model, quantize_model
@@ -288,7 +289,7 @@ class Engine(PluginHost):
         """Load a file or a folder of shards into ``model``, or as a float state_dict
         (:func:`monoquant_core.load`)."""
         art = read_artifact(self.registries, path)
-        return load_model(
+        out = load_model(
             self.registries,
             path,
             model,
@@ -297,3 +298,6 @@ class Engine(PluginHost):
             strict=strict,
             artifact=art,
         )
+        if model is not None and not dequantize and art.qtensors:
+            call_each(self.pm, "monoquant_model_ready", model=out, run=None)
+        return out

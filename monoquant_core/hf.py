@@ -58,7 +58,7 @@ from .inspection import inspect_path
 from .quantized_module import QuantizedModule
 from .streaming import mark_hf_config
 
-__all__ = ["QUANT_METHOD", "register", "save_pretrained"]
+__all__ = ["QUANT_METHOD", "attach_quantizer", "register", "save_pretrained"]
 
 #: the ``quant_method`` the ``safetensors`` serializer writes into a transformers config.json
 QUANT_METHOD = "monoquant"
@@ -160,6 +160,20 @@ def register() -> None:
         with contextlib.suppress(ValueError):
             fn(QUANT_METHOD)(cls)
     _registered["config"], _registered["quantizer"] = MonoQuantConfig, MonoQuantHfQuantizer
+
+
+def attach_quantizer(model: nn.Module) -> None:
+    """Give a transformers model that holds Mono Quant layers (quantized or loaded in Python)
+    transformers' quantizer for Mono Quant as its ``hf_quantizer``, as ``from_pretrained`` of
+    a Mono Quant folder does: its own ``save_pretrained`` then refuses in one line naming
+    :func:`save_pretrained` instead of writing a folder that transformers later loads with
+    random weights (the built-in ``transformers`` plugin calls this when such a model is
+    quantized or loaded). A model that already has a quantizer keeps it."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        return
+    register()
+    config = _registered["config"](format="monoquant-safetensors")
+    model.hf_quantizer = _registered["quantizer"](config, pre_quantized=True)
 
 
 def save_pretrained(

@@ -20,6 +20,7 @@ Call order of one ``Engine.quantize`` run::
         (the core builds the replacement module with the entry's replacer)
         monoquant_module_done
     monoquant_report
+    monoquant_model_ready         after the quantized modules are swapped in (and after load())
     monoquant_unconfigure         once per run, last, also when the run failed
 
 ``monoquant_add_cli_options`` and ``monoquant_add_cli_commands`` are called once when the CLI is
@@ -478,6 +479,36 @@ def monoquant_report(report: QuantReport, run: Run) -> None:
             report.extra["my-plugin"] = {"layers": len(report.layers)}
 
     Built-ins: ``gptq``, ``sensitivity``.
+    """
+
+
+@hookspec
+def monoquant_model_ready(model: nn.Module, run: Run | None) -> None:
+    """A model now holds its quantized modules: attach what a framework around it needs.
+
+    Called once after module mode swapped the quantized modules in (``Engine.quantize``, after
+    ``monoquant_report`` and the swap, with the run) and once after ``load(path, model)``
+    rebuilt them (``run`` is None there: loading is not a run). It exists for integrations
+    with frameworks the model lives in: the built-in ``transformers`` plugin gives a
+    transformers model transformers' quantizer for Mono Quant, so that the model's own
+    ``save_pretrained`` refuses in one line instead of writing a folder that later loads with
+    random weights. Implementations must not change the model's outputs and should not fail:
+    the model is already quantized when it is called, and an exception propagates.
+
+    Args:
+        model: the model holding Mono Quant modules (what ``quantize`` / ``load`` return).
+        run: the :class:`~monoquant_core.run.Run` of ``Engine.quantize``, or None (``load``).
+
+    Returns:
+        Nothing. Not firstresult.
+
+    Example::
+
+        @hookimpl
+        def monoquant_model_ready(model):
+            model.quantized_by = "monoquant"
+
+    Built-ins: ``transformers``.
     """
 
 

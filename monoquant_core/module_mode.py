@@ -98,6 +98,8 @@ def quantize_model(
         if not sequential:  # the only change to the model, after every hook succeeded
             for res in results:
                 model = swap_module(model, res.entry.name, res.module)
+        swapped.clear()  # committed: integrations see the quantized model
+        run.call_each("monoquant_model_ready", model=model)
         return QuantResult(model, report)
     except BaseException:
         for name, old in reversed(swapped):  # sequential: put every float module back

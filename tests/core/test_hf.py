@@ -333,3 +333,27 @@ def test_minilm_exported_to_onnx_matches_mono_quants_own_model(minilm, tmp_path,
     want = _embed(load(folder, transformers.AutoModel.from_pretrained(path).eval()), batch)
     cos = torch.nn.functional.cosine_similarity(got, want).min().item()
     assert cos >= 0.999, f"{scheme}: ONNX vs Mono Quant cosine {cos:.6f}"
+
+
+def test_a_model_quantized_or_loaded_in_python_refuses_transformers_own_save(folders, tmp_path):
+    """The ``transformers`` plugin (``monoquant_model_ready``): a transformers model that holds
+    Mono Quant layers, from ``quantize`` or ``load(path, model)``, carries transformers'
+    quantizer for Mono Quant, so ``model.save_pretrained`` refuses in one line before writing
+    anything (it would write a folder that loads random weights); other models are untouched."""
+    from monoquant_core import hf
+
+    root, _, cfg = folders
+    torch.manual_seed(2)
+    quantized = mq.quantize(transformers.BertModel(cfg).eval(), bits=4)
+    loaded = load(str(root / "q"), transformers.BertModel(cfg).eval())
+    for model in (quantized, loaded):
+        assert type(model.hf_quantizer).__name__ == "MonoQuantHfQuantizer"
+        with pytest.raises(UsageError, match=r"fix: use monoquant_core\.hf\.save_pretrained"):
+            model.save_pretrained(tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    out = hf.save_pretrained(quantized, str(tmp_path / "ok"))
+    again = transformers.AutoModel.from_pretrained(out)
+    ids = torch.randint(0, 120, (2, 9))
+    assert torch.equal(_outputs(again, ids), _outputs(quantized, ids))
+    plain = mq.quantize(torch.nn.Sequential(torch.nn.Linear(32, 32)))
+    assert not hasattr(plain, "hf_quantizer")

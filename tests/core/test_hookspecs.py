@@ -36,6 +36,7 @@ def test_the_hooks_are_these():
         "monoquant_add_cli_options",
         "monoquant_collectors",
         "monoquant_configure",
+        "monoquant_model_ready",
         "monoquant_modify_plan",
         "monoquant_module_done",
         "monoquant_quantize_weights",
