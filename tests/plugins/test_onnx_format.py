@@ -212,6 +212,7 @@ def test_a_missing_onnx_package_names_the_install(tmp_path, monkeypatch):
     assert not (tmp_path / "m.onnx").exists()
 
 
+@pytest.mark.slow  # two exports of the demo model (~5 s)
 def test_an_existing_output_needs_overwrite_and_an_interrupted_export_writes_nothing(
     tmp_path, cli, monkeypatch
 ):
