@@ -20,7 +20,9 @@ config.json), then measures, each in its own subprocess (peak RSS = that process
 * ``int4, --workers N`` (``--workers 2 4``): the same split between N local ranks
   (``workers=N``: gloo, one process each), each with ``OMP_NUM_THREADS`` threads (default 1),
   once started the default way (forked where safe) and once spawned
-  (``MONOQUANT_WORKER_START=spawn``: each rank imports Python and torch again).
+  (``MONOQUANT_WORKER_START=spawn``: each rank imports Python and torch again), and once with
+  every rank reading ahead (``MONOQUANT_CHECKPOINT_PREFETCH=1``; by default ranks that fill
+  every core do not).
 
 Every Mono Quant row also shows where its time went (quantizing into the journal, then writing
 the output from it) and, for workers, the largest peak RSS of one rank.
@@ -315,9 +317,13 @@ def main() -> None:
                     rows.append(measure(work, label, BASELINE, src, [scheme], threads, env))
         for n in args.workers:
             extra = ["int4-group", str(n)]
-            for how in ("", "spawn"):  # default start (forked where safe), then spawned ranks
-                label = f"int4-group, --workers {n}" + (f", {how}ed ranks" if how else "")
-                env = {"MONOQUANT_WORKER_START": how} if how else None
+            variants = [  # default start (forked where safe), ranks reading ahead, spawned
+                ("", None),
+                (", read-ahead forced on", {"MONOQUANT_CHECKPOINT_PREFETCH": "1"}),
+                (", spawned ranks", {"MONOQUANT_WORKER_START": "spawn"}),
+            ]
+            for suffix, env in variants:
+                label = f"int4-group, --workers {n}{suffix}"
                 rows.append(measure(work, label, QUANT, src, extra, args.worker_threads, env))
         base = rows[0][2]["wall"]
         src_bytes = dir_bytes(src)

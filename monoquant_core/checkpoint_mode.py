@@ -36,7 +36,9 @@ import os
 import sys
 import time
 
-from .checkpoint_tensors import Share, cost_of, quantize_share, settings_of
+import torch
+
+from .checkpoint_tensors import Share, cost_of, quantize_share, read_ahead, settings_of
 from .components import Serializer
 from .distributed import Group, assign, current_group
 from .errors import MonoQuantError
@@ -156,6 +158,9 @@ def _work(
     owner = assign([cost_of(run, entries[n], s) for _, s, n in items], group.world)
     mine = [it for it, r in zip(items, owner, strict=True) if r == group.rank]
     share.settings = {n: settings_of(run, entries[n]) for _, _, n in items}
+    # ranks on this machine (torchrun says so; --workers ranks are all local)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", group.world)) if group.world > 1 else 1
+    share.read_ahead = read_ahead(local, torch.get_num_threads())
     share.earlier = journal.records() if resume else {}
     try:
         t_start = time.perf_counter()

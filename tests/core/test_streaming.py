@@ -503,7 +503,7 @@ def test_prefetching_the_next_tensor_changes_no_byte(engine, tmp_path, monkeypat
     outs = []
     for on in (True, False):
         threads.clear()
-        monkeypatch.setattr(checkpoint_tensors, "_PREFETCH", on)
+        monkeypatch.setattr(checkpoint_tensors, "_PREFETCH", on)  # forced (the env switch)
         out = tmp_path / f"out-{on}"
         engine.quantize_checkpoint(
             str(src), str(out), scheme="int4-group", scheme_options={"group_size": 32},
@@ -513,3 +513,19 @@ def test_prefetching_the_next_tensor_changes_no_byte(engine, tmp_path, monkeypat
         read_ahead = sum(t.startswith("monoquant-read") for t in threads)
         assert (read_ahead > 0) is on, threads  # the next tensor is read in the worker thread
     assert outs[0] == outs[1]
+
+
+def test_read_ahead_only_where_a_core_is_free(monkeypatch):
+    """One process always reads ahead; several ranks on one machine only when their threads
+    leave a core free; MONOQUANT_CHECKPOINT_PREFETCH forces it either way."""
+    from monoquant_core import checkpoint_tensors as ct
+
+    monkeypatch.setattr(ct, "_PREFETCH", None)
+    monkeypatch.setattr(ct.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert ct.read_ahead(1, 4) and ct.read_ahead(1, 1)
+    assert ct.read_ahead(2, 1) and ct.read_ahead(3, 1)  # 2-3 one-thread ranks on 4 cores
+    assert not ct.read_ahead(4, 1) and not ct.read_ahead(2, 2)  # every core quantizes
+    monkeypatch.setattr(ct, "_PREFETCH", True)
+    assert ct.read_ahead(4, 1)
+    monkeypatch.setattr(ct, "_PREFETCH", False)
+    assert not ct.read_ahead(1, 1)
