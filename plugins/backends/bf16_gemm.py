@@ -178,9 +178,10 @@ def int4_dynamic_gemm_bf16(x: torch.Tensor, p: ck.Prepared, bias: torch.Tensor |
 
 #: first M of :func:`int8_dynamic_gemm_bf16` in a bfloat16 model, and the largest K it runs
 #: at: against fbgemm's kernel (a bf16 -> float32 pass, amax, its uint8 quantization) it won
-#: on MiniLM-sized layers (K = 384: 1.2-1.7x a bf16 nn.Linear at M = 16-512 where fbgemm was
-#: 0.55-1.2x) and lost from K = 1536 on (0.95-1.06x against 1.15-1.3x), one thread on Zen 5
-#: (``python bench/kernels.py --w8a8-bf16``)
+#: on MiniLM-sized layers (x a bf16 nn.Linear at M = 16-512: 384x384 1.06-1.54x where fbgemm
+#: was 0.89-1.03x; 1536x384 1.07-1.28x against 0.68-1.57x) and lost at most M from K = 1536 on
+#: (1024x4096: 0.92-1.10x against 1.12-1.56x), one run of ``python bench/kernels.py
+#: --w8a8-bf16``, one thread on Zen 5
 W8A8_ROWS, W8A8_MAX_K = 16, 512
 
 
