@@ -12,7 +12,7 @@ calibration leaves the model exactly as it was. The accepted forms of ``data`` a
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,9 +48,10 @@ class CalibrationWarning(UserWarning):
 
 
 def gather_collectors(
-    run: Run, entry: PlanEntry, module: nn.Module
+    run: Run, entry: PlanEntry, module: nn.Module, only_plugins: Collection[str] | None = None
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Call every plugin's ``monoquant_collectors`` for ``entry``: ``(collectors, owners)``.
+    """Call every plugin's ``monoquant_collectors`` for ``entry`` (with ``only_plugins``,
+    only those plugins'): ``(collectors, owners)``.
 
     Raises:
         PluginConflictError: two plugins returned the same collector name (both named).
@@ -59,7 +60,8 @@ def gather_collectors(
     """
     out: dict[str, Any] = {}
     owners: dict[str, str] = {}
-    for who, res in run.call_each("monoquant_collectors", entry=entry, module=module):
+    hook = "monoquant_collectors"
+    for who, res in run.call_each(hook, only_plugins, entry=entry, module=module):
         if res is None:
             continue
         if not isinstance(res, Mapping):
@@ -138,8 +140,10 @@ def run_calibration(
     progress: bool = True,
     total: int | None = None,
     warn: bool = True,
+    only_plugins: Collection[str] | None = None,
 ) -> list[_LayerState]:
     """Feed ``entries``' collectors with ``batches``; fill ``collected`` / ``calibration_rows``.
+    ``only_plugins``: only those plugins' collectors (:meth:`Run.calibrate`).
 
     ``entries`` are selected plan entries of ``model``; each gets one forward pre-hook.
     Warnings (:class:`CalibrationWarning`) for too few rows (< ``min_rows``), layers that saw
@@ -152,7 +156,8 @@ def run_calibration(
     batch = [0]
     states = []
     for entry in entries:
-        collectors, owners = gather_collectors(run, entry, model.get_submodule(entry.name))
+        module = model.get_submodule(entry.name)
+        collectors, owners = gather_collectors(run, entry, module, only_plugins)
         states.append(_LayerState(entry, collectors, owners, batch))
     modes = {m: m.training for m in model.modules()}
     bar = Progress(total or 0, total or 0, enabled=progress, label="batches", show_bytes=False)

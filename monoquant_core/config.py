@@ -8,6 +8,7 @@ option key or plugin in ``plugin_options`` is a one-line error listing the valid
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -218,6 +219,7 @@ def resolve_plugin_options(
 
 
 def _check_rules(registries: Registries, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+    checked = []
     for rule in rules:
         try:
             if rule.scheme:
@@ -230,9 +232,25 @@ def _check_rules(registries: Registries, rules: tuple[Rule, ...]) -> tuple[Rule,
                 parse_options(obs.config_class, rule.observer_options, f"observer {name!r}")
             if rule.backend:
                 registries.backends.get(rule.backend)
+            marks = {name: _plugin_mark(registries, name, opts)
+                     for name, opts in rule.plugins.items()}  # fmt: skip
         except MonoQuantError as e:
             raise type(e)(f"rule {rule.describe()!r}: {e.problem}", e.fix) from None
-    return rules
+        checked.append(dataclasses.replace(rule, plugins=marks) if marks else rule)
+    return tuple(checked)
+
+
+def _plugin_mark(registries: Registries, name: str, opts: Mapping[str, Any]) -> dict[str, Any]:
+    """A rule's ``+PLUGIN`` mark: the plugin's options validated, defaults filled in (without
+    ``enable`` and ``version``): what ``entry.options[PLUGIN]`` holds."""
+    if name not in registries.options:
+        raise UsageError(
+            f"+{name} names no plugin that takes options "
+            f"({', '.join(registries.options.names()) or 'none installed'})",
+            f"{did_you_mean(name, registries.options.names())}check the plugin name",
+        )
+    parsed = parse_options(registries.options.get(name), opts, f"plugin {name!r}")
+    return {k: v for k, v in config_to_dict(parsed).items() if k not in ("enable", "version")}
 
 
 def _patterns(p: Iterable[str] | str) -> tuple[str, ...]:

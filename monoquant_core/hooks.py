@@ -17,6 +17,7 @@ error and passes through unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import pluggy
@@ -39,13 +40,21 @@ def plugin_error(plugin: str | None, hook: str, exc: BaseException, where: str =
     )
 
 
-def call_each(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
-    """Call each implementation of ``hook`` in pluggy's order: ``[(plugin, result), ...]``.
+def call_each(
+    pm: pluggy.PluginManager,
+    hook: str,
+    only_plugins: Collection[str] | None = None,
+    **kwargs: Any,
+) -> list[tuple[str, Any]]:
+    """Call each implementation of ``hook`` in pluggy's order: ``[(plugin, result), ...]``;
+    with ``only_plugins``, only those plugins' implementations.
 
     Implementations receive only the arguments they name, as with pluggy.
     """
     out = []
     for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):
+        if only_plugins is not None and impl.plugin_name not in only_plugins:
+            continue
         try:
             res = impl.function(*[kwargs[a] for a in impl.argnames])
         except MonoQuantError:
@@ -56,10 +65,20 @@ def call_each(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> list[tuple[
     return out
 
 
-def call_hook(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> Any:
-    """Call ``hook`` through pluggy (wrappers, ``firstresult``); failures name the plugin."""
+def call_hook(
+    pm: pluggy.PluginManager,
+    hook: str,
+    only_plugins: Collection[str] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Call ``hook`` through pluggy (wrappers, ``firstresult``); failures name the plugin.
+    With ``only_plugins``, only those plugins' implementations take part."""
+    caller = getattr(pm.hook, hook)
+    if only_plugins is not None:
+        leave = [i.plugin for i in caller.get_hookimpls() if i.plugin_name not in only_plugins]
+        caller = pm.subset_hook_caller(hook, leave)
     try:
-        return getattr(pm.hook, hook)(**kwargs)
+        return caller(**kwargs)
     except MonoQuantError:
         raise
     except Exception as e:

@@ -10,11 +10,18 @@ Forms accepted everywhere (Python ``rules=[...]``, CLI ``--rule``, ``--rules FIL
 * ``"lm_head=int8"`` / ``"blocks.0.*=int4-group,group_size=32,observer=histogram"`` /
   ``"embed=skip"``: ``PATTERN=SCHEME`` or ``PATTERN=skip``, then comma-separated ``key=value``;
   the keys ``observer`` and ``backend`` pick components, ``observer.KEY=VALUE`` sets an observer
-  option, any other key is a scheme option.
+  option, ``+PLUGIN`` marks the modules for a plugin that acts per module (its options'
+  defaults; ``+PLUGIN.KEY=VALUE`` sets one), any other key is a scheme option:
+  ``"blocks.*.fc1=int4-group,+outlier.max_fraction=0.02"``.
 * ``("lm_head", "int8")`` or ``("blocks.0.*", {"scheme": "int4-group",
   "scheme_options": {"group_size": 32}})``.
 * a mapping ``{"pattern": ..., "scheme": ..., "scheme_options": {...}, "observer": ...,
-  "observer_options": {...}, "backend": ..., "skip": true}`` (also the JSON / TOML file form).
+  "observer_options": {...}, "backend": ..., "plugins": {"outlier": {...}}, "skip": true}``
+  (also the JSON / TOML file form).
+
+A plugin mark sets ``entry.options[PLUGIN]`` to the plugin's validated options (its registered
+options class, defaults filled in), which a plugin acting per module reads (``outlier`` does;
+a plugin without per-module behaviour ignores it). The plugin need not be enabled for the run.
 """
 
 from __future__ import annotations
@@ -30,7 +37,10 @@ from .options import did_you_mean
 
 __all__ = ["Rule", "load_rules_file", "parse_rules"]
 
-_KEYS = {"pattern", "scheme", "scheme_options", "observer", "observer_options", "backend", "skip"}
+_KEYS = {
+    "pattern", "scheme", "scheme_options", "observer", "observer_options", "backend", "plugins",
+    "skip",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,7 @@ class Rule:
     observer_options: Mapping[str, Any] = field(default_factory=dict)
     backend: str | None = None
     skip: bool = False
+    plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def describe(self) -> str:
         if self.skip:
@@ -55,6 +66,8 @@ class Rule:
         parts += [f"observer.{k}={v}" for k, v in self.observer_options.items()]
         if self.backend:
             parts.append(f"backend={self.backend}")
+        for name, opts in self.plugins.items():
+            parts += [f"+{name}.{k}={v}" for k, v in opts.items()] or [f"+{name}"]
         return f"{self.pattern}={','.join(parts)}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,6 +78,7 @@ class Rule:
             "observer": self.observer,
             "observer_options": dict(self.observer_options),
             "backend": self.backend,
+            "plugins": {k: dict(v) for k, v in self.plugins.items()},
             "skip": self.skip,
         }
 
@@ -85,10 +99,22 @@ class Rule:
             return cls(pattern=pattern, skip=True)
         scheme_options: dict[str, str] = {}
         observer_options: dict[str, str] = {}
+        plugins: dict[str, dict[str, str]] = {}
         picks: dict[str, str] = {}
         for pair in pairs:
             key, eq, value = pair.partition("=")
             key = key.strip()
+            if key.startswith("+") and len(key) > 1:  # +PLUGIN or +PLUGIN.KEY=VALUE
+                name, dot, opt = key[1:].partition(".")
+                marks = plugins.setdefault(name, {})
+                if dot and opt and eq:
+                    marks[opt] = value.strip()
+                elif dot or eq:
+                    raise UsageError(
+                        f"rule {text!r}: {pair!r} is not +PLUGIN or +PLUGIN.KEY=VALUE",
+                        "write e.g. +outlier or +outlier.max_fraction=0.02",
+                    )
+                continue
             if not eq or not key:
                 raise UsageError(
                     f"rule {text!r}: {pair!r} is not key=value",
@@ -107,6 +133,7 @@ class Rule:
             observer=picks.get("observer"),
             observer_options=observer_options,
             backend=picks.get("backend"),
+            plugins=plugins,
         )
 
     @classmethod
@@ -127,7 +154,21 @@ class Rule:
             observer_options=dict(data.get("observer_options") or {}),
             backend=data.get("backend"),
             skip=bool(data.get("skip", False)),
+            plugins=_plugin_marks(data.get("plugins"), where),
         )
+
+
+def _plugin_marks(raw: Any, where: str) -> dict[str, dict[str, Any]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping) or not all(
+        isinstance(v, Mapping) or v is None for v in raw.values()
+    ):
+        raise UsageError(
+            f"{where}: 'plugins' is {raw!r}, not a mapping of plugin name -> options",
+            'write e.g. "plugins": {"outlier": {"max_fraction": 0.02}}',
+        )
+    return {str(k): dict(v or {}) for k, v in raw.items()}
 
 
 def parse_rules(rules: Iterable[Any] | None) -> tuple[Rule, ...]:

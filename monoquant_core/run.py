@@ -10,7 +10,7 @@ and one way to call hooks with error attribution. Nothing in it outlives the run
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -92,12 +92,41 @@ class Run(ComponentAccess):
 
     # ------------------------------------------------------------------ hooks
 
-    def call(self, hook: str, **kwargs: Any) -> Any:
+    def call(self, hook: str, only_plugins: Collection[str] | None = None, **kwargs: Any) -> Any:
         """Call a ``firstresult`` hook through pluggy (``run=self`` is passed along); a failure
-        names the plugin."""
-        return call_hook(self._pm, hook, run=self, **kwargs)
+        names the plugin. ``only_plugins``: only these plugins' implementations take part
+        (the core's default implementations are the plugin ``core``)."""
+        return call_hook(self._pm, hook, only_plugins, run=self, **kwargs)
 
-    def call_each(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
+    def call_each(
+        self, hook: str, only_plugins: Collection[str] | None = None, **kwargs: Any
+    ) -> list[tuple[str, Any]]:
         """Call every implementation of ``hook`` in order (``run=self`` is passed along):
-        ``[(plugin, result), ...]``; a failure names the plugin."""
-        return call_each(self._pm, hook, run=self, **kwargs)
+        ``[(plugin, result), ...]``; a failure names the plugin. ``only_plugins`` as in
+        :meth:`call`."""
+        return call_each(self._pm, hook, only_plugins, run=self, **kwargs)
+
+    # ------------------------------------------------------------------ trials
+
+    def calibrate(
+        self,
+        model: nn.Module,
+        entries: list[PlanEntry],
+        data: Any,
+        only_plugins: Collection[str] | None = None,
+    ) -> None:
+        """Feed the collectors of ``entries`` (``monoquant_collectors``; with
+        ``only_plugins``, only those plugins') with the batches of ``data``, filling each
+        entry's ``collected`` and ``calibration_rows``, without warnings or a progress bar.
+
+        For plugins that quantize *trial* entries of their own (copies of plan entries with
+        another scheme) as ``quantize`` would: ``run.calibrate(model, trials, data, names)``,
+        then ``run.call("monoquant_quantize_weights", entry=trial, module=module,
+        only_plugins=("core", *names))``. The model is left as it was."""
+        # deferred: calibration builds on Run (it takes one), so it cannot be imported above
+        from .batches import iter_batches, model_device  # deferred: with the one above
+        from .calibration import run_calibration
+
+        batches = iter_batches(data, model_device(model))
+        run_calibration(self, model, entries, batches, progress=False, warn=False,
+                        only_plugins=only_plugins)  # fmt: skip

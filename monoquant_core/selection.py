@@ -212,6 +212,8 @@ def apply_rule(entry: PlanEntry, rule: Rule) -> None:
         entry.options["observer_options"] = dict(rule.observer_options)
     if rule.backend:
         entry.backend = rule.backend
+    for name, opts in rule.plugins.items():  # validated by config (defaults filled in)
+        entry.options[name] = dict(opts)
     entry.notes.append(f"rule {rule.describe()!r}")
 
 

@@ -48,6 +48,7 @@ from .sensitivity_refine import refine
 from .sensitivity_table import (
     DEFAULT_CANDIDATES,
     Candidate,
+    Quantizer,
     cli_candidates,
     configs,
     measure,
@@ -178,14 +179,15 @@ def monoquant_modify_plan(plan, model, run):
             "pass a list of batches (list(...)) or a DataLoader",
         )
     if model is not None:
-        table = measure_entries(run, model, plan.selected, run.calibration, cands, opts.replay)
+        quantizer = Quantizer(run, cands, model, plan.selected, run.calibration)
+        table = measure_entries(run, model, plan.selected, run.calibration, cands, opts.replay,
+                                quantizer)  # fmt: skip
         weights = {e.name: [f"{e.name}.{p}" if e.name else p for p in e.params]
                    for e in plan.selected}  # fmt: skip
         res = allocate(table, opts.budget, opts.target_sqnr, opts.method)
         if table["batches"]:  # measure the mix (and correct it: ``refine`` rounds)
             batches = list(iter_batches(run.calibration))
-            cfgs = configs(run, cands)[1]
-            res = refine(run, model, plan.selected, batches, table, cfgs, cands, res,
+            res = refine(run, model, plan.selected, batches, table, quantizer, res,
                          opts.budget, opts.method, opts.refine, opts.replay)  # fmt: skip
     elif run.read_tensor is not None:  # checkpoint mode: data-free, from the tensors
         table = measure_tensors(run, plan.selected, run.read_tensor, cands)
@@ -204,6 +206,7 @@ def _apply(plan, run, opts, table, weights, by_label, res) -> None:
     """The allocator's choice into the plan (scheme, observer, options, a note each), the
     run's state and the rules file."""
     rows = {r["name"]: r for r in table["layers"]}
+    cfgs = configs(run, list(by_label.values()))[1]  # the marks validated, defaults filled in
     which = "output" if table["batches"] else "weight"
     goal = (f"budget {opts.budget:g}" if opts.budget is not None
             else f"target {opts.target_sqnr:g} dB")  # fmt: skip
@@ -224,13 +227,16 @@ def _apply(plan, run, opts, table, weights, by_label, res) -> None:
         entry.scheme = c.scheme
         entry.observer = run.schemes.get(c.scheme).default_observer
         entry.options["scheme_options"] = dict(c.options)
+        marks = cfgs[label][3]
+        entry.options.update({k: dict(v) for k, v in marks.items()})
         v = rows[weights[entry.name][0]]["candidates"][label]
         db = v.get("output_sqnr_db", v["weight_sqnr_db"])
         entry.notes.append(
             f"sensitivity: {label} ({v['bits_per_weight']:.2f} bits/weight, {which} SQNR "
             f"{db:.1f} dB alone); {summary}"
         )
-        rules.append({"pattern": entry.name, "scheme": c.scheme, "scheme_options": c.options})
+        rule = {"pattern": entry.name, "scheme": c.scheme, "scheme_options": c.options}
+        rules.append({**rule, "plugins": marks} if marks else rule)
     run.state["sensitivity"] = {"allocation": res, "rules": rules, "table": table}
     if opts.save_rules:
         _write_text(opts.save_rules, json.dumps(rules, indent=2) + "\n")

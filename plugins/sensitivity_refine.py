@@ -49,12 +49,13 @@ def _db(noise: float) -> float:
 
 class _Weights:
     """The selected weights of ``model``: their float values, and each candidate's
-    dequantized value on demand (quantized the way the sensitivity table was)."""
+    dequantized value on demand (quantized by the sensitivity table's ``quantizer``)."""
 
-    def __init__(self, ctx: Any, model: nn.Module, entries: list[Any], configs: dict, cands):
-        self.ctx, self.configs, self.cands = ctx, configs, {c.label: c for c in cands}
+    def __init__(self, ctx: Any, model: nn.Module, entries: list[Any], quantizer: Any):
+        self.quantizer = quantizer
         self.params: dict[str, nn.Parameter] = {}
         self.module: dict[str, str] = {}
+        self.pname: dict[str, str] = {}
         self.axis: dict[str, int] = {}
         for entry in entries:
             module = model.get_submodule(entry.name)
@@ -63,16 +64,13 @@ class _Weights:
                 name = f"{entry.name}.{pname}" if entry.name else pname
                 self.params[name] = getattr(module, pname)
                 self.module[name] = entry.name
+                self.pname[name] = pname
                 self.axis[name] = replacer.channel_axis(module, pname)
         self.float = {n: p.detach().clone() for n, p in self.params.items()}
 
     def dequantized(self, name: str, label: str) -> torch.Tensor:
-        c = self.cands[label]
-        observer, scheme_cfg, observer_cfg = self.configs[label]
-        w = self.float[name]
-        qt = self.ctx.quantize_weight(w, c.scheme, observer, self.axis[name], scheme_cfg,
-                                      observer_cfg, name)  # fmt: skip
-        return self.ctx.schemes.get(c.scheme).dequantize(qt).to(w.dtype).reshape(w.shape)
+        return self.quantizer.dequantized(label, self.float[name], self.axis[name], name,
+                                          self.module[name], self.pname[name])[1]  # fmt: skip
 
     def set(self, choice: dict[str, str]) -> dict[str, torch.Tensor]:
         """Every weight at its chosen candidate; returns those values."""
@@ -100,8 +98,7 @@ def refine(
     entries: list[Any],
     batches: list[Any],
     table: dict[str, Any],
-    configs: dict,
-    cands: list[Any],
+    quantizer: Any,
     res: dict[str, Any],
     budget: float | None,
     method: str = "greedy",
@@ -117,7 +114,7 @@ def refine(
     restored exactly."""
     was_training = model.training
     model.eval()
-    weights = _Weights(ctx, model, entries, configs, cands)
+    weights = _Weights(ctx, model, entries, quantizer)
     out = dict(res)
     try:
         reference = _run(model, batches)

@@ -1,9 +1,20 @@
 """The sensitivity table of the ``sensitivity`` plugin: per selected weight and candidate
 scheme, the stored bits per weight, the weight SQNR and (with data) the model's output SQNR
-with only that layer quantized (see :mod:`monoquant_plugins.sensitivity`)."""
+with only that layer quantized (see :mod:`monoquant_plugins.sensitivity`).
+
+A candidate is a scheme with options, and may mark plugins that act per module
+(``int4-g128+outlier``: the ``outlier`` plugin keeps the inputs' salient columns in float16).
+A plain candidate is quantized with the scheme alone (``run.quantize_weight``); a marked one as
+``quantize`` will quantize it (:class:`Quantizer`): a trial copy of the plan entry with that
+scheme and the marks (``entry.options[PLUGIN]``, as a rule's ``+PLUGIN`` sets them), whose
+collectors of the marked plugins saw the data, through the ``monoquant_quantize_weights``
+hooks of the core, the scheme's plugin and the marked plugins only. Run-wide plugins (``gptq``)
+take part in no candidate's measurement: the table measures round-to-nearest schemes.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -16,6 +27,7 @@ from torch import nn
 from monoquant_core import Engine, MonoQuantError, UsageError
 from monoquant_core.batches import iter_batches
 from monoquant_core.metrics import sqnr_db
+from monoquant_core.options import config_to_dict, parse_options
 from monoquant_core.tables import format_table
 
 from .sensitivity_replay import Replay
@@ -23,6 +35,7 @@ from .sensitivity_replay import Replay
 __all__ = [
     "DEFAULT_CANDIDATES",
     "Candidate",
+    "Quantizer",
     "cli_candidates",
     "configs",
     "measure",
@@ -35,41 +48,59 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Candidate:
-    """One scheme with options: ``label`` as given (``int4-group:group_size=32``)."""
+    """One scheme with options, and plugin marks: ``label`` as given
+    (``int4-group:group_size=32``, ``int4-g128+outlier``); ``marks``: plugin name -> the
+    options given for it (validated, defaults filled in, by :func:`configs`)."""
 
     label: str
     scheme: str
     options: dict[str, Any] = field(default_factory=dict)
+    marks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 DEFAULT_CANDIDATES = ("fp16", "int8", "int4-g32", "int4-g64", "int4-g128")
 
 
 def parse_candidates(specs: tuple[str, ...] | list[str]) -> list[Candidate]:
-    """``SCHEME[:KEY=VALUE,...]`` each (values as in ``--scheme-opt``: ints, floats, bools,
-    strings); ``int4-gN`` is short for ``int4-group:group_size=N`` and ``int4-sN`` for
-    ``int4-group:group_size=N,symmetric=true`` (and stay their labels)."""
+    """``SCHEME[:KEY=VALUE,...][+PLUGIN[:KEY=VALUE,...]]...`` each (values as in
+    ``--scheme-opt``: ints, floats, bools, strings); ``int4-gN`` is short for
+    ``int4-group:group_size=N`` and ``int4-sN`` for ``int4-group:group_size=N,symmetric=true``
+    (and stay their labels); ``+PLUGIN`` marks the plugin (``+outlier``), with its options
+    after a colon."""
     out = []
-    for spec in specs:
-        label = spec
+    for label in specs:
+        spec, *marked = label.split("+")
         if spec.startswith("int4-g") and spec[6:].isdigit():
             spec = f"int4-group:group_size={spec[6:]}"
         elif spec.startswith("int4-s") and spec[6:].isdigit():
             spec = f"int4-group:group_size={spec[6:]},symmetric=true"
         scheme, _, rest = spec.partition(":")
-        opts: dict[str, Any] = {}
-        for part in filter(None, (p.strip() for p in rest.split(","))):
-            key, eq, value = part.partition("=")
-            if not eq or not key.strip():
+        marks = {}
+        for m in marked:
+            name, _, mrest = m.partition(":")
+            if not name.strip():
                 raise UsageError(
-                    f"candidate {spec!r}: {part!r} is not KEY=VALUE",
-                    "write candidates as SCHEME or SCHEME:KEY=VALUE,KEY=VALUE",
+                    f"candidate {label!r}: a '+' names no plugin",
+                    "write e.g. int4-g128+outlier or int4-g128+outlier:max_fraction=0.02",
                 )
-            opts[key.strip()] = _value(value.strip())
-        out.append(Candidate(label, scheme.strip(), opts))
+            marks[name.strip()] = _options(label, mrest)
+        out.append(Candidate(label, scheme.strip(), _options(label, rest), marks))
     if not out:
         raise UsageError("no candidate schemes", f"pass e.g. {','.join(DEFAULT_CANDIDATES[:2])}")
     return out
+
+
+def _options(label: str, text: str) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise UsageError(
+                f"candidate {label!r}: {part!r} is not KEY=VALUE",
+                "write candidates as SCHEME or SCHEME:KEY=VALUE,KEY=VALUE",
+            )
+        opts[key.strip()] = _value(value.strip())
+    return opts
 
 
 def _value(text: str) -> Any:
@@ -103,8 +134,10 @@ def measure(
     ``engine.plan`` (``only=``, ``skip=``, ``rules=``) to choose the layers. ``replay=False``
     runs every measurement as a full forward pass (same numbers, slower; see
     :mod:`monoquant_plugins.sensitivity_replay`)."""
-    plan = engine.plan(model, **plan_options)
-    return measure_entries(engine, model, plan.selected, data, candidates, replay)
+    config = engine.configure(**plan_options)
+    plan = engine.plan(model, config=config)
+    with engine.run(config) as run:
+        return measure_entries(run, model, plan.selected, data, candidates, replay)
 
 
 def measure_entries(
@@ -114,10 +147,12 @@ def measure_entries(
     data: Any = None,
     candidates: list[Candidate] | None = None,
     replay: bool = True,
+    quantizer: Quantizer | None = None,
 ) -> dict[str, Any]:
-    """:func:`measure` for given plan entries; ``ctx`` is an :class:`~monoquant_core.Engine`
-    or a run (both have ``scheme_config``, ``quantize_weight`` and the registries)."""
-    cands, cfgs = configs(ctx, candidates)
+    """:func:`measure` for given plan entries of a run (``ctx``); ``quantizer``: how the
+    candidates are quantized (default: a :class:`Quantizer` for these)."""
+    cands = candidates or parse_candidates(DEFAULT_CANDIDATES)
+    quantizer = quantizer or Quantizer(ctx, cands, model, entries, data)
     batches = list(iter_batches(data)) if data is not None else []
     was_training = model.training
     model.eval()
@@ -137,8 +172,8 @@ def measure_entries(
                 name = f"{entry.name}.{pname}" if entry.name else pname
                 row: dict[str, Any] = {"name": name, "shape": list(w.shape), "candidates": {}}
                 for c in cands:
-                    row["candidates"][c.label] = _one(ctx, cfgs[c.label], c, param, w, axis,
-                                                      name, runs, entry.name)  # fmt: skip
+                    row["candidates"][c.label] = _one(quantizer, c.label, param, w, axis,
+                                                      name, runs, entry.name, pname)  # fmt: skip
                 rows.append(row)
     finally:
         model.train(was_training)
@@ -160,16 +195,19 @@ def measure_tensors(
 ) -> dict[str, Any]:
     """Data-free :func:`measure` of checkpoint tensors: ``entries`` are checkpoint-mode plan
     entries (named by tensor), each read with ``read(name)`` one at a time and quantized along
-    axis 0 as checkpoint mode does; the table holds bits per weight and weight SQNR."""
-    cands, cfgs = configs(ctx, candidates)
+    axis 0 as checkpoint mode does; the table holds bits per weight and weight SQNR.
+    Candidates marking plugins (``+PLUGIN``) act on modules, which a checkpoint has none of:
+    they are listed with that reason."""
+    cands = candidates or parse_candidates(DEFAULT_CANDIDATES)
+    quantizer = Quantizer(ctx, cands)
     t0 = time.perf_counter()
     rows = []
     for entry in entries:
         w = read(entry.name)
         row: dict[str, Any] = {"name": entry.name, "shape": list(w.shape), "candidates": {}}
         for c in cands:
-            row["candidates"][c.label] = _one(ctx, cfgs[c.label], c, None, w, 0, entry.name,
-                                              None, entry.name)  # fmt: skip
+            row["candidates"][c.label] = _one(quantizer, c.label, None, w, 0, entry.name,
+                                              None, entry.name, "")  # fmt: skip
         rows.append(row)
         del w
     rows.sort(key=lambda r: _sort_key(r, cands))
@@ -184,7 +222,8 @@ def measure_tensors(
 
 def configs(ctx: Any, candidates: list[Candidate] | None) -> tuple[list[Candidate], dict]:
     """The candidates (the defaults for ``None``) and, by label, ``(observer, scheme config,
-    observer config)``: how each is quantized."""
+    observer config, marks)``: how each is quantized (``marks``: plugin name -> its options,
+    validated by the plugin's options class, defaults filled in)."""
     cands = candidates or parse_candidates(DEFAULT_CANDIDATES)
     configs = {}
     for c in cands:
@@ -193,18 +232,102 @@ def configs(ctx: Any, candidates: list[Candidate] | None) -> tuple[list[Candidat
             observer,
             ctx.scheme_config(c.scheme, c.options),
             ctx.observers.get(observer).config_class(),
+            {name: _mark(ctx, c.label, name, opts) for name, opts in c.marks.items()},
         )
     return cands, configs
 
 
-def _one(ctx, cfg, c, param, w, axis, name, runs, target) -> dict[str, Any]:
-    observer, scheme_cfg, observer_cfg = cfg
+def _mark(ctx: Any, label: str, name: str, opts: dict[str, Any]) -> dict[str, Any]:
+    known = ctx.registries.options
+    if name not in known:
+        raise UsageError(
+            f"candidate {label!r}: +{name} names no plugin that takes options "
+            f"({', '.join(known.names()) or 'none installed'})",
+            "mark a plugin that acts per module, e.g. +outlier",
+        )
+    parsed = parse_options(known.get(name), opts, f"candidate {label!r}: plugin {name!r}")
+    return {k: v for k, v in config_to_dict(parsed).items() if k not in ("enable", "version")}
+
+
+class Quantizer:
+    """Each candidate's QTensor of a weight, as the table (and the in-context correction)
+    measure it: a plain candidate with ``ctx.quantize_weight``; a candidate marking plugins
+    through the quantize hooks of the core, its scheme's plugin and the marked plugins, on a
+    trial entry per module whose marked plugins' collectors saw ``data`` (one calibration
+    pass per such candidate, on first use; see the module docstring)."""
+
+    def __init__(self, ctx: Any, cands: list[Candidate], model: nn.Module | None = None,
+                 entries: Any = (), data: Any = None) -> None:  # fmt: skip
+        self.ctx, self.model, self.data = ctx, model, data
+        self.cands = {c.label: c for c in cands}
+        self.cfgs = configs(ctx, cands)[1]
+        self.entries = {e.name: e for e in entries}
+        self._trials: dict[str, dict[str, Any]] = {}
+
+    def qtensor(self, label: str, w: torch.Tensor, axis: int, name: str, module: str = "",
+                pname: str = "") -> Any:  # fmt: skip
+        """``w`` (the float value of ``module``'s parameter ``pname``) quantized as ``label``."""
+        c = self.cands[label]
+        observer, scheme_cfg, observer_cfg, marks = self.cfgs[label]
+        if not marks:
+            return self.ctx.quantize_weight(w, c.scheme, observer, axis, scheme_cfg,
+                                            observer_cfg, name)  # fmt: skip
+        if self.model is None or module not in self.entries:
+            raise UsageError(
+                f"+{next(iter(marks))} acts on the model's modules, and this pass has none "
+                "(checkpoint mode)",
+                "use candidates without +PLUGIN for a checkpoint",
+            )
+        trial = self._trial(label, c, observer, marks)[module]
+        mod = self.model.get_submodule(module)
+        param = getattr(mod, pname)
+        with torch.no_grad():
+            saved = None if torch.equal(param, w) else param.detach().clone()
+            if saved is not None:
+                param.data.copy_(w)
+            try:
+                res = self.ctx.call("monoquant_quantize_weights", self._plugins(c, marks),
+                                    entry=trial, module=mod)  # fmt: skip
+            finally:
+                if saved is not None:
+                    param.data.copy_(saved)
+        return res.qtensors[pname]
+
+    def dequantized(self, label: str, w: torch.Tensor, axis: int, name: str, module: str = "",
+                    pname: str = "") -> tuple[Any, torch.Tensor]:  # fmt: skip
+        """``(qtensor, its float value in w's dtype and shape)``."""
+        qt = self.qtensor(label, w, axis, name, module, pname)
+        scheme = self.ctx.schemes.get(self.cands[label].scheme)
+        wq = scheme.dequantize(qt.without_float_columns()).reshape(w.shape)
+        if qt.has_float_columns:
+            wq = wq.clone()
+            wq[:, qt.extra["float_cols"]] = qt.extra["float_values"].to(wq.dtype)
+        return qt, wq.to(w.dtype)
+
+    def _plugins(self, c: Candidate, marks: dict) -> tuple[str, ...]:
+        return ("core", self.ctx.schemes.entry(c.scheme).plugin, *marks)
+
+    def _trial(self, label: str, c: Candidate, observer: str, marks: dict) -> dict[str, Any]:
+        if label not in self._trials:
+            options = {"scheme_options": dict(c.options), **{k: dict(v) for k, v in marks.items()}}
+            trials = {
+                name: dataclasses.replace(e, scheme=c.scheme, observer=observer, notes=[],
+                                          collected={}, calibration_rows=None,
+                                          options=dict(options))
+                for name, e in self.entries.items()
+            }  # fmt: skip
+            if self.data is not None:
+                self.ctx.calibrate(self.model, list(trials.values()), self.data,
+                                   self._plugins(c, marks))  # fmt: skip
+            self._trials[label] = trials
+        return self._trials[label]
+
+
+def _one(quantizer, label, param, w, axis, name, runs, target, pname) -> dict[str, Any]:
     try:
-        qt = ctx.quantize_weight(w, c.scheme, observer, axis, scheme_cfg, observer_cfg, name)
+        qt, wq = quantizer.dequantized(label, w, axis, name, target, pname)
     except MonoQuantError as e:
         return {"error": getattr(e, "problem", str(e))}
-    scheme = ctx.schemes.get(c.scheme)
-    wq = scheme.dequantize(qt).to(w.dtype).reshape(w.shape)
     out: dict[str, Any] = {
         "bits_per_weight": 8 * qt.nbytes / w.numel(),
         "weight_sqnr_db": sqnr_db(w, wq),

@@ -17,7 +17,9 @@ Each kernel takes the input as ``[M, K]`` and a :class:`Prepared` weight and ret
 
 from __future__ import annotations
 
+import functools
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,6 +218,35 @@ def gemm_into(out: torch.Tensor, i: int, j: int, x: torch.Tensor, block: torch.T
 CHUNK_ROWS = 512
 
 
+@functools.cache
+def fbgemm_reduce_range() -> bool:
+    """True where fbgemm's dynamic int8 linear saturates with 8-bit activation codes, so it
+    must run with 7-bit ones (``reduce_range=True``, torch.ao's x86 default).
+
+    Without VNNI (AVX2 CPUs), fbgemm multiplies uint8 activations by int8 weights with
+    ``vpmaddubsw``, which adds each pair of products into a saturating int16: two products of
+    255 x 127 overflow it, and the result is wrong by up to the whole output (relative error
+    0.03-0.08 against the reference on random layers). With codes 0..127 no pair can
+    overflow, at about 1.5x the activations' rounding error (relative error 0.014-0.018
+    against the 8-bit per-token reference). Probed once per process: codes 255 against
+    weights 127 on every input, compared with the exact product."""
+    k = 64
+    with warnings.catch_warnings():  # torch deprecates qint8 tensors; the ops stay for now
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            wq = torch.full((8, k), 127, dtype=torch.int8)
+            scale = torch.full((8,), 1 / 127, dtype=torch.float64)
+            qw = torch._make_per_channel_quantized_tensor(wq, scale, torch.zeros(8).long(), 0)
+            packed = torch.ops.quantized.linear_prepack(qw, None)
+            x = torch.ones(1, k)
+            x[0, 0] = -1.0  # range [-1, 1]: every other input quantizes to code 255
+            got = torch.ops.quantized.linear_dynamic(x, packed, False)
+        except (AttributeError, RuntimeError):  # no fbgemm ops: nothing runs on them
+            return False
+    exact = float(x.sum())
+    return not bool(torch.allclose(got, torch.full_like(got, exact), rtol=0.02, atol=0.05))
+
+
 def int8_dynamic(x: torch.Tensor, p: Prepared) -> torch.Tensor:
     """Per-token int8 inputs on fbgemm's per-tensor kernel: each row is first divided by its
     own max |x| (so one per-tensor scale has every token's resolution), and the output row
@@ -223,19 +254,23 @@ def int8_dynamic(x: torch.Tensor, p: Prepared) -> torch.Tensor:
     written straight into an output of the input's dtype."""
     packed, m = p.tensors["packed"], x.shape[0]
     if m == 1:  # one token: the per-call scale already is its own
-        return torch.ops.quantized.linear_dynamic(x.to(torch.float32).contiguous(), packed, False)
+        x = x.to(torch.float32).contiguous()
+        return torch.ops.quantized.linear_dynamic(x, packed, fbgemm_reduce_range())
     if m <= CHUNK_ROWS:
         x = x.to(torch.float32)
         amax = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)
-        return torch.ops.quantized.linear_dynamic(x / amax, packed, False).mul_(amax)
+        return torch.ops.quantized.linear_dynamic(x / amax, packed, fbgemm_reduce_range()).mul_(
+            amax
+        )
     out = torch.empty(m, p.n, dtype=x.dtype if x.is_floating_point() else torch.float32)
     buf = scratch("int8_dynamic", (CHUNK_ROWS, p.k), torch.float32)
+    rr = fbgemm_reduce_range()
     for i in range(0, m, CHUNK_ROWS):
         xb = x[i : i + CHUNK_ROWS]
         amax = xb.abs().amax(dim=1, keepdim=True).to(torch.float32).clamp_min_(1e-30)
         xd = torch.div(xb, amax, out=buf[: xb.shape[0]])
         torch.mul(
-            torch.ops.quantized.linear_dynamic(xd, packed, False), amax, out=out[i : i + CHUNK_ROWS]
+            torch.ops.quantized.linear_dynamic(xd, packed, rr), amax, out=out[i : i + CHUNK_ROWS]
         )
     return out
 
@@ -254,7 +289,7 @@ def int8_dynamic_intmm(x: torch.Tensor, p: Prepared) -> torch.Tensor:
 
 def int8_dynamic_tensor(x: torch.Tensor, p: Prepared) -> torch.Tensor:
     return torch.ops.quantized.linear_dynamic(
-        x.to(torch.float32).contiguous(), p.tensors["packed"], False
+        x.to(torch.float32).contiguous(), p.tensors["packed"], fbgemm_reduce_range()
     )
 
 

@@ -35,7 +35,13 @@ def test_a_plugin_options_key_enables_the_plugin_and_enable_false_disables_it(en
     cfg = engine.configure(plugin_options={"outlier": OutlierOptions(threshold=3.0)})
     assert cfg.plugin_options["outlier"].threshold == 3.0
     assert cfg.to_dict()["plugin_options"] == {
-        "outlier": {"version": 1, "enable": True, "threshold": 3.0, "max_fraction": 0.01}
+        "outlier": {
+            "version": 1,
+            "enable": True,
+            "threshold": 3.0,
+            "max_fraction": 0.01,
+            "int4": False,
+        }
     }
 
 

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from monoquant_plugins.backends.cpu_kernels import fbgemm_reduce_range
 from monoquant_plugins.safetensors_format import MonoQuantReader
 
 from monoquant_core import Engine, UsageError, sqnr_db
@@ -107,9 +108,11 @@ def test_reference_and_torch_cpu_both_run_the_mixed_layers(outlier_run):
     assert q_ref.blocks[0].attn.q_proj.backend.name == "reference"
     assert q_cpu.blocks[0].attn.q_proj.backend.name == "torch-cpu"
     # torch-cpu's dynamic int8 codes differ from the reference's by design (uint8 on
-    # normalised rows, see docs/schemes/int8.md): both must recover the same accuracy.
-    assert db_ref >= 35.0 and db_cpu >= 35.0, f"reference {db_ref:.2f} dB, torch-cpu {db_cpu:.2f}"
-    assert abs(db_ref - db_cpu) <= 1.5, f"reference {db_ref:.2f} dB, torch-cpu {db_cpu:.2f} dB"
+    # normalised rows, see docs/schemes/int8.md): both must recover the same accuracy; on CPUs
+    # without VNNI fbgemm runs 7-bit codes (half the resolution: up to 6 dB less)
+    low, gap = (29.0, 6.5) if fbgemm_reduce_range() else (35.0, 1.5)
+    assert db_ref >= 35.0 and db_cpu >= low, f"reference {db_ref:.2f} dB, torch-cpu {db_cpu:.2f}"
+    assert abs(db_ref - db_cpu) <= gap, f"reference {db_ref:.2f} dB, torch-cpu {db_cpu:.2f} dB"
 
 
 def test_mixed_layer_is_int8_rest_plus_float_columns(engine):

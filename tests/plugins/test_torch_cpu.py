@@ -8,6 +8,7 @@ import pytest
 import torch
 from monoquant_plugins.backends import bf16_gemm
 from monoquant_plugins.backends.bf16_gemm import bf16_gemm_library
+from monoquant_plugins.backends.cpu_kernels import fbgemm_reduce_range
 from monoquant_plugins.backends.dequant import dequant_library
 from monoquant_plugins.backends.gemv import gemv_library
 from monoquant_plugins.backends.int4_gemv import int4_gemv_library
@@ -20,9 +21,13 @@ from monoquant_core.testing import odd_inputs
 from tests.helpers import fast_and_reference, rel_err
 
 # (scheme, options, relative error bound against the reference backend)
+#: fbgemm's W8A8 bound against the 8-bit reference: 2e-2; on CPUs without VNNI (AVX2) it runs
+#: 7-bit activation codes (its u8 x s8 pairs saturate otherwise: ``fbgemm_reduce_range``),
+#: twice the activation step, so 3e-2
+W8A8_BOUND = 3e-2 if fbgemm_reduce_range() else 2e-2
 PATHS = [
-    ("int8", {"activations": "dynamic"}, 2e-2),
-    ("int8", {"activations": "dynamic-tensor"}, 2e-2),
+    ("int8", {"activations": "dynamic"}, W8A8_BOUND),
+    ("int8", {"activations": "dynamic-tensor"}, W8A8_BOUND),
     ("int8", {}, 1.5e-2),
     ("int8", {"granularity": "per-tensor"}, 1.5e-2),
     ("int4-group", {"group_size": 32}, 1.5e-2),
