@@ -12,9 +12,10 @@ every Linear weight, a Linear weight left in float at its stored float size. Row
 
 * uniform int4-group g128 / g64 / g32, symmetric g128 / g64 and int8;
 * ``--sensitivity-budget B`` with the calibration data (output-based sensitivity, the default
-  candidates), at each budget; at 4.25 and 4.5 also with the former default candidates (no
-  symmetric int4), at 4.5 also with one round of in-context correction (``refine=1``) and
-  with the exact allocator;
+  candidates), at each budget; at 4.25 and 4.5 also without the ``+outlier`` candidates (int4
+  with the salient input columns in float16) and without those and the symmetric int4 ones,
+  at 4.5 also with one round of in-context correction (``refine=1``) and with the exact
+  allocator;
 * the same budgets data-free (no calibration: weight-based sensitivity).
 
 Columns: bits/weight (from the file), the allocator's estimated output SQNR, the SQNR it
@@ -51,6 +52,8 @@ UNIFORM = [
     ("uniform int8", "int8", {}),
 ]
 BUDGETS = [4.25, 4.5, 5.0, 6.0]
+#: the default candidates without the ``+outlier`` ones (the default before they were added)
+WITHOUT_MARKS = "int8,int4-g32,int4-g64,int4-g128,int4-s64,int4-s128"
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
                 "U8": 1, "I8": 1, "BOOL": 1}  # fmt: skip
 
@@ -93,8 +96,10 @@ def _runs(budgets: list[float], data_free: bool) -> list[tuple[str, dict, bool]]
     for b in budgets:
         runs.append((f"budget {b}", {"budget": b}, True))
         if b in (4.25, 4.5):
+            plain = {"budget": b, "candidates": WITHOUT_MARKS}
+            runs.append((f"budget {b}, without +outlier", plain, True))
             old = {"budget": b, "candidates": "int8,int4-g32,int4-g64,int4-g128"}
-            runs.append((f"budget {b}, without int4-s64/s128", old, True))
+            runs.append((f"budget {b}, without +outlier, int4-s64/s128", old, True))
         if b == 4.5:
             runs.append((f"budget {b}, refine 1", {"budget": b, "refine": 1}, True))
             runs.append((f"budget {b}, exact", {"budget": b, "method": "exact"}, True))

@@ -76,9 +76,16 @@ __all__ = [
 
 
 #: the allocator's default candidates: int8, asymmetric int4 groups of 32/64/128 (5.0, 4.5,
-#: 4.25 bits/weight) and symmetric ones of 64/128 (4.25, 4.125: cheaper steps, so a budget
-#: below g64's 4.5 still has choices; docs/mixed-precision.md measures what they add)
-ALLOCATION_CANDIDATES = "int8,int4-g32,int4-g64,int4-g128,int4-s64,int4-s128"
+#: 4.25 bits/weight), symmetric ones of 64/128 (4.25, 4.125: cheaper steps, so a budget below
+#: g64's 4.5 still has choices), and g128/g64/s128 with the 1% of input columns that see the
+#: largest inputs in float16 (``+outlier``: about 0.1-0.2 more bits per weight; the steps
+#: between int4 and int8 that let a budget of 4.5 beat uniform g32's 5.0;
+#: docs/mixed-precision.md measures what each adds). Marks act on modules: checkpoint mode
+#: (data-free, no modules) leaves the marked candidates out.
+ALLOCATION_CANDIDATES = (
+    "int8,int4-g32,int4-g64,int4-g128,int4-s64,int4-s128,"
+    "int4-g128+outlier,int4-g64+outlier,int4-s128+outlier"
+)
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,8 @@ class SensitivityOptions(PluginOptions):
         target_sqnr: instead of a budget: the fewest bits whose estimated output SQNR (dB)
             reaches this.
         candidates: the schemes to choose from, comma-separated (``int8``, ``int4-gN``,
-            ``SCHEME:KEY=VALUE;KEY=VALUE``).
+            ``SCHEME:KEY=VALUE;KEY=VALUE``), each optionally marking a plugin that acts per
+            module (``int4-g128+outlier``; its options after a colon).
         save_rules: also write the choice as a rules file (JSON) here, so ``--rules FILE``
             repeats the run without the sensitivity pass.
         method: ``greedy`` (default) or ``exact`` (:func:`allocate`).
@@ -190,6 +198,7 @@ def monoquant_modify_plan(plan, model, run):
             res = refine(run, model, plan.selected, batches, table, quantizer, res,
                          opts.budget, opts.method, opts.refine, opts.replay)  # fmt: skip
     elif run.read_tensor is not None:  # checkpoint mode: data-free, from the tensors
+        cands = [c for c in cands if not c.marks] or cands  # marks act on modules
         table = measure_tensors(run, plan.selected, run.read_tensor, cands)
         weights = {e.name: [e.name] for e in plan.selected}
         res = allocate(table, opts.budget, opts.target_sqnr, opts.method)

@@ -122,3 +122,32 @@ def test_rules_files_json_and_toml(tmp_path):
         load_rules_file(str(obj))
     with pytest.raises(UsageError, match="does not exist"):
         load_rules_file(str(tmp_path / "none.json"))
+
+
+def test_a_rule_marks_plugins_per_module(engine):
+    r = Rule.parse("blocks.*=int4-group,group_size=64,+outlier,+outlier.max_fraction=0.02")
+    assert dict(r.scheme_options) == {"group_size": "64"}
+    assert {k: dict(v) for k, v in r.plugins.items()} == {"outlier": {"max_fraction": "0.02"}}
+    assert Rule.from_mapping({"pattern": "a", "scheme": "int8", "plugins": {"outlier": None}})
+    for bad in ("x=int8,+outlier=1", "x=int8,+outlier.max_fraction", "x=int8,+"):
+        with pytest.raises(UsageError):
+            Rule.parse(bad)
+    with pytest.raises(UsageError, match="'plugins' is"):
+        Rule.from_mapping({"pattern": "a", "plugins": ["outlier"]})
+    # validated by the plugin's options class, defaults filled in, into entry.options
+    plan = engine.plan(
+        demo_model(),
+        scheme="int4-group",
+        rules=["blocks.0.attn.q_proj=int4-group,+outlier.max_fraction=0.02"],
+    )
+    marked = {e.name: e.options["outlier"] for e in plan.selected if "outlier" in e.options}
+    assert marked == {
+        "blocks.0.attn.q_proj": {"threshold": 6.0, "max_fraction": 0.02, "int4": False}
+    }
+    with pytest.raises(UsageError, match=r"\+outlir names no plugin.*did you mean 'outlier'"):
+        engine.plan(demo_model(), rules=["lm_head=int8,+outlir"])
+    with pytest.raises(UsageError, match=r"max_fraction 2.0 is not in \(0, 1\]"):
+        engine.plan(demo_model(), rules=["lm_head=int8,+outlier.max_fraction=2"])
+    # the JSON form round-trips
+    (back,) = parse_rules([json.loads(json.dumps(r.to_dict()))])
+    assert back == r

@@ -217,3 +217,36 @@ def test_plugin_options_key_enables_it_in_python_and_the_cli_flag_does_the_same(
     assert "outlier decomposition" not in res.output
     res = cli(*args, "--outlier-opt", "threshold=5", "--outlier-threshold", "4")
     assert res.exit_code == 1 and "set the same option" in res.output
+
+
+def test_int4_keeps_each_layers_salient_columns_in_float(data):
+    """int4=true: weight-only int4-group layers keep the max_fraction input columns with the
+    largest calibration inputs in float16 (the injected outlier channels here), which buys
+    output SQNR for 16 bits per output row and column."""
+    calib, test = data
+    engine = Engine()
+    model = activation_transformer(outliers=True)
+    with torch.no_grad():
+        ref = torch.cat([model(x) for x in test])
+    plain, _ = engine.quantize(activation_transformer(outliers=True), scheme="int4-group")
+    mixed, report = engine.quantize(
+        activation_transformer(outliers=True),
+        scheme="int4-group",
+        calibration=calib,
+        plugin_options={"outlier": {"int4": True}},
+    )
+    q = mixed.blocks[0].attn.q_proj
+    assert q.qtensor().extra["float_cols"].tolist() == [7, 123, 301]
+    assert report.extra["modules"]["blocks.0.attn.q_proj"]["outlier_source"] == "calibration"
+    plan = engine.plan(model, scheme="int4-group", plugin_options={"outlier": {"int4": True}})
+    assert (
+        "outlier: salient columns in float (max_fraction 0.01)"
+        in plan.get("blocks.0.mlp.fc1").notes
+    )
+    with torch.no_grad():
+        db_plain = sqnr_db(ref, torch.cat([plain(x) for x in test]))
+        db_mixed = sqnr_db(ref, torch.cat([mixed(x) for x in test]))
+    assert db_mixed >= db_plain + 6.0, f"int4+outlier {db_mixed:.2f} dB, int4 {db_plain:.2f} dB"
+    # without int4=true, --outlier leaves int4-group layers alone (the int8 W8A8 decomposition)
+    with pytest.raises(UsageError, match="with int4=true to int4-group ones"):
+        engine.plan(model, scheme="int4-group", plugin_options=OUTLIER)
