@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 
 import torch
 from safetensors import safe_open
@@ -111,7 +112,7 @@ def _runs(budgets: list[float], data_free: bool) -> list[tuple[str, dict, bool]]
 def table(label: str, build, calib, evaluate, budgets, data_free: bool, gptq=False) -> list[dict]:
     engine = Engine()
     ref = _run(build(), evaluate)
-    rows = []
+    rows, choices = [], []
     print(f"### {label}\n")
     print("| run | bits/weight (file) | estimated SQNR dB | measured on calibration dB "
           "| output SQNR dB | 1 - cosine | quantize s |")  # fmt: skip
@@ -140,6 +141,11 @@ def table(label: str, build, calib, evaluate, budgets, data_free: bool, gptq=Fal
                          "sqnr": sqnr, "cos": cos, "calibrated": calibrated})  # fmt: skip
             cells = [f"{bits:.3f}", _f(est), _f(cal), f"{sqnr:.2f}", f"{1 - cos:.5f}"]
             print(f"| {name} | {' | '.join(cells)} | {secs:.1f} |", flush=True)
+            if alloc.get("choice"):
+                counts = Counter(alloc["choice"].values()).most_common()
+                choices.append(f"- {name}: " + ", ".join(f"{k} x{n}" for k, n in counts))
+    print("\nthe allocations' choices (candidate x number of weights):\n")
+    print("\n".join(choices))
     print()
     _curve(rows)
     return rows

@@ -284,7 +284,8 @@ def monoquant_add_cli_commands(cli, engine):
         default=",".join(DEFAULT_CANDIDATES),
         show_default=True,
         help="Candidate schemes, comma-separated: fp16, int8, int4-gN (int4-group with group "
-        "size N), or SCHEME:KEY=VALUE;KEY=VALUE.",
+        "size N), or SCHEME:KEY=VALUE;KEY=VALUE; a +PLUGIN suffix marks a plugin that acts per "
+        "module (int4-g128+outlier: salient input columns in float16).",
     )
     @click.option("--only", multiple=True, metavar="GLOB", help="Only these modules.")
     @click.option("--skip", multiple=True, metavar="GLOB", help="Not these modules.")

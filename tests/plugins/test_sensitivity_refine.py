@@ -11,7 +11,7 @@ import pytest
 import torch
 from monoquant_plugins.sensitivity import allocate, measure, parse_candidates
 from monoquant_plugins.sensitivity_refine import refine
-from monoquant_plugins.sensitivity_table import configs
+from monoquant_plugins.sensitivity_table import Quantizer
 
 from monoquant_core import Engine
 from monoquant_core.batches import iter_batches
@@ -37,8 +37,10 @@ def test_the_measured_sqnr_is_the_mixs_and_a_correction_only_helps():
     table = measure(engine, model, data, cands)
     entries = engine.plan(model).selected
     first = allocate(table, budget=4.5)
-    out = refine(engine, model, entries, list(iter_batches(data)), table,
-                 configs(engine, cands)[1], cands, first, 4.5, rounds=2)  # fmt: skip
+    with engine.run(engine.configure()) as run:
+        quantizer = Quantizer(run, cands, model, entries, data)
+        out = refine(run, model, entries, list(iter_batches(data)), table, quantizer, first,
+                     4.5, rounds=2)  # fmt: skip
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert out["first_estimate_db"] == first["estimated_sqnr_db"]
     assert out["bits_per_weight"] <= 4.5 + 1e-9
