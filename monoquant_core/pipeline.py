@@ -22,7 +22,7 @@ from .markers import hookimpl
 from .metrics import all_finite, count_nonfinite
 from .options import config_to_dict
 from .plan import ModuleResult, PlanEntry
-from .qtensor import QParams, QTensor
+from .qtensor import QParams, QTensor, attach_float_columns, float_columns, without_columns
 from .registry import Registries, Registry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -197,10 +197,12 @@ def quantize_entry_weights(
     scheme_cfg, observer_cfg = run.entry_configs(entry)
     if weights is None:
         weights = replacer.weights(module)
-    return {
-        param: quantize_weight(
+    out = {}
+    for param, weight in weights.items():
+        cols = float_columns(entry, param, weight)
+        out[param] = quantize_weight(
             run.registries,
-            weight,
+            weight if cols is None else without_columns(weight, cols),
             entry.scheme,
             entry.observer,
             axis=replacer.channel_axis(module, param),
@@ -208,8 +210,9 @@ def quantize_entry_weights(
             observer_config=observer_cfg,
             name=f"{entry.name}.{param}" if entry.name else param,
         )
-        for param, weight in weights.items()
-    }
+        if cols is not None:
+            attach_float_columns(out[param], weight, cols)
+    return out
 
 
 @hookimpl(trylast=True)

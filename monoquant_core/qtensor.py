@@ -33,7 +33,14 @@ import torch
 
 from .layout import from_groups, unpack_int4
 
-__all__ = ["QParams", "QTensor", "QuantSpec"]
+__all__ = [
+    "QParams",
+    "QTensor",
+    "QuantSpec",
+    "attach_float_columns",
+    "float_columns",
+    "without_columns",
+]
 
 
 @dataclass(frozen=True)
@@ -340,3 +347,33 @@ class QTensor:
             raise ValueError(
                 f"float_values shape {tuple(vals.shape)} != expected {(self.shape[0], n)}"
             )
+
+
+def float_columns(entry: Any, param: str, weight: torch.Tensor) -> torch.Tensor | None:
+    """The input columns of ``param`` to keep in float16, from ``entry.options["float_columns"]``
+    (sorted unique column indices of the ``weight`` matrix ``[out, in]``; set by a plugin
+    before the weights are quantized, e.g. ``outlier``), or None.
+
+    Every implementation of ``monoquant_quantize_weights`` honours it: the core's default
+    (``pipeline.quantize_entry_weights``) and ``gptq`` quantize the weight with those columns
+    zeroed (:func:`without_columns`) and store them with :func:`attach_float_columns`."""
+    cols = entry.options.get("float_columns")
+    if not cols or param != "weight" or weight.dim() != 2:
+        return None
+    return torch.as_tensor(list(cols), dtype=torch.int64, device=weight.device)
+
+
+def without_columns(weight: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``weight`` with the input columns ``cols`` zeroed (a copy)."""
+    rest = weight.detach().clone()
+    rest[:, cols] = 0
+    return rest
+
+
+def attach_float_columns(qt: QTensor, values: torch.Tensor, cols: torch.Tensor) -> QTensor:
+    """Store the columns ``cols`` of ``values`` (``[out, in]``) in float16 with ``qt``: the
+    QTensor's float-columns layout (``float_cols`` / ``float_values`` extras), validated."""
+    qt.extra["float_cols"] = cols.cpu().to(qt.qdata.device)
+    qt.extra["float_values"] = values.detach()[:, cols].to(torch.float16).contiguous()
+    qt.validate()
+    return qt

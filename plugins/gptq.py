@@ -26,6 +26,7 @@ import torch
 from monoquant_core import ModuleResult, PluginOptions, QParams, UsageError, hookimpl
 from monoquant_core.metrics import all_finite
 from monoquant_core.options import config_to_dict
+from monoquant_core.qtensor import attach_float_columns, float_columns, without_columns
 
 from .gptq_hessian import HessianCollector
 from .gptq_solver import GptqResult, gptq_solve
@@ -211,6 +212,11 @@ def _quantize(entry, module, run, state, col):
     scheme, obs_cls = run.schemes.get(entry.scheme), run.observers.get(entry.observer)
     originals = replacer.weights(module)
     weight = originals["weight"].detach()
+    # input columns another plugin keeps in float (``outlier``): solved as zero weights with no
+    # error to pass on (their Hessian rows and columns decoupled), stored in float16 after
+    floats = float_columns(entry, "weight", weight)
+    if floats is not None:
+        weight = without_columns(weight, floats)
     axis = replacer.channel_axis(module, "weight")
     spec = scheme.spec(tuple(weight.shape), axis, scheme_cfg)
     if not all_finite(weight):
@@ -237,6 +243,12 @@ def _quantize(entry, module, run, state, col):
     g, c = hs.shape[0], wm.shape[0]
     if hs.shape[-1] != wm.shape[1] or c % g:
         return None, f"the Hessian ({tuple(hs.shape)}) does not match the weight {tuple(wm.shape)}"
+    if floats is not None:
+        diag = hs[:, floats, floats].clone()
+        hs = hs.clone()
+        hs[:, floats, :] = 0
+        hs[:, :, floats] = 0
+        hs[:, floats, floats] = diag
     state.solver_peak = max(state.solver_peak, _solver_bytes(c // g, hs.shape[-1]))
     solved = _solve_groups(wm, hs, spec, None if static else grid, params, cfg, shift)
     if isinstance(solved, str):
@@ -247,6 +259,8 @@ def _quantize(entry, module, run, state, col):
     wq = torch.cat(ws).reshape(moved.shape).movedim(0, axis)
     final_cfg = dataclasses.replace(scheme_cfg, method="rtn") if int4 else scheme_cfg
     qt = scheme.quantize(wq.contiguous(), params, spec, final_cfg)
+    if floats is not None:
+        attach_float_columns(qt, originals["weight"], floats)
     info = {
         "method": "gptq",
         "damp": max(damps),

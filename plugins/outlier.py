@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from monoquant_core import PluginOptions, UsageError, hookimpl
+from monoquant_core.qtensor import attach_float_columns, without_columns
 
 COLLECTOR = "outlier.absmax"
 _ACTIVATIONS = ("dynamic", "dynamic-tensor")
@@ -179,11 +180,12 @@ def weight_score(weight: torch.Tensor) -> torch.Tensor:
 
 @hookimpl(wrapper=True)
 def monoquant_quantize_weights(entry, module, run):
-    """Re-quantize the weight without its outlier columns; store those in float16."""
-    result = yield
+    """Choose the outlier columns and ask for them in float (``entry.options["float_columns"]``,
+    which the core's default and ``gptq`` honour: the weight quantized with those columns
+    zeroed, the columns stored in float16); then note them."""
     opts = entry.options.get("outlier")
-    if result is None or not opts or not isinstance(module, nn.Linear):
-        return result
+    if not opts or not isinstance(module, nn.Linear):
+        return (yield)
     weight = module.weight.detach()
     scheme_cfg, observer_cfg = run.entry_configs(entry)
     salient = run.schemes.get(entry.scheme).activations(scheme_cfg) not in _ACTIVATIONS
@@ -195,6 +197,14 @@ def monoquant_quantize_weights(entry, module, run):
     # weight-only with data: the max_fraction columns with the largest inputs (threshold 0)
     threshold = 0.0 if salient and source == "calibration" else opts["threshold"]
     cols = select_columns(score, threshold, opts["max_fraction"]).to(weight.device)
+    if cols.numel():
+        entry.options["float_columns"] = cols.tolist()
+    try:
+        result = yield
+    finally:
+        entry.options.pop("float_columns", None)
+    if result is None:
+        return result
     result.metrics["outlier_columns"] = int(cols.numel())
     result.metrics["outlier_fraction"] = cols.numel() / weight.shape[1]
     result.metrics["outlier_source"] = source
@@ -205,14 +215,14 @@ def monoquant_quantize_weights(entry, module, run):
         f"{n} outlier column{'s' * (n != 1)} kept in float "
         f"({100 * n / weight.shape[1]:.1f}% of the inputs, from {source.replace('-', ' ')})"
     )
-    rest = weight.clone()
-    rest[:, cols] = 0
-    name = f"{entry.name}.weight" if entry.name else "weight"
-    qt = run.quantize_weight(rest, entry.scheme, entry.observer, 0, scheme_cfg, observer_cfg, name)
-    qt.extra["float_cols"] = cols.cpu().to(qt.qdata.device)
-    qt.extra["float_values"] = weight[:, cols].to(torch.float16).contiguous()
+    qt = result.qtensors["weight"]
+    if not qt.has_float_columns:  # an implementation that ignored the request: do it here
+        name = f"{entry.name}.weight" if entry.name else "weight"
+        rest = without_columns(weight, cols)
+        qt = run.quantize_weight(rest, entry.scheme, entry.observer, 0, scheme_cfg,
+                                 observer_cfg, name)  # fmt: skip
+        attach_float_columns(qt, weight, cols)
+        result.qtensors["weight"] = qt
     qt.meta["outlier_threshold"] = opts["threshold"]
     qt.meta["outlier_source"] = source
-    qt.validate()
-    result.qtensors["weight"] = qt
     return result

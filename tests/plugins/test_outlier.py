@@ -250,3 +250,33 @@ def test_int4_keeps_each_layers_salient_columns_in_float(data):
     # without int4=true, --outlier leaves int4-group layers alone (the int8 W8A8 decomposition)
     with pytest.raises(UsageError, match="with int4=true to int4-group ones"):
         engine.plan(model, scheme="int4-group", plugin_options=OUTLIER)
+
+
+@pytest.mark.slow  # GPTQ on 12 layers, seconds: run by .ci/run's slow set
+def test_gptq_solves_around_the_float_columns(data):
+    """With gptq the float columns are honoured by the solver (``entry.options
+    ["float_columns"]``: zero weights whose error nothing compensates), not re-quantized
+    round-to-nearest afterwards: both gains add up."""
+    calib, test = data
+    engine = Engine()
+    model = activation_transformer(outliers=True)
+    with torch.no_grad():
+        ref = torch.cat([model(x) for x in test])
+    db = {}
+    for name, opts in (("outlier", {"outlier": {"int4": True}}),
+                       ("both", {"outlier": {"int4": True}, "gptq": {}})):  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q, _ = engine.quantize(
+                activation_transformer(outliers=True),
+                scheme="int4-group",
+                calibration=calib,
+                plugin_options=opts,
+                progress=False,
+            )
+        with torch.no_grad():
+            db[name] = sqnr_db(ref, torch.cat([q(x) for x in test]))
+        qt = q.blocks[0].attn.q_proj.qtensor()
+        assert qt.extra["float_cols"].tolist() == [7, 123, 301]
+        assert ("gptq" in qt.meta) == (name == "both")
+    assert db["both"] >= db["outlier"] + 3.0, db
