@@ -395,7 +395,10 @@ def monoquant_quantize_weights(entry: PlanEntry, module: nn.Module, run: Run) ->
     firstresult: the first implementation that returns a non-None value wins. The core
     plugin is the ``trylast`` default (observe -> quantize every weight the entry's replacer
     names). Use ``wrapper=True`` to change the default's result (``result = yield``: add
-    extras to a QTensor, replace one weight's QTensor).
+    extras to a QTensor, replace one weight's QTensor). A wrapper may set
+    ``entry.options["float_columns"]`` before its ``yield`` (input columns of the ``weight``
+    to keep in float16); an implementation that quantizes a weight itself must honour it
+    (``monoquant_core.qtensor.float_columns`` / ``without_columns`` / ``attach_float_columns``).
 
     Only the weights are produced here: the core then builds the replacement module once, with
     the entry's replacer and backend, stamps each QTensor's provenance (producing plugin,
