@@ -53,6 +53,7 @@ def output_sqnr(data):
     return run
 
 
+@pytest.mark.slow  # numeric, 6 s of calibration runs: run by .ci/run's slow set
 def test_histogram_beats_minmax_by_1db_on_heavy_tailed_activations(output_sqnr):
     mm, _ = output_sqnr(False, "minmax")
     hist, _ = output_sqnr(False, "histogram")
@@ -60,6 +61,7 @@ def test_histogram_beats_minmax_by_1db_on_heavy_tailed_activations(output_sqnr):
     assert mm >= 38.0, f"static minmax output SQNR is {mm:.2f} dB"
 
 
+@pytest.mark.slow  # numeric, 6 s of calibration runs: run by .ci/run's slow set
 def test_histogram_never_collapses_a_layer_with_outlier_channels(output_sqnr, data):
     _, test = data
     inputs = {}

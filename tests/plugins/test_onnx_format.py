@@ -14,6 +14,10 @@ ort = pytest.importorskip("onnxruntime", reason="needs the onnx extra (onnxrunti
 onnx = pytest.importorskip("onnx", reason="needs the onnx extra (onnx)")
 pytest.importorskip("onnxscript", reason="needs the onnx extra (onnxscript)")
 
+# torch.onnx's exporter takes about 30 s to load and trace on its first use, and every test
+# here exports: the module runs in .ci/run's slow set (python -m pytest -m slow)
+pytestmark = pytest.mark.slow
+
 
 class Net(nn.Module):
     def __init__(self) -> None:

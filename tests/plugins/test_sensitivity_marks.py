@@ -62,6 +62,7 @@ def test_a_marked_candidate_is_measured_as_quantize_makes_it():
     assert marked["output_sqnr_db"] >= plain["output_sqnr_db"] + 3.0
 
 
+@pytest.mark.slow  # a whole allocation and two quantize runs, 6 s: .ci/run's slow set
 def test_allocation_saves_the_marks_and_its_rules_reproduce_it(tmp_path):
     data = activation_batches(4, seed=1)
     engine = Engine()

@@ -38,6 +38,7 @@ def _targets(model, names):
     return {n: [model.get_submodule(n).weight] for n in names}
 
 
+@pytest.mark.slow  # numeric, 7 s of full passes: run by .ci/run's slow set
 def test_the_numbers_equal_full_forward_passes_on_a_transformer():
     cands = parse_candidates(["int4-g32"])
     data = [demo_inputs(seed=s)[:, :16] for s in range(2)]
