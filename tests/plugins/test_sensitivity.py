@@ -188,7 +188,8 @@ def test_a_budget_in_a_quantize_run(tmp_path):
 def test_budget_beats_uniform_schemes_of_the_same_size_and_saves_rules(tmp_path):
     """End to end on the demo model with calibration data: the allocation stays within the
     budget, its output SQNR on other inputs is at least the uniform scheme's of the same
-    bits, and the saved rules reproduce the same quantized weights without the pass."""
+    bits, and the saved rules reproduce the same quantized weights without the pass (with the
+    same calibration data)."""
     from monoquant_core.demo import demo_inputs, demo_model
 
     data = [demo_inputs(seed=s) for s in range(2)]
@@ -220,12 +221,17 @@ def test_budget_beats_uniform_schemes_of_the_same_size_and_saves_rules(tmp_path)
     assert len(notes) == 25 and "size-weighted weight-noise SQNR" in notes[0]  # no data: weights
     saved = json.loads(rules.read_text())
     assert {r["scheme"] for r in saved} <= {"int8", "int4-group"} and len(saved) == 25
-    again, _ = engine.quantize(demo_model().eval(), scheme="int4-group", rules=saved)
+    # the same calibration data: a layer given a +outlier candidate picks its float columns
+    # from it (without data the outlier plugin falls back to its weight criterion)
+    again, _ = engine.quantize(demo_model().eval(), scheme="int4-group", rules=saved,
+                               calibration=data)  # fmt: skip
     for (n1, m1), (n2, m2) in zip(q.named_modules(), again.named_modules(), strict=True):
         if hasattr(m1, "qtensors"):
             assert n1 == n2
             for p, qt in m1.qtensors().items():
-                assert torch.equal(qt.qdata, m2.qtensor(p).qdata), n1
+                other = m2.qtensor(p).tensors()
+                assert qt.tensors().keys() == other.keys(), n1
+                assert all(torch.equal(t, other[k]) for k, t in qt.tensors().items()), n1
 
 
 @pytest.mark.slow  # numeric, seconds: run by .ci/run's slow set
