@@ -17,9 +17,7 @@ Each kernel takes the input as ``[M, K]`` and a :class:`Prepared` weight and ret
 
 from __future__ import annotations
 
-import functools
 import threading
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from monoquant_core.activations import fake_quantize_static
+
+from .fbgemm_probe import fbgemm_reduce_range
 
 __all__ = [
     "CROSSOVER",
@@ -216,35 +216,6 @@ def gemm_into(out: torch.Tensor, i: int, j: int, x: torch.Tensor, block: torch.T
 #: 4096 rows of a MiniLM-sized layer one call was 1.0-3.5x slower than 512-row chunks
 #: (``bench/kernels.py --chunks``).
 CHUNK_ROWS = 512
-
-
-@functools.cache
-def fbgemm_reduce_range() -> bool:
-    """True where fbgemm's dynamic int8 linear saturates with 8-bit activation codes, so it
-    must run with 7-bit ones (``reduce_range=True``, torch.ao's x86 default).
-
-    Without VNNI (AVX2 CPUs), fbgemm multiplies uint8 activations by int8 weights with
-    ``vpmaddubsw``, which adds each pair of products into a saturating int16: two products of
-    255 x 127 overflow it, and the result is wrong by up to the whole output (relative error
-    0.03-0.08 against the reference on random layers). With codes 0..127 no pair can
-    overflow, at about 1.5x the activations' rounding error (relative error 0.014-0.018
-    against the 8-bit per-token reference). Probed once per process: codes 255 against
-    weights 127 on every input, compared with the exact product."""
-    k = 64
-    with warnings.catch_warnings():  # torch deprecates qint8 tensors; the ops stay for now
-        warnings.simplefilter("ignore", UserWarning)
-        try:
-            wq = torch.full((8, k), 127, dtype=torch.int8)
-            scale = torch.full((8,), 1 / 127, dtype=torch.float64)
-            qw = torch._make_per_channel_quantized_tensor(wq, scale, torch.zeros(8).long(), 0)
-            packed = torch.ops.quantized.linear_prepack(qw, None)
-            x = torch.ones(1, k)
-            x[0, 0] = -1.0  # range [-1, 1]: every other input quantizes to code 255
-            got = torch.ops.quantized.linear_dynamic(x, packed, False)
-        except (AttributeError, RuntimeError):  # no fbgemm ops: nothing runs on them
-            return False
-    exact = float(x.sum())
-    return not bool(torch.allclose(got, torch.full_like(got, exact), rtol=0.02, atol=0.05))
 
 
 def int8_dynamic(x: torch.Tensor, p: Prepared) -> torch.Tensor:

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from monoquant_plugins.backends.cpu_kernels import fbgemm_reduce_range
+from monoquant_plugins.backends.fbgemm_probe import fbgemm_reduce_range
 
 from monoquant_core import Engine, FormatError, sqnr_db
 from monoquant_core.activations import fake_quantize_static

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from monoquant_plugins.backends.cpu_kernels import fbgemm_reduce_range
+from monoquant_plugins.backends.fbgemm_probe import fbgemm_reduce_range
 from monoquant_plugins.safetensors_format import MonoQuantReader
 
 from monoquant_core import Engine, UsageError, sqnr_db

@@ -8,8 +8,8 @@ import pytest
 import torch
 from monoquant_plugins.backends import bf16_gemm
 from monoquant_plugins.backends.bf16_gemm import bf16_gemm_library
-from monoquant_plugins.backends.cpu_kernels import fbgemm_reduce_range
 from monoquant_plugins.backends.dequant import dequant_library
+from monoquant_plugins.backends.fbgemm_probe import fbgemm_reduce_range
 from monoquant_plugins.backends.gemv import gemv_library
 from monoquant_plugins.backends.int4_gemv import int4_gemv_library
 from monoquant_plugins.backends.torch_cpu import DESCRIPTIONS
