@@ -17,11 +17,11 @@ def fbgemm_reduce_range() -> bool:
 
     Without VNNI (AVX2 CPUs), fbgemm multiplies uint8 activations by int8 weights with
     ``vpmaddubsw``, which adds each pair of products into a saturating int16: two products of
-    255 x 127 overflow it, and the result is wrong by up to the whole output (relative error
-    0.03-0.08 against the reference on random layers). With codes 0..127 no pair can
-    overflow, at about 1.5x the activations' rounding error (relative error 0.014-0.018
-    against the 8-bit per-token reference). Probed once per process: codes 255 against
-    weights 127 on every input, compared with the exact product."""
+    255 x 127 overflow it (tests/plugins/test_torch_cpu.py saw a relative error of 0.077
+    against the reference on an AVX2 CPU). With codes 0..127 no pair can overflow, at up to
+    twice the activations' rounding step (within the tests' 3e-2 bound there). Probed once
+    per process: codes 255 against weights 127 on every input, compared with the exact
+    product."""
     k = 64
     with warnings.catch_warnings():  # torch deprecates qint8 tensors; the ops stay for now
         warnings.simplefilter("ignore", UserWarning)
