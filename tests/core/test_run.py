@@ -112,3 +112,41 @@ def test_quantize_entry_weights_and_choose_backend(engine):
         assert name == entry.backend == "torch-cpu" and notes == []
         assert run.choose_backend(info, "reference") == ("reference", [])
     assert isinstance(run, Run)
+
+
+def test_trial_entries_calibrate_and_quantize_with_only_the_named_plugins():
+    """run.calibrate feeds only the named plugins' collectors; run.call(..., only_plugins)
+    runs only those plugins' quantize hooks (the core's default is the plugin ``core``)."""
+    seen = []
+
+    class Counter:
+        rows = 0
+
+        def update(self, x):
+            self.rows += x.shape[0]
+
+    class Spy:
+        monoquant_plugin_name = "spy"
+
+        @hookimpl
+        def monoquant_collectors(self, entry):
+            return {"spy.rows": Counter()}
+
+        @hookimpl(wrapper=True)
+        def monoquant_quantize_weights(self, entry):
+            seen.append(entry.name)
+            return (yield)
+
+    engine = Engine(plugins=[Spy()])
+    model = mlp()
+    trials = engine.plan(model, scheme="int8").selected
+    with engine.run(engine.configure()) as run:
+        run.calibrate(model, trials, [torch.randn(5, 32)], only_plugins=("outlier",))
+        assert all(t.collected == {} and t.calibration_rows == 5 for t in trials)
+        run.calibrate(model, trials, [torch.randn(5, 32)], only_plugins=("spy",))
+        assert trials[0].collected["spy.rows"].rows == 5
+        layer = model.get_submodule(trials[0].name)
+        res = run.call("monoquant_quantize_weights", ("core",), entry=trials[0], module=layer)
+        assert res.qtensors["weight"].scheme == "int8" and seen == []
+        run.call("monoquant_quantize_weights", ("core", "spy"), entry=trials[0], module=layer)
+        assert seen == [trials[0].name]
