@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-__all__ = ["fbgemm_reduce_range"]
+__all__ = ["fbgemm_reduce_range", "saturation_note"]
 
 
 @functools.cache
@@ -37,3 +37,16 @@ def fbgemm_reduce_range() -> bool:
             return False
     exact = float(x.sum())
     return not bool(torch.allclose(got, torch.full_like(got, exact), rtol=0.02, atol=0.05))
+
+
+#: what fbgemm's int8 kernels do instead where their 8-bit input codes saturate
+_SATURATED = {
+    "int8-dynamic": " (7-bit input codes: 8-bit ones saturate fbgemm on this CPU)",
+    "int8-dynamic-tensor": " (7-bit input codes: 8-bit ones saturate fbgemm on this CPU)",
+    "int8-static": " (probed at prepare time; fbgemm saturates on this CPU: reference numerics)",
+}
+
+
+def saturation_note(kind: str) -> str:
+    """What a kernel's description adds on a CPU where fbgemm saturates (else "")."""
+    return _SATURATED.get(kind, "") if fbgemm_reduce_range() else ""

@@ -45,6 +45,7 @@ from . import bf16_gemm, cpu_kernels, dequant, gemv, int4_gemv
 from .bf16_gemm import bf16_gemm_library
 from .cpu_kernels import Prepared, crossover, expected_speedup, scratch
 from .dequant import dequant_library
+from .fbgemm_probe import saturation_note
 from .gemv import gemv_library
 from .int4_gemv import int4_gemv_library
 
@@ -226,6 +227,7 @@ class TorchCpuBackend(Backend):
         for i, (first, name) in enumerate(sched):
             last = sched[i + 1][0] - 1 if i + 1 < len(sched) else None
             desc = DESCRIPTIONS.get(name, name).format(compute=str(_compute())[6:])
+            desc += saturation_note(name)
             out.append(Kernel(desc, first, last))
         return tuple(out)
 

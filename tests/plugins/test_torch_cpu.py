@@ -282,3 +282,12 @@ def test_fp16_weights_of_a_bf16_model_run_as_its_own_bf16_linear():
     q, _ = Engine().quantize(nn.Sequential(biased), scheme="fp16")
     with torch.no_grad():
         assert torch.equal(q(x3), want)  # bias fused as in nn.Linear, leading dims kept
+
+
+def test_the_plan_says_where_fbgemm_runs_7_bit_input_codes():
+    """On a CPU where fbgemm's 8-bit input codes saturate (AVX2 without VNNI) the W8A8 kernel
+    note says it runs 7-bit codes; elsewhere the note is the kernel's own."""
+    opts = {"activations": "dynamic"}
+    plan = Engine().plan(nn.Sequential(nn.Linear(256, 96)), scheme="int8", scheme_options=opts)
+    notes = plan.get("0").kernels
+    assert any("7-bit input codes" in k for k in notes) == fbgemm_reduce_range(), notes
