@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,8 +25,10 @@ from .metrics import all_finite
 from .options import config_to_dict
 from .plan import Plan, PlanEntry
 from .progress import Progress
-from .run import Run
 from .selection import check_entry
+
+if TYPE_CHECKING:  # pragma: no cover  (annotations only: Run builds on this module)
+    from .run import Run
 
 __all__ = [
     "CalibrationSummary",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import CapabilityError, MonoQuantError, UsageError
-from .options import PluginOptions, config_to_dict, did_you_mean, parse_options
+from .options import PluginOptions, config_to_dict, did_you_mean, parse_options, plugin_mark
 from .registry import Registries, Registry, safe_available
 from .rules import Rule, parse_rules
 
@@ -232,25 +232,12 @@ def _check_rules(registries: Registries, rules: tuple[Rule, ...]) -> tuple[Rule,
                 parse_options(obs.config_class, rule.observer_options, f"observer {name!r}")
             if rule.backend:
                 registries.backends.get(rule.backend)
-            marks = {name: _plugin_mark(registries, name, opts)
+            marks = {name: plugin_mark(registries.options, name, opts, "")
                      for name, opts in rule.plugins.items()}  # fmt: skip
         except MonoQuantError as e:
             raise type(e)(f"rule {rule.describe()!r}: {e.problem}", e.fix) from None
         checked.append(dataclasses.replace(rule, plugins=marks) if marks else rule)
     return tuple(checked)
-
-
-def _plugin_mark(registries: Registries, name: str, opts: Mapping[str, Any]) -> dict[str, Any]:
-    """A rule's ``+PLUGIN`` mark: the plugin's options validated, defaults filled in (without
-    ``enable`` and ``version``): what ``entry.options[PLUGIN]`` holds."""
-    if name not in registries.options:
-        raise UsageError(
-            f"+{name} names no plugin that takes options "
-            f"({', '.join(registries.options.names()) or 'none installed'})",
-            f"{did_you_mean(name, registries.options.names())}check the plugin name",
-        )
-    parsed = parse_options(registries.options.get(name), opts, f"plugin {name!r}")
-    return {k: v for k, v in config_to_dict(parsed).items() if k not in ("enable", "version")}
 
 
 def _patterns(p: Iterable[str] | str) -> tuple[str, ...]:

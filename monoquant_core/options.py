@@ -26,6 +26,7 @@ __all__ = [
     "config_to_dict",
     "did_you_mean",
     "parse_options",
+    "plugin_mark",
     "split_key_values",
 ]
 
@@ -115,6 +116,21 @@ def parse_options(cls: type, options: Mapping[str, Any] | None, owner: str) -> A
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+
+
+def plugin_mark(known: Any, name: str, options: Mapping[str, Any] | None, where: str) -> dict:
+    """A ``+PLUGIN`` mark (a rule's, a sensitivity candidate's): ``options`` validated by the
+    plugin's registered options class, defaults filled in, without ``enable`` and ``version``:
+    what ``entry.options[name]`` holds. ``known``: the registry of plugin options classes
+    (``run.registries.options``); ``where`` starts the error of an unknown plugin."""
+    if name not in known:
+        raise UsageError(
+            f"{where}+{name} names no plugin that takes options "
+            f"({', '.join(known.names()) or 'none installed'})",
+            f"{did_you_mean(name, known.names())}mark a plugin that acts per module, e.g. +outlier",
+        )
+    parsed = parse_options(known.get(name), options, f"plugin {name!r}")
+    return {k: v for k, v in config_to_dict(parsed).items() if k not in ("enable", "version")}
 
 
 def _convert(raw: Any, hint: Any, what: str) -> Any:

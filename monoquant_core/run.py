@@ -17,6 +17,7 @@ import pluggy
 import torch
 from torch import nn
 
+from .batches import iter_batches, model_device
 from .components import WeightInfo
 from .config import Config, entry_configs
 from .errors import PluginError
@@ -123,9 +124,9 @@ class Run(ComponentAccess):
         another scheme) as ``quantize`` would: ``run.calibrate(model, trials, data, names)``,
         then ``run.call("monoquant_quantize_weights", entry=trial, module=module,
         only_plugins=("core", *names))``. The model is left as it was."""
-        # deferred: calibration builds on Run (it takes one), so it cannot be imported above
-        from .batches import iter_batches, model_device  # deferred: with the one above
-        from .calibration import run_calibration
+        # calibration is a job (layer 6) above the run context (layer 5), which only hands
+        # plugins this entry point into it
+        from .calibration import run_calibration  # deferred: a job, one layer up
 
         batches = iter_batches(data, model_device(model))
         run_calibration(self, model, entries, batches, progress=False, warn=False,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -39,7 +40,9 @@ from .errors import CapabilityError, UsageError
 from .plan import Plan, PlanEntry
 from .registry import Registries
 from .rules import Rule
-from .run import Run
+
+if TYPE_CHECKING:  # pragma: no cover  (annotations only: Run builds on this module)
+    from .run import Run
 
 __all__ = [
     "add_notes",

@@ -27,7 +27,7 @@ from torch import nn
 from monoquant_core import Engine, MonoQuantError, UsageError
 from monoquant_core.batches import iter_batches
 from monoquant_core.metrics import sqnr_db
-from monoquant_core.options import config_to_dict, parse_options
+from monoquant_core.options import plugin_mark
 from monoquant_core.tables import format_table
 
 from .sensitivity_replay import Replay
@@ -232,21 +232,12 @@ def configs(ctx: Any, candidates: list[Candidate] | None) -> tuple[list[Candidat
             observer,
             ctx.scheme_config(c.scheme, c.options),
             ctx.observers.get(observer).config_class(),
-            {name: _mark(ctx, c.label, name, opts) for name, opts in c.marks.items()},
+            {
+                name: plugin_mark(ctx.registries.options, name, opts, f"candidate {c.label!r}: ")
+                for name, opts in c.marks.items()
+            },
         )
     return cands, configs
-
-
-def _mark(ctx: Any, label: str, name: str, opts: dict[str, Any]) -> dict[str, Any]:
-    known = ctx.registries.options
-    if name not in known:
-        raise UsageError(
-            f"candidate {label!r}: +{name} names no plugin that takes options "
-            f"({', '.join(known.names()) or 'none installed'})",
-            "mark a plugin that acts per module, e.g. +outlier",
-        )
-    parsed = parse_options(known.get(name), opts, f"candidate {label!r}: plugin {name!r}")
-    return {k: v for k, v in config_to_dict(parsed).items() if k not in ("enable", "version")}
 
 
 class Quantizer:
