@@ -18,7 +18,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from monoquant_plugins.backends import torch_cpu
+from monoquant_plugins.backends import cpu_schedule, torch_cpu
 from torch import nn
 
 from monoquant_core import Engine
@@ -52,13 +52,13 @@ def _pool(label: str, q: nn.Module) -> list[nn.Module]:
     pool = pool_of(q, weight_bytes(q))
     if label in _TORCH_PATHS:
         attr, kind = _TORCH_PATHS[label]
-        saved = getattr(torch_cpu, attr)
-        setattr(torch_cpu, attr, lambda: None)
+        saved = getattr(cpu_schedule, attr)
+        setattr(cpu_schedule, attr, lambda: None)
         try:
             for m in pool:
                 m[0].prepare()
         finally:
-            setattr(torch_cpu, attr, saved)
+            setattr(cpu_schedule, attr, saved)
         assert all(m[0].prepared().pick(1) == kind for m in pool)
     return pool
 
@@ -110,7 +110,7 @@ def crossover_table() -> str:
             pairs = [(gemv, gemm)]
             ts = p.tensors
             if gemv == "int8-gemv-c":  # torch's kernels on the same codes
-                ts["s_bf16"], ts["compute"] = ts["s"].to(torch.bfloat16), torch_cpu._compute()
+                ts["s_bf16"], ts["compute"] = ts["s"].to(torch.bfloat16), cpu_schedule.compute()
                 ts["s_compute"] = ts["s"].to(ts["compute"])
                 pairs.append(("int8-weight", "int8-gemm"))
             if gemv == "int4-gemv-c":  # torch's int4 kernel on the same codes: both pairs

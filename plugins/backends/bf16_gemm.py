@@ -41,7 +41,7 @@ BF16_GEMM = NativeLibrary(
     "bf16_gemm_kernels.c",
     ("avx512f", "avx512bw", "avx512_bf16"),
     ("-mavx512f", "-mavx512bw", "-mavx512bf16"),
-    2,
+    3,
     {
         "mq_int8_gemm_bf16": ([_P, _I, _I, _P, _I, _P, _P, _P, _C, _C], ctypes.c_int),
         "mq_int4_gemm_bf16": ([_P, _I, _I, _P, _I, _I, _P, _P, _C, _P, _P, _C, _C], ctypes.c_int),
@@ -50,7 +50,9 @@ BF16_GEMM = NativeLibrary(
             [_P, _I, _I, _P, _I, _I, _P, _P, _C, _P, _P, _P, _C, _C],
             ctypes.c_int,
         ),
+        "mq_bf16_fp32_rate": ([_I], ctypes.c_double),
     },
+    headers=("avx512_transpose.h",),
 )
 
 

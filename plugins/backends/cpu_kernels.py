@@ -52,6 +52,9 @@ __all__ = [
 #: shapes and 24-96 on 2048-11008 wide ones, the two within 20% over M = 24-64; 32 there because
 #: on the cold 4096x4096 weight of ``bench/kernels.py --quick`` they were level at M = 32 with
 #: float32 inputs, the GEMV 5% behind with bfloat16 ones and further behind at g32).
+#: ``int8-f32`` / ``int4-f32``: the C GEMVs against our float32 GEMM (:mod:`.f32_gemm`), one
+#: run of ``--crossover`` on an Intel Xeon with AVX512-BF16 and no AMX, 2026-12-02: the GEMM
+#: ahead from M = 8-16 on MiniLM-sized and 2048x2048 weights and from 24 on 4096-wide ones.
 #: ``MONOQUANT_TORCH_CPU_CROSSOVER`` (``int8=32,int4=96``) overrides them for every size
 #: (``int8`` / ``int4`` for both paths of the scheme).
 CROSSOVER: dict[str, tuple[tuple[int | None, int], ...]] = {
@@ -60,6 +63,8 @@ CROSSOVER: dict[str, tuple[tuple[int | None, int], ...]] = {
     "int4": ((1 << 20, 160), (None, 96)),
     "int4-c": ((1 << 18, 48), (None, 32)),
     "int4-gemv-c": ((1 << 18, 48), (None, 32)),
+    "int8-f32": ((1 << 23, 16), (None, 24)),
+    "int4-f32": ((1 << 23, 16), (None, 24)),
 }
 
 #: Speed of each kernel against a float ``nn.Linear`` in the input's dtype, by input rows
@@ -102,6 +107,16 @@ SPEEDUP: dict[str, dict[torch.dtype, tuple[tuple[int | None, float], ...]]] = {
     "int4-gemm": {torch.float32: ((None, 1.5),), torch.bfloat16: ((None, 0.6),)},
     "int4-gemm-c": {torch.float32: ((None, 2.3),), torch.bfloat16: ((128, 0.8), (None, 0.95))},
     "fp16": {torch.float32: ((None, 2.0),), torch.bfloat16: ((1, 1.9), (8, 1.1), (None, 0.5))},
+    # our float32 GEMMs, which run where bfloat16 dot products are not faster than float32
+    # FMAs: bench/kernels.py --threads 1 --quick on an Intel Xeon with AVX512-BF16 and no AMX,
+    # 2026-12-02 (int8 1.3x / 1.1x fp32 at M = 32 / 128, int4 g32-g128 1.2-1.7x / 1.0x; 1.5-1.8x
+    # a bf16 nn.Linear, whose bfloat16 GEMM is slow there)
+    "int8-gemm-f32": {torch.float32: ((64, 1.2), (None, 1.0)), torch.bfloat16: ((None, 1.4),)},
+    "int4-gemm-f32": {torch.float32: ((64, 1.1), (None, 1.0)), torch.bfloat16: ((None, 1.4),)},
+    "fp16-gemm-f32": {
+        torch.float32: ((1, 1.0), (8, 2.0), (64, 1.2), (None, 1.0)),
+        torch.bfloat16: ((None, 1.3),),
+    },
     "bf16": {torch.float32: ((None, 1.2),), torch.bfloat16: ((None, 1.0),)},
 }
 

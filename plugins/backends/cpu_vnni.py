@@ -29,9 +29,9 @@ import torch
 from monoquant_core import Backend, Capabilities, Kernel, hookimpl
 from monoquant_core.qtensor import QTensor
 
-from . import bf16_gemm, cpu_kernels
+from . import bf16_gemm, cpu_kernels, cpu_schedule
 from .cpu_kernels import MIN_GEMM_ROWS, gemm_into, rows_per_block, scratch
-from .dequant import dequant_library
+from .dequant import dequant_library as _dequant_library
 from .native import NativeLibrary, find_compiler
 
 __all__ = ["ISA_FLAGS", "LIBRARY", "CpuVnniBackend", "find_compiler", "library", "pack_chunks"]
@@ -236,8 +236,18 @@ def _vnni(lib, x: torch.Tensor, p: Prepared) -> torch.Tensor:
 
 
 def _own(n: int, k: int, gs: int | None) -> bool:
-    """torch-cpu's AVX512-BF16 GEMM runs here and takes this shape."""
-    return bf16_gemm.fits_int4(n, k, gs) and bf16_gemm.bf16_gemm_library() is not None
+    """torch-cpu's AVX512-BF16 GEMM runs here, is the many-row GEMM torch-cpu picks (bfloat16
+    dot products faster than float32 FMAs) and takes this shape."""
+    return bf16_gemm.fits_int4(n, k, gs) and cpu_schedule.own_gemm() == "bf16"
+
+
+def dequant_library():
+    """The C conversion library of the bfloat16 GEMM paths, where those paths run: the CPU
+    computes in bfloat16 faster than in float32 (:func:`.cpu_schedule.compute`). Elsewhere
+    (an Intel Xeon with AVX512-BF16 and no AMX) bfloat16 inputs stay on the VNNI kernel."""
+    if cpu_schedule.compute() != torch.bfloat16:
+        return None
+    return _dequant_library()
 
 
 def _own_gemm(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Tensor:

@@ -62,7 +62,8 @@ class NativeLibrary:
 
     ``signatures``: ``{function: (argtypes, restype)}`` set on the loaded library; the source
     exports ``int mq_abi_version(void)`` returning ``abi``, checked on load so a stale cached
-    build is never called with a new signature.
+    build is never called with a new signature. ``headers``: the files next to the source that
+    it includes, hashed with it into the cache key (a changed header rebuilds).
     """
 
     def __init__(
@@ -73,8 +74,10 @@ class NativeLibrary:
         isa: tuple[str, ...],
         abi: int,
         signatures: dict[str, tuple[list, object]],
+        headers: tuple[str, ...] = (),
     ) -> None:
         self.name, self.source = name, HERE / source
+        self.headers = tuple(HERE / h for h in headers)
         self.cpu, self.isa, self.abi = cpu, isa, abi
         self.signatures = signatures
         self._lock = threading.Lock()
@@ -128,12 +131,10 @@ class NativeLibrary:
         except (OSError, subprocess.SubprocessError) as e:
             return None, f"{cc} --version failed: {e}"
         try:
-            source = self.source.read_bytes()
-        except OSError:
-            return (
-                None,
-                f"the kernel source {self.source.name} is missing from the installed package",
-            )
+            source = b"".join(p.read_bytes() for p in (self.source, *self.headers))
+        except OSError as e:
+            missing = Path(e.filename).name if e.filename else self.source.name
+            return None, f"the kernel source {missing} is missing from the installed package"
         key = hashlib.sha256(source + f"{cc}|{cc_id}|{self.isa}|{sys.platform}".encode())
         errors = []
         for openmp in (True, False):

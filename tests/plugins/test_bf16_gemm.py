@@ -12,11 +12,21 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from monoquant_plugins.backends import bf16_gemm, cpu_kernels, torch_cpu
+from monoquant_plugins.backends import bf16_gemm, cpu_kernels, cpu_schedule
 from torch import nn
 
 from monoquant_core import Engine
 from tests.helpers import fast_and_reference, rel_err, with_1_and_2_threads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _bf16_gemms():
+    """This file tests the bfloat16 GEMM paths: chosen as on CPUs whose bfloat16 dot products
+    beat their float32 FMAs (test_f32_gemm.py tests the float32 ones)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MONOQUANT_CPU_GEMM", "bf16")
+        yield
+
 
 LIB, REASON = bf16_gemm.BF16_GEMM.library()
 ENGINE = Engine()
@@ -66,7 +76,7 @@ def test_one_and_two_threads_give_the_same_bits():
 @needs_lib
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_layer_runs_it_from_the_crossover_on_and_matches_reference(dtype, monkeypatch):
-    monkeypatch.setattr(torch_cpu, "has_bf16_compute", lambda: True)
+    monkeypatch.setattr(cpu_schedule, "has_bf16_compute", lambda: True)
     fast, ref = fast_and_reference(128, 256, "int8", {})
     p = fast[0].prepared()
     first = p.kernels[1][0]
@@ -79,13 +89,14 @@ def test_the_layer_runs_it_from_the_crossover_on_and_matches_reference(dtype, mo
     plan = Engine().plan(nn.Sequential(nn.Linear(256, 128)), scheme="int8")
     last = bf16_gemm.last_rows(256)  # then the conversion path: the input no longer in cache
     desc = bf16_gemm.DESCRIPTIONS["int8-gemm-bf16"]
-    assert plan.get("0").kernels[1] == f"M {first}-{last}: {desc}"
+    # then why: the measured rates of bfloat16 dot products and float32 FMAs
+    assert plan.get("0").kernels[1].startswith(f"M {first}-{last}: {desc} (bf16 dot products: ")
     assert p.pick(last) == "int8-gemm-bf16" and p.pick(last + 1) == "int8-gemm-c"
 
 
 @pytest.mark.parametrize("shape", [(96, 256), (128, 200), (128, 32)])
 def test_shapes_it_does_not_take_run_the_other_gemm(shape, monkeypatch):
-    monkeypatch.setattr(torch_cpu, "has_bf16_compute", lambda: True)
+    monkeypatch.setattr(cpu_schedule, "has_bf16_compute", lambda: True)
     n, k = shape
     assert not bf16_gemm.fits(n, k)
     fast, ref = fast_and_reference(n, k, "int8", {})
@@ -97,7 +108,8 @@ def test_shapes_it_does_not_take_run_the_other_gemm(shape, monkeypatch):
 
 
 def test_without_the_library_the_other_gemm_runs(monkeypatch):
-    monkeypatch.setattr(torch_cpu, "bf16_gemm_library", lambda: None)
+    monkeypatch.setattr(cpu_schedule, "bf16_gemm_library", lambda: None)
+    monkeypatch.setattr(cpu_schedule, "f32_gemm_library", lambda: None)
     fast, _ = fast_and_reference(128, 256, "int8", {})
     assert "int8-gemm-bf16" not in {name for _, name in fast[0].prepared().kernels}
 
@@ -156,7 +168,7 @@ def test_int4_one_and_two_threads_give_the_same_bits():
 @needs_lib
 @pytest.mark.parametrize("opts", [{}, {"group_size": 32, "symmetric": True}])
 def test_int4_layers_run_it_from_the_crossover_on(opts, monkeypatch):
-    monkeypatch.setattr(torch_cpu, "has_bf16_compute", lambda: True)
+    monkeypatch.setattr(cpu_schedule, "has_bf16_compute", lambda: True)
     fast, ref = fast_and_reference(128, 256, "int4-group", opts)
     p = fast[0].prepared()
     first = p.kernels[1][0]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from monoquant_plugins.backends import cpu_kernels, cpu_vnni, dequant, gemv, torch_cpu
+from monoquant_plugins.backends import cpu_kernels, cpu_schedule, cpu_vnni, dequant, gemv, torch_cpu
 from torch import nn
 
 from monoquant_core import Engine
@@ -23,6 +23,16 @@ from tests.helpers import (
     rel_err,
     with_1_and_2_threads,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _bf16_gemms():
+    """This file tests the bfloat16 GEMM paths: chosen as on CPUs whose bfloat16 dot products
+    beat their float32 FMAs (test_f32_gemm.py tests the float32 ones)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MONOQUANT_CPU_GEMM", "bf16")
+        yield
+
 
 LIB, REASON = dequant.DEQUANT.library()
 needs_lib = pytest.mark.skipif(LIB is None, reason=f"C dequant kernels: {REASON}")
@@ -61,7 +71,8 @@ def test_int4_rows_equal_the_dequantized_weight_in_bf16(n, groups, gs, symmetric
     layer = _int4_layer(n, k, gs, symmetric, seed=n + groups)
     qt = layer.qtensor("weight")
     with pytest.MonkeyPatch.context() as mp:  # the conversion path, not the bf16 GEMM
-        mp.setattr(torch_cpu, "bf16_gemm_library", lambda: None)
+        mp.setattr(cpu_schedule, "bf16_gemm_library", lambda: None)
+        mp.setattr(cpu_schedule, "f32_gemm_library", lambda: None)
         t = torch_cpu.TorchCpuBackend().prepare(qt, None).tensors
     out = torch.empty(n, k, dtype=torch.bfloat16)
     LIB.mq_int4_rows_bf16(
@@ -131,10 +142,10 @@ def test_row_scaling_rounds_like_torch(m, n):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("opts", [{"group_size": 32}, {"group_size": 128, "symmetric": True}])
 def test_torch_cpu_int4_runs_the_c_path_above_its_crossover(dtype, opts, monkeypatch):
-    monkeypatch.setattr(torch_cpu, "_compute", lambda: torch.bfloat16)
+    monkeypatch.setattr(cpu_schedule, "compute", lambda: torch.bfloat16)
     fast, ref = fast_and_reference(80, 256, "int4-group", opts)
     p = fast[0].prepared()
-    c_gemv = torch_cpu.int4_gemv_library() is not None  # the C GEMV for few rows (AVX-512)
+    c_gemv = cpu_schedule.int4_gemv_library() is not None  # the C GEMV for few rows (AVX-512)
     first = cpu_kernels.crossover("int4-gemv-c" if c_gemv else "int4-c", 80, 256)
     small = "int4-gemv-c" if c_gemv else "int4"
     assert p.pick(first - 1) == small and p.pick(first) == "int4-gemm-c"
@@ -150,9 +161,10 @@ def test_torch_cpu_int4_runs_the_c_path_above_its_crossover(dtype, opts, monkeyp
 
 
 def test_without_the_library_int4_runs_the_torch_op_path(monkeypatch):
-    monkeypatch.setattr(torch_cpu, "dequant_library", lambda: None)
-    monkeypatch.setattr(torch_cpu, "int4_gemv_library", lambda: None)  # built from the same ISA
-    monkeypatch.setattr(torch_cpu, "bf16_gemm_library", lambda: None)
+    monkeypatch.setattr(cpu_schedule, "dequant_library", lambda: None)
+    monkeypatch.setattr(cpu_schedule, "int4_gemv_library", lambda: None)  # built from the same ISA
+    monkeypatch.setattr(cpu_schedule, "bf16_gemm_library", lambda: None)
+    monkeypatch.setattr(cpu_schedule, "f32_gemm_library", lambda: None)
     monkeypatch.setattr(cpu_vnni, "dequant_library", lambda: None)
     plan = Engine().plan(nn.Sequential(nn.Linear(256, 64)), scheme="int4-group")
     assert not any("(C" in k for k in plan.get("0").kernels), plan.get("0").kernels
@@ -207,7 +219,7 @@ def test_c_gemm_paths_fuse_the_bias_and_keep_gradients(scheme, opts, one_block, 
     """One block (``F.linear`` with the bias) and several blocks (GEMMs into the output, then
     the bias): the same result, within the reference's bound, and the input's gradient is the
     reference's (frozen weights, not opaque to autograd)."""
-    monkeypatch.setattr(torch_cpu, "_compute", lambda: torch.bfloat16)
+    monkeypatch.setattr(cpu_schedule, "compute", lambda: torch.bfloat16)
     monkeypatch.setenv("MONOQUANT_TORCH_CPU_CROSSOVER", "int8=1,int4=1")
     if not one_block:  # blocks of 500 rows: 3 GEMMs for 1100 output rows
         monkeypatch.setattr(cpu_kernels, "ONE_BLOCK_BYTES", 0)
@@ -307,7 +319,7 @@ def test_torch_cpu_int8_runs_the_c_gemv_below_its_crossover(dtype, shape, bias):
 
 
 def test_without_the_gemv_library_int8_runs_the_torch_kernel(monkeypatch):
-    monkeypatch.setattr(torch_cpu, "gemv_library", lambda: None)
+    monkeypatch.setattr(cpu_schedule, "gemv_library", lambda: None)
     fast, ref = fast_and_reference(96, 256, "int8", {})
     assert fast[0].prepared().pick(1) == "int8-weight"
     entry = Engine().plan(nn.Sequential(nn.Linear(256, 96)), scheme="int8").get("0")

@@ -12,7 +12,13 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from monoquant_plugins.backends import bf16_gemm, cpu_kernels, int4_gemv, native, torch_cpu
+from monoquant_plugins.backends import (
+    bf16_gemm,
+    cpu_kernels,
+    cpu_schedule,
+    int4_gemv,
+    native,
+)
 from torch import nn
 
 from monoquant_core import Engine
@@ -22,6 +28,16 @@ from tests.helpers import (
     rel_err,
     with_1_and_2_threads,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _bf16_gemms():
+    """This file tests the bfloat16 GEMM paths: chosen as on CPUs whose bfloat16 dot products
+    beat their float32 FMAs (test_f32_gemm.py tests the float32 ones)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MONOQUANT_CPU_GEMM", "bf16")
+        yield
+
 
 LIB, REASON = int4_gemv.INT4_GEMV.library()
 needs_lib = pytest.mark.skipif(LIB is None, reason=f"C int4 GEMV: {REASON}")
@@ -132,8 +148,8 @@ def test_torch_cpu_int4_runs_the_c_gemv_below_its_crossover(dtype, shape, opts):
     p = fast[0].prepared()
     first = cpu_kernels.crossover("int4-gemv-c", n, k)
     own = bf16_gemm.fits_int4(n, k, p.tensors["gs"]) and bf16_gemm.bf16_gemm_library()
-    own = own and torch_cpu._compute() == torch.bfloat16
-    gemm = "int4-gemm-bf16" if own else "int4-gemm-c" if torch_cpu._native() else "int4-gemm"
+    own = own and cpu_schedule.compute() == torch.bfloat16
+    gemm = "int4-gemm-bf16" if own else "int4-gemm-c" if cpu_schedule.native() else "int4-gemm"
     assert p.pick(1) == p.pick(first - 1) == "int4-gemv-c" and p.pick(first) == gemm
     entry = Engine().plan(nn.Sequential(nn.Linear(k, n)), scheme="int4-group", scheme_options=opts)
     kernels = entry.get("0").kernels
@@ -145,8 +161,9 @@ def test_torch_cpu_int4_runs_the_c_gemv_below_its_crossover(dtype, shape, opts):
 
 @needs_lib
 def test_without_the_c_gemm_the_gemv_hands_over_at_the_torch_op_crossover(monkeypatch):
-    monkeypatch.setattr(torch_cpu, "dequant_library", lambda: None)
-    monkeypatch.setattr(torch_cpu, "bf16_gemm_library", lambda: None)
+    monkeypatch.setattr(cpu_schedule, "dequant_library", lambda: None)
+    monkeypatch.setattr(cpu_schedule, "bf16_gemm_library", lambda: None)
+    monkeypatch.setattr(cpu_schedule, "f32_gemm_library", lambda: None)
     fast, ref = fast_and_reference(64, 256, "int4-group", {})
     first = cpu_kernels.crossover("int4", 64, 256)
     p = fast[0].prepared()
@@ -157,7 +174,7 @@ def test_without_the_c_gemm_the_gemv_hands_over_at_the_torch_op_crossover(monkey
 
 
 def test_without_the_int4_gemv_library_int4_runs_torchs_kernel(monkeypatch):
-    monkeypatch.setattr(torch_cpu, "int4_gemv_library", lambda: None)
+    monkeypatch.setattr(cpu_schedule, "int4_gemv_library", lambda: None)
     fast, ref = fast_and_reference(96, 256, "int4-group", {})
     p = fast[0].prepared()
     assert p.pick(1) == "int4" and "w4" not in p.tensors and "packed" in p.tensors

@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from monoquant_plugins.backends import bf16_gemm
-from monoquant_plugins.backends.bf16_gemm import bf16_gemm_library
-from monoquant_plugins.backends.dequant import dequant_library
+from monoquant_plugins.backends.cpu_schedule import native, own_gemm
 from monoquant_plugins.backends.fbgemm_probe import fbgemm_reduce_range
 from monoquant_plugins.backends.gemv import gemv_library
 from monoquant_plugins.backends.int4_gemv import int4_gemv_library
@@ -16,7 +15,6 @@ from monoquant_plugins.backends.torch_cpu import DESCRIPTIONS
 from torch import nn
 
 from monoquant_core import Engine
-from monoquant_core.hardware import has_bf16_compute
 from monoquant_core.testing import odd_inputs
 from tests.helpers import fast_and_reference, rel_err
 
@@ -48,17 +46,17 @@ PICKS = {
     ("int8", "none"): (
         "int8-gemv-c" if gemv_library() else "int8-weight",
         "int8-gemm-bf16"
-        if bf16_gemm_library() and has_bf16_compute() and bf16_gemm.fits(96, 256)
+        if own_gemm() == "bf16" and bf16_gemm.fits(96, 256)
         else "int8-gemm-c"
-        if dequant_library()
+        if native()
         else "int8-gemm",
     ),
     ("int4-group", "none"): (
         "int4-gemv-c" if int4_gemv_library() else "int4",
         "int4-gemm-bf16"
-        if bf16_gemm_library() and has_bf16_compute() and bf16_gemm.fits_int4(96, 256, 128)
+        if own_gemm() == "bf16" and bf16_gemm.fits_int4(96, 256, 128)
         else "int4-gemm-c"
-        if dequant_library()
+        if native()
         else "int4-gemm",
     ),
     ("fp16", "none"): ("fp16", "fp16"),
@@ -105,8 +103,11 @@ def test_numerics_are_declared():
 def test_gemm_paths_in_float32_on_cpus_without_native_bf16(scheme, opts, compute, monkeypatch):
     monkeypatch.setenv("MONOQUANT_TORCH_CPU_CROSSOVER", "int8=1,int4=1")
     monkeypatch.setattr(
-        "monoquant_plugins.backends.torch_cpu.has_bf16_compute", lambda: compute == torch.bfloat16
+        "monoquant_plugins.backends.cpu_schedule.has_bf16_compute",
+        lambda: compute == torch.bfloat16,
     )
+    monkeypatch.setenv("MONOQUANT_CPU_GEMM", "bf16" if compute == torch.bfloat16 else "f32")
+    monkeypatch.setattr("monoquant_plugins.backends.cpu_schedule.own_gemm", lambda: None)
     fast, ref = fast_and_reference(96, 256, scheme, opts)
     p = fast[0].prepared()
     assert "-gemm" in p.pick(1) and p.tensors["compute"] == compute
@@ -126,8 +127,8 @@ def test_shapes_the_gemv_kernels_refuse_run_the_gemm_path_at_every_m(
 ):
     # torch's GEMV kernels refuse these shapes; the C GEMVs take any K (int8) and any N (int4),
     # so they are switched off here (test_dequant_kernels.py and test_int4_gemv.py run them)
-    monkeypatch.setattr("monoquant_plugins.backends.torch_cpu.gemv_library", lambda: None)
-    monkeypatch.setattr("monoquant_plugins.backends.torch_cpu.int4_gemv_library", lambda: None)
+    monkeypatch.setattr("monoquant_plugins.backends.cpu_schedule.gemv_library", lambda: None)
+    monkeypatch.setattr("monoquant_plugins.backends.cpu_schedule.int4_gemv_library", lambda: None)
     n, k = shape
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(k, n))
@@ -162,7 +163,7 @@ def test_crossover_table_and_override(monkeypatch):
     monkeypatch.setenv("MONOQUANT_TORCH_CPU_CROSSOVER", "int8=5")  # both int8 paths
     plan = Engine().plan(nn.Sequential(nn.Linear(4096, 4096)), scheme="int8")
     assert plan.get("0").kernels[0] == f"M 1-4: {small}"
-    monkeypatch.setattr("monoquant_plugins.backends.torch_cpu.gemv_library", lambda: None)
+    monkeypatch.setattr("monoquant_plugins.backends.cpu_schedule.gemv_library", lambda: None)
     plan = Engine().plan(nn.Sequential(nn.Linear(4096, 4096)), scheme="int8")
     assert plan.get("0").kernels[0] == f"M 1-4: {PACK}"
     monkeypatch.setenv("MONOQUANT_TORCH_CPU_CROSSOVER", "int9=5")
@@ -213,7 +214,8 @@ def test_bias_and_output_dtype():
 
 def test_without_fbgemm_int8_dynamic_runs_int_mm_with_the_same_codes(monkeypatch):
     """torch deprecates the fbgemm quantized ops: without them W8A8 runs on torch._int_mm."""
-    monkeypatch.setattr("monoquant_plugins.backends.torch_cpu._fbgemm", lambda: False)
+    monkeypatch.setattr("monoquant_plugins.backends.torch_cpu.fbgemm", lambda: False)
+    monkeypatch.setattr("monoquant_plugins.backends.cpu_schedule.fbgemm", lambda: False)
     opts = {"activations": "dynamic"}
     fast, ref = fast_and_reference(96, 256, "int8", opts)
     assert fast[0].backend.name == "torch-cpu"
