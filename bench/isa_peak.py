@@ -22,8 +22,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from monoquant_core.hardware import has_bf16_compute
 from monoquant_plugins.backends import cpu_vnni
+
+from monoquant_core.hardware import has_bf16_compute
 
 SOURCE = r"""
 #include <immintrin.h>

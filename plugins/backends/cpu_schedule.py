@@ -132,9 +132,12 @@ def _int8(activations: str, n: int, k: int, dtype: torch.dtype, own: str | None)
         return ((1, "int8-static"),)
     gemm = "int8-gemm-c" if native() else "int8-gemm"
     first = crossover("int8-c", n, k, override())
-    if own == "f32" and f32_gemm.fits(n, k):
-        gemm = "int8-gemm-f32"  # at every M from the crossover (it blocks the rows itself)
+    if own == "f32" and f32_gemm.fits(n, k):  # then the conversion path
         first = crossover("int8-f32", n, k, override())
+        last = max(first, f32_gemm.last_rows(k))
+        if gemv_library() is not None:
+            return ((1, "int8-gemv-c"), (first, "int8-gemm-f32"), (last + 1, gemm))
+        gemm = "int8-gemm-f32"
     elif own == "bf16" and bf16_gemm.fits(n, k):
         if gemv_library() is not None:  # our AVX512-BF16 GEMM, then the conversion path
             last = max(first, bf16_gemm.last_rows(k))
@@ -152,8 +155,10 @@ def _int4(n: int, k: int, gs: int | None, own: str | None):
     gemm = "int4-gemm-c" if native_ else "int4-gemm"
     gemv = gs in GROUPS and int4_gemv_library() is not None  # any N
     if own == "f32" and f32_gemm.fits_int4(n, k, gs):
-        if gemv:
-            return ((1, "int4-gemv-c"), (crossover("int4-f32", n, k, override()), "int4-gemm-f32"))
+        if gemv:  # then the conversion path
+            first = crossover("int4-f32", n, k, override())
+            last = max(first, f32_gemm.last_rows(k))
+            return ((1, "int4-gemv-c"), (first, "int4-gemm-f32"), (last + 1, gemm))
         gemm, native_ = "int4-gemm-f32", True
     elif own == "bf16" and bf16_gemm.fits_int4(n, k, gs):
         if gemv:  # then the conversion path

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from monoquant_plugins.backends import bf16_gemm
+from monoquant_plugins.backends import bf16_gemm, cpu_schedule
 from monoquant_plugins.backends.cpu_schedule import native, own_gemm
 from monoquant_plugins.backends.fbgemm_probe import fbgemm_reduce_range
 from monoquant_plugins.backends.gemv import gemv_library
@@ -151,13 +151,18 @@ def test_crossover_table_and_override(monkeypatch):
     assert crossover("int8", 11008, 4096) == 16 and crossover("int4", 4096, 4096) == 96
     sizes = ((384, 384), (1536, 384), (4096, 4096))
     assert [crossover("int4-gemv-c", n, k) for n, k in sizes] == [48, 32, 32]
+    assert crossover("int8-f32", 1536, 384) == 16 and crossover("int8-f32", 4096, 4096) == 24
+    assert crossover("int4-f32", 1536, 384) == 16 and crossover("int4-f32", 4096, 4096) == 24
     first, small = (24, GEMV) if gemv_library() else (16, PACK)
     plan = Engine().plan(nn.Sequential(nn.Linear(4096, 4096)), scheme="int8")
     kernels = plan.get("0").kernels
     assert kernels[0] == f"M 1-{first - 1}: {small}"
-    if len(kernels) == 3:  # the own bf16 GEMM, then the conversion path (input out of cache)
-        assert kernels[1].startswith(f"M {first}-768: int8 rows -> bf16 panels")
-        assert kernels[2].startswith("M >= 769: int8 rows -> bf16 blocks")
+    own = cpu_schedule.own_gemm()
+    if len(kernels) == 3:  # our GEMM, then the conversion path (input out of cache)
+        last, dtype = (768, "bf16") if own == "bf16" else (256, "float32")
+        panels = "bf16 panels" if own == "bf16" else "fp32 blocks (C, per call) + fp32 FMA"
+        assert kernels[1].startswith(f"M {first}-{last}: int8 rows -> {panels}")
+        assert kernels[2].startswith(f"M >= {last + 1}: int8 rows -> {dtype} blocks")
     else:
         assert len(kernels) == 2 and kernels[1].startswith(f"M >= {first}: int8 rows -> ")
     monkeypatch.setenv("MONOQUANT_TORCH_CPU_CROSSOVER", "int8=5")  # both int8 paths
