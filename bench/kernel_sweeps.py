@@ -326,6 +326,56 @@ def w8a8_bf16_table(rounds: int = 15) -> str:
     )
 
 
+F32_SHAPES = [(384, 384), (1536, 384), (384, 1536), (4096, 4096)]
+F32_MS = [128, 256, 512, 1024, 4096]
+
+
+def f32_gemm_table(rounds: int = 5) -> str:
+    """torch-cpu's float32 GEMM (``int8-gemm-f32``) against the float32 conversion path
+    (``int8-gemm``: float32 blocks + torch's GEMM) and a float32 ``F.linear`` on one int8
+    weight, per M: where the GEMM should hand over (``f32_gemm.MAX_INPUT_ELEMENTS``)."""
+    from monoquant_plugins.backends import cpu_kernels as ck
+    from monoquant_plugins.backends import f32_gemm
+
+    if f32_gemm.f32_gemm_library() is None:
+        return f"f32 GEMM: {f32_gemm.F32_GEMM.library()[1]}"
+    head = "| weight | path | " + " | ".join(f"M={m}" for m in F32_MS) + " |"
+    lines = [head, "|---|---|" + "---|" * len(F32_MS)]
+    for n, k in F32_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(n, k, generator=g)
+        s = w.abs().amax(1) / 127
+        q = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+        t = {"wq": q, "s": s, "compute": torch.float32, "s_compute": s}
+        p = ck.Prepared(n, k, ((1, "int8-gemm-f32"),), t)
+        cells: dict[str, list[str]] = {"f32 GEMM": [], "conversion path": []}
+        for m in F32_MS:
+            if m * k > 4 << 20:
+                cells["f32 GEMM"].append("-")
+                cells["conversion path"].append("-")
+                continue
+            x = torch.randn(m, k, generator=g)
+            own, conv, lin = _alternating(
+                [
+                    lambda x, p: f32_gemm.int8_gemm_f32(x, p, None),
+                    ck.KERNELS["int8-gemm"],
+                    lambda x, p, w=w: F.linear(x, w),
+                ],
+                x,
+                p,
+                rounds,
+            )
+            cells["f32 GEMM"].append(f"{lin / own:.2f}")
+            cells["conversion path"].append(f"{lin / conv:.2f}")
+        for label, row in cells.items():
+            lines.append(f"| {n}x{k} | {label} | " + " | ".join(row) + " |")
+            print(lines[-1], file=sys.stderr)
+    return (
+        "int8 weight-only, float32 inputs, 1 thread, x a float32 F.linear (> 1: faster):\n\n"
+        + "\n".join(lines)
+    )
+
+
 #: ``bench/kernels.py --FLAG``: (table function, help)
 SWEEPS = {
     "crossover": (
@@ -340,6 +390,10 @@ SWEEPS = {
     "vnni-crossover": (
         vnni_crossover_table,
         "cpu-vnni W4A8 on bf16 inputs: its VNNI kernel vs the own bf16 GEMM per M",
+    ),
+    "f32-gemm": (
+        f32_gemm_table,
+        "torch-cpu's float32 GEMM vs the float32 conversion path vs F.linear, per M",
     ),
     "w8a8-bf16": (
         w8a8_bf16_table,
