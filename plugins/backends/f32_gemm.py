@@ -90,9 +90,10 @@ def bf16_faster() -> bool:
 #: input elements (M x K) up to which the int8 / int4 GEMMs run (from :func:`last_rows`, at
 #: least :data:`MIN_LAST_ROWS` rows); above, the conversion path (float32 blocks and torch's
 #: float32 GEMM), which amortises its conversion over many rows. ``python bench/kernels.py
-#: --f32-gemm`` (Intel Xeon, AVX512-BF16, no AMX, one thread, x a float32 F.linear): ours
-#: 0.84-1.09x up to 512 rows and 0.71-0.89x at 1024-4096, the conversion path 0.68-0.92x and
-#: 0.76-0.93x; the two level at 1024 rows of K = 384, 512 of 1536 and 1024 of 4096
+#: --f32-gemm`` (Intel Xeon, AVX512-BF16, no AMX, one thread, x a float32 F.linear; two runs,
+#: the GEMM with 1 MiB row chunks): ours 0.81-1.03x up to 512 rows and 0.75-0.91x at
+#: 1024-4096, the conversion path 0.63-0.97x and 0.75-0.93x; level from about 1024 rows of
+#: K = 384, 256-512 of K = 1536 and 512 of K = 4096
 MAX_INPUT_ELEMENTS, MIN_LAST_ROWS = 3 << 17, 256
 
 

@@ -88,7 +88,7 @@ def test_results_are_the_exact_products_up_to_float32_rounding(kind, panels, blo
 @needs_lib
 @pytest.mark.parametrize("kind", ["int8", "int4", "fp16"])
 def test_many_rows_run_in_chunks_with_the_same_results_as_row_by_row(kind):
-    # K = 8192: chunks of 126 rows, so 300 rows are three chunks, the last a partial one
+    # K = 8192: chunks of 96 rows (the 16-tile minimum), so 300 rows are four, the last partial
     p, w, fn = _case(kind, 64, 8192, seed=3)
     x = torch.randn(300, 8192)
     whole = fn(x, p, None)
