@@ -146,10 +146,9 @@ def int8_dynamic_gemm_bf16(x: torch.Tensor, p: ck.Prepared, bias: torch.Tensor |
     int8 codes (the reference's, exact in bfloat16) while the GEMM packs it, times the int8
     weight rows (bfloat16 panels: exact), the float32 sums times weight scale x row scale plus
     the bias, rounded once. Other input dtypes run fbgemm's kernel
-    (:func:`~.cpu_kernels.int8_dynamic`, the bias added after)."""
+    (:func:`~.cpu_kernels.int8_dynamic`, with the bias)."""
     if x.dtype != torch.bfloat16:
-        y = ck.int8_dynamic(x, p)
-        return y if bias is None else y.add_(bias.to(y.dtype))
+        return ck.int8_dynamic(x, p, bias)
     t, m = p.tensors, x.shape[0]
     xb, out_f32, y, b = _operands(x, p.n, bias)
     rs = torch.empty(m, dtype=torch.float32)

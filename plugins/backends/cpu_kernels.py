@@ -107,16 +107,12 @@ SPEEDUP: dict[str, dict[torch.dtype, tuple[tuple[int | None, float], ...]]] = {
     "int4-gemm": {torch.float32: ((None, 1.5),), torch.bfloat16: ((None, 0.6),)},
     "int4-gemm-c": {torch.float32: ((None, 2.3),), torch.bfloat16: ((128, 0.8), (None, 0.95))},
     "fp16": {torch.float32: ((None, 2.0),), torch.bfloat16: ((1, 1.9), (8, 1.1), (None, 0.5))},
-    # our float32 GEMMs, which run where bfloat16 dot products are not faster than float32
-    # FMAs: bench/kernels.py --threads 1 --quick on an Intel Xeon with AVX512-BF16 and no AMX,
-    # 2026-12-02 (int8 1.3x / 1.1x fp32 at M = 32 / 128, int4 g32-g128 1.2-1.7x / 1.0x; 1.5-1.8x
-    # a bf16 nn.Linear, whose bfloat16 GEMM is slow there)
-    "int8-gemm-f32": {torch.float32: ((64, 1.2), (None, 1.0)), torch.bfloat16: ((None, 1.4),)},
+    # our float32 GEMMs (CPUs whose bf16 dot products are slow): bench/kernels.py --threads 1
+    # --quick, Intel Xeon without AMX, 2026-12-02 (int8 1.1-1.3x / 1.0x fp32 at M = 32 / 128,
+    # int4 1.2-1.7x / 1.0x; 1.5-1.8x a bf16 nn.Linear, whose bfloat16 GEMM is slow there)
+    "int8-gemm-f32": {torch.float32: ((64, 1.1), (None, 1.0)), torch.bfloat16: ((None, 1.4),)},
     "int4-gemm-f32": {torch.float32: ((64, 1.1), (None, 1.0)), torch.bfloat16: ((None, 1.4),)},
-    "fp16-gemm-f32": {
-        torch.float32: ((1, 1.0), (8, 2.0), (64, 1.2), (None, 1.0)),
-        torch.bfloat16: ((None, 1.3),),
-    },
+    "fp16-gemm-f32": {torch.float32: ((8, 1.1), (None, 1.0)), torch.bfloat16: ((None, 1.3),)},
     "bf16": {torch.float32: ((None, 1.2),), torch.bfloat16: ((None, 1.0),)},
 }
 
@@ -233,31 +229,36 @@ def gemm_into(out: torch.Tensor, i: int, j: int, x: torch.Tensor, block: torch.T
 CHUNK_ROWS = 512
 
 
-def int8_dynamic(x: torch.Tensor, p: Prepared) -> torch.Tensor:
+def int8_dynamic(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token int8 inputs on fbgemm's per-tensor kernel: each row is first divided by its
     own max |x| (so one per-tensor scale has every token's resolution), and the output row
-    multiplied back; ``W (x / a) * a = W x``. Many rows go in chunks of :data:`CHUNK_ROWS`,
-    written straight into an output of the input's dtype."""
+    multiplied back, the bias added in the same pass; ``W (x / a) * a = W x``. Many rows go in
+    chunks of :data:`CHUNK_ROWS`, written straight into an output of the input's dtype. The
+    division runs in one C pass per row where the layer was prepared with it
+    (``tensors["unit"]``: :func:`.gemv.rows_unit`), else with torch ops (the same quotients)."""
     packed, m = p.tensors["packed"], x.shape[0]
-    if m == 1:  # one token: the per-call scale already is its own
-        x = x.to(torch.float32).contiguous()
-        return torch.ops.quantized.linear_dynamic(x, packed, fbgemm_reduce_range())
-    if m <= CHUNK_ROWS:
-        x = x.to(torch.float32)
-        amax = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)
-        return torch.ops.quantized.linear_dynamic(x / amax, packed, fbgemm_reduce_range()).mul_(
-            amax
-        )
-    out = torch.empty(m, p.n, dtype=x.dtype if x.is_floating_point() else torch.float32)
-    buf = scratch("int8_dynamic", (CHUNK_ROWS, p.k), torch.float32)
     rr = fbgemm_reduce_range()
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.to(torch.float32)
+    if m == 1:  # one token: the per-call scale already is its own
+        y = torch.ops.quantized.linear_dynamic(x.to(torch.float32).contiguous(), packed, rr)
+        return y if bias is None else y.add_(bias)
+    unit = p.tensors.get("unit")
+    out = torch.empty(m, p.n, dtype=x.dtype if x.is_floating_point() else torch.float32)
+    buf = scratch("int8_dynamic", (min(m, CHUNK_ROWS), p.k), torch.float32)
     for i in range(0, m, CHUNK_ROWS):
         xb = x[i : i + CHUNK_ROWS]
-        amax = xb.abs().amax(dim=1, keepdim=True).to(torch.float32).clamp_min_(1e-30)
-        xd = torch.div(xb, amax, out=buf[: xb.shape[0]])
-        torch.mul(
-            torch.ops.quantized.linear_dynamic(xd, packed, rr), amax, out=out[i : i + CHUNK_ROWS]
-        )
+        xd = buf[: xb.shape[0]]
+        if unit is not None and xb.dtype == torch.float32 and xb.stride(1) == 1:
+            amax = unit(xb, xd)
+        else:
+            amax = xb.abs().amax(dim=1, keepdim=True).to(torch.float32).clamp_min_(1e-30)
+            torch.div(xb, amax, out=xd)
+        y, o = torch.ops.quantized.linear_dynamic(xd, packed, rr), out[i : i + CHUNK_ROWS]
+        if bias is None:
+            torch.mul(y, amax, out=o)
+        else:  # y * a + bias in one pass over the output
+            torch.addcmul(bias, y, amax, out=o)
     return out
 
 

@@ -18,7 +18,15 @@ import torch
 from . import cpu_kernels as ck
 from .native import NativeLibrary
 
-__all__ = ["DESCRIPTIONS", "GEMV", "KERNELS", "gemv_library", "gemv_operands", "int8_gemv_c"]
+__all__ = [
+    "DESCRIPTIONS",
+    "GEMV",
+    "KERNELS",
+    "gemv_library",
+    "gemv_operands",
+    "int8_gemv_c",
+    "rows_unit",
+]
 
 _P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 #: the int8 GEMV kernel (``gemv_kernels.c``): AVX512F/BW only, like :data:`.dequant.DEQUANT`
@@ -27,8 +35,11 @@ GEMV = NativeLibrary(
     "gemv_kernels.c",
     ("avx512f", "avx512bw"),
     ("-mavx512f", "-mavx512bw"),
-    1,
-    {"mq_int8_gemv": ([_P, _I, _I, _C, _P, _P, _P, _P, _I, _P, _C, _C], None)},
+    2,
+    {
+        "mq_int8_gemv": ([_P, _I, _I, _C, _P, _P, _P, _P, _I, _P, _C, _C], None),
+        "mq_rows_unit": ([_P, _I, _I, _I, _P, _P, _C], None),
+    },
 )
 
 
@@ -54,6 +65,18 @@ def gemv_operands(
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.to(torch.float32).contiguous()
     return x, bf16, x32, y, bias
+
+
+def rows_unit(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Each row of the float32 ``x`` [m, k] (unit stride within rows) divided by its max |x|
+    (at least 1e-30) into ``out`` [m, k]; returns the divisors ``[m, 1]``: W8A8's per-token step
+    in one C pass per row (:data:`GEMV`'s ``mq_rows_unit``)."""
+    m, k = x.shape
+    amax = torch.empty(m, 1, dtype=torch.float32)
+    GEMV.library()[0].mq_rows_unit(
+        x.data_ptr(), m, k, x.stride(0), out.data_ptr(), amax.data_ptr(), torch.get_num_threads()
+    )
+    return amax
 
 
 def int8_gemv_c(x: torch.Tensor, p: ck.Prepared, bias: torch.Tensor | None = None):

@@ -35,7 +35,7 @@
 #endif
 #define INLINE static inline __attribute__((always_inline))
 
-int mq_abi_version(void) { return 1; }
+int mq_abi_version(void) { return 2; }
 
 static inline uint16_t to_bf16_1(float f) {
     union { float f; uint32_t u; } v = {f};
@@ -161,5 +161,34 @@ void mq_int8_gemv(const void *xin, int64_t m, int64_t k, int x_bf16, float *x32,
             const int nt = m - t0 < TOKENS ? (int)(m - t0) : TOKENS;
             run_group(q, x, k, n, r0, rows, t0, nt, s, bias, y, y_bf16);
         }
+    }
+}
+
+/* W8A8's per-token step (torch-cpu ``int8-dynamic``): each float32 row of x [m, k] (row stride
+ * ldx) divided by its own max |x| (at least 1e-30) into xd [m, k], the divisors into amax [m].
+ * One read for the maximum and one read + write for the division, both on the row while it is
+ * in L1 (torch ops took an |x| copy, a reduction and a division: three passes and a temporary).
+ * The quotient is the IEEE division torch computes, so the codes fbgemm makes are the same. */
+void mq_rows_unit(const float *x, int64_t m, int64_t k, int64_t ldx, float *xd, float *amax,
+                  int nthreads) {
+    const int64_t full = k / 16 * 16;
+    const __mmask16 tail = (__mmask16)((1u << (k - full)) - 1u);
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && m >= 64) schedule(static)
+    for (int64_t i = 0; i < m; i++) {
+        const float *r = x + i * ldx;
+        float *o = xd + i * k;
+        __m512 mx = _mm512_setzero_ps();
+        for (int64_t j = 0; j < full; j += 16)
+            mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(r + j)));
+        if (tail) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail, r + full)));
+        float a = _mm512_reduce_max_ps(mx);
+        if (!(a >= 1e-30f)) a = 1e-30f;
+        amax[i] = a;
+        const __m512 va = _mm512_set1_ps(a);
+        for (int64_t j = 0; j < full; j += 16)
+            _mm512_storeu_ps(o + j, _mm512_div_ps(_mm512_loadu_ps(r + j), va));
+        if (tail)
+            _mm512_mask_storeu_ps(o + full, tail,
+                                  _mm512_div_ps(_mm512_maskz_loadu_ps(tail, r + full), va));
     }
 }

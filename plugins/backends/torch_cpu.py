@@ -69,6 +69,7 @@ FUSED_BIAS = (
     | set(int4_gemv.KERNELS)
     | bf16_gemm.FUSED_BIAS
     | f32_gemm.FUSED_BIAS
+    | {"int8-dynamic"}
 )
 
 _STATIC_OP = "linear_with_input_q_dq_qweight_dq_output_fp32"
@@ -217,6 +218,8 @@ def _prepare_int8(qt: QTensor, scheme, sched, n: int, k: int) -> Prepared:
                 wq, scale.double(), torch.zeros(n, dtype=torch.long), 0
             )
             t["packed"] = torch.ops.quantized.linear_prepack(qw, None)
+        if "int8-dynamic" in kinds and gemv.gemv_library() is not None:
+            t["unit"] = gemv.rows_unit  # the per-token division in one C pass
         if qt.activations == "static":
             return _static_prepare(qt, scheme, t["packed"], n, k)
     if "int8-weight" in kinds:

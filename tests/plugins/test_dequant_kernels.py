@@ -329,3 +329,39 @@ def test_without_the_gemv_library_int8_runs_the_torch_kernel(monkeypatch):
         assert rel_err(fast(x), ref(x)) < 1.5e-2  # bfloat16 inputs on torch's kernel
     entry = Engine().plan(nn.Sequential(nn.Linear(40, 32)), scheme="int8").get("0")
     assert len(entry.kernels) == 1 and entry.kernels[0].startswith("any M: int8 rows")
+
+
+@needs_gemv
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(1, 70),
+    k=st.one_of(st.sampled_from([16, 384, 1536]), st.integers(1, 100)),
+    pad=st.integers(0, 5),
+    zero_row=st.booleans(),
+    scale=st.sampled_from([1e-3, 1.0, 1e4]),
+)
+def test_w8a8_rows_unit_is_torchs_division_bit_for_bit(m, k, pad, zero_row, scale):
+    """The C per-token step gives the divisors and quotients the torch ops give (so fbgemm
+    gets the same inputs and makes the same codes), on strided rows, tails and zero rows."""
+    g = torch.Generator().manual_seed(m * 1000 + k + pad)
+    x = (torch.randn(m, k + pad, generator=g) * scale)[:, :k]
+    if zero_row:
+        x[m // 2] = 0
+    out = torch.empty(m, k)
+    amax = gemv.rows_unit(x, out)
+    ref = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+    assert torch.equal(amax, ref) and torch.equal(out, x / ref)
+
+
+@needs_gemv
+@pytest.mark.parametrize("m", [7, 600])  # one chunk, and two (512 + 88 rows)
+def test_w8a8_layers_give_the_same_bits_with_and_without_the_c_step(m):
+    fast, _ = fast_and_reference(128, 384, "int8", {"activations": "dynamic"})
+    p = fast[0].prepared()
+    assert p.tensors["unit"] is gemv.rows_unit
+    x = torch.randn(m, 384)
+    with torch.no_grad():
+        c_step = fast(x)
+        del p.tensors["unit"]  # the torch-op division
+        torch_ops = fast(x)
+    assert torch.equal(c_step, torch_ops)
