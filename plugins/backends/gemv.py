@@ -16,7 +16,7 @@ import ctypes
 import torch
 
 from . import cpu_kernels as ck
-from .native import NativeLibrary
+from .native import NativeLibrary, prefetch_flag
 
 __all__ = [
     "DESCRIPTIONS",
@@ -34,7 +34,7 @@ GEMV = NativeLibrary(
     "gemv",
     "gemv_kernels.c",
     ("avx512f", "avx512bw"),
-    ("-mavx512f", "-mavx512bw"),
+    ("-mavx512f", "-mavx512bw", prefetch_flag(amd=32768, intel=8192)),
     2,
     {
         "mq_int8_gemv": ([_P, _I, _I, _C, _P, _P, _P, _P, _I, _P, _C, _C], None),

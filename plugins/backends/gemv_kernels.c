@@ -22,8 +22,9 @@
  * once and feeds them to every token's accumulators. On the first token group the block
  * prefetches the weight PF_AHEAD bytes ahead of where it reads (the rows are contiguous, so
  * that is the next rows' bytes), which keeps the DRAM stream busy at one token: of 4, 8, 16,
- * 32 and 64 KiB, 32 KiB came closest to a plain read of the same bytes while tuning (the rate
- * it reaches is bench/kernels.py's "% of read" column).
+ * 32 and 64 KiB, 32 KiB came closest to a plain read of the same bytes while tuning on Zen 5
+ * (the rate it reaches is bench/kernels.py's "% of read" column); Intel Xeons build with
+ * -DPF_AHEAD=8192 (plugins/backends/native.py, prefetch_flag).
  */
 #include <immintrin.h>
 #include <stdint.h>

@@ -22,7 +22,7 @@ from monoquant_core.qtensor import QTensor
 
 from . import cpu_kernels as ck
 from .gemv import gemv_operands
-from .native import NativeLibrary
+from .native import NativeLibrary, prefetch_flag
 
 __all__ = ["DESCRIPTIONS", "INT4_GEMV", "KERNELS", "int4_gemv_c", "int4_gemv_library", "prepare"]
 
@@ -32,7 +32,7 @@ INT4_GEMV = NativeLibrary(
     "int4gemv",
     "int4_gemv_kernels.c",
     ("avx512f", "avx512bw"),
-    ("-mavx512f", "-mavx512bw"),
+    ("-mavx512f", "-mavx512bw", prefetch_flag(amd=16384, intel=4096)),
     1,
     {"mq_int4_gemv": ([_P, _I, _I, _C, _P, _P, _P, _C, _I, _I, _P, _I, _P, _C, _C], None)},
 )

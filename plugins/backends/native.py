@@ -23,7 +23,14 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["NativeLibrary", "cache_dir", "cpu_flags", "find_compiler"]
+__all__ = [
+    "NativeLibrary",
+    "cache_dir",
+    "cpu_flags",
+    "cpu_vendor",
+    "find_compiler",
+    "prefetch_flag",
+]
 
 HERE = Path(__file__).parent
 
@@ -40,6 +47,27 @@ def cpu_flags() -> set[str] | str:
         if line.startswith("flags"):
             return set(line.split(":", 1)[1].split())
     return set()
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``; ``""`` where unknown)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        if line.startswith("vendor_id"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def prefetch_flag(amd: int, intel: int) -> str:
+    """``-DPF_AHEAD=N`` for the GEMV kernels: how far ahead of its reads a GEMV prefetches the
+    weight, by vendor, as tuned on each: 32 KiB (int8) / 16 KiB (int4) on Zen 5; on an Intel
+    Xeon (AVX512-BF16, no AMX) those reached 61-75% / 46-68% of a plain read of the same bytes
+    at M = 1 (``bench/kernels.py --threads 1 --quick``, "% of read"), 8 KiB / 4 KiB more
+    (docs/performance.md has the run). Other vendors get Zen's."""
+    return f"-DPF_AHEAD={intel if cpu_vendor() == 'GenuineIntel' else amd}"
 
 
 def find_compiler() -> str | None:

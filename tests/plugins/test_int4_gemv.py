@@ -190,3 +190,17 @@ def test_without_the_int4_gemv_library_int4_runs_torchs_kernel(monkeypatch):
 def test_the_library_says_why_it_cannot_run_on_a_cpu_without_avx512(monkeypatch):
     monkeypatch.setattr(native, "cpu_flags", lambda: {"sse2", "avx2"})
     assert int4_gemv.INT4_GEMV.build() == (None, "CPU lacks avx512f, avx512bw")
+
+
+def test_the_gemvs_prefetch_distance_follows_the_cpu_vendor(monkeypatch):
+    """Each GEMV is built with the prefetch distance tuned for this CPU's vendor, and a build
+    for another vendor is another library (the flag is part of the cache key)."""
+    from monoquant_plugins.backends import gemv
+
+    intel = native.cpu_vendor() == "GenuineIntel"
+    assert gemv.GEMV.isa[-1] == f"-DPF_AHEAD={8192 if intel else 32768}"
+    assert int4_gemv.INT4_GEMV.isa[-1] == f"-DPF_AHEAD={4096 if intel else 16384}"
+    monkeypatch.setattr(native, "cpu_vendor", lambda: "GenuineIntel")
+    assert native.prefetch_flag(amd=32768, intel=8192) == "-DPF_AHEAD=8192"
+    monkeypatch.setattr(native, "cpu_vendor", lambda: "AuthenticAMD")
+    assert native.prefetch_flag(amd=32768, intel=8192) == "-DPF_AHEAD=32768"
