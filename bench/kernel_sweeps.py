@@ -331,47 +331,46 @@ F32_MS = [128, 256, 512, 1024, 4096]
 
 
 def f32_gemm_table(rounds: int = 5) -> str:
-    """torch-cpu's float32 GEMM (``int8-gemm-f32``) against the float32 conversion path
-    (``int8-gemm``: float32 blocks + torch's GEMM) and a float32 ``F.linear`` on one int8
-    weight, per M: where the GEMM should hand over (``f32_gemm.MAX_INPUT_ELEMENTS``)."""
-    from monoquant_plugins.backends import cpu_kernels as ck
+    """torch-cpu's float32 GEMMs (``int8-gemm-f32``, ``int4-gemm-f32``) against the float32
+    conversion paths they hand over to (``int8-gemm``, ``int4-gemm``: converted blocks + torch's
+    GEMM) and a float32 ``F.linear``, on one layer quantized by the engine, per M: where the
+    GEMM should hand over (``f32_gemm.MAX_INPUT_ELEMENTS``)."""
     from monoquant_plugins.backends import f32_gemm
 
     if f32_gemm.f32_gemm_library() is None:
         return f"f32 GEMM: {f32_gemm.F32_GEMM.library()[1]}"
+    os.environ["MONOQUANT_CPU_GEMM"] = "f32"
+    kernels = torch_cpu.KERNELS
     head = "| weight | path | " + " | ".join(f"M={m}" for m in F32_MS) + " |"
     lines = [head, "|---|---|" + "---|" * len(F32_MS)]
     for n, k in F32_SHAPES:
-        g = torch.Generator().manual_seed(0)
-        w = torch.randn(n, k, generator=g)
-        s = w.abs().amax(1) / 127
-        q = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
-        t = {"wq": q, "s": s, "compute": torch.float32, "s_compute": s}
-        p = ck.Prepared(n, k, ((1, "int8-gemm-f32"),), t)
-        cells: dict[str, list[str]] = {"f32 GEMM": [], "conversion path": []}
-        for m in F32_MS:
-            if m * k > 4 << 20:
-                cells["f32 GEMM"].append("-")
-                cells["conversion path"].append("-")
-                continue
-            x = torch.randn(m, k, generator=g)
-            own, conv, lin = _alternating(
-                [
-                    lambda x, p: f32_gemm.int8_gemm_f32(x, p, None),
-                    ck.KERNELS["int8-gemm"],
-                    lambda x, p, w=w: F.linear(x, w),
-                ],
-                x,
-                p,
-                rounds,
-            )
-            cells["f32 GEMM"].append(f"{lin / own:.2f}")
-            cells["conversion path"].append(f"{lin / conv:.2f}")
-        for label, row in cells.items():
-            lines.append(f"| {n}x{k} | {label} | " + " | ".join(row) + " |")
-            print(lines[-1], file=sys.stderr)
+        for scheme in ("int8", "int4-group"):
+            torch.manual_seed(0)
+            base = nn.Linear(k, n, bias=False)
+            q, _ = Engine().quantize(nn.Sequential(copy.deepcopy(base)), scheme=scheme)
+            p = q[0].prepared()
+            own, conv = p.kernels[1][1], p.kernels[-1][1]
+            cells: dict[str, list[str]] = {own: [], conv: []}
+            for m in F32_MS:
+                if m * k > 4 << 20:
+                    for row in cells.values():
+                        row.append("-")
+                    continue
+                x = torch.randn(m, k)
+                t_own, t_conv, lin = _alternating(
+                    [kernels[own], kernels[conv], lambda x, p, w=base.weight: F.linear(x, w)],
+                    x,
+                    p,
+                    rounds,
+                )
+                cells[own].append(f"{lin / t_own:.2f}")
+                cells[conv].append(f"{lin / t_conv:.2f}")
+            for label, row in cells.items():
+                lines.append(f"| {n}x{k} | {label} | " + " | ".join(row) + " |")
+                print(lines[-1], file=sys.stderr)
+    del os.environ["MONOQUANT_CPU_GEMM"]
     return (
-        "int8 weight-only, float32 inputs, 1 thread, x a float32 F.linear (> 1: faster):\n\n"
+        "weight-only, float32 inputs, 1 thread, x a float32 F.linear (> 1: faster):\n\n"
         + "\n".join(lines)
     )
 

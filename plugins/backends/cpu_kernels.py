@@ -112,7 +112,7 @@ SPEEDUP: dict[str, dict[torch.dtype, tuple[tuple[int | None, float], ...]]] = {
     # int4 1.2-1.7x / 1.0x; 1.5-1.8x a bf16 nn.Linear, whose bfloat16 GEMM is slow there)
     "int8-gemm-f32": {torch.float32: ((64, 1.1), (None, 1.0)), torch.bfloat16: ((None, 1.4),)},
     "int4-gemm-f32": {torch.float32: ((64, 1.1), (None, 1.0)), torch.bfloat16: ((None, 1.4),)},
-    "fp16-gemm-f32": {torch.float32: ((8, 1.1), (None, 1.0)), torch.bfloat16: ((None, 1.3),)},
+    "fp16-gemm-f32": {torch.float32: ((128, 1.0), (None, 0.85)), torch.bfloat16: ((None, 1.2),)},
     "bf16": {torch.float32: ((None, 1.2),), torch.bfloat16: ((None, 1.0),)},
 }
 

@@ -32,6 +32,10 @@ GROUPS = (32, 64, 128, 256)
 #: first M at which a bfloat16 model's fp16 weights run the bf16 F.linear (``bench/kernels.py``:
 #: fbgemm's fp16 kernel is faster up to M = 8, slower from 16)
 FP16_BF16_ROWS = 16
+#: first M at which fp16 weights run our float32 GEMM where it runs: fbgemm's fp16 kernel was
+#: 1.3-2x faster up to M = 8 on 384- to 4096-wide weights, ours 1.3x faster at 32 and 128
+#: (``bench/kernels.py --threads 1 --quick`` and ``bench/e2e.py``, Intel Xeon without AMX)
+FP16_F32_ROWS = 32
 ENV = "MONOQUANT_TORCH_CPU_CROSSOVER"
 
 
@@ -104,11 +108,15 @@ def schedule(scheme: str, activations: str, n: int, k: int, gs: int | None, dtyp
     normal bf16 value exactly, so this is the bf16 model's own layer): fbgemm's kernel needs
     float32 inputs and was 0.5x a bf16 ``nn.Linear`` there, and torch's fp16 -> bf16
     conversion is too slow to do per call. Where our float32 GEMM runs, fp16 weights take it
-    at every M (any input dtype)."""
+    from :data:`FP16_F32_ROWS` rows on (any input dtype), fbgemm's kernel below."""
     own = own_gemm()
     if scheme == "fp16":
         if own == "f32" and f32_gemm.fits(n, k):
-            return ((1, "fp16-gemm-f32"),)
+            return (
+                ((1, "fp16"), (FP16_F32_ROWS, "fp16-gemm-f32"))
+                if fbgemm()
+                else ((1, "fp16-gemm-f32"),)
+            )
         if dtype == torch.bfloat16:
             return ((1, "fp16"), (FP16_BF16_ROWS, "bf16")) if fbgemm() else ((1, "bf16"),)
         return ((1, "fp16"),)
@@ -155,10 +163,10 @@ def _int4(n: int, k: int, gs: int | None, own: str | None):
     gemm = "int4-gemm-c" if native_ else "int4-gemm"
     gemv = gs in GROUPS and int4_gemv_library() is not None  # any N
     if own == "f32" and f32_gemm.fits_int4(n, k, gs):
-        if gemv:  # then the conversion path
-            first = crossover("int4-f32", n, k, override())
-            last = max(first, f32_gemm.last_rows(k))
-            return ((1, "int4-gemv-c"), (first, "int4-gemm-f32"), (last + 1, gemm))
+        # at every M: the float32 conversion path unpacks int4 with torch ops, 0.46-0.81x a
+        # float32 F.linear where this GEMM is 0.68-1.04x (bench/kernels.py --f32-gemm)
+        if gemv:
+            return ((1, "int4-gemv-c"), (crossover("int4-f32", n, k, override()), "int4-gemm-f32"))
         gemm, native_ = "int4-gemm-f32", True
     elif own == "bf16" and bf16_gemm.fits_int4(n, k, gs):
         if gemv:  # then the conversion path

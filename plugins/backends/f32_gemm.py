@@ -87,18 +87,18 @@ def bf16_faster() -> bool:
     return ratio is not None and ratio >= BF16_MARGIN
 
 
-#: input elements (M x K) up to which the int8 / int4 GEMMs run (from :func:`last_rows`, at
-#: least :data:`MIN_LAST_ROWS` rows); above, the conversion path (float32 blocks and torch's
+#: input elements (M x K) up to which the int8 GEMM runs (from :func:`last_rows`, at least
+#: :data:`MIN_LAST_ROWS` rows); above, the int8 conversion path (float32 blocks and torch's
 #: float32 GEMM), which amortises its conversion over many rows. ``python bench/kernels.py
-#: --f32-gemm`` (Intel Xeon, AVX512-BF16, no AMX, one thread, x a float32 F.linear; two runs,
-#: the GEMM with 1 MiB row chunks): ours 0.81-1.03x up to 512 rows and 0.75-0.91x at
-#: 1024-4096, the conversion path 0.63-0.97x and 0.75-0.93x; level from about 1024 rows of
-#: K = 384, 256-512 of K = 1536 and 512 of K = 4096
+#: --f32-gemm`` (Intel Xeon, AVX512-BF16, no AMX, one thread, x a float32 F.linear; three runs):
+#: ours 0.80-1.05x up to 512 rows and 0.71-0.91x at 1024-4096, the conversion path 0.63-0.97x
+#: and 0.75-0.95x; level from about 1024 rows of K = 384, 256-512 of 1536, 512 of 4096. int4
+#: keeps this GEMM at every M: its conversion path (torch ops) was 0.46-0.81x.
 MAX_INPUT_ELEMENTS, MIN_LAST_ROWS = 3 << 17, 256
 
 
 def last_rows(k: int) -> int:
-    """The most input rows the int8 / int4 GEMMs take for a weight with ``k`` inputs."""
+    """The most input rows the int8 GEMM takes for a weight with ``k`` inputs."""
     return max(MIN_LAST_ROWS, MAX_INPUT_ELEMENTS // max(1, k))
 
 

@@ -21,8 +21,8 @@ What runs where (docs/performance.md has the measurements; :mod:`.cpu_kernels` t
   layouts derived at prepare time, never stored; from the crossover on, our GEMMs as for int8,
   else blocked dequantize + GEMM (the C kernel of :data:`.dequant.DEQUANT` where it builds and
   the CPU computes in bfloat16, else PyTorch ops: a later crossover).
-* ``fp16``: our float32 GEMM at every ``M`` where it runs, else fbgemm's
-  ``linear_dynamic_fp16``; ``bf16``: ``F.linear`` in bfloat16.
+* ``fp16``: fbgemm's ``linear_dynamic_fp16``, and from 32 rows our float32 GEMM where it
+  runs; ``bf16``: ``F.linear`` in bfloat16.
 
 Every kernel constraint is checked in :meth:`TorchCpuBackend.supports`; what no kernel here
 can run is left to ``reference``. Crossovers: :data:`.cpu_kernels.CROSSOVER`, overridden by
@@ -154,8 +154,11 @@ class TorchCpuBackend(Backend):
         if qt.scheme == "int4-group":
             return _prepare_int4(qt, sched, n, k)
         w = scheme.dequantize(qt)
-        if sched[0][1] == "fp16-gemm-f32":
-            return Prepared(n, k, sched, {"w16": w.to(torch.float16).contiguous()})
+        if sched[-1][1] == "fp16-gemm-f32":  # fbgemm's packed copy for few rows, if any
+            t = {"w16": w.to(torch.float16).contiguous()}
+            if sched[0][1] == "fp16":
+                t["packed"] = torch.ops.quantized.linear_prepack_fp16(w.to(torch.float32), None)
+            return Prepared(n, k, sched, t)
         if qt.scheme == "fp16" and sched[0][1] == "fp16":
             packed = torch.ops.quantized.linear_prepack_fp16(w.to(torch.float32), None)
             t = {"packed": packed}

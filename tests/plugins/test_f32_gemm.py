@@ -121,8 +121,9 @@ def test_layers_run_it_from_the_crossover_on_and_match_the_reference(scheme, opt
     p = fast[0].prepared()
     first = p.kernels[1][0]
     assert p.pick(first) == kernel and p.pick(first - 1).endswith("gemv-c")
-    last = f32_gemm.last_rows(256)  # then the conversion path, float32 blocks + torch's GEMM
-    assert p.pick(last) == kernel and p.pick(last + 1) in ("int8-gemm", "int4-gemm")
+    last = f32_gemm.last_rows(256)  # int8: then the conversion path, float32 blocks + GEMM
+    assert p.pick(last) == kernel
+    assert p.pick(last + 1) == ("int8-gemm" if scheme == "int8" else kernel)  # int4: every M
     x = torch.randn(2, first + 5, 256).to(dtype)
     with torch.no_grad():
         y, r = fast(x), ref(x)
@@ -131,15 +132,16 @@ def test_layers_run_it_from_the_crossover_on_and_match_the_reference(scheme, opt
     assert rel_err(y, r) < (1e-6 if dtype == torch.float32 else 8e-3)
     plan = Engine().plan(nn.Sequential(nn.Linear(256, 128)), scheme=scheme, scheme_options=opts)
     desc = f32_gemm.DESCRIPTIONS[kernel]
-    assert plan.get("0").kernels[1].startswith(f"M {first}-{last}: {desc}")
+    rows = f"M {first}-{last}" if scheme == "int8" else f"M >= {first}"
+    assert plan.get("0").kernels[1].startswith(f"{rows}: {desc}")
 
 
 @needs_lib
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fp16_weights_run_it_at_every_m(dtype):
+def test_fp16_weights_run_it_from_32_rows(dtype):
     fast, ref = fast_and_reference(128, 320, "fp16", {})
     p = fast[0].prepared()
-    assert p.kernels == ((1, "fp16-gemm-f32"),)
+    assert p.kernels == ((1, "fp16"), (32, "fp16-gemm-f32"))  # fbgemm's kernel for few rows
     for m in (1, 9, 70):
         x = torch.randn(m, 320).to(dtype)
         with torch.no_grad():
