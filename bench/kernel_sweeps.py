@@ -283,6 +283,58 @@ def vnni_crossover_table(rounds: int = 7) -> str:
     )
 
 
+VNNI_F32_MS = [16, 32, 64, 128, 256, 512, 1024]
+
+
+def vnni_f32_table(rounds: int = 7) -> str:
+    """cpu-vnni's W4A8 on float32 inputs: its VNNI kernel against torch-cpu's float32 GEMM on
+    the reference's fake-quantized inputs, same prepared weight, per M (g128 and g32): the first
+    M where the GEMM is faster is where ``cpu_vnni.F32_GEMM_ROWS`` should hand over."""
+    from monoquant_plugins.backends import cpu_vnni
+
+    lib, reason = cpu_vnni.library()
+    os.environ["MONOQUANT_CPU_GEMM"] = "f32"
+    head = "| weight | group | " + " | ".join(f"M={m}" for m in VNNI_F32_MS) + " | GEMM from |"
+    lines = [head, "|---|---|" + "---|" * (len(VNNI_F32_MS) + 1)]
+    for n, k in VNNI_SHAPES:
+        for gs in (128, 32):
+            torch.manual_seed(0)
+            q, _ = Engine().quantize(
+                nn.Sequential(nn.Linear(k, n)),
+                scheme="int4-group",
+                scheme_options={"group_size": gs, "activations": "dynamic"},
+                backend="cpu-vnni",
+                progress=False,
+            )
+            p = q[0].prepared()
+            if lib is None or p.own32 is None:
+                return f"cpu-vnni / float32 GEMM: {reason or 'the float32 GEMM does not run here'}"
+            cells, first = [], None
+            for m in VNNI_F32_MS:
+                x = torch.randn(m, k)
+                a, b = _alternating(
+                    [
+                        lambda x, p: cpu_vnni._vnni(lib, x, p),
+                        lambda x, p: cpu_vnni._f32_gemm(x, p, None),
+                    ],
+                    x,
+                    p,
+                    rounds,
+                )
+                cells.append(f"{a / b:.2f}")
+                if first is None and b < a:
+                    first = m
+            lines.append(
+                f"| {n}x{k} | g{gs} | " + " | ".join(cells) + f" | {first or '>' + str(m)} |"
+            )
+            print(lines[-1], file=sys.stderr)
+    del os.environ["MONOQUANT_CPU_GEMM"]
+    return (
+        "cpu-vnni W4A8, float32 inputs, 1 thread: VNNI kernel ms / float32 GEMM ms per M "
+        "(> 1: the GEMM is faster):\n\n" + "\n".join(lines)
+    )
+
+
 W8A8_SHAPES = [(384, 384), (1536, 384), (384, 1536), (1024, 1024), (4096, 1024), (1024, 4096)]
 W8A8_MS = [16, 32, 64, 128, 256, 512]
 
@@ -393,6 +445,10 @@ SWEEPS = {
     "f32-gemm": (
         f32_gemm_table,
         "torch-cpu's float32 GEMM vs the float32 conversion path vs F.linear, per M",
+    ),
+    "vnni-f32": (
+        vnni_f32_table,
+        "cpu-vnni W4A8 on float32 inputs: its VNNI kernel vs the float32 GEMM per M",
     ),
     "w8a8-bf16": (
         w8a8_bf16_table,

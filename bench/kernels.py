@@ -9,6 +9,7 @@
     python bench/kernels.py --vnni-crossover      # cpu-vnni W4A8 (bf16): VNNI kernel vs own GEMM
     python bench/kernels.py --w8a8-bf16           # W8A8 (bf16): fbgemm vs own GEMM vs bf16
     python bench/kernels.py --f32-gemm            # the own float32 GEMM vs the conversion path
+    python bench/kernels.py --vnni-f32            # cpu-vnni W4A8 (fp32): VNNI kernel vs f32 GEMM
 
 Linear 4096x4096 and 4096->11008 at M = 1, 8, 32, 128 tokens, in a float32 model (against
 fp32 and bf16 ``nn.Linear``) and in a bfloat16 model (bf16 inputs, against bf16 ``nn.Linear``).

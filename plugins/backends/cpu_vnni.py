@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import torch
 
 from monoquant_core import Backend, Capabilities, Kernel, hookimpl
+from monoquant_core.activations import quantize_per_token
 from monoquant_core.qtensor import QTensor
 
-from . import bf16_gemm, cpu_kernels, cpu_schedule
+from . import bf16_gemm, cpu_kernels, cpu_schedule, f32_gemm
 from .cpu_kernels import MIN_GEMM_ROWS, gemm_into, rows_per_block, scratch
 from .dequant import dequant_library as _dequant_library
 from .native import NativeLibrary, find_compiler
@@ -57,6 +58,15 @@ G32_GEMM_ROWS = 96
 #: (384 -> 1536), 48 (2048x2048), 64 (4096x4096); g32 from 8, 16, 32, 32
 OWN_GEMM_ROWS = ((512, 16), (1536, 32), (2048, 48), (None, 64))
 G32_OWN_ROWS = 32
+#: first M at which any input dtype goes to torch-cpu's float32 GEMM on the reference's
+#: fake-quantized inputs (codes x row scale), where that GEMM runs (CPUs whose bfloat16 dot
+#: products are slow: :func:`.cpu_schedule.own_gemm`), by K (``(largest K, M)``, first match):
+#: ``python bench/kernels.py --vnni-f32`` (Intel Xeon without AMX, one thread, g128 and g32,
+#: 2026-12-02): with K = 384 the GEMM was ahead from M = 32-128 (1.09-1.58x the VNNI kernel at
+#: 128-1024 rows but 384x384 g128 at 1024); from K = 1536 on the VNNI kernel stayed ahead up to
+#: 1024 rows (the GEMM 0.42-0.95x; 2048- and 4096-wide g32 1.06-1.08x at 1024 only), so it
+#: keeps them
+F32_GEMM_ROWS = ((512, 64), (None, None))
 
 
 def bf16_gemm_rows(k: int, group_size: int = 128, own: bool = False) -> int:
@@ -105,6 +115,9 @@ class Prepared:
     #: torch-cpu's AVX512-BF16 GEMM on the stored codes (bfloat16 inputs, many rows), where
     #: it runs and the shape fits; None: the conversion path (:func:`_bf16_gemm`)
     own: cpu_kernels.Prepared | None = None
+    #: torch-cpu's float32 GEMM on the stored codes (any inputs, from :data:`F32_GEMM_ROWS`),
+    #: where it is the many-row GEMM and the shape fits
+    own32: cpu_kernels.Prepared | None = None
 
 
 def pack_chunks(codes: torch.Tensor) -> torch.Tensor:
@@ -128,7 +141,9 @@ class CpuVnniBackend(Backend):
         activations=("dynamic",),
         numerics=(
             "int4-group with activations='dynamic' only: int8 inputs per token (the reference's "
-            "codes), exact int32 dot products per group, float32 scaling and accumulation"
+            "codes), exact int32 dot products per group, float32 scaling and accumulation; where "
+            "torch-cpu's float32 GEMM runs, layers with K <= 512 from 64 rows: the codes times "
+            "their scale x the weight dequantized in float32, float32 sums"
         ),
     )
 
@@ -150,6 +165,10 @@ class CpuVnniBackend(Backend):
 
     def kernels(self, info):
         vnni = "AVX512-VNNI int4 x int8 kernel (C), per-token int8 inputs"
+        if _own32(*info.shape, info.spec.group_size):
+            first = f32_gemm_rows(info.shape[1])
+            f32 = "per-token int8 codes x scale -> int4 rows -> fp32 blocks + fp32 FMA GEMM (C)"
+            return (Kernel(vnni, 1, first - 1), Kernel(f32, first))
         if info.dtype == torch.bfloat16 and dequant_library() is not None:
             gemm = "int8 codes x int4 rows -> bf16 blocks (C) + bf16 GEMM"
             own_fits = _own(*info.shape, info.spec.group_size)
@@ -167,6 +186,8 @@ class CpuVnniBackend(Backend):
 
     def expected_speedup(self, info, rows):
         # bench/kernels.py (M = 1 to 128) and bench/e2e.py (thousands of rows), Zen 5, 1 thread
+        if _own32(*info.shape, info.spec.group_size) and rows >= f32_gemm_rows(info.shape[1]):
+            return 0.9  # torch-cpu's float32 GEMM (int4 0.93x fp32 MiniLM 32 x 128, e2e.py)
         if info.dtype == torch.bfloat16:
             own = _own(*info.shape, info.spec.group_size)
             first = bf16_gemm_rows(info.shape[1], info.spec.group_size, own)
@@ -191,7 +212,12 @@ class CpuVnniBackend(Backend):
         if _own(n, k, gs):  # the stored codes (no copy) and the transposed parameters
             t = {"gs": gs, **bf16_gemm.int4_tensors(qt)}
             own = cpu_kernels.Prepared(n, k, ((1, "int4-gemm-bf16"),), t)
-        return Prepared(n, k, gs, pack_chunks(codes), scale.contiguous(), offset.contiguous(), own)
+        own32 = None
+        if _own32(n, k, gs):  # the stored codes and the transposed parameters
+            t = {"gs": gs, **f32_gemm.int4_tensors(qt)}
+            own32 = cpu_kernels.Prepared(n, k, ((1, "int4-gemm-f32"),), t)
+        packed = pack_chunks(codes)
+        return Prepared(n, k, gs, packed, scale.contiguous(), offset.contiguous(), own, own32)
 
     def linear(self, x: torch.Tensor, prepared: Prepared, bias: torch.Tensor | None):
         p = prepared
@@ -199,6 +225,8 @@ class CpuVnniBackend(Backend):
         if lib is None:  # unreachable after selection; a clear error rather than a crash
             raise RuntimeError(f"cpu-vnni: {reason}")
         lead = x.shape[:-1]
+        if p.own32 is not None and x.numel() >= f32_gemm_rows(p.k) * p.k:
+            return _f32_gemm(x.reshape(-1, p.k), p, bias).reshape(*lead, p.n)
         first = bf16_gemm_rows(p.k, p.group_size, p.own is not None)
         if x.dtype == torch.bfloat16 and x.numel() >= first * p.k:
             gemm = dequant_library()
@@ -248,6 +276,29 @@ def dequant_library():
     if cpu_schedule.compute() != torch.bfloat16:
         return None
     return _dequant_library()
+
+
+def _own32(n: int, k: int, gs: int | None) -> bool:
+    """torch-cpu's float32 GEMM is the many-row GEMM here, takes this shape, and W4A8 hands
+    over to it at this K (:data:`F32_GEMM_ROWS`)."""
+    if f32_gemm_rows(k) is None or not f32_gemm.fits_int4(n, k, gs):
+        return False
+    return cpu_schedule.own_gemm() == "f32"
+
+
+def f32_gemm_rows(k: int) -> int | None:
+    """The first M of the float32 GEMM path for a weight with ``k`` inputs (None: never)."""
+    return next(m for limit, m in F32_GEMM_ROWS if limit is None or k <= limit)
+
+
+def _f32_gemm(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Tensor:
+    """W4A8 for many rows on torch-cpu's float32 GEMM: the inputs the reference multiplies (each
+    row's per-token int8 codes times its scale, exact in float32) times the int4-group weight
+    dequantized in float32 (:func:`.f32_gemm.int4_gemm_f32`): the reference's formula, float32
+    sums in another order; the output in the input's dtype."""
+    codes, scale = quantize_per_token(x)
+    y = f32_gemm.int4_gemm_f32(codes.to(torch.float32).mul_(scale), p.own32, bias)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _own_gemm(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Tensor:

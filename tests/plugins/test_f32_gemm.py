@@ -173,3 +173,30 @@ def test_the_choice_between_the_gemms_follows_the_measured_rates(monkeypatch):
     assert not f32_gemm.bf16_faster()
     monkeypatch.setattr(cpu_schedule, "_amx", lambda: True)  # AMX: oneDNN's bf16 tiles
     assert cpu_schedule.own_gemm() is None
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w4a8_hands_over_to_it_for_narrow_inputs_only(dtype):
+    from monoquant_plugins.backends import cpu_vnni
+
+    if cpu_vnni.library()[0] is None:
+        pytest.skip(f"cpu-vnni: {cpu_vnni.library()[1]}")
+    opts = {"activations": "dynamic"}
+    fast, ref = fast_and_reference(128, 384, "int4-group", opts)
+    p = fast[0].prepared()
+    assert fast[0].backend.name == "cpu-vnni" and p.own32 is not None
+    first = cpu_vnni.f32_gemm_rows(384)
+    for m in (first - 1, first, 3 * first):  # the VNNI kernel, then the float32 GEMM
+        x = torch.randn(m, 384).to(dtype)
+        with torch.no_grad():
+            y, r = fast(x), ref(x)
+        assert y.dtype == dtype
+        # the reference's own inputs (codes x scale) and weights: float32 summation order only
+        assert rel_err(y, r) < (1e-6 if dtype == torch.float32 else 8e-3)
+    plan = Engine().plan(
+        nn.Sequential(nn.Linear(384, 128)), scheme="int4-group", scheme_options=opts
+    )
+    assert plan.get("0").kernels[1].startswith(f"M >= {first}: per-token int8 codes x scale")
+    wide, _ = fast_and_reference(128, 1536, "int4-group", opts)  # K = 1536: VNNI at every M
+    assert wide[0].prepared().own32 is None
