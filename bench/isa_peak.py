@@ -7,8 +7,10 @@ fp32 is the ratio of the two peaks measured here: ``vpdpbusd`` (64 int8 multiply
 512-bit instruction) against ``vfmadd231ps`` (16 fp32 multiply-adds), each run on 16 independent
 register accumulators (no memory traffic, latency hidden). Needs a C compiler and an AVX512-VNNI
 CPU; it reuses the cpu-vnni backend's compiler discovery. On CPUs with AVX512-BF16 it also
-measures ``vdpbf16ps`` (32 bfloat16 multiply-adds per instruction): where that is not above the
-fp32 FMA peak, a bfloat16 GEMM cannot beat a float32 one (torch-cpu's ``bf16_gemm.py``).
+measures ``vdpbf16ps`` (32 bfloat16 multiply-adds per instruction) against the FMAs with the
+probe torch-cpu runs once per process to choose its GEMM (``mq_bf16_fp32_rate`` in
+``bf16_gemm_kernels.c``): where it is not above the fp32 FMA peak, a bfloat16 GEMM cannot beat
+a float32 one.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from monoquant_plugins.backends import cpu_vnni
+from monoquant_plugins.backends.bf16_gemm import bf16_gemm_library
 
 from monoquant_core.hardware import has_bf16_compute
 
@@ -48,18 +51,6 @@ float fp32_peak(int64_t iters, float seed) {
     for (int i = 1; i < CHAINS; i++) s = _mm512_add_ps(s, acc[i]);
     return _mm512_reduce_add_ps(s);
 }
-#ifdef __AVX512BF16__
-float bf16_peak(int64_t iters, float seed) {
-    __m512 acc[CHAINS];
-    const __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80), b = a; /* bf16 1.0 pairs */
-    for (int i = 0; i < CHAINS; i++) acc[i] = _mm512_set1_ps(seed + (float)i);
-    for (int64_t n = 0; n < iters; n++)
-        for (int i = 0; i < CHAINS; i++) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
-    __m512 s = acc[0];
-    for (int i = 1; i < CHAINS; i++) s = _mm512_add_ps(s, acc[i]);
-    return _mm512_reduce_add_ps(s);
-}
-#endif
 """
 
 
@@ -69,7 +60,7 @@ def main() -> int:
     if reason or cc is None:
         print(f"isa_peak: {reason or 'no C compiler found'}", file=sys.stderr)
         return 2
-    bf16 = has_bf16_compute()
+    bf16 = has_bf16_compute() and bf16_gemm_library() is not None
     with tempfile.TemporaryDirectory() as tmp:
         src, lib_path = os.path.join(tmp, "peak.c"), os.path.join(tmp, "peak.so")
         with open(src, "w") as f:
@@ -80,7 +71,6 @@ def main() -> int:
                 "-O3",
                 "-funroll-loops",
                 *cpu_vnni.ISA_FLAGS,
-                *(["-mavx512bf16"] if bf16 else []),
                 "-fPIC",
                 "-shared",
                 "-o",
@@ -94,9 +84,6 @@ def main() -> int:
         lib.fp32_peak.argtypes = [ctypes.c_int64, ctypes.c_float]
         lib.fp32_peak.restype = ctypes.c_float
         iters = 2_000_000
-        if bf16:
-            lib.bf16_peak.argtypes = [ctypes.c_int64, ctypes.c_float]
-            lib.bf16_peak.restype = ctypes.c_float
         rates: dict[str, list[float]] = {"int8": [], "fp32": [], "bf16": []}
         for _ in range(7):  # alternate, so clock changes hit both
             t0 = time.perf_counter()
@@ -105,18 +92,16 @@ def main() -> int:
             t0 = time.perf_counter()
             lib.fp32_peak(iters, 1.0)
             rates["fp32"].append(iters * 16 * 16 / (time.perf_counter() - t0))
-            if bf16:
-                t0 = time.perf_counter()
-                lib.bf16_peak(iters, 1.0)
-                rates["bf16"].append(iters * 16 * 32 / (time.perf_counter() - t0))
+            if bf16:  # torch-cpu's own probe: the vdpbf16ps / vfmadd231ps rate ratio
+                rates["bf16"].append(bf16_gemm_library().mq_bf16_fp32_rate(iters // 10))
     i8, f32 = max(rates["int8"]), max(rates["fp32"])
     print(f"int8 vpdpbusd: {i8 / 1e9:.1f} G multiply-adds/s (best of 7)")
     print(f"fp32 vfmadd  : {f32 / 1e9:.1f} G multiply-adds/s (best of 7)")
     print(f"ceiling of an int8 over fp32 speed-up when compute-bound: {i8 / f32:.2f}x")
     if bf16:
-        b16 = max(rates["bf16"])
-        print(f"bf16 vdpbf16ps: {b16 / 1e9:.1f} G multiply-adds/s (best of 7)")
-        print(f"ceiling of a bf16 over fp32 speed-up when compute-bound: {b16 / f32:.2f}x")
+        ratio = max(rates["bf16"])
+        print(f"bf16 vdpbf16ps: {ratio * f32 / 1e9:.1f} G multiply-adds/s (best of 7 ratios)")
+        print(f"ceiling of a bf16 over fp32 speed-up when compute-bound: {ratio:.2f}x")
     else:
         print("bf16: no AVX512-BF16 on this CPU (not measured)")
     return 0

@@ -46,6 +46,7 @@ from monoquant_core.demo import TransformerBlock
 from monoquant_core.hardware import isa
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gemm_sweeps import SWEEPS as GEMM_SWEEPS
 from kernel_sweeps import PACK, PACK4, SWEEPS, _pool, _rel, _runnable, _timed, pool_of, weight_bytes
 
 W4A8 = {"activations": "dynamic"}  # int4-group with int8 inputs per token (cpu-vnni backend)
@@ -325,7 +326,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one shape, fewer calls")
     ap.add_argument("--no-bf16", action="store_true", help="leave out the bfloat16-model tables")
     sweeps = {"overhead": (overhead_table, "only our int8 W8A8 layers against the bare fbgemm "
-                           "kernel (many rounds)"), **SWEEPS}  # fmt: skip
+                           "kernel (many rounds)"), **SWEEPS, **GEMM_SWEEPS}  # fmt: skip
     for flag, (_, text) in sweeps.items():
         ap.add_argument(f"--{flag}", action="store_true", help=text)
     args = ap.parse_args()

@@ -562,3 +562,17 @@ def with_1_and_2_threads(fn):
         return one, fn()
     finally:
         torch.set_num_threads(threads)
+
+
+def cpu_gemm_fixture(which: str):
+    """A module-scoped autouse fixture that makes torch-cpu choose its ``which`` (``"bf16"`` or
+    ``"f32"``) many-row GEMMs, as on CPUs whose bfloat16 dot products beat (or do not beat) their
+    float32 FMAs: ``_gemms = cpu_gemm_fixture("bf16")`` at a test module's top level."""
+
+    @pytest.fixture(autouse=True, scope="module")
+    def _gemms():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MONOQUANT_CPU_GEMM", which)
+            yield
+
+    return _gemms

@@ -16,16 +16,10 @@ from monoquant_plugins.backends import bf16_gemm, cpu_kernels, cpu_schedule
 from torch import nn
 
 from monoquant_core import Engine
-from tests.helpers import fast_and_reference, rel_err, with_1_and_2_threads
+from tests.helpers import cpu_gemm_fixture, fast_and_reference, rel_err, with_1_and_2_threads
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _bf16_gemms():
-    """This file tests the bfloat16 GEMM paths: chosen as on CPUs whose bfloat16 dot products
-    beat their float32 FMAs (test_f32_gemm.py tests the float32 ones)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MONOQUANT_CPU_GEMM", "bf16")
-        yield
+#: this file tests the bfloat16 GEMM paths (test_f32_gemm.py the float32 ones)
+_bf16_gemms = cpu_gemm_fixture("bf16")
 
 
 LIB, REASON = bf16_gemm.BF16_GEMM.library()

@@ -19,19 +19,14 @@ from monoquant_core import Engine
 from monoquant_core.activations import quantize_per_token
 from tests.helpers import (
     assert_gemv_rows_match_reference,
+    cpu_gemm_fixture,
     fast_and_reference,
     rel_err,
     with_1_and_2_threads,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _bf16_gemms():
-    """This file tests the bfloat16 GEMM paths: chosen as on CPUs whose bfloat16 dot products
-    beat their float32 FMAs (test_f32_gemm.py tests the float32 ones)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MONOQUANT_CPU_GEMM", "bf16")
-        yield
+#: this file tests the bfloat16 GEMM paths (test_f32_gemm.py the float32 ones)
+_bf16_gemms = cpu_gemm_fixture("bf16")
 
 
 LIB, REASON = dequant.DEQUANT.library()

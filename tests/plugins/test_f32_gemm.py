@@ -15,18 +15,12 @@ from monoquant_plugins.backends import cpu_kernels, cpu_schedule, f32_gemm
 from torch import nn
 
 from monoquant_core import Engine
-from tests.helpers import fast_and_reference, rel_err, with_1_and_2_threads
+from tests.helpers import cpu_gemm_fixture, fast_and_reference, rel_err, with_1_and_2_threads
 
 LIB, REASON = f32_gemm.F32_GEMM.library()
 needs_lib = pytest.mark.skipif(LIB is None, reason=f"C float32 GEMM: {REASON}")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _f32_gemms():
-    """The float32 GEMMs chosen, as on CPUs whose bfloat16 dot products are not faster."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MONOQUANT_CPU_GEMM", "f32")
-        yield
+_f32_gemms = cpu_gemm_fixture("f32")
 
 
 def _int8(n: int, k: int, g: torch.Generator):
