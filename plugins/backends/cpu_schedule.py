@@ -32,9 +32,10 @@ GROUPS = (32, 64, 128, 256)
 #: first M at which a bfloat16 model's fp16 weights run the bf16 F.linear (``bench/kernels.py``:
 #: fbgemm's fp16 kernel is faster up to M = 8, slower from 16)
 FP16_BF16_ROWS = 16
-#: first M at which fp16 weights run our float32 GEMM where it runs: fbgemm's fp16 kernel was
-#: 1.3-2x faster up to M = 8 on 384- to 4096-wide weights, ours 1.3x faster at 32 and 128
-#: (``bench/kernels.py --threads 1 --quick`` and ``bench/e2e.py``, Intel Xeon without AMX)
+#: first M at which fp16 weights run our float32 GEMM where it runs (Intel Xeon without AMX):
+#: fbgemm's fp16 kernel was 1.08-1.14x ours at M = 8 (``bench/kernels.py --threads 1 --quick``,
+#: cold 4096x4096) and the 4-block decoder at one token ran 1.27x fp32 on it against 0.87x on
+#: ours (``bench/e2e.py --batches 1x1``); ours was 1.2-1.4x fbgemm's at M = 32 and 128
 FP16_F32_ROWS = 32
 ENV = "MONOQUANT_TORCH_CPU_CROSSOVER"
 
