@@ -133,47 +133,42 @@ def _operands(x: torch.Tensor, n: int, bias: torch.Tensor | None):
     return xf, y, bias  # the caller holds the float32 input and bias while the kernel runs
 
 
-def _done(rc: int, kind: str, m: int, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if rc != 0:
-        raise MemoryError(f"{kind}: no memory for {m} packed input rows")
-    return y if dtype == torch.float32 else y.to(dtype)
-
-
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
+def _run(kind: str, fn, x: torch.Tensor, p: ck.Prepared, bias, *weight) -> torch.Tensor:
+    """``fn(x, m, k, *weight, bias, out, threads)`` on float32 operands; the output in the
+    input's dtype. ``weight``: the kernel's weight arguments (``n`` among them, in its place)."""
+    m = x.shape[0]
+    xf, y, b = _operands(x, p.n, bias)  # held while the kernel runs
+    rc = fn(xf.data_ptr(), m, p.k, *weight, _ptr(b), y.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"{kind}: no memory for {m} packed input rows")
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
 def int8_gemm_f32(x: torch.Tensor, p: ck.Prepared, bias: torch.Tensor | None = None):
     """``(x @ q^T) * s + bias`` in float32, returned in the input's dtype."""
-    t, m = p.tensors, x.shape[0]
-    xf, y, b = _operands(x, p.n, bias)
-    rc = f32_gemm_library().mq_int8_gemm_f32(
-        xf.data_ptr(), m, p.k, t["wq"].data_ptr(), p.n, t["s"].data_ptr(), _ptr(b), y.data_ptr(),
-        torch.get_num_threads(),
-    )  # fmt: skip
-    return _done(rc, "int8-gemm-f32", m, y, x.dtype)
+    t, lib = p.tensors, f32_gemm_library()
+    weight = (t["wq"].data_ptr(), p.n, t["s"].data_ptr())
+    return _run("int8-gemm-f32", lib.mq_int8_gemm_f32, x, p, bias, *weight)
 
 
 def int4_gemm_f32(x: torch.Tensor, p: ck.Prepared, bias: torch.Tensor | None = None):
     """``x @ w^T + bias`` for an int4-group weight, ``w = (u - z) * s`` in float32."""
-    t, m = p.tensors, x.shape[0]
-    xf, y, b = _operands(x, p.n, bias)
-    rc = f32_gemm_library().mq_int4_gemm_f32(
-        xf.data_ptr(), m, p.k, t["codes4"].data_ptr(), p.n, t["gs"], t["st32"].data_ptr(),
-        t["zp32"].data_ptr(), int(t["flip4"]), _ptr(b), y.data_ptr(), torch.get_num_threads(),
+    t, lib = p.tensors, f32_gemm_library()
+    weight = (
+        t["codes4"].data_ptr(), p.n, t["gs"], t["st32"].data_ptr(), t["zp32"].data_ptr(),
+        int(t["flip4"]),
     )  # fmt: skip
-    return _done(rc, "int4-gemm-f32", m, y, x.dtype)
+    return _run("int4-gemm-f32", lib.mq_int4_gemm_f32, x, p, bias, *weight)
 
 
 def f16_gemm_f32(x: torch.Tensor, p: ck.Prepared, bias: torch.Tensor | None = None):
     """``x @ w^T + bias`` for an fp16 weight, widened to float32 per block."""
-    t, m = p.tensors, x.shape[0]
-    xf, y, b = _operands(x, p.n, bias)
-    rc = f32_gemm_library().mq_f16_gemm_f32(
-        xf.data_ptr(), m, p.k, t["w16"].data_ptr(), p.n, _ptr(b), y.data_ptr(),
-        torch.get_num_threads(),
-    )  # fmt: skip
-    return _done(rc, "fp16-gemm-f32", m, y, x.dtype)
+    lib = f32_gemm_library()
+    return _run("fp16-gemm-f32", lib.mq_f16_gemm_f32, x, p, bias, p.tensors["w16"].data_ptr(), p.n)
 
 
 KERNELS = {

@@ -35,30 +35,32 @@ __all__ = [
 HERE = Path(__file__).parent
 
 
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` line's value in ``/proc/cpuinfo`` ("" when absent), None when the
+    file cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(field):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
 def cpu_flags() -> set[str] | str:
     """The CPU's feature flags (``/proc/cpuinfo``), or why they cannot be read."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"needs an x86-64 CPU (this is {platform.machine()})"
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    flags = _cpuinfo("flags")
+    if flags is None:
         return "cannot read /proc/cpuinfo to check the CPU's instructions (Linux only)"
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+    return set(flags.split())
 
 
 def cpu_vendor() -> str:
     """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``; ``""`` where unknown)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    for line in text.splitlines():
-        if line.startswith("vendor_id"):
-            return line.split(":", 1)[1].strip()
-    return ""
+    return _cpuinfo("vendor_id") or ""
 
 
 def prefetch_flag(amd: int, intel: int) -> str:
